@@ -1,0 +1,484 @@
+//! Configuration: load (TOML) → normalize → validate.
+//!
+//! Every key is documented in `config/berth.toml`. Unknown keys are rejected and errors name the
+//! key. Secrets (passwords) are never printed: they are read from a file or environment variable
+//! named in the config, and held in [`Secret`], whose `Debug` is `<redacted>`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The embedded default: mirror Docker Hub on port 5000 with a cache in `./berth-cache`.
+pub const DEFAULT_CONFIG: &str = r#"
+[server]
+listen = "0.0.0.0:5000"
+admin_listen = "0.0.0.0:9090"
+
+[cache]
+dir = "./berth-cache"
+max_size = "20GiB"
+tag_ttl = "10m"
+
+[[registry]]
+name = "docker.io"
+default = true
+endpoints = ["https://registry-1.docker.io"]
+"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("invalid config: {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(rename = "registry", default)]
+    pub registries: Vec<RegistryConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Registry API listener.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// /healthz, /readyz and /metrics.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// How long a graceful shutdown waits for requests in flight.
+    #[serde(default = "default_shutdown_grace", with = "human_duration")]
+    pub shutdown_grace: Duration,
+    /// Close a connection that has not sent a complete request head within this time.
+    #[serde(default = "default_header_timeout", with = "human_duration")]
+    pub header_read_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    #[serde(default = "default_cache_dir")]
+    pub dir: PathBuf,
+    /// Total bytes of blobs on disk; least recently used blobs are evicted beyond it.
+    #[serde(default = "default_max_size", with = "human_size")]
+    pub max_size: u64,
+    /// How long a tag → digest answer is trusted before it is revalidated upstream.
+    #[serde(default = "default_tag_ttl", with = "human_duration")]
+    pub tag_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// The registry's name as clients say it: `docker.io`, `ghcr.io`, `registry.local:5000`.
+    pub name: String,
+    /// Requests that name no registry are served from this one (dockerd `registry-mirrors`).
+    #[serde(default)]
+    pub default: bool,
+    /// Where to fetch from, tried in order with failover.
+    pub endpoints: Vec<EndpointConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// Per-request timeout to connect to an endpoint.
+    #[serde(default = "default_connect_timeout", with = "human_duration")]
+    pub connect_timeout: Duration,
+    /// Longest silence while reading an upstream response before it is abandoned.
+    #[serde(default = "default_read_timeout", with = "human_duration")]
+    pub read_timeout: Duration,
+}
+
+/// An upstream endpoint: a plain registry (`"https://host"`) or another berth
+/// (`{ url = "http://regional:5000", mirror = true }`), which gets `?ns=<registry>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointConfig {
+    pub url: reqwest::Url,
+    pub mirror: bool,
+}
+
+impl<'de> Deserialize<'de> for EndpointConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Plain(String),
+            Full(Full),
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            url: String,
+            #[serde(default)]
+            mirror: bool,
+        }
+        let (url, mirror) = match Raw::deserialize(d)? {
+            Raw::Plain(url) => (url, false),
+            Raw::Full(f) => (f.url, f.mirror),
+        };
+        let url = reqwest::Url::parse(&url)
+            .map_err(|e| serde::de::Error::custom(format!("endpoint url {url:?}: {e}")))?;
+        Ok(EndpointConfig { url, mirror })
+    }
+}
+
+impl Serialize for EndpointConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("EndpointConfig", 2)?;
+        st.serialize_field("url", self.url.as_str().trim_end_matches('/'))?;
+        st.serialize_field("mirror", &self.mirror)?;
+        st.end()
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 5000))
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9090))
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_cache_dir() -> PathBuf {
+    PathBuf::from("./berth-cache")
+}
+fn default_max_size() -> u64 {
+    20 * 1024 * 1024 * 1024
+}
+fn default_tag_ttl() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            admin_listen: default_admin_listen(),
+            shutdown_grace: default_shutdown_grace(),
+            header_read_timeout: default_header_timeout(),
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            dir: default_cache_dir(),
+            max_size: default_max_size(),
+            tag_ttl: default_tag_ttl(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    /// The embedded default config.
+    pub fn embedded() -> Result<Config, ConfigError> {
+        Config::parse(DEFAULT_CONFIG)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.registries.is_empty() {
+            return Err(invalid("registry", "at least one [[registry]] is required"));
+        }
+        if self.cache.max_size < 1024 * 1024 {
+            return Err(invalid("cache.max_size", "must be at least 1MiB"));
+        }
+        if self.cache.dir.as_os_str().is_empty() {
+            return Err(invalid("cache.dir", "must not be empty"));
+        }
+        let mut defaults = 0;
+        for (i, r) in self.registries.iter().enumerate() {
+            let key = |k: &str| format!("registry[{i}].{k}");
+            if !valid_registry_name(&r.name) {
+                return Err(invalid(
+                    key("name"),
+                    format!("{:?} is not a registry host name (host or host:port)", r.name),
+                ));
+            }
+            if self.registries[..i].iter().any(|o| o.name == r.name) {
+                return Err(invalid(key("name"), format!("{:?} is configured twice", r.name)));
+            }
+            if r.default {
+                defaults += 1;
+            }
+            if r.endpoints.is_empty() {
+                return Err(invalid(key("endpoints"), "at least one endpoint is required"));
+            }
+            for (j, e) in r.endpoints.iter().enumerate() {
+                if !matches!(e.url.scheme(), "http" | "https") || e.url.host_str().is_none() {
+                    return Err(invalid(
+                        format!("registry[{i}].endpoints[{j}]"),
+                        format!("{} must be an http(s) URL with a host", e.url),
+                    ));
+                }
+                if e.url.query().is_some() || !e.url.username().is_empty() {
+                    return Err(invalid(
+                        format!("registry[{i}].endpoints[{j}]"),
+                        "must not carry a query or credentials",
+                    ));
+                }
+            }
+            if r.password_file.is_some() && r.password_env.is_some() {
+                return Err(invalid(
+                    key("password_file"),
+                    "give password_file or password_env, not both",
+                ));
+            }
+            if (r.password_file.is_some() || r.password_env.is_some()) && r.username.is_none() {
+                return Err(invalid(key("username"), "a password needs a username"));
+            }
+        }
+        if defaults > 1 {
+            return Err(invalid("registry.default", "only one registry may be the default"));
+        }
+        Ok(())
+    }
+
+    /// The effective config as TOML, for `check-config` (holds no secrets: only their sources).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+}
+
+impl RegistryConfig {
+    /// Reads the configured password from its file or environment variable.
+    pub fn password(&self) -> Result<Option<Secret>, ConfigError> {
+        if let Some(path) = &self.password_file {
+            let s = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            return Ok(Some(Secret(s.trim_end_matches(['\n', '\r']).to_owned())));
+        }
+        if let Some(var) = &self.password_env {
+            let v = std::env::var(var).map_err(|_| {
+                invalid(
+                    format!("registry {}.password_env", self.name),
+                    format!("environment variable {var} is not set"),
+                )
+            })?;
+            return Ok(Some(Secret(v)));
+        }
+        Ok(None)
+    }
+}
+
+/// A host name with an optional port, as registry names are written.
+fn valid_registry_name(name: &str) -> bool {
+    let (host, port) = match name.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (name, None),
+    };
+    if let Some(p) = port
+        && p.parse::<u16>().is_err()
+    {
+        return false;
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+        && host.bytes().all(|b| !b.is_ascii_uppercase())
+}
+
+/// A secret value whose `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// `"50GiB"`, `"512MB"` or a plain number of bytes.
+pub mod human_size {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn parse(s: &str) -> Result<u64, String> {
+        s.trim()
+            .parse::<bytesize::ByteSize>()
+            .map(|b| b.as_u64())
+            .map_err(|e| format!("{s:?} is not a size like \"50GiB\": {e}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(n),
+            Raw::S(s) => parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&bytesize::ByteSize(*v).display().iec().to_string().replace(' ', ""))
+    }
+}
+
+/// `"10m"`, `"30s"`, `"1h 30m"`.
+pub mod human_duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like \"10m\": {e}")))
+    }
+
+    pub fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*v).to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_mirrors_docker_hub() {
+        let c = Config::embedded().unwrap();
+        assert_eq!(c.server.listen.port(), 5000);
+        assert_eq!(c.registries.len(), 1);
+        assert_eq!(c.registries[0].name, "docker.io");
+        assert!(c.registries[0].default);
+        assert_eq!(
+            c.registries[0].endpoints[0].url.as_str(),
+            "https://registry-1.docker.io/"
+        );
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        let c = Config::parse(
+            r#"
+            [cache]
+            dir = "/tmp/x"
+            max_size = "50GiB"
+            tag_ttl = "1h 30m"
+            [[registry]]
+            name = "ghcr.io"
+            endpoints = ["https://ghcr.io", { url = "http://regional:5000", mirror = true }]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.cache.max_size, 50 * 1024 * 1024 * 1024);
+        assert_eq!(c.cache.tag_ttl, Duration::from_secs(5400));
+        assert!(!c.registries[0].endpoints[0].mirror);
+        assert!(c.registries[0].endpoints[1].mirror);
+        // The printed config parses back to the same values.
+        let again = Config::parse(&c.to_toml()).unwrap();
+        assert_eq!(again.cache.max_size, c.cache.max_size);
+        assert_eq!(again.registries[0].endpoints, c.registries[0].endpoints);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("[server]\nlisen = \"0.0.0.0:1\"\n", "lisen"),
+            ("[cache]\nmax_size = \"lots\"\n[[registry]]\nname=\"a\"\nendpoints=[\"http://a\"]\n", "max_size"),
+            ("[cache]\ntag_ttl = \"soon\"\n[[registry]]\nname=\"a\"\nendpoints=[\"http://a\"]\n", "tag_ttl"),
+            ("[[registry]]\nname=\"Bad Name\"\nendpoints=[\"http://a\"]\n", "registry[0].name"),
+            ("[[registry]]\nname=\"a\"\nendpoints=[\"ftp://a\"]\n", "registry[0].endpoints[0]"),
+            ("[[registry]]\nname=\"a\"\nendpoints=[]\n", "registry[0].endpoints"),
+            ("", "registry"),
+            (
+                "[[registry]]\nname=\"a\"\ndefault=true\nendpoints=[\"http://a\"]\n[[registry]]\nname=\"b\"\ndefault=true\nendpoints=[\"http://b\"]\n",
+                "default",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?}: error {err:?} does not name {key:?}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        assert_eq!(format!("{:?}", Secret("hunter2".into())), "<redacted>");
+    }
+}
