@@ -260,17 +260,26 @@ impl Config {
             if !valid_registry_name(&r.name) {
                 return Err(invalid(
                     key("name"),
-                    format!("{:?} is not a registry host name (host or host:port)", r.name),
+                    format!(
+                        "{:?} is not a registry host name (host or host:port)",
+                        r.name
+                    ),
                 ));
             }
             if self.registries[..i].iter().any(|o| o.name == r.name) {
-                return Err(invalid(key("name"), format!("{:?} is configured twice", r.name)));
+                return Err(invalid(
+                    key("name"),
+                    format!("{:?} is configured twice", r.name),
+                ));
             }
             if r.default {
                 defaults += 1;
             }
             if r.endpoints.is_empty() {
-                return Err(invalid(key("endpoints"), "at least one endpoint is required"));
+                return Err(invalid(
+                    key("endpoints"),
+                    "at least one endpoint is required",
+                ));
             }
             for (j, e) in r.endpoints.iter().enumerate() {
                 if !matches!(e.url.scheme(), "http" | "https") || e.url.host_str().is_none() {
@@ -297,7 +306,10 @@ impl Config {
             }
         }
         if defaults > 1 {
-            return Err(invalid("registry.default", "only one registry may be the default"));
+            return Err(invalid(
+                "registry.default",
+                "only one registry may be the default",
+            ));
         }
         Ok(())
     }
@@ -332,7 +344,7 @@ impl RegistryConfig {
 }
 
 /// A host name with an optional port, as registry names are written.
-fn valid_registry_name(name: &str) -> bool {
+pub(crate) fn valid_registry_name(name: &str) -> bool {
     let (host, port) = match name.rsplit_once(':') {
         Some((h, p)) => (h, Some(p)),
         None => (name, None),
@@ -347,7 +359,9 @@ fn valid_registry_name(name: &str) -> bool {
         && host.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -395,7 +409,13 @@ pub mod human_size {
     }
 
     pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&bytesize::ByteSize(*v).display().iec().to_string().replace(' ', ""))
+        s.serialize_str(
+            &bytesize::ByteSize(*v)
+                .display()
+                .iec()
+                .to_string()
+                .replace(' ', ""),
+        )
     }
 }
 
@@ -406,8 +426,9 @@ pub mod human_duration {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like \"10m\": {e}")))
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!("{s:?} is not a duration like \"10m\": {e}"))
+        })
     }
 
     pub fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -460,11 +481,26 @@ mod tests {
     fn errors_name_the_key() {
         let cases = [
             ("[server]\nlisen = \"0.0.0.0:1\"\n", "lisen"),
-            ("[cache]\nmax_size = \"lots\"\n[[registry]]\nname=\"a\"\nendpoints=[\"http://a\"]\n", "max_size"),
-            ("[cache]\ntag_ttl = \"soon\"\n[[registry]]\nname=\"a\"\nendpoints=[\"http://a\"]\n", "tag_ttl"),
-            ("[[registry]]\nname=\"Bad Name\"\nendpoints=[\"http://a\"]\n", "registry[0].name"),
-            ("[[registry]]\nname=\"a\"\nendpoints=[\"ftp://a\"]\n", "registry[0].endpoints[0]"),
-            ("[[registry]]\nname=\"a\"\nendpoints=[]\n", "registry[0].endpoints"),
+            (
+                "[cache]\nmax_size = \"lots\"\n[[registry]]\nname=\"a\"\nendpoints=[\"http://a\"]\n",
+                "max_size",
+            ),
+            (
+                "[cache]\ntag_ttl = \"soon\"\n[[registry]]\nname=\"a\"\nendpoints=[\"http://a\"]\n",
+                "tag_ttl",
+            ),
+            (
+                "[[registry]]\nname=\"Bad Name\"\nendpoints=[\"http://a\"]\n",
+                "registry[0].name",
+            ),
+            (
+                "[[registry]]\nname=\"a\"\nendpoints=[\"ftp://a\"]\n",
+                "registry[0].endpoints[0]",
+            ),
+            (
+                "[[registry]]\nname=\"a\"\nendpoints=[]\n",
+                "registry[0].endpoints",
+            ),
             ("", "registry"),
             (
                 "[[registry]]\nname=\"a\"\ndefault=true\nendpoints=[\"http://a\"]\n[[registry]]\nname=\"b\"\ndefault=true\nendpoints=[\"http://b\"]\n",
@@ -473,7 +509,10 @@ mod tests {
         ];
         for (text, key) in cases {
             let err = Config::parse(text).unwrap_err().to_string();
-            assert!(err.contains(key), "{text:?}: error {err:?} does not name {key:?}");
+            assert!(
+                err.contains(key),
+                "{text:?}: error {err:?} does not name {key:?}"
+            );
         }
     }
 

@@ -1,0 +1,288 @@
+//! The blob store: content-addressed files under `<dir>/blobs/<alg>/<xx>/<hex>`, an in-memory
+//! LRU index weighted by size (evicting files beyond `max_size`), and the table of fills in
+//! flight so that each blob is fetched once however many clients ask for it.
+//!
+//! This is the seam a shared object store plugs into: callers only `lookup`, `fill` and read.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use moka::notification::RemovalCause;
+use moka::policy::EvictionPolicy;
+
+use super::fill::{self, Fill, SourceFuture};
+use crate::metrics::Metrics;
+use crate::oci::{Digest, DigestAlgorithm};
+
+/// A verified blob on disk, opened: reading from the handle works even if it is evicted now.
+pub struct CachedBlob {
+    pub file: Arc<File>,
+    pub len: u64,
+}
+
+pub struct BlobStore {
+    root: PathBuf,
+    tmp: PathBuf,
+    index: moka::sync::Cache<Digest, u64>,
+    fills: Mutex<HashMap<Digest, Arc<Fill>>>,
+    metrics: Arc<Metrics>,
+    size: Arc<AtomicU64>,
+    ready: AtomicBool,
+}
+
+/// Index weights are KiB (moka weighs in u32), so one blob may be up to 4 TiB.
+fn weight(len: u64) -> u32 {
+    u32::try_from(len.div_ceil(1024).max(1)).unwrap_or(u32::MAX)
+}
+
+impl BlobStore {
+    pub fn open(dir: &Path, max_size: u64, metrics: Arc<Metrics>) -> io::Result<Arc<BlobStore>> {
+        let root = dir.join("blobs");
+        let tmp = dir.join("tmp");
+        std::fs::create_dir_all(&root)?;
+        std::fs::create_dir_all(&tmp)?;
+        metrics.cache_max_size_bytes.set(max_size as i64);
+        let size = Arc::new(AtomicU64::new(0));
+        let evict_root = root.clone();
+        let evict_size = size.clone();
+        let evict_metrics = metrics.clone();
+        let index = moka::sync::Cache::builder()
+            .max_capacity(max_size / 1024)
+            .weigher(|_: &Digest, len: &u64| weight(*len))
+            // LRU, not TinyLFU: a new blob must never be refused (and its file deleted).
+            .eviction_policy(EvictionPolicy::lru())
+            .eviction_listener(move |digest: Arc<Digest>, len: u64, cause| {
+                if cause == RemovalCause::Replaced {
+                    return;
+                }
+                evict_size.fetch_sub(len, Ordering::Relaxed);
+                evict_metrics.cache_size_bytes.sub(len as i64);
+                evict_metrics.cache_blobs.dec();
+                if cause == RemovalCause::Size {
+                    evict_metrics.cache_evictions.inc();
+                    evict_metrics.cache_evicted_bytes.inc_by(len);
+                    let path = blob_path(&evict_root, &digest);
+                    if let Err(e) = std::fs::remove_file(&path)
+                        && e.kind() != io::ErrorKind::NotFound
+                    {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot delete evicted blob");
+                    }
+                    tracing::debug!(digest = %digest, bytes = len, "evicted blob");
+                }
+            })
+            .build();
+        Ok(Arc::new(BlobStore {
+            root,
+            tmp,
+            index,
+            fills: Mutex::new(HashMap::new()),
+            metrics,
+            size,
+            ready: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Bytes of blobs in the index.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Rebuilds the index from the directory (oldest first, so LRU order roughly survives a
+    /// restart) and removes temp files left by a crash. Blocking: run it off the runtime.
+    pub fn scan(&self) -> io::Result<usize> {
+        let started = Instant::now();
+        for entry in std::fs::read_dir(&self.tmp)? {
+            let path = entry?.path();
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove stale temp file");
+            }
+        }
+        let mut found: Vec<(SystemTime, Digest, u64)> = Vec::new();
+        for alg in [DigestAlgorithm::Sha256, DigestAlgorithm::Sha512] {
+            let alg_dir = self.root.join(alg.as_str());
+            let Ok(prefixes) = std::fs::read_dir(&alg_dir) else {
+                continue;
+            };
+            for prefix in prefixes.flatten() {
+                let Ok(files) = std::fs::read_dir(prefix.path()) else {
+                    continue;
+                };
+                for f in files.flatten() {
+                    let name = f.file_name();
+                    let parsed = name
+                        .to_str()
+                        .and_then(|hex| format!("{}:{hex}", alg.as_str()).parse::<Digest>().ok());
+                    let Some(digest) = parsed else {
+                        tracing::warn!(path = %f.path().display(), "ignoring unexpected file in the blob store");
+                        continue;
+                    };
+                    if let Ok(meta) = f.metadata() {
+                        let when = meta
+                            .accessed()
+                            .or_else(|_| meta.modified())
+                            .unwrap_or(SystemTime::UNIX_EPOCH);
+                        found.push((when, digest, meta.len()));
+                    }
+                }
+            }
+        }
+        found.sort_by_key(|(when, _, _)| *when);
+        let n = found.len();
+        for (_, digest, len) in found {
+            self.insert(digest, len);
+        }
+        self.index.run_pending_tasks();
+        self.ready.store(true, Ordering::Release);
+        let secs = started.elapsed().as_secs_f64();
+        self.metrics.cache_scan_seconds.observe(secs);
+        tracing::info!(
+            blobs = n,
+            bytes = self.size(),
+            seconds = secs,
+            "cache index loaded"
+        );
+        Ok(n)
+    }
+
+    fn insert(&self, digest: Digest, len: u64) {
+        if self.index.contains_key(&digest) {
+            return;
+        }
+        self.size.fetch_add(len, Ordering::Relaxed);
+        self.metrics.cache_size_bytes.add(len as i64);
+        self.metrics.cache_blobs.inc();
+        self.index.insert(digest, len);
+    }
+
+    /// Opens a cached blob, marking it recently used.
+    pub fn lookup(&self, digest: &Digest) -> Option<CachedBlob> {
+        let known = self.index.get(digest);
+        if known.is_none() && self.is_ready() {
+            return None;
+        }
+        let path = blob_path(&self.root, digest);
+        match File::open(&path) {
+            Ok(file) => {
+                let len = match known {
+                    Some(len) => len,
+                    None => {
+                        // Still scanning at start-up: the file on disk is authoritative.
+                        let len = file.metadata().ok()?.len();
+                        self.insert(digest.clone(), len);
+                        len
+                    }
+                };
+                Some(CachedBlob {
+                    file: Arc::new(file),
+                    len,
+                })
+            }
+            Err(_) => {
+                if known.is_some() {
+                    tracing::warn!(digest = %digest, "indexed blob is missing on disk; forgetting it");
+                    self.index.invalidate(digest);
+                }
+                None
+            }
+        }
+    }
+
+    /// Whether the blob is cached, without touching its recency.
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.index.contains_key(digest)
+    }
+
+    /// Joins the fill of `digest` in flight, or starts one with `source`. Returns the fill and
+    /// whether it was joined (coalesced) rather than started.
+    pub fn fill(
+        self: &Arc<Self>,
+        digest: &Digest,
+        registry: &str,
+        repo: &str,
+        source: impl FnOnce() -> SourceFuture,
+    ) -> (Arc<Fill>, bool) {
+        let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = fills.get(digest) {
+            return (f.clone(), true);
+        }
+        let f = Arc::new(Fill::new(digest.clone()));
+        fills.insert(digest.clone(), f.clone());
+        drop(fills);
+        let store = self.clone();
+        let fut = source();
+        let (registry, repo) = (registry.to_owned(), repo.to_owned());
+        let fill = f.clone();
+        self.metrics.fills_in_flight.inc();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let outcome = fill::run(fill.clone(), store.clone(), fut).await;
+            store
+                .fills
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&fill.digest);
+            store.metrics.fills_in_flight.dec();
+            let seconds = started.elapsed().as_secs_f64();
+            match &outcome.failure {
+                None => tracing::info!(
+                    registry, repository = repo, digest = %fill.digest, bytes = outcome.bytes,
+                    seconds, endpoint = outcome.endpoint, outcome = "cached", "fill"
+                ),
+                Some((reason, msg)) => {
+                    store.metrics.record_fill_failure(&registry, *reason);
+                    tracing::warn!(
+                        registry, repository = repo, digest = %fill.digest, bytes = outcome.bytes,
+                        seconds, endpoint = outcome.endpoint, outcome = reason.as_str(), error = %msg, "fill"
+                    );
+                }
+            }
+        });
+        (f, false)
+    }
+
+    pub(super) fn temp_path(&self, digest: &Digest) -> PathBuf {
+        let nonce: u64 = rand::random();
+        self.tmp.join(format!("{}-{nonce:016x}", digest.hex()))
+    }
+
+    /// Moves a verified, synced temp file into place and indexes it.
+    pub(super) fn commit(&self, digest: &Digest, tmp: &Path, len: u64) -> io::Result<()> {
+        let path = blob_path(&self.root, digest);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::rename(tmp, &path)?;
+        if let Some(parent) = path.parent()
+            && let Ok(d) = File::open(parent)
+        {
+            let _ = d.sync_all();
+        }
+        self.insert(digest.clone(), len);
+        Ok(())
+    }
+
+    /// Applies pending evictions now (tests and metrics scrapes).
+    pub fn run_pending(&self) {
+        self.index.run_pending_tasks();
+    }
+}
+
+fn blob_path(root: &Path, digest: &Digest) -> PathBuf {
+    let hex = digest.hex();
+    root.join(digest.algorithm().as_str())
+        .join(&hex[..2])
+        .join(hex)
+}

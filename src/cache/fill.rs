@@ -1,0 +1,491 @@
+//! One fill: a blob streamed from a source into a temp file while hashing, fanned out to every
+//! reader as it arrives. Recent chunks stay in a small in-memory ring, so readers that keep up
+//! get them without touching the disk; readers that fall behind read the temp file in large
+//! pieces. The fill never waits for a reader. The last byte of every response is held back
+//! until the digest has been verified, so a corrupt or cut blob can never look complete.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::Notify;
+
+use super::blobs::BlobStore;
+use crate::error::{ErrorCode, RegistryError};
+use crate::metrics::FillFailure;
+use crate::oci::{Digest, Hasher};
+
+/// Bytes of recent chunks kept in memory per fill.
+const RING_BYTES: usize = 4 * 1024 * 1024;
+/// Chunks are gathered up to this size before they are published.
+const PUBLISH_BYTES: usize = 128 * 1024;
+/// Largest single read from the temp file for a reader that fell behind.
+const READ_BYTES: usize = 256 * 1024;
+/// Chunks queued for the disk writer.
+const WRITE_QUEUE: usize = 32;
+
+/// The bytes of a blob from upstream: its length if known, and the body.
+pub struct Source {
+    pub len: Option<u64>,
+    pub stream: BoxStream<'static, io::Result<Bytes>>,
+    /// Where it came from, for the fill log line.
+    pub endpoint: String,
+}
+
+/// Opens the source (sends the upstream request). Errors are what the first clients see.
+pub type SourceFuture = BoxFuture<'static, Result<Source, RegistryError>>;
+
+enum Phase {
+    Starting,
+    Streaming,
+    Complete,
+    Failed(RegistryError),
+}
+
+struct Shared {
+    phase: Phase,
+    len: Option<u64>,
+    received: u64,
+    flushed: u64,
+    ring: VecDeque<(u64, Bytes)>,
+    ring_bytes: usize,
+    file: Option<Arc<File>>,
+}
+
+pub struct Fill {
+    pub digest: Digest,
+    shared: Mutex<Shared>,
+    notify: Notify,
+}
+
+impl Fill {
+    pub(super) fn new(digest: Digest) -> Fill {
+        Fill {
+            digest,
+            shared: Mutex::new(Shared {
+                phase: Phase::Starting,
+                len: None,
+                received: 0,
+                flushed: 0,
+                ring: VecDeque::new(),
+                ring_bytes: 0,
+                file: None,
+            }),
+            notify: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // A poisoned lock means a panic elsewhere; the state itself is still consistent
+        // because every critical section only assigns plain fields.
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Shared)) {
+        f(&mut self.lock());
+        self.notify.notify_waiters();
+    }
+
+    fn fail(&self, err: RegistryError) {
+        self.update(|s| {
+            s.phase = Phase::Failed(err);
+            s.ring.clear();
+            s.ring_bytes = 0;
+        });
+    }
+
+    /// A reader of bytes `[start, end)` (`end` None: to the end of the blob).
+    pub fn reader(self: &Arc<Self>, start: u64, end: Option<u64>) -> FillReader {
+        FillReader {
+            fill: self.clone(),
+            pos: start,
+            end,
+        }
+    }
+
+    /// Waits until the source answered: the blob length (None when upstream did not say),
+    /// or the error every reader gets.
+    pub async fn wait_started(&self) -> Result<Option<u64>, RegistryError> {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let s = self.lock();
+                match &s.phase {
+                    Phase::Starting => {}
+                    Phase::Failed(e) => return Err(e.clone()),
+                    Phase::Streaming | Phase::Complete => return Ok(s.len),
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+enum Step {
+    Chunk(Bytes),
+    ReadFile(Arc<File>, u64, usize),
+    Wait,
+    End,
+    Error(io::Error),
+}
+
+/// Streams a range of a fill to one client.
+pub struct FillReader {
+    fill: Arc<Fill>,
+    pos: u64,
+    end: Option<u64>,
+}
+
+impl FillReader {
+    fn step(&mut self) -> Step {
+        let s = self.fill.lock();
+        let complete = match &s.phase {
+            Phase::Starting => return Step::Wait,
+            Phase::Failed(e) => {
+                return Step::Error(io::Error::other(format!("fill aborted: {}", e.message)));
+            }
+            Phase::Streaming => false,
+            Phase::Complete => true,
+        };
+        let end = self.end.or(s.len);
+        // Readable up to here: everything received, less the response's final byte until the
+        // blob is verified.
+        let limit = match end {
+            Some(end) if self.pos >= end => return Step::End,
+            Some(end) if complete => end,
+            Some(end) => s.received.min(end - 1),
+            None if complete && self.pos >= s.received => return Step::End,
+            None => s.received,
+        };
+        if self.pos >= limit {
+            return Step::Wait;
+        }
+        if let Some(&(first, _)) = s.ring.front()
+            && self.pos >= first
+        {
+            let idx = s.ring.partition_point(|(off, _)| *off <= self.pos) - 1;
+            let (off, chunk) = &s.ring[idx];
+            let from = (self.pos - off) as usize;
+            let to = (chunk.len() as u64).min(limit - off) as usize;
+            if from < to {
+                let piece = chunk.slice(from..to);
+                self.pos += piece.len() as u64;
+                return Step::Chunk(piece);
+            }
+        }
+        match &s.file {
+            Some(file) if self.pos < s.flushed => {
+                let n = (s.flushed.min(limit) - self.pos).min(READ_BYTES as u64) as usize;
+                Step::ReadFile(file.clone(), self.pos, n)
+            }
+            Some(_) => Step::Wait,
+            // The disk failed and the bytes left the ring: this reader fell too far behind.
+            None => Step::Error(io::Error::other("reader fell behind an uncached fill")),
+        }
+    }
+
+    /// The next piece of the body; None at the end; an error aborts the response.
+    pub async fn next(&mut self) -> Option<io::Result<Bytes>> {
+        let fill = self.fill.clone();
+        loop {
+            let notified = fill.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.step() {
+                Step::Chunk(b) => return Some(Ok(b)),
+                Step::End => return None,
+                Step::Error(e) => return Some(Err(e)),
+                Step::ReadFile(file, pos, n) => {
+                    let read = tokio::task::spawn_blocking(move || {
+                        let mut buf = BytesMut::zeroed(n);
+                        file.read_exact_at(&mut buf, pos).map(|()| buf.freeze())
+                    })
+                    .await;
+                    return Some(match read {
+                        Ok(Ok(b)) => {
+                            self.pos += b.len() as u64;
+                            Ok(b)
+                        }
+                        Ok(Err(e)) => Err(e),
+                        Err(e) => Err(io::Error::other(e)),
+                    });
+                }
+                Step::Wait => notified.await,
+            }
+        }
+    }
+
+    pub fn into_stream(self) -> BoxStream<'static, io::Result<Bytes>> {
+        futures_util::stream::unfold(self, |mut r| async move {
+            let item = r.next().await?;
+            Some((item, r))
+        })
+        .boxed()
+    }
+}
+
+/// What a finished fill did, for its log line and metrics.
+pub(super) struct FillOutcome {
+    pub bytes: u64,
+    pub endpoint: String,
+    pub failure: Option<(FillFailure, String)>,
+}
+
+/// Runs one fill to its end. Called on a task of its own, so it survives its clients.
+pub(super) async fn run(
+    fill: Arc<Fill>,
+    store: Arc<BlobStore>,
+    source: SourceFuture,
+) -> FillOutcome {
+    let started = Instant::now();
+    let source = match source.await {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = e.message.clone();
+            fill.fail(e);
+            return FillOutcome {
+                bytes: 0,
+                endpoint: String::new(),
+                failure: Some((FillFailure::UpstreamError, msg)),
+            };
+        }
+    };
+    let endpoint = source.endpoint.clone();
+    let result = stream_to_disk(&fill, &store, source).await;
+    let bytes = fill.lock().received;
+    let failure = match result {
+        Ok(true) => None,
+        Ok(false) => Some((FillFailure::Disk, "verified but not stored".to_owned())),
+        Err((reason, err)) => {
+            let msg = err.message.clone();
+            fill.fail(err);
+            Some((reason, msg))
+        }
+    };
+    tracing::debug!(digest = %fill.digest, seconds = started.elapsed().as_secs_f64(), "fill ended");
+    FillOutcome {
+        bytes,
+        endpoint,
+        failure,
+    }
+}
+
+/// Ok(cached): the clients got a verified blob; `cached` is false when only the disk failed.
+type FillResult = Result<bool, (FillFailure, RegistryError)>;
+
+fn upstream_err(msg: String) -> (FillFailure, RegistryError) {
+    (
+        FillFailure::UpstreamError,
+        RegistryError::new(ErrorCode::Unavailable, msg),
+    )
+}
+
+async fn stream_to_disk(
+    fill: &Arc<Fill>,
+    store: &Arc<BlobStore>,
+    mut source: Source,
+) -> FillResult {
+    let digest = fill.digest.clone();
+    let tmp_path = store.temp_path(&digest);
+    let opened = (|| -> io::Result<(File, File)> {
+        let w = File::create(&tmp_path)?;
+        let r = File::open(&tmp_path)?;
+        Ok((w, r))
+    })();
+    // Without a temp file the blob still streams to its clients from memory, uncached.
+    let (writer, reader) = match opened {
+        Ok((w, r)) => (Some(w), Some(Arc::new(r))),
+        Err(e) => {
+            tracing::warn!(digest = %digest, error = %e, "cannot create temp file: streaming without caching");
+            (None, None)
+        }
+    };
+    fill.update(|s| {
+        s.phase = Phase::Streaming;
+        s.len = source.len;
+        s.file = reader;
+    });
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
+    let writer_task = writer.map(|w| {
+        let fill = fill.clone();
+        tokio::task::spawn_blocking(move || write_loop(w, rx, &fill))
+    });
+    let mut tx = writer_task.as_ref().map(|_| tx);
+    let mut disk_error: Option<String> = None;
+    let mut hasher = Hasher::new(digest.algorithm());
+    let mut buf = BytesMut::new();
+    let mut received: u64 = 0;
+
+    loop {
+        // Gather what is ready into one chunk; publish as soon as the source would wait.
+        let item = if buf.is_empty() {
+            source.stream.next().await
+        } else {
+            match source.stream.next().now_or_never() {
+                Some(item) => item,
+                None => {
+                    publish(
+                        fill,
+                        &mut tx,
+                        &mut disk_error,
+                        buf.split().freeze(),
+                        &mut received,
+                        &mut hasher,
+                    )
+                    .await;
+                    source.stream.next().await
+                }
+            }
+        };
+        match item {
+            Some(Ok(chunk)) => {
+                if source
+                    .len
+                    .is_some_and(|len| received + (buf.len() + chunk.len()) as u64 > len)
+                {
+                    return Err(upstream_err(
+                        "upstream sent more bytes than announced".into(),
+                    ));
+                }
+                if buf.is_empty() && chunk.len() >= PUBLISH_BYTES {
+                    publish(
+                        fill,
+                        &mut tx,
+                        &mut disk_error,
+                        chunk,
+                        &mut received,
+                        &mut hasher,
+                    )
+                    .await;
+                } else {
+                    buf.extend_from_slice(&chunk);
+                    if buf.len() >= PUBLISH_BYTES {
+                        publish(
+                            fill,
+                            &mut tx,
+                            &mut disk_error,
+                            buf.split().freeze(),
+                            &mut received,
+                            &mut hasher,
+                        )
+                        .await;
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                return Err(upstream_err(format!("upstream stream broke: {e}")));
+            }
+            None => break,
+        }
+    }
+    if !buf.is_empty() {
+        publish(
+            fill,
+            &mut tx,
+            &mut disk_error,
+            buf.split().freeze(),
+            &mut received,
+            &mut hasher,
+        )
+        .await;
+    }
+    if let Some(len) = source.len
+        && received != len
+    {
+        return Err(upstream_err(format!(
+            "upstream sent {received} of {len} bytes"
+        )));
+    }
+    let actual = hasher.finish();
+    if actual != digest {
+        tracing::error!(digest = %digest, actual = %actual, "digest mismatch: upstream sent wrong bytes; discarded");
+        return Err((
+            FillFailure::DigestMismatch,
+            RegistryError::new(
+                ErrorCode::Unavailable,
+                format!("upstream sent bytes that do not match {digest}"),
+            ),
+        ));
+    }
+    // Verified. Let the writer finish, then publish the file under its digest.
+    drop(tx);
+    let stored = match writer_task {
+        Some(task) => match task.await {
+            Ok(Ok(())) if disk_error.is_none() => store.commit(&digest, &tmp_path, received),
+            Ok(Ok(())) => Err(io::Error::other(disk_error.unwrap_or_default())),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(io::Error::other(e)),
+        },
+        None => Err(io::Error::other("no temp file")),
+    };
+    let cached = match stored {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(digest = %digest, error = %e, "blob verified but not cached (disk)");
+            let _ = std::fs::remove_file(&tmp_path);
+            false
+        }
+    };
+    fill.update(|s| {
+        s.phase = Phase::Complete;
+        s.len = Some(received);
+    });
+    Ok(cached)
+}
+
+/// Makes a chunk visible to readers, hashes it and queues it for the disk.
+async fn publish(
+    fill: &Fill,
+    tx: &mut Option<tokio::sync::mpsc::Sender<Bytes>>,
+    disk_error: &mut Option<String>,
+    chunk: Bytes,
+    received: &mut u64,
+    hasher: &mut Hasher,
+) {
+    hasher.update(&chunk);
+    let offset = *received;
+    *received += chunk.len() as u64;
+    let len = chunk.len();
+    fill.update(|s| {
+        s.received = *received;
+        s.ring.push_back((offset, chunk.clone()));
+        s.ring_bytes += len;
+        while s.ring_bytes > RING_BYTES && s.ring.len() > 1 {
+            if let Some((_, old)) = s.ring.pop_front() {
+                s.ring_bytes -= old.len();
+            }
+        }
+    });
+    if let Some(sender) = tx {
+        if sender.send(chunk).await.is_err() {
+            // The writer stopped: the disk failed. Keep streaming from memory, uncached.
+            *tx = None;
+            disk_error.get_or_insert_with(|| "disk writer stopped".into());
+            fill.update(|s| s.file = None);
+        }
+    }
+}
+
+fn write_loop(
+    mut file: File,
+    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+    fill: &Fill,
+) -> io::Result<()> {
+    let mut flushed = 0u64;
+    while let Some(chunk) = rx.blocking_recv() {
+        file.write_all(&chunk)?;
+        flushed += chunk.len() as u64;
+        fill.update(|s| s.flushed = flushed);
+    }
+    file.sync_all()
+}

@@ -1,0 +1,21 @@
+//! The cache: content-addressed blobs on disk with an LRU index and single-flight fills, and
+//! manifests and tags per registry and repository. The cache never speaks HTTP and never calls
+//! upstream: fills are given a byte source by the mirror.
+
+mod blobs;
+mod fill;
+mod manifests;
+
+pub use blobs::{BlobStore, CachedBlob};
+pub use fill::{Fill, FillReader, Source, SourceFuture};
+pub use manifests::{Manifest, ManifestStore, TagRecord};
+
+use std::path::Path;
+
+/// Creates `dir` and checks that a file can be written there (for /readyz and start-up).
+pub fn check_writable(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let probe = dir.join(".berth-write-check");
+    std::fs::write(&probe, b"ok")?;
+    std::fs::remove_file(&probe)
+}

@@ -1,0 +1,143 @@
+//! berth: a pull-through caching mirror for container registries.
+//!
+//! Data flows one way: a request is routed ([`route`]) to a registry and repository, the
+//! [`mirror`] answers it from the [`cache`] or fills the cache from the [`upstream`] client, and
+//! the [`server`] streams the answer back.
+
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod mirror;
+pub mod oci;
+pub mod route;
+pub mod server;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use cache::{BlobStore, ManifestStore};
+use config::Config;
+use metrics::Metrics;
+use mirror::Mirror;
+use route::Router;
+use server::Admin;
+use server::handlers::App;
+
+/// A running berth: its addresses, and the handle that stops it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, lets requests in flight finish (up to the grace period) and returns.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Opens the cache, binds the listeners named in the config and starts serving.
+pub async fn start(config: Config) -> Result<Running, String> {
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+    let admin = TcpListener::bind(config.server.admin_listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.server.admin_listen))?;
+    start_on(config, listener, admin).await
+}
+
+/// Like [`start`], on listeners the caller bound (tests bind 127.0.0.1:0).
+pub async fn start_on(
+    config: Config,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+) -> Result<Running, String> {
+    let dir = config.cache.dir.clone();
+    cache::check_writable(&dir)
+        .map_err(|e| format!("cache directory {} is not writable: {e}", dir.display()))?;
+    let metrics = Arc::new(Metrics::new());
+    let blobs = BlobStore::open(&dir, config.cache.max_size, metrics.clone())
+        .map_err(|e| format!("cannot open the blob store in {}: {e}", dir.display()))?;
+    let manifests = Arc::new(
+        ManifestStore::open(&dir)
+            .map_err(|e| format!("cannot open the manifest store in {}: {e}", dir.display()))?,
+    );
+    // The repository index must be complete before blob requests are checked against it.
+    let m = manifests.clone();
+    let n = tokio::task::spawn_blocking(move || m.scan())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot scan cached manifests: {e}"))?;
+    tracing::info!(manifests = n, "manifest index loaded");
+    // Blobs are indexed in the background; until then lookups check the disk directly.
+    let b = blobs.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = b.scan() {
+            tracing::error!(error = %e, "cannot scan the blob store");
+        }
+    });
+
+    let default = config
+        .registries
+        .iter()
+        .find(|r| r.default)
+        .map(|r| Arc::<str>::from(r.name.as_str()));
+    let names = config
+        .registries
+        .iter()
+        .map(|r| Arc::<str>::from(r.name.as_str()))
+        .collect();
+    let mirror = Mirror::new(&config, blobs, manifests, metrics.clone())?;
+    let app = Arc::new(App {
+        router: Router::new(names, default),
+        mirror,
+    });
+    let admin = Arc::new(Admin {
+        app: app.clone(),
+        cache_dir: dir,
+    });
+
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
+    let (tx, rx) = watch::channel(false);
+    let (timeout, grace) = (
+        config.server.header_read_timeout,
+        config.server.shutdown_grace,
+    );
+    let registry_task = tokio::spawn(server::serve(
+        listener,
+        move |req| server::handlers::handle(app.clone(), req),
+        rx.clone(),
+        timeout,
+        grace,
+    ));
+    let admin_task = tokio::spawn(server::serve(
+        admin_listener,
+        move |req| server::admin(admin.clone(), req),
+        rx,
+        timeout,
+        grace,
+    ));
+    tracing::info!(%addr, %admin_addr, "berth serving");
+    Ok(Running {
+        addr,
+        admin_addr,
+        metrics,
+        shutdown: tx,
+        tasks: vec![registry_task, admin_task],
+    })
+}

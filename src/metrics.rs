@@ -1,0 +1,302 @@
+//! Every Prometheus metric berth exports, in one place. The names are a contract: dashboards and
+//! alerts depend on them. Labels have bounded cardinality (no digests, no client addresses).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub cache_requests: IntCounterVec,
+    pub served_bytes: IntCounterVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_bytes: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    pub upstream_up: IntGaugeVec,
+    pub upstream_ratelimit_remaining: IntGaugeVec,
+    pub fills_in_flight: IntGauge,
+    pub fill_failures: IntCounterVec,
+    pub cache_size_bytes: IntGauge,
+    pub cache_max_size_bytes: IntGauge,
+    pub cache_blobs: IntGauge,
+    pub cache_evictions: IntCounter,
+    pub cache_evicted_bytes: IntCounter,
+    /// Start-up scan time, for operators sizing a large cache.
+    pub cache_scan_seconds: Histogram,
+}
+
+/// What a client's request was about, for the `kind` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    Ping,
+    Manifest,
+    Blob,
+    Tags,
+    Catalog,
+    Other,
+}
+
+impl RequestKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestKind::Ping => "ping",
+            RequestKind::Manifest => "manifest",
+            RequestKind::Blob => "blob",
+            RequestKind::Tags => "tags",
+            RequestKind::Catalog => "catalog",
+            RequestKind::Other => "other",
+        }
+    }
+}
+
+/// How a manifest or blob request was answered, for `berth_cache_requests_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheResult {
+    Hit,
+    Miss,
+    Coalesced,
+    Stale,
+    Revalidated,
+}
+
+impl CacheResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Miss => "miss",
+            CacheResult::Coalesced => "coalesced",
+            CacheResult::Stale => "stale",
+            CacheResult::Revalidated => "revalidated",
+        }
+    }
+
+    /// Where the bytes of such an answer come from, for `berth_served_bytes_total{source}`.
+    pub fn source(self) -> &'static str {
+        match self {
+            CacheResult::Miss | CacheResult::Coalesced => "upstream",
+            _ => "cache",
+        }
+    }
+}
+
+/// Why a fill did not end in the cache, for `berth_fill_failures_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillFailure {
+    DigestMismatch,
+    UpstreamError,
+    Cancelled,
+    Disk,
+}
+
+impl FillFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FillFailure::DigestMismatch => "digest_mismatch",
+            FillFailure::UpstreamError => "upstream_error",
+            FillFailure::Cancelled => "cancelled",
+            FillFailure::Disk => "disk",
+        }
+    }
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name} is well-formed: {e}"));
+    r.register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("metric {name} registered once: {e}"));
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("metric {name} registered once: {e}"));
+    g
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("metric {name} registered once: {e}"));
+    g
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(h.clone()))
+        .unwrap_or_else(|e| panic!("metric {name} registered once: {e}"));
+    h
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0,
+];
+
+impl Metrics {
+    // The metric definitions are constants: a failure here is a programming error caught by
+    // every test, never something a request can reach.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            r.register(Box::new(pc))
+                .unwrap_or_else(|e| panic!("process collector registered once: {e}"));
+        }
+        let m = Metrics {
+            http_requests: counter(
+                &r,
+                "berth_http_requests_total",
+                "Requests answered on the registry listener.",
+                &["kind", "method", "status"],
+            ),
+            http_duration: histogram(
+                &r,
+                "berth_http_request_duration_seconds",
+                "Time from request to the end of the response body.",
+                &["kind"],
+                LATENCY_BUCKETS,
+            ),
+            cache_requests: counter(
+                &r,
+                "berth_cache_requests_total",
+                "Manifest and blob requests by how the cache answered them.",
+                &["kind", "result"],
+            ),
+            served_bytes: counter(
+                &r,
+                "berth_served_bytes_total",
+                "Manifest and blob bytes sent to clients, by where they came from.",
+                &["source"],
+            ),
+            upstream_requests: counter(
+                &r,
+                "berth_upstream_requests_total",
+                "Requests sent upstream (status 0: no HTTP answer).",
+                &["registry", "endpoint", "method", "status"],
+            ),
+            upstream_bytes: counter(
+                &r,
+                "berth_upstream_bytes_total",
+                "Body bytes received from upstream.",
+                &["registry"],
+            ),
+            upstream_duration: histogram(
+                &r,
+                "berth_upstream_request_duration_seconds",
+                "Time until upstream answered with headers.",
+                &["registry"],
+                LATENCY_BUCKETS,
+            ),
+            upstream_up: gauge_vec(
+                &r,
+                "berth_upstream_up",
+                "1 when the endpoint is considered healthy, 0 while it cools down.",
+                &["registry", "endpoint"],
+            ),
+            upstream_ratelimit_remaining: gauge_vec(
+                &r,
+                "berth_upstream_ratelimit_remaining",
+                "The last ratelimit-remaining value upstream sent.",
+                &["registry"],
+            ),
+            fills_in_flight: gauge(&r, "berth_fills_in_flight", "Blob fills running now."),
+            fill_failures: counter(
+                &r,
+                "berth_fill_failures_total",
+                "Blob fills that did not end in the cache.",
+                &["registry", "reason"],
+            ),
+            cache_size_bytes: gauge(&r, "berth_cache_size_bytes", "Bytes of blobs in the cache."),
+            cache_max_size_bytes: gauge(
+                &r,
+                "berth_cache_max_size_bytes",
+                "The configured cache.max_size.",
+            ),
+            cache_blobs: gauge(&r, "berth_cache_blobs", "Blobs in the cache."),
+            cache_evictions: IntCounter::new(
+                "berth_cache_evictions_total",
+                "Blobs evicted to stay under cache.max_size.",
+            )
+            .unwrap_or_else(|e| panic!("metric: {e}")),
+            cache_evicted_bytes: IntCounter::new(
+                "berth_cache_evicted_bytes_total",
+                "Bytes of blobs evicted.",
+            )
+            .unwrap_or_else(|e| panic!("metric: {e}")),
+            cache_scan_seconds: Histogram::with_opts(HistogramOpts::new(
+                "berth_cache_scan_duration_seconds",
+                "Time the start-up scan of the cache directory took.",
+            ))
+            .unwrap_or_else(|e| panic!("metric: {e}")),
+            registry: r,
+        };
+        for c in [&m.cache_evictions, &m.cache_evicted_bytes] {
+            m.registry
+                .register(Box::new(c.clone()))
+                .unwrap_or_else(|e| panic!("metric registered once: {e}"));
+        }
+        m.registry
+            .register(Box::new(m.cache_scan_seconds.clone()))
+            .unwrap_or_else(|e| panic!("metric registered once: {e}"));
+        // Both sources exist from the start, so dashboards see 0 rather than nothing.
+        for source in ["cache", "upstream"] {
+            m.served_bytes.with_label_values(&[source]);
+        }
+        m
+    }
+
+    pub fn record_cache(&self, kind: RequestKind, result: CacheResult) {
+        self.cache_requests
+            .with_label_values(&[kind.as_str(), result.as_str()])
+            .inc();
+    }
+
+    pub fn record_upstream(
+        &self,
+        registry: &str,
+        endpoint: &str,
+        method: &str,
+        status: u16,
+        seconds: f64,
+    ) {
+        let status = status.to_string();
+        self.upstream_requests
+            .with_label_values(&[registry, endpoint, method, &status])
+            .inc();
+        self.upstream_duration
+            .with_label_values(&[registry])
+            .observe(seconds);
+    }
+
+    pub fn record_fill_failure(&self, registry: &str, reason: FillFailure) {
+        self.fill_failures
+            .with_label_values(&[registry, reason.as_str()])
+            .inc();
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        buf
+    }
+}

@@ -1,0 +1,557 @@
+//! The pull-through logic, and the one place that uses both the cache and the upstream client:
+//! look up, revalidate tags, fill once, serve stale when upstream fails.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt, TryStreamExt};
+
+use http::{Method, StatusCode, header};
+
+use crate::cache::{BlobStore, CachedBlob, Fill, Manifest, ManifestStore, Source, TagRecord};
+use crate::config::Config;
+use crate::error::{ErrorCode, RegistryError};
+use crate::metrics::{CacheResult, Metrics};
+use crate::oci::{
+    self, Digest, Hasher, MANIFEST_MEDIA_TYPES, Reference, accepts_media_type, manifest_media_type,
+};
+use crate::route::Target;
+use crate::upstream::{Upstream, UpstreamError, read_limited};
+
+/// Registries refuse manifests larger than this; so does berth.
+pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+/// The largest tags list passed on.
+const MAX_TAGS_BYTES: usize = 4 * 1024 * 1024;
+
+/// How a blob request is answered.
+pub enum BlobAnswer {
+    /// From the cache.
+    Cached(CachedBlob),
+    /// Streamed from a fill in flight; `len` when upstream announced it.
+    Filling { fill: Arc<Fill>, len: Option<u64> },
+    /// A HEAD answered from upstream without downloading the blob.
+    Head { len: Option<u64> },
+}
+
+pub struct Mirror {
+    upstreams: HashMap<Arc<str>, Arc<Upstream>>,
+    pub blobs: Arc<BlobStore>,
+    pub manifests: Arc<ManifestStore>,
+    metrics: Arc<Metrics>,
+    tag_ttl: Duration,
+    locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Manifest,
+    Blob,
+    Tags,
+}
+
+/// The client-facing error for an upstream failure with nothing cached to fall back on.
+fn upstream_error(e: &UpstreamError, kind: Kind, what: &str) -> RegistryError {
+    let unknown = match kind {
+        Kind::Manifest => ErrorCode::ManifestUnknown,
+        Kind::Blob => ErrorCode::BlobUnknown,
+        Kind::Tags => ErrorCode::NameUnknown,
+    };
+    match e {
+        UpstreamError::Status {
+            status,
+            retry_after,
+        } => match *status {
+            StatusCode::NOT_FOUND => {
+                RegistryError::new(unknown, format!("{what} not found upstream"))
+            }
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => RegistryError::new(
+                unknown,
+                format!("{what}: upstream denied access (repository missing or private)"),
+            ),
+            StatusCode::TOO_MANY_REQUESTS => {
+                let err = RegistryError::new(
+                    ErrorCode::TooManyRequests,
+                    format!("{what}: upstream rate limit reached and nothing cached"),
+                );
+                err.with_retry_after(retry_after.unwrap_or(60))
+            }
+            s if s.is_server_error() => RegistryError::new(
+                ErrorCode::Unavailable,
+                format!("{what}: upstream answered {s} and nothing cached"),
+            )
+            .with_status(if s == StatusCode::SERVICE_UNAVAILABLE {
+                s
+            } else {
+                StatusCode::BAD_GATEWAY
+            }),
+            s => RegistryError::new(unknown, format!("{what}: upstream answered {s}")),
+        },
+        UpstreamError::Unreachable(m) => RegistryError::new(
+            ErrorCode::Unavailable,
+            format!("{what}: upstream unreachable and nothing cached ({m})"),
+        ),
+        UpstreamError::Invalid(m) => RegistryError::new(
+            ErrorCode::Unavailable,
+            format!("{what}: upstream sent an invalid answer ({m})"),
+        ),
+    }
+}
+
+/// The Accept header sent upstream: the client's own list when it names types, else every
+/// manifest type berth serves.
+fn upstream_accept(accept: &[&str]) -> String {
+    let explicit: Vec<&str> = accept
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| {
+            let mt = t.split(';').next().unwrap_or("").trim();
+            !mt.is_empty() && mt != "*/*" && mt != "application/*"
+        })
+        .collect();
+    let wildcard = explicit.len()
+        != accept
+            .iter()
+            .flat_map(|v| v.split(','))
+            .filter(|t| !t.trim().is_empty())
+            .count();
+    if explicit.is_empty() {
+        MANIFEST_MEDIA_TYPES.join(", ")
+    } else if wildcard {
+        let mut all: Vec<&str> = explicit;
+        all.extend(MANIFEST_MEDIA_TYPES);
+        all.join(", ")
+    } else {
+        explicit.join(", ")
+    }
+}
+
+/// Whether the client accepts every manifest type, so a tag answer fetched for it is the one
+/// every client should get (and can be cached as the tag's answer).
+fn accepts_all(accept: &[&str]) -> bool {
+    MANIFEST_MEDIA_TYPES
+        .iter()
+        .all(|mt| accepts_media_type(accept, mt))
+}
+
+impl Mirror {
+    pub fn new(
+        config: &Config,
+        blobs: Arc<BlobStore>,
+        manifests: Arc<ManifestStore>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Mirror, String> {
+        // Redirects may reach loopback only at hosts that are configured endpoints.
+        let loopback_allowed: Arc<Vec<(String, u16)>> = Arc::new(
+            config
+                .registries
+                .iter()
+                .flat_map(|r| r.endpoints.iter())
+                .filter_map(|e| {
+                    Some((e.url.host_str()?.to_owned(), e.url.port_or_known_default()?))
+                })
+                .collect(),
+        );
+        let mut upstreams = HashMap::new();
+        for r in &config.registries {
+            let up = Upstream::new(r, metrics.clone(), loopback_allowed.clone())?;
+            upstreams.insert(Arc::<str>::from(r.name.as_str()), Arc::new(up));
+        }
+        Ok(Mirror {
+            upstreams,
+            blobs,
+            manifests,
+            metrics,
+            tag_ttl: config.cache.tag_ttl,
+            locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn metrics_arc(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    fn upstream(&self, registry: &str) -> Result<&Arc<Upstream>, RegistryError> {
+        self.upstreams
+            .get(registry)
+            .ok_or_else(|| RegistryError::new(ErrorCode::NameUnknown, "registry is not configured"))
+    }
+
+    /// Serializes work on one key (a tag revalidation, a manifest fetch).
+    async fn lock(&self, key: String) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            if locks.len() > 1024 {
+                locks.retain(|_, w| w.strong_count() > 0);
+            }
+            match locks.get(&key).and_then(Weak::upgrade) {
+                Some(m) => m,
+                None => {
+                    let m = Arc::new(tokio::sync::Mutex::new(()));
+                    locks.insert(key, Arc::downgrade(&m));
+                    m
+                }
+            }
+        };
+        m.lock_owned().await
+    }
+
+    /// A manifest by tag or digest.
+    pub async fn manifest(
+        &self,
+        t: &Target,
+        reference: &Reference,
+        accept: &[&str],
+    ) -> Result<(Arc<Manifest>, CacheResult), RegistryError> {
+        match reference {
+            Reference::Digest(d) => {
+                if let Some(m) = self.manifests.get(&t.registry, &t.repo, d) {
+                    return Ok((m, CacheResult::Hit));
+                }
+                let _guard = self.lock(format!("{}/{}@{d}", t.registry, t.repo)).await;
+                if let Some(m) = self.manifests.get(&t.registry, &t.repo, d) {
+                    return Ok((m, CacheResult::Coalesced));
+                }
+                let m = self
+                    .fetch_manifest(t, &d.to_string(), accept, Some(d))
+                    .await
+                    .map_err(|e| upstream_error(&e, Kind::Manifest, &format!("manifest {d}")))?;
+                Ok((m, CacheResult::Miss))
+            }
+            Reference::Tag(tag) => {
+                let cached = || {
+                    let rec = self.manifests.get_tag(&t.registry, &t.repo, tag)?;
+                    let digest = rec.digest.parse::<Digest>().ok()?;
+                    let m = self.manifests.get(&t.registry, &t.repo, &digest)?;
+                    accepts_media_type(accept, &m.media_type).then_some((rec, m))
+                };
+                if let Some((rec, m)) = cached()
+                    && rec.age() < self.tag_ttl
+                {
+                    return Ok((m, CacheResult::Hit));
+                }
+                let _guard = self.lock(format!("{}/{}:{tag}", t.registry, t.repo)).await;
+                let stale = match cached() {
+                    Some((rec, m)) if rec.age() < self.tag_ttl => {
+                        // Someone revalidated while this request waited.
+                        return Ok((m, CacheResult::Hit));
+                    }
+                    other => other,
+                };
+                let what = format!("manifest {}:{tag}", t.repo);
+                if let Some((_, m)) = &stale {
+                    match self.revalidate(t, tag.as_str(), accept, m).await {
+                        Ok(true) => return Ok((m.clone(), CacheResult::Revalidated)),
+                        Ok(false) => {}
+                        Err(e)
+                            if e.is_transient()
+                                || !matches!(
+                                    e,
+                                    UpstreamError::Status {
+                                        status: StatusCode::NOT_FOUND,
+                                        ..
+                                    }
+                                ) =>
+                        {
+                            tracing::warn!(registry = %t.registry, repository = %t.repo, tag = %tag, error = %e, "upstream failed: serving the cached manifest (stale)");
+                            return Ok((m.clone(), CacheResult::Stale));
+                        }
+                        Err(e) => return Err(upstream_error(&e, Kind::Manifest, &what)),
+                    }
+                }
+                match self.fetch_manifest(t, tag.as_str(), accept, None).await {
+                    Ok(m) => {
+                        if accepts_all(accept) {
+                            self.manifests.put_tag(
+                                &t.registry,
+                                &t.repo,
+                                tag,
+                                TagRecord::now(&m.digest, &m.media_type),
+                            );
+                        }
+                        Ok((m, CacheResult::Miss))
+                    }
+                    Err(e) if e.is_transient() && stale.is_some() => {
+                        tracing::warn!(registry = %t.registry, repository = %t.repo, tag = %tag, error = %e, "upstream failed: serving the cached manifest (stale)");
+                        let (_, m) =
+                            stale.ok_or_else(|| upstream_error(&e, Kind::Manifest, &what))?;
+                        Ok((m, CacheResult::Stale))
+                    }
+                    Err(e) => Err(upstream_error(&e, Kind::Manifest, &what)),
+                }
+            }
+        }
+    }
+
+    /// Checks a cached tag upstream with a HEAD (which Docker Hub does not count as a pull).
+    /// Ok(true): unchanged, and the record is renewed.
+    async fn revalidate(
+        &self,
+        t: &Target,
+        tag: &str,
+        accept: &[&str],
+        cached: &Manifest,
+    ) -> Result<bool, UpstreamError> {
+        let up = self
+            .upstream(&t.registry)
+            .map_err(|e| UpstreamError::Invalid(e.message))?;
+        let resp = up
+            .send(
+                Method::HEAD,
+                Some(&t.repo),
+                &format!("manifests/{tag}"),
+                Some(&upstream_accept(accept)),
+            )
+            .await?;
+        let digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<Digest>().ok());
+        if digest.as_ref() == Some(&cached.digest) {
+            if let Ok(tag) = tag.parse() {
+                self.manifests.put_tag(
+                    &t.registry,
+                    &t.repo,
+                    &tag,
+                    TagRecord::now(&cached.digest, &cached.media_type),
+                );
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// GETs a manifest, verifies it, and stores it.
+    async fn fetch_manifest(
+        &self,
+        t: &Target,
+        reference: &str,
+        accept: &[&str],
+        expected: Option<&Digest>,
+    ) -> Result<Arc<Manifest>, UpstreamError> {
+        let up = self
+            .upstream(&t.registry)
+            .map_err(|e| UpstreamError::Invalid(e.message))?;
+        let resp = up
+            .send(
+                Method::GET,
+                Some(&t.repo),
+                &format!("manifests/{reference}"),
+                Some(&upstream_accept(accept)),
+            )
+            .await?;
+        let header_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_owned())
+            .filter(|v| !v.is_empty() && v != "application/octet-stream" && v != "text/plain");
+        let header_digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<Digest>().ok());
+        let body = read_limited(resp, MAX_MANIFEST_BYTES).await?;
+        self.metrics
+            .upstream_bytes
+            .with_label_values(&[&t.registry])
+            .inc_by(body.len() as u64);
+        let algorithm = expected
+            .or(header_digest.as_ref())
+            .map_or(oci::DigestAlgorithm::Sha256, |d| d.algorithm());
+        let mut hasher = Hasher::new(algorithm);
+        hasher.update(&body);
+        let digest = hasher.finish();
+        for claimed in [expected, header_digest.as_ref()].into_iter().flatten() {
+            if *claimed != digest {
+                tracing::error!(registry = %t.registry, repository = %t.repo, reference, claimed = %claimed, actual = %digest, "upstream manifest does not match its digest; discarded");
+                return Err(UpstreamError::Invalid(format!(
+                    "manifest bytes hash to {digest}, not {claimed}"
+                )));
+            }
+        }
+        let media_type = match manifest_media_type(&body) {
+            Some(mt) => mt,
+            None => header_type.ok_or_else(|| {
+                UpstreamError::Invalid("manifest is not JSON and has no media type".into())
+            })?,
+        };
+        let m = Arc::new(Manifest::new(digest, media_type, body).ok_or_else(|| {
+            UpstreamError::Invalid("manifest media type is not a valid header".into())
+        })?);
+        self.manifests.put(&t.registry, &t.repo, m.clone());
+        Ok(m)
+    }
+
+    /// Confirms upstream that the repository contains a blob berth already has.
+    async fn confirm_member(&self, t: &Target, digest: &Digest) -> Result<(), RegistryError> {
+        let up = self.upstream(&t.registry)?;
+        match up
+            .send(
+                Method::HEAD,
+                Some(&t.repo),
+                &format!("blobs/{digest}"),
+                None,
+            )
+            .await
+        {
+            Ok(_) => {
+                self.manifests.add_member(&t.registry, &t.repo, digest);
+                Ok(())
+            }
+            Err(e) => Err(match e {
+                UpstreamError::Status { status, .. } if status == StatusCode::NOT_FOUND => {
+                    RegistryError::new(
+                        ErrorCode::BlobUnknown,
+                        format!("blob {digest} unknown to repository {}", t.repo),
+                    )
+                }
+                e => upstream_error(&e, Kind::Blob, &format!("blob {digest}")),
+            }),
+        }
+    }
+
+    /// A blob: from the cache, or from a fill (joined or started), or for HEAD from upstream.
+    pub async fn blob(
+        &self,
+        t: &Target,
+        digest: &Digest,
+        head: bool,
+    ) -> Result<(BlobAnswer, CacheResult), RegistryError> {
+        let member = self.manifests.is_member(&t.registry, &t.repo, digest);
+        if let Some(blob) = self.blobs.lookup(digest) {
+            if !member {
+                self.confirm_member(t, digest).await?;
+            }
+            return Ok((BlobAnswer::Cached(blob), CacheResult::Hit));
+        }
+        let up = self.upstream(&t.registry)?.clone();
+        if head {
+            let resp = up
+                .send(
+                    Method::HEAD,
+                    Some(&t.repo),
+                    &format!("blobs/{digest}"),
+                    None,
+                )
+                .await
+                .map_err(|e| upstream_error(&e, Kind::Blob, &format!("blob {digest}")))?;
+            self.manifests.add_member(&t.registry, &t.repo, digest);
+            let len = resp
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            return Ok((BlobAnswer::Head { len }, CacheResult::Miss));
+        }
+        let metrics = self.metrics.clone();
+        let (fill, joined) = self.blobs.fill(digest, &t.registry, t.repo.as_str(), || {
+            let (repo, digest, registry) = (t.repo.clone(), digest.clone(), t.registry.clone());
+            async move {
+                let resp = up
+                    .send(Method::GET, Some(&repo), &format!("blobs/{digest}"), None)
+                    .await
+                    .map_err(|e| upstream_error(&e, Kind::Blob, &format!("blob {digest}")))?;
+                let endpoint = resp.url().origin().ascii_serialization();
+                let len = resp.content_length();
+                let counter = metrics.upstream_bytes.with_label_values(&[&registry]);
+                let stream = resp
+                    .bytes_stream()
+                    .map_err(|e| io::Error::other(crate::upstream::error_chain(&e)))
+                    .inspect_ok(move |b: &Bytes| counter.inc_by(b.len() as u64))
+                    .boxed();
+                Ok(Source {
+                    len,
+                    stream,
+                    endpoint,
+                })
+            }
+            .boxed()
+        });
+        if joined && !member {
+            self.confirm_member(t, digest).await?;
+        }
+        let len = fill.wait_started().await?;
+        if !joined {
+            self.manifests.add_member(&t.registry, &t.repo, digest);
+        }
+        let result = if joined {
+            CacheResult::Coalesced
+        } else {
+            CacheResult::Miss
+        };
+        Ok((BlobAnswer::Filling { fill, len }, result))
+    }
+
+    /// The tags of a repository, from upstream (`n` and `last` passed on).
+    pub async fn tags(
+        &self,
+        t: &Target,
+        n: Option<u32>,
+        last: Option<&str>,
+    ) -> Result<Bytes, RegistryError> {
+        let up = self.upstream(&t.registry)?;
+        let mut suffix = String::from("tags/list");
+        let mut sep = '?';
+        if let Some(n) = n {
+            suffix.push_str(&format!("{sep}n={n}"));
+            sep = '&';
+        }
+        if let Some(last) = last {
+            suffix.push_str(&format!("{sep}last={last}"));
+        }
+        let what = format!("tags of {}", t.repo);
+        let resp = up
+            .send(
+                Method::GET,
+                Some(&t.repo),
+                &suffix,
+                Some("application/json"),
+            )
+            .await
+            .map_err(|e| upstream_error(&e, Kind::Tags, &what))?;
+        read_limited(resp, MAX_TAGS_BYTES)
+            .await
+            .map_err(|e| upstream_error(&e, Kind::Tags, &what))
+    }
+
+    /// Repositories of a registry that have cached manifests (`n`/`last` pagination).
+    pub fn catalog(&self, registry: &str, n: Option<u32>, last: Option<&str>) -> Vec<String> {
+        let repos = self.manifests.repositories(registry);
+        let start = last.map_or(0, |l| repos.partition_point(|r| r.as_str() <= l));
+        let n = n.map_or(usize::MAX, |n| n as usize);
+        repos.into_iter().skip(start).take(n).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_forwarding() {
+        let all = MANIFEST_MEDIA_TYPES.join(", ");
+        assert_eq!(upstream_accept(&[]), all);
+        assert_eq!(upstream_accept(&["*/*"]), all);
+        assert_eq!(
+            upstream_accept(&[oci_v2()]),
+            "application/vnd.docker.distribution.manifest.v2+json"
+        );
+        assert!(upstream_accept(&[oci_v2(), "*/*"]).contains("index"));
+        assert!(accepts_all(&[]));
+        assert!(accepts_all(&["*/*"]));
+        assert!(!accepts_all(&[oci_v2()]));
+    }
+
+    fn oci_v2() -> &'static str {
+        "application/vnd.docker.distribution.manifest.v2+json"
+    }
+}

@@ -1,0 +1,158 @@
+//! Just enough of the manifest formats to route and to check repository membership: the media
+//! type, and the digests a manifest or index references. Manifests are never re-serialized.
+
+use serde::Deserialize;
+
+use super::Digest;
+
+pub const DOCKER_MANIFEST_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// The manifest media types berth asks upstream for when a client names none.
+pub const MANIFEST_MEDIA_TYPES: [&str; 4] = [
+    OCI_INDEX,
+    DOCKER_MANIFEST_LIST,
+    OCI_MANIFEST,
+    DOCKER_MANIFEST_V2,
+];
+
+pub fn is_index_media_type(media_type: &str) -> bool {
+    media_type == OCI_INDEX || media_type == DOCKER_MANIFEST_LIST
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    digest: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AnyManifest {
+    media_type: Option<String>,
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+    #[serde(default)]
+    blobs: Vec<Descriptor>,
+    subject: Option<Descriptor>,
+    #[serde(default)]
+    fs_layers: Vec<FsLayer>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FsLayer {
+    blob_sum: Option<String>,
+}
+
+/// The media type a manifest declares, or the one its shape implies (an OCI manifest may omit
+/// `mediaType`). None when the bytes are not a JSON manifest.
+pub fn manifest_media_type(bytes: &[u8]) -> Option<String> {
+    let m: AnyManifest = serde_json::from_slice(bytes).ok()?;
+    if let Some(mt) = m.media_type {
+        return Some(mt);
+    }
+    if !m.manifests.is_empty() {
+        Some(OCI_INDEX.to_owned())
+    } else if m.config.is_some() {
+        Some(OCI_MANIFEST.to_owned())
+    } else {
+        None
+    }
+}
+
+/// Every digest a manifest references: config, layers, child manifests, blobs, subject and
+/// schema-1 fsLayers. Invalid digests are skipped (they can never be requested anyway).
+pub fn referenced_digests(bytes: &[u8]) -> Vec<Digest> {
+    let Ok(m) = serde_json::from_slice::<AnyManifest>(bytes) else {
+        return Vec::new();
+    };
+    let descriptors = m
+        .config
+        .into_iter()
+        .chain(m.layers)
+        .chain(m.manifests)
+        .chain(m.blobs)
+        .chain(m.subject)
+        .filter_map(|d| d.digest);
+    let fs_layers = m.fs_layers.into_iter().filter_map(|l| l.blob_sum);
+    let mut out: Vec<Digest> = descriptors
+        .chain(fs_layers)
+        .filter_map(|d| d.parse().ok())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Whether a client's `Accept` header admits a manifest of `media_type`. No header, `*/*` and
+/// `application/*` admit everything.
+pub fn accepts_media_type(accept: &[&str], media_type: &str) -> bool {
+    if accept.is_empty() {
+        return true;
+    }
+    accept.iter().flat_map(|v| v.split(',')).any(|item| {
+        let mt = item.split(';').next().unwrap_or("").trim();
+        mt == media_type || mt == "*/*" || mt == "application/*" || mt.is_empty()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(c: char) -> String {
+        format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    #[test]
+    fn walks_manifest_and_index() {
+        let m = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST_V2}","config":{{"digest":"{}"}},"layers":[{{"digest":"{}"}},{{"digest":"{}"}},{{"digest":"bogus"}}]}}"#,
+            d('a'),
+            d('b'),
+            d('c')
+        );
+        let got: Vec<String> = referenced_digests(m.as_bytes())
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        assert_eq!(got, vec![d('a'), d('b'), d('c')]);
+        assert_eq!(
+            manifest_media_type(m.as_bytes()).as_deref(),
+            Some(DOCKER_MANIFEST_V2)
+        );
+
+        let i = format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"digest":"{}","platform":{{"os":"linux"}}}}]}}"#,
+            d('e')
+        );
+        assert_eq!(referenced_digests(i.as_bytes()).len(), 1);
+        assert_eq!(
+            manifest_media_type(i.as_bytes()).as_deref(),
+            Some(OCI_INDEX)
+        );
+        assert!(referenced_digests(b"not json").is_empty());
+        assert!(referenced_digests(b"[1,2]").is_empty());
+        assert_eq!(manifest_media_type(b"{}"), None);
+    }
+
+    #[test]
+    fn accept_matching() {
+        assert!(accepts_media_type(&[], OCI_INDEX));
+        assert!(accepts_media_type(&["*/*"], OCI_INDEX));
+        assert!(accepts_media_type(
+            &[&format!("{DOCKER_MANIFEST_V2}, {OCI_INDEX};q=0.5")],
+            OCI_INDEX
+        ));
+        assert!(!accepts_media_type(&[DOCKER_MANIFEST_V2], OCI_INDEX));
+        assert!(accepts_media_type(
+            &[DOCKER_MANIFEST_V2, OCI_INDEX],
+            OCI_INDEX
+        ));
+    }
+}

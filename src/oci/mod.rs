@@ -1,0 +1,15 @@
+//! OCI distribution types that validate on parse: once a value of these types exists, it is
+//! safe to use in a file path or an upstream URL.
+
+mod digest;
+mod manifest;
+mod name;
+mod range;
+
+pub use digest::{Digest, DigestAlgorithm, Hasher};
+pub use manifest::{
+    MANIFEST_MEDIA_TYPES, accepts_media_type, is_index_media_type, manifest_media_type,
+    referenced_digests,
+};
+pub use name::{Reference, RepoName, Tag};
+pub use range::{ByteRange, RangeError, parse_range};

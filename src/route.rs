@@ -1,0 +1,328 @@
+//! Routing: which API operation a request is, and which configured registry and repository it
+//! is for. A request can only ever name a registry from the config; anything else is refused
+//! here, so no path, `ns` value or header can make berth contact an unconfigured host.
+
+use std::sync::Arc;
+
+use crate::error::{ErrorCode, RegistryError};
+use crate::oci::{Digest, Reference, RepoName};
+
+/// A repository of a configured registry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub registry: Arc<str>,
+    pub repo: RepoName,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /v2/`
+    Ping,
+    /// `GET /v2/_catalog`
+    Catalog {
+        registry: Arc<str>,
+    },
+    Manifest {
+        target: Target,
+        reference: Reference,
+    },
+    Blob {
+        target: Target,
+        digest: Digest,
+    },
+    Tags {
+        target: Target,
+    },
+    /// Push and delete endpoints: 405 UNSUPPORTED.
+    Unsupported,
+}
+
+pub struct Router {
+    registries: Vec<Arc<str>>,
+    default: Option<Arc<str>>,
+}
+
+fn invalid_name(msg: impl Into<String>) -> RegistryError {
+    RegistryError::new(ErrorCode::NameInvalid, msg)
+}
+
+impl Router {
+    pub fn new(registries: Vec<Arc<str>>, default: Option<Arc<str>>) -> Router {
+        Router {
+            registries,
+            default,
+        }
+    }
+
+    fn configured(&self, name: &str) -> Option<Arc<str>> {
+        self.registries.iter().find(|r| &***r == name).cloned()
+    }
+
+    /// Parses `path` (and the `ns` query parameter) into a route.
+    pub fn route(&self, path: &str, ns: Option<&str>) -> Result<Route, RegistryError> {
+        let rest = path
+            .strip_prefix("/v2")
+            .ok_or_else(|| RegistryError::new(ErrorCode::NameUnknown, "not a registry API path"))?;
+        if rest.is_empty() || rest == "/" {
+            return Ok(Route::Ping);
+        }
+        let rest = rest
+            .strip_prefix('/')
+            .ok_or_else(|| RegistryError::new(ErrorCode::NameUnknown, "not a registry API path"))?;
+        if rest == "_catalog" {
+            return Ok(Route::Catalog {
+                registry: self.registry_for(ns, None)?.0,
+            });
+        }
+        // Split from the right so repository names of any depth work.
+        if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
+            let target = self.target(name, ns)?;
+            let reference = reference
+                .parse::<Reference>()
+                .map_err(|e| invalid_name(format!("invalid reference {:?}", e.0)))?;
+            return Ok(Route::Manifest { target, reference });
+        }
+        if rest.contains("/blobs/uploads") {
+            return Ok(Route::Unsupported);
+        }
+        if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
+            let target = self.target(name, ns)?;
+            let digest = digest.parse::<Digest>().map_err(|e| {
+                RegistryError::new(
+                    ErrorCode::DigestInvalid,
+                    format!("invalid digest {:?}", e.0),
+                )
+            })?;
+            return Ok(Route::Blob { target, digest });
+        }
+        if let Some(name) = rest.strip_suffix("/tags/list") {
+            return Ok(Route::Tags {
+                target: self.target(name, ns)?,
+            });
+        }
+        Err(RegistryError::new(
+            ErrorCode::NameUnknown,
+            "unknown registry API endpoint",
+        ))
+    }
+
+    /// Resolves the registry in this order: `ns`, a path prefix naming a configured
+    /// registry, the default registry. Returns the registry and the name left for the repo.
+    fn registry_for<'a>(
+        &self,
+        ns: Option<&str>,
+        name: Option<&'a str>,
+    ) -> Result<(Arc<str>, Option<&'a str>), RegistryError> {
+        if let Some(ns) = ns {
+            let reg = self.configured(ns).ok_or_else(|| {
+                RegistryError::new(
+                    ErrorCode::NameUnknown,
+                    format!(
+                        "registry {:?} is not configured on this mirror",
+                        truncate(ns)
+                    ),
+                )
+            })?;
+            return Ok((reg, name));
+        }
+        if let Some(name) = name
+            && let Some((first, rest)) = name.split_once('/')
+        {
+            if let Some(reg) = self.configured(first) {
+                return Ok((reg, Some(rest)));
+            }
+            // A first component that looks like a host names a registry that is not ours.
+            let host_like = first.contains('.') || first.contains(':') || first == "localhost";
+            if host_like && crate::config::valid_registry_name(first) {
+                return Err(RegistryError::new(
+                    ErrorCode::NameUnknown,
+                    format!(
+                        "registry {:?} is not configured on this mirror",
+                        truncate(first)
+                    ),
+                ));
+            }
+        }
+        match &self.default {
+            Some(d) => Ok((d.clone(), name)),
+            None => Err(RegistryError::new(
+                ErrorCode::NameUnknown,
+                "no registry named (use ?ns= or a registry path prefix) and no default registry",
+            )),
+        }
+    }
+
+    fn target(&self, name: &str, ns: Option<&str>) -> Result<Target, RegistryError> {
+        let (registry, name) = self.registry_for(ns, Some(name))?;
+        let name = name.unwrap_or_default();
+        let mut repo = name
+            .parse::<RepoName>()
+            .map_err(|e| invalid_name(format!("invalid repository name {:?}", e.0)))?;
+        if &*registry == "docker.io" {
+            repo = repo.with_docker_library();
+        }
+        Ok(Target { registry, repo })
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(100).collect()
+}
+
+/// The value of the `ns` query parameter, if any (percent-decoding is not needed: registry
+/// names have no characters that would be encoded, and anything encoded is refused).
+pub fn ns_param(query: Option<&str>) -> Option<&str> {
+    query?.split('&').find_map(|kv| kv.strip_prefix("ns="))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router() -> Router {
+        let regs: Vec<Arc<str>> = vec![
+            "docker.io".into(),
+            "ghcr.io".into(),
+            "127.0.0.1:5001".into(),
+        ];
+        Router::new(regs, Some("docker.io".into()))
+    }
+
+    fn target(route: &Route) -> (&str, &str) {
+        match route {
+            Route::Manifest { target, .. }
+            | Route::Blob { target, .. }
+            | Route::Tags { target } => (&target.registry, target.repo.as_str()),
+            other => panic!("no target in {other:?}"),
+        }
+    }
+
+    #[test]
+    fn resolution_order() {
+        let r = router();
+        let d = format!("sha256:{}", "a".repeat(64));
+        let table: &[(&str, Option<&str>, (&str, &str))] = &[
+            (
+                "/v2/library/alpine/manifests/3.20",
+                None,
+                ("docker.io", "library/alpine"),
+            ),
+            (
+                "/v2/alpine/manifests/3.20",
+                None,
+                ("docker.io", "library/alpine"),
+            ),
+            (
+                "/v2/library/alpine/manifests/3.20",
+                Some("docker.io"),
+                ("docker.io", "library/alpine"),
+            ),
+            (
+                "/v2/owner/app/manifests/1.0",
+                Some("ghcr.io"),
+                ("ghcr.io", "owner/app"),
+            ),
+            (
+                "/v2/ghcr.io/owner/app/manifests/1.0",
+                None,
+                ("ghcr.io", "owner/app"),
+            ),
+            (
+                "/v2/docker.io/alpine/manifests/1",
+                None,
+                ("docker.io", "library/alpine"),
+            ),
+            (
+                "/v2/127.0.0.1:5001/a/b/c/tags/list",
+                None,
+                ("127.0.0.1:5001", "a/b/c"),
+            ),
+            ("/v2/a/b/c/d/e/tags/list", None, ("docker.io", "a/b/c/d/e")),
+        ];
+        for (path, ns, want) in table {
+            let route = r.route(path, *ns).unwrap();
+            assert_eq!(target(&route), *want, "{path} ns={ns:?}");
+        }
+        let blob = r.route(&format!("/v2/ghcr.io/x/blobs/{d}"), None).unwrap();
+        assert!(matches!(blob, Route::Blob { .. }));
+        assert_eq!(target(&blob), ("ghcr.io", "x"));
+        assert_eq!(r.route("/v2/", None).unwrap(), Route::Ping);
+        assert_eq!(r.route("/v2", None).unwrap(), Route::Ping);
+        assert!(
+            matches!(r.route("/v2/_catalog", Some("ghcr.io")).unwrap(), Route::Catalog { registry } if &*registry == "ghcr.io")
+        );
+        assert_eq!(
+            r.route("/v2/a/blobs/uploads/", None).unwrap(),
+            Route::Unsupported
+        );
+    }
+
+    #[test]
+    fn refusals() {
+        let r = router();
+        let d = format!("sha256:{}", "a".repeat(64));
+        let table: &[(String, Option<&str>, ErrorCode)] = &[
+            (
+                "/v2/a/manifests/3.20".into(),
+                Some("evil.com"),
+                ErrorCode::NameUnknown,
+            ),
+            (
+                "/v2/a/manifests/3.20".into(),
+                Some("127.0.0.1:6379"),
+                ErrorCode::NameUnknown,
+            ),
+            (
+                "/v2/quay.io/a/manifests/1".into(),
+                None,
+                ErrorCode::NameUnknown,
+            ),
+            (
+                "/v2/localhost:5000/a/manifests/1".into(),
+                None,
+                ErrorCode::NameUnknown,
+            ),
+            (
+                "/v2/../etc/manifests/1".into(),
+                None,
+                ErrorCode::NameInvalid,
+            ),
+            (
+                "/v2/a/%2e%2e/manifests/1".into(),
+                None,
+                ErrorCode::NameInvalid,
+            ),
+            ("/v2/a%2fb/manifests/1".into(), None, ErrorCode::NameInvalid),
+            ("/v2/A/manifests/1".into(), None, ErrorCode::NameInvalid),
+            (
+                "/v2/a/manifests/bad:tag".into(),
+                None,
+                ErrorCode::NameInvalid,
+            ),
+            ("/v2/a/manifests/".into(), None, ErrorCode::NameInvalid),
+            (
+                "/v2/a/blobs/sha256:123".into(),
+                None,
+                ErrorCode::DigestInvalid,
+            ),
+            (format!("/v2//blobs/{d}"), None, ErrorCode::NameInvalid),
+            ("/v2/a/nothing".into(), None, ErrorCode::NameUnknown),
+            ("/v3/".into(), None, ErrorCode::NameUnknown),
+            ("/v2/a\0b/manifests/1".into(), None, ErrorCode::NameInvalid),
+        ];
+        for (path, ns, code) in table {
+            let err = r.route(path, *ns).unwrap_err();
+            assert_eq!(err.code, *code, "{path} ns={ns:?}: {err}");
+        }
+        let no_default = Router::new(vec!["ghcr.io".into()], None);
+        assert!(no_default.route("/v2/a/manifests/1", None).is_err());
+    }
+
+    #[test]
+    fn ns_parameter() {
+        assert_eq!(ns_param(Some("ns=docker.io")), Some("docker.io"));
+        assert_eq!(ns_param(Some("n=1&ns=ghcr.io")), Some("ghcr.io"));
+        assert_eq!(ns_param(Some("n=1")), None);
+        assert_eq!(ns_param(None), None);
+    }
+}

@@ -1,0 +1,273 @@
+//! The registry API: turns a routed request into a mirror call and the mirror's answer into
+//! an HTTP response with the headers clients rely on.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+
+use super::body::{Body, Meter};
+use crate::error::{ErrorCode, RegistryError};
+use crate::metrics::{CacheResult, RequestKind};
+use crate::mirror::{BlobAnswer, Mirror};
+use crate::oci::{ByteRange, Digest, RangeError, parse_range};
+use crate::route::{Route, Router, ns_param};
+
+const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+const OCTET: HeaderValue = HeaderValue::from_static("application/octet-stream");
+const BYTES: HeaderValue = HeaderValue::from_static("bytes");
+
+pub struct App {
+    pub router: Router,
+    pub mirror: Mirror,
+}
+
+type Answer = Result<(Response<Body>, Option<CacheResult>), RegistryError>;
+
+fn kind_of(route: &Result<Route, RegistryError>) -> RequestKind {
+    match route {
+        Ok(Route::Ping) => RequestKind::Ping,
+        Ok(Route::Manifest { .. }) => RequestKind::Manifest,
+        Ok(Route::Blob { .. }) => RequestKind::Blob,
+        Ok(Route::Tags { .. }) => RequestKind::Tags,
+        Ok(Route::Catalog { .. }) => RequestKind::Catalog,
+        _ => RequestKind::Other,
+    }
+}
+
+pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let route = app.router.route(&path, ns_param(req.uri().query()));
+    let kind = kind_of(&route);
+    let answer = match route {
+        Err(e) => Err(e),
+        Ok(_) if method != Method::GET && method != Method::HEAD => Err(RegistryError::new(
+            ErrorCode::Unsupported,
+            "this mirror is read-only: only GET and HEAD are supported",
+        )),
+        Ok(route) => dispatch(&app, route, &req).await,
+    };
+    let (mut resp, cache) = match answer {
+        Ok(r) => r,
+        Err(e) => (error_response(&e), None),
+    };
+    resp.headers_mut()
+        .insert("docker-distribution-api-version", API_VERSION);
+    let status = resp.status().as_u16();
+    let meter = Meter {
+        metrics: app.mirror.metrics_arc(),
+        started,
+        kind,
+        method,
+        path,
+        status,
+        cache,
+        bytes: 0,
+        complete: false,
+        aborted: None,
+    };
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, body.metered(meter))
+}
+
+pub fn error_response(e: &RegistryError) -> Response<Body> {
+    let mut resp = Response::new(Body::full(e.body()));
+    *resp.status_mut() = e.status();
+    resp.headers_mut().insert(header::CONTENT_TYPE, JSON);
+    if let Some(secs) = e.retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
+}
+
+fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then_some(v)
+    })
+}
+
+fn accept_values(headers: &HeaderMap) -> Vec<&str> {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect()
+}
+
+async fn dispatch<B>(app: &App, route: Route, req: &Request<B>) -> Answer {
+    let head = req.method() == Method::HEAD;
+    match route {
+        Route::Ping => {
+            let mut r = Response::new(Body::full(Bytes::from_static(b"{}")));
+            r.headers_mut().insert(header::CONTENT_TYPE, JSON);
+            Ok((r, None))
+        }
+        Route::Unsupported => Err(RegistryError::new(
+            ErrorCode::Unsupported,
+            "this mirror is read-only: push is not supported",
+        )),
+        Route::Catalog { registry } => {
+            let query = req.uri().query();
+            let n = parse_n(query)?;
+            let repos = app.mirror.catalog(&registry, n, query_param(query, "last"));
+            let body = serde_json::json!({ "repositories": repos }).to_string();
+            let mut r = Response::new(if head {
+                Body::empty()
+            } else {
+                Body::full(body)
+            });
+            r.headers_mut().insert(header::CONTENT_TYPE, JSON);
+            Ok((r, None))
+        }
+        Route::Tags { target } => {
+            let query = req.uri().query();
+            let n = parse_n(query)?;
+            let last = query_param(query, "last")
+                .map(|l| {
+                    l.parse::<crate::oci::Tag>()
+                        .map(|_| l)
+                        .map_err(|_| RegistryError::new(ErrorCode::NameInvalid, "invalid last"))
+                })
+                .transpose()?;
+            let body = app.mirror.tags(&target, n, last).await?;
+            let len = body.len();
+            let mut r = Response::new(if head {
+                Body::empty()
+            } else {
+                Body::full(body)
+            });
+            r.headers_mut().insert(header::CONTENT_TYPE, JSON);
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            Ok((r, None))
+        }
+        Route::Manifest { target, reference } => {
+            let accept = accept_values(req.headers());
+            let (m, result) = app.mirror.manifest(&target, &reference, &accept).await?;
+            app.mirror
+                .metrics()
+                .record_cache(RequestKind::Manifest, result);
+            let mut r = Response::new(if head {
+                Body::empty()
+            } else {
+                Body::full(m.bytes.clone())
+            });
+            let h = r.headers_mut();
+            h.insert(header::CONTENT_TYPE, m.content_type.clone());
+            h.insert("docker-content-digest", m.digest_header.clone());
+            h.insert(header::CONTENT_LENGTH, m.length_header.clone());
+            h.insert(header::ETAG, etag(&m.digest));
+            Ok((r, Some(result)))
+        }
+        Route::Blob { target, digest } => {
+            let (answer, result) = app.mirror.blob(&target, &digest, head).await?;
+            app.mirror.metrics().record_cache(RequestKind::Blob, result);
+            let range = req
+                .headers()
+                .get(header::RANGE)
+                .and_then(|v| v.to_str().ok());
+            let resp = match answer {
+                BlobAnswer::Cached(blob) => {
+                    let file = blob.file;
+                    blob_response(&digest, Some(blob.len), range, head, |start, len| {
+                        Body::file(file, start, len)
+                    })?
+                }
+                BlobAnswer::Filling { fill, len } => {
+                    blob_response(&digest, len, range, head, |start, n| {
+                        let end = len.map(|_| start + n);
+                        Body::stream(fill.reader(start, end).into_stream())
+                    })?
+                }
+                BlobAnswer::Head { len } => {
+                    blob_response(&digest, len, None, true, |_, _| Body::empty())?
+                }
+            };
+            Ok((resp, Some(result)))
+        }
+    }
+}
+
+fn parse_n(query: Option<&str>) -> Result<Option<u32>, RegistryError> {
+    query_param(query, "n")
+        .map(|n| {
+            n.parse::<u32>().map_err(|_| {
+                RegistryError::new(ErrorCode::Unsupported, "n must be a non-negative integer")
+                    .with_status(StatusCode::BAD_REQUEST)
+            })
+        })
+        .transpose()
+}
+
+fn etag(digest: &Digest) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{digest}\"")).unwrap_or(HeaderValue::from_static("\"\""))
+}
+
+/// Builds a blob response, whole or for a single range. `body(start, len)` makes the body.
+fn blob_response(
+    digest: &Digest,
+    len: Option<u64>,
+    range: Option<&str>,
+    head: bool,
+    body: impl FnOnce(u64, u64) -> Body,
+) -> Result<Response<Body>, RegistryError> {
+    let range: Option<ByteRange> = match (range, len) {
+        (Some(r), Some(len)) if !head => match parse_range(r, len) {
+            Ok(br) => Some(br),
+            Err(RangeError::Ignore) => None,
+            Err(RangeError::Unsatisfiable) => {
+                let mut e = error_response(&RegistryError::new(
+                    ErrorCode::RangeInvalid,
+                    format!("range {r:?} is outside the blob of {len} bytes"),
+                ));
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                    e.headers_mut().insert(header::CONTENT_RANGE, v);
+                }
+                return Ok(e);
+            }
+        },
+        _ => None,
+    };
+    let (status, start, n) = match (range, len) {
+        (Some(r), Some(total)) => (
+            StatusCode::PARTIAL_CONTENT,
+            r.start,
+            Some((r.len(), total, r)),
+        ),
+        (_, Some(total)) => (
+            StatusCode::OK,
+            0,
+            Some((total, total, ByteRange { start: 0, end: 0 })),
+        ),
+        (_, None) => (StatusCode::OK, 0, None),
+    };
+    let body = match (&n, head) {
+        (_, true) => Body::empty(),
+        (Some((count, _, _)), false) => body(start, *count),
+        (None, false) => body(0, u64::MAX),
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, OCTET);
+    h.insert(header::ACCEPT_RANGES, BYTES);
+    h.insert(header::ETAG, etag(digest));
+    if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
+        h.insert("docker-content-digest", v);
+    }
+    if let Some((count, total, r)) = n {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+        if status == StatusCode::PARTIAL_CONTENT
+            && let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{total}", r.start, r.end))
+        {
+            h.insert(header::CONTENT_RANGE, v);
+        }
+    }
+    Ok(resp)
+}

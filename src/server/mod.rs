@@ -1,0 +1,137 @@
+//! The listeners: accept loops for the registry API and the admin endpoints, connection limits
+//! and timeouts, and graceful shutdown.
+
+pub mod body;
+pub mod handlers;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use body::Body;
+use handlers::App;
+
+use crate::cache::check_writable;
+
+/// What the admin endpoints need to answer.
+pub struct Admin {
+    pub app: Arc<App>,
+    pub cache_dir: std::path::PathBuf,
+}
+
+fn builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(64 * 1024)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(64 * 1024);
+    b
+}
+
+/// Serves connections from `listener` with `handler` until `shutdown` fires, then waits up to
+/// `grace` for requests in flight.
+pub async fn serve<F, Fut>(
+    listener: TcpListener,
+    handler: F,
+    mut shutdown: watch::Receiver<bool>,
+    header_timeout: Duration,
+    grace: Duration,
+) where
+    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let builder = Arc::new(builder(header_timeout));
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let handler = handler.clone();
+                let svc = service_fn(move |req| {
+                    let h = handler.clone();
+                    async move { Ok::<_, Infallible>(h(req).await) }
+                });
+                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("graceful shutdown timed out; closing remaining connections");
+    }
+}
+
+fn text(status: StatusCode, s: &'static str) -> Response<Body> {
+    let mut r = Response::new(Body::full(Bytes::from_static(s.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// `/healthz`, `/readyz` and `/metrics`.
+pub async fn admin(admin: Arc<Admin>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            let blobs = &admin.app.mirror.blobs;
+            if !blobs.is_ready() {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "cache index loading\n");
+            }
+            let dir = admin.cache_dir.join("tmp");
+            match tokio::task::spawn_blocking(move || check_writable(&dir)).await {
+                Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
+                _ => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cache directory not writable\n",
+                ),
+            }
+        }
+        "/metrics" => {
+            admin.app.mirror.blobs.run_pending();
+            let mut r = Response::new(Body::full(admin.app.mirror.metrics().render()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}

@@ -1,0 +1,522 @@
+//! The upstream client: one [`Upstream`] per configured registry, speaking the distribution API
+//! to its endpoints with authentication, failover, timeouts and bounded retries. It never
+//! touches the cache; the mirror decides what to fetch and what to keep.
+
+pub mod auth;
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use reqwest::Url;
+
+use crate::config::{RegistryConfig, Secret};
+use crate::metrics::Metrics;
+use crate::oci::RepoName;
+use auth::{Challenge, TokenCache, TokenResponse, parse_challenge, realm_may_get_credentials};
+
+/// How long an endpoint that failed is skipped before it is tried again.
+const COOL_DOWN: Duration = Duration::from_secs(10);
+/// Redirects followed for one request (Docker Hub uses one, to its CDN).
+const MAX_REDIRECTS: usize = 5;
+/// The largest token response accepted.
+const MAX_TOKEN_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    /// Upstream answered, but not with success.
+    #[error("upstream answered {status}")]
+    Status {
+        status: StatusCode,
+        retry_after: Option<u64>,
+    },
+    /// No endpoint answered: connection refused, reset, timed out.
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    /// Upstream answered with something unusable (bad token response, oversized manifest…).
+    #[error("upstream sent an invalid answer: {0}")]
+    Invalid(String),
+}
+
+impl UpstreamError {
+    /// True when serving a stale cached answer is the right response (the upstream is away,
+    /// overloaded or rate-limiting), as opposed to a definite answer such as 404.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            UpstreamError::Status { status, .. } => {
+                *status == StatusCode::TOO_MANY_REQUESTS
+                    || *status == StatusCode::REQUEST_TIMEOUT
+                    || status.is_server_error()
+            }
+            UpstreamError::Unreachable(_) | UpstreamError::Invalid(_) => true,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum AuthMode {
+    /// Not asked yet, or no authentication needed.
+    None,
+    Basic,
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
+}
+
+struct Endpoint {
+    /// Base URL without a trailing slash; the API root is `<base>/v2/`.
+    base: String,
+    /// Another berth: requests carry `?ns=<registry>`.
+    mirror: bool,
+    host: String,
+    down_until: Mutex<Option<Instant>>,
+    auth: Mutex<AuthMode>,
+}
+
+impl Endpoint {
+    fn is_down(&self) -> bool {
+        self.down_until
+            .lock()
+            .map(|d| d.is_some_and(|t| Instant::now() < t))
+            .unwrap_or(false)
+    }
+}
+
+pub struct Upstream {
+    pub name: String,
+    client: reqwest::Client,
+    endpoints: Vec<Endpoint>,
+    username: Option<String>,
+    password: Option<Secret>,
+    tokens: TokenCache,
+    metrics: Arc<Metrics>,
+    ratelimit_remaining: AtomicI64,
+}
+
+impl Upstream {
+    pub fn new(
+        cfg: &RegistryConfig,
+        metrics: Arc<Metrics>,
+        loopback_allowed: Arc<Vec<(String, u16)>>,
+    ) -> Result<Upstream, String> {
+        let password = cfg.password().map_err(|e| e.to_string())?;
+        let policy = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                return attempt.error("too many redirects");
+            }
+            let url = attempt.url();
+            if !matches!(url.scheme(), "http" | "https") {
+                return attempt.error("redirect to a non-http(s) URL");
+            }
+            if redirect_target_forbidden(url, &loopback_allowed) {
+                return attempt
+                    .error("redirect to a local address that is not a configured endpoint");
+            }
+            // reqwest drops Authorization when a redirect leaves the original host.
+            attempt.follow()
+        });
+        let client = reqwest::Client::builder()
+            .connect_timeout(cfg.connect_timeout)
+            .read_timeout(cfg.read_timeout)
+            .redirect(policy)
+            .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| format!("registry {}: cannot build HTTP client: {e}", cfg.name))?;
+        let endpoints = cfg
+            .endpoints
+            .iter()
+            .map(|e| {
+                metrics
+                    .upstream_up
+                    .with_label_values(&[&cfg.name, endpoint_label(&e.url)])
+                    .set(1);
+                Endpoint {
+                    base: e.url.as_str().trim_end_matches('/').to_owned(),
+                    mirror: e.mirror,
+                    host: e.url.host_str().unwrap_or_default().to_owned(),
+                    down_until: Mutex::new(None),
+                    auth: Mutex::new(AuthMode::None),
+                }
+            })
+            .collect();
+        Ok(Upstream {
+            name: cfg.name.clone(),
+            client,
+            endpoints,
+            username: cfg.username.clone(),
+            password,
+            tokens: TokenCache::default(),
+            metrics,
+            ratelimit_remaining: AtomicI64::new(-1),
+        })
+    }
+
+    /// The last `ratelimit-remaining` upstream sent, if any.
+    pub fn ratelimit_remaining(&self) -> Option<i64> {
+        let v = self.ratelimit_remaining.load(Ordering::Relaxed);
+        (v >= 0).then_some(v)
+    }
+
+    /// Sends `method /v2/<repo>/<suffix>` (suffix like `manifests/latest` or
+    /// `tags/list?n=10`) and returns a success response, trying endpoints in order.
+    pub async fn send(
+        &self,
+        method: Method,
+        repo: Option<&RepoName>,
+        suffix: &str,
+        accept: Option<&str>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let path = match repo {
+            Some(r) => format!("/v2/{r}/{suffix}"),
+            None => format!("/v2/{suffix}"),
+        };
+        let scope = repo.map(|r| format!("repository:{r}:pull"));
+        // Healthy endpoints first, in configured order; endpoints cooling down last.
+        let mut order: Vec<&Endpoint> = self.endpoints.iter().filter(|e| !e.is_down()).collect();
+        order.extend(self.endpoints.iter().filter(|e| e.is_down()));
+        let mut last_err = UpstreamError::Unreachable("no endpoint".into());
+        for ep in order {
+            match self
+                .send_to(ep, &method, &path, scope.as_deref(), accept)
+                .await
+            {
+                Ok(resp) => return Ok(resp),
+                Err(e @ UpstreamError::Status { status, .. }) if !status.is_server_error() => {
+                    return Err(e);
+                }
+                Err(e) => last_err = e,
+            }
+        }
+        Err(last_err)
+    }
+
+    async fn send_to(
+        &self,
+        ep: &Endpoint,
+        method: &Method,
+        path: &str,
+        scope: Option<&str>,
+        accept: Option<&str>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let mut url = format!("{}{}", ep.base, path);
+        if ep.mirror {
+            url.push(if url.contains('?') { '&' } else { '?' });
+            url.push_str("ns=");
+            url.push_str(&self.name);
+        }
+        let label = endpoint_label_str(&ep.base);
+        let mut authorized_retry = false;
+        loop {
+            let mut req = self.client.request(method.clone(), &url);
+            if let Some(a) = accept {
+                req = req.header(header::ACCEPT, a);
+            }
+            if let Some(value) = self.auth_header(ep, scope) {
+                req = req.header(header::AUTHORIZATION, value);
+            }
+            let started = Instant::now();
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    self.metrics.record_upstream(
+                        &self.name,
+                        label,
+                        method.as_str(),
+                        0,
+                        started.elapsed().as_secs_f64(),
+                    );
+                    self.mark(ep, false);
+                    tracing::warn!(registry = %self.name, endpoint = label, error = %error_chain(&e), "upstream request failed");
+                    return Err(UpstreamError::Unreachable(error_chain(&e)));
+                }
+            };
+            let status = resp.status();
+            self.metrics.record_upstream(
+                &self.name,
+                label,
+                method.as_str(),
+                status.as_u16(),
+                started.elapsed().as_secs_f64(),
+            );
+            self.read_ratelimit(resp.headers());
+            if status == StatusCode::UNAUTHORIZED && !authorized_retry {
+                authorized_retry = true;
+                let challenge = resp
+                    .headers()
+                    .get(header::WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_challenge);
+                if self.answer_challenge(ep, challenge, scope).await? {
+                    continue;
+                }
+            }
+            if status.is_success() {
+                self.mark(ep, true);
+                return Ok(resp);
+            }
+            if status.is_server_error() {
+                self.mark(ep, false);
+            } else {
+                self.mark(ep, true);
+            }
+            let retry_after = resp
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok());
+            return Err(UpstreamError::Status {
+                status,
+                retry_after,
+            });
+        }
+    }
+
+    fn mark(&self, ep: &Endpoint, healthy: bool) {
+        if let Ok(mut d) = ep.down_until.lock() {
+            *d = (!healthy).then(|| Instant::now() + COOL_DOWN);
+        }
+        self.metrics
+            .upstream_up
+            .with_label_values(&[&self.name, endpoint_label_str(&ep.base)])
+            .set(i64::from(healthy));
+    }
+
+    fn basic_value(&self) -> Option<HeaderValue> {
+        use base64::Engine as _;
+        let (user, pass) = (self.username.as_ref()?, self.password.as_ref()?);
+        let encoded =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{}", pass.expose()));
+        let mut v = HeaderValue::from_str(&format!("Basic {encoded}")).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    }
+
+    fn auth_header(&self, ep: &Endpoint, scope: Option<&str>) -> Option<HeaderValue> {
+        let mode = ep.auth.lock().ok()?.clone();
+        match mode {
+            AuthMode::None => None,
+            AuthMode::Basic => self.basic_value(),
+            AuthMode::Bearer { realm, service } => {
+                let token = self
+                    .tokens
+                    .get(&realm, service.as_deref(), scope.unwrap_or(""))?;
+                let mut v = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+        }
+    }
+
+    /// Handles a 401: remembers the scheme and, for Bearer, fetches a token. Returns whether
+    /// the request should be sent again.
+    async fn answer_challenge(
+        &self,
+        ep: &Endpoint,
+        challenge: Option<Challenge>,
+        scope: Option<&str>,
+    ) -> Result<bool, UpstreamError> {
+        match challenge {
+            Some(Challenge::Basic) => {
+                if let Ok(mut m) = ep.auth.lock() {
+                    *m = AuthMode::Basic;
+                }
+                Ok(self.basic_value().is_some())
+            }
+            Some(Challenge::Bearer {
+                realm,
+                service,
+                scope: challenge_scope,
+            }) => {
+                let scope = scope
+                    .map(str::to_owned)
+                    .or(challenge_scope)
+                    .unwrap_or_default();
+                let token = self
+                    .fetch_token(ep, &realm, service.as_deref(), &scope)
+                    .await?;
+                self.tokens
+                    .put(&realm, service.as_deref(), &scope, token.0, token.1);
+                if let Ok(mut m) = ep.auth.lock() {
+                    *m = AuthMode::Bearer { realm, service };
+                }
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn fetch_token(
+        &self,
+        ep: &Endpoint,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<(String, Duration), UpstreamError> {
+        let mut url = Url::parse(realm)
+            .map_err(|e| UpstreamError::Invalid(format!("token realm {realm:?}: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(UpstreamError::Invalid(format!(
+                "token realm {realm:?} is not http(s)"
+            )));
+        }
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            if !scope.is_empty() {
+                q.append_pair("scope", scope);
+            }
+        }
+        let mut req = self.client.get(url.clone());
+        let realm_host = url.host_str().unwrap_or_default();
+        if realm_may_get_credentials(&ep.host, realm_host) {
+            if let Some(v) = self.basic_value() {
+                req = req.header(header::AUTHORIZATION, v);
+            }
+        } else if self.username.is_some() {
+            tracing::warn!(registry = %self.name, realm, "token realm is outside the registry's domain: asking for an anonymous token");
+        }
+        let started = Instant::now();
+        let resp = req.send().await.map_err(|e| {
+            UpstreamError::Unreachable(format!("token endpoint: {}", error_chain(&e)))
+        })?;
+        self.metrics.record_upstream(
+            &self.name,
+            "token",
+            "GET",
+            resp.status().as_u16(),
+            started.elapsed().as_secs_f64(),
+        );
+        if !resp.status().is_success() {
+            return Err(UpstreamError::Status {
+                status: if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+                    resp.status()
+                } else {
+                    StatusCode::UNAUTHORIZED
+                },
+                retry_after: None,
+            });
+        }
+        let body = read_limited(resp, MAX_TOKEN_BYTES).await?;
+        let parsed: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|e| UpstreamError::Invalid(format!("token response: {e}")))?;
+        parsed
+            .into_token()
+            .ok_or_else(|| UpstreamError::Invalid("token response has no token".into()))
+    }
+
+    fn read_ratelimit(&self, headers: &HeaderMap) {
+        let Some(v) = headers
+            .get("ratelimit-remaining")
+            .and_then(|v| v.to_str().ok())
+        else {
+            return;
+        };
+        if let Ok(n) = v.split(';').next().unwrap_or("").trim().parse::<i64>() {
+            self.ratelimit_remaining.store(n.max(0), Ordering::Relaxed);
+            self.metrics
+                .upstream_ratelimit_remaining
+                .with_label_values(&[&self.name])
+                .set(n);
+        }
+    }
+}
+
+/// Reads a whole (small) body, refusing more than `limit` bytes whatever Content-Length says.
+pub async fn read_limited(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<bytes::Bytes, UpstreamError> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(UpstreamError::Invalid(format!(
+            "body of {} bytes is over the {limit} byte limit",
+            resp.content_length().unwrap_or(0)
+        )));
+    }
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > limit {
+                    return Err(UpstreamError::Invalid(format!(
+                        "body is over the {limit} byte limit"
+                    )));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(buf.freeze()),
+            Err(e) => return Err(UpstreamError::Unreachable(error_chain(&e))),
+        }
+    }
+}
+
+/// The error with its causes, for logs ("error sending request: connection refused").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}
+
+fn endpoint_label(url: &Url) -> &str {
+    endpoint_label_str(url.as_str())
+}
+
+fn endpoint_label_str(s: &str) -> &str {
+    s.trim_end_matches('/')
+}
+
+/// A redirect may not lead to a loopback, unspecified or link-local address unless that
+/// host:port is itself a configured endpoint (so the mirror cannot be pointed at local
+/// services by an upstream it trusts).
+fn redirect_target_forbidden(url: &Url, allowed: &[(String, u16)]) -> bool {
+    let Some(host) = url.host() else {
+        return true;
+    };
+    let local = match host {
+        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost") || d.ends_with(".localhost"),
+        url::Host::Ipv4(ip) => ip.is_loopback() || ip.is_unspecified() || ip.is_link_local(),
+        url::Host::Ipv6(ip) => ip.is_loopback() || ip.is_unspecified(),
+    };
+    if !local {
+        return false;
+    }
+    let port = url.port_or_known_default().unwrap_or(0);
+    let host = url.host_str().unwrap_or_default();
+    !allowed.iter().any(|(h, p)| h == host && *p == port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_targets() {
+        let allowed = vec![("127.0.0.1".to_owned(), 5001)];
+        let cases = [
+            ("https://cdn.example.com/blob", false),
+            ("http://127.0.0.1:5001/x", false),
+            ("http://127.0.0.1:6379/x", true),
+            ("http://localhost:5001/x", true),
+            ("http://[::1]:5001/x", true),
+            ("http://0.0.0.0:5001/x", true),
+            ("http://169.254.169.254/latest/meta-data", true),
+        ];
+        for (u, forbidden) in cases {
+            assert_eq!(
+                redirect_target_forbidden(&Url::parse(u).unwrap(), &allowed),
+                forbidden,
+                "{u}"
+            );
+        }
+    }
+}
