@@ -1,0 +1,377 @@
+//! A small in-process upstream registry for fault injection: it serves the manifests and blobs
+//! a test puts in it, counts every request, and can be told to misbehave (corrupt or cut
+//! bodies, error statuses, slow streams, a token challenge).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::Frame;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest as _, Sha256};
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Behaviour {
+    Normal,
+    /// Blob bodies have their last byte flipped (same length, wrong digest).
+    Corrupt,
+    /// Blob bodies stop after half the announced length.
+    Cut,
+    /// Every registry request answers this status.
+    Status(u16),
+    /// Blob bodies are sent in 64 KiB pieces with this pause between them.
+    Slow(Duration),
+}
+
+#[derive(Default)]
+pub struct State {
+    pub blobs: Mutex<HashMap<String, Bytes>>,
+    /// (repo, reference) → (media type, bytes)
+    pub manifests: Mutex<HashMap<(String, String), (String, Bytes)>>,
+    pub behaviour: Mutex<Option<Behaviour>>,
+    /// Every request as "METHOD path?query".
+    pub log: Mutex<Vec<String>>,
+    /// When set, registry requests need `Authorization: Bearer <token>`, issued by /token.
+    pub token: Mutex<Option<String>>,
+    /// Repositories whose blobs are hidden (404), as a private repository would be.
+    pub hidden_repos: Mutex<Vec<String>>,
+}
+
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    pub state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn sha256(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+}
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(status: StatusCode, b: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(b.into()).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+impl FakeUpstream {
+    pub async fn start() -> FakeUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake upstream");
+        Self::start_on(listener, Arc::new(State::default())).await
+    }
+
+    /// Serves `state` on `listener` (a restart keeps the state and the address).
+    pub async fn start_on(listener: TcpListener, state: Arc<State>) -> FakeUpstream {
+        let addr = listener.local_addr().expect("local addr");
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let st = st.clone();
+                        async move { Ok::<_, Infallible>(handle(st, req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        FakeUpstream { addr, state, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set(&self, b: Behaviour) {
+        *self.state.behaviour.lock().expect("lock") = Some(b);
+    }
+
+    pub fn add_blob(&self, data: impl Into<Bytes>) -> String {
+        let data = data.into();
+        let d = sha256(&data);
+        self.state
+            .blobs
+            .lock()
+            .expect("lock")
+            .insert(d.clone(), data);
+        d
+    }
+
+    /// Adds an image manifest referencing `config` and `layers`, under `tag` and its digest.
+    pub fn add_image(
+        &self,
+        repo: &str,
+        tag: &str,
+        config: &str,
+        layers: &[String],
+    ) -> (String, Bytes) {
+        let size = |d: &str| {
+            self.state
+                .blobs
+                .lock()
+                .expect("lock")
+                .get(d)
+                .map_or(0, |b| b.len())
+        };
+        let layers_json: Vec<serde_json::Value> = layers
+            .iter()
+            .map(|d| serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": size(d)}))
+            .collect();
+        let m = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": size(config)},
+            "layers": layers_json,
+        });
+        let bytes = Bytes::from(serde_json::to_vec(&m).expect("json"));
+        self.add_manifest(
+            repo,
+            tag,
+            "application/vnd.oci.image.manifest.v1+json",
+            bytes.clone(),
+        );
+        (sha256(&bytes), bytes)
+    }
+
+    pub fn add_manifest(&self, repo: &str, tag: &str, media_type: &str, bytes: Bytes) {
+        let d = sha256(&bytes);
+        let mut m = self.state.manifests.lock().expect("lock");
+        m.insert(
+            (repo.into(), tag.into()),
+            (media_type.into(), bytes.clone()),
+        );
+        m.insert((repo.into(), d), (media_type.into(), bytes));
+    }
+
+    /// How many logged requests start with `prefix` (e.g. "GET /v2/library/a/blobs/").
+    pub fn count(&self, prefix: &str) -> usize {
+        self.state
+            .log
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .count()
+    }
+
+    pub fn requests(&self) -> Vec<String> {
+        self.state.log.lock().expect("lock").clone()
+    }
+}
+
+async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let query = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    st.log
+        .lock()
+        .expect("lock")
+        .push(format!("{} {path}{query}", req.method()));
+    let head = req.method() == hyper::Method::HEAD;
+    if path == "/token" {
+        let token = st.token.lock().expect("lock").clone().unwrap_or_default();
+        return full(
+            StatusCode::OK,
+            serde_json::json!({"token": token, "expires_in": 300}).to_string(),
+        );
+    }
+    if let Some(token) = st.token.lock().expect("lock").clone() {
+        let ok = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == format!("Bearer {token}"));
+        if !ok {
+            let host = req
+                .headers()
+                .get("host")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("127.0.0.1")
+                .to_owned();
+            let mut r = full(
+                StatusCode::UNAUTHORIZED,
+                r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#,
+            );
+            let v = format!(r#"Bearer realm="http://{host}/token",service="fake""#);
+            r.headers_mut()
+                .insert("www-authenticate", v.parse().expect("header"));
+            return r;
+        }
+    }
+    let behaviour = st
+        .behaviour
+        .lock()
+        .expect("lock")
+        .clone()
+        .unwrap_or(Behaviour::Normal);
+    if let Behaviour::Status(s) = behaviour {
+        let mut r = full(
+            StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            r#"{"errors":[{"code":"UNAVAILABLE"}]}"#,
+        );
+        r.headers_mut()
+            .insert("retry-after", "7".parse().expect("header"));
+        return r;
+    }
+    if path == "/v2/" {
+        return full(StatusCode::OK, "{}");
+    }
+    let rest = path.strip_prefix("/v2/").unwrap_or("");
+    if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
+        let found = st
+            .manifests
+            .lock()
+            .expect("lock")
+            .get(&(repo.to_owned(), reference.to_owned()))
+            .cloned();
+        return match found {
+            Some((mt, bytes)) => {
+                let len = bytes.len();
+                let mut r = full(
+                    StatusCode::OK,
+                    if head { Bytes::new() } else { bytes.clone() },
+                );
+                let h = r.headers_mut();
+                h.insert("content-type", mt.parse().expect("header"));
+                h.insert(
+                    "docker-content-digest",
+                    sha256(&bytes).parse().expect("header"),
+                );
+                h.insert("content-length", len.into());
+                h.insert("ratelimit-remaining", "42;w=21600".parse().expect("header"));
+                r
+            }
+            None => full(
+                StatusCode::NOT_FOUND,
+                r#"{"errors":[{"code":"MANIFEST_UNKNOWN"}]}"#,
+            ),
+        };
+    }
+    if let Some((repo, digest)) = rest.rsplit_once("/blobs/") {
+        let hidden = st
+            .hidden_repos
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|r| r == repo);
+        let found = st.blobs.lock().expect("lock").get(digest).cloned();
+        let Some(data) = found.filter(|_| !hidden) else {
+            return full(
+                StatusCode::NOT_FOUND,
+                r#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#,
+            );
+        };
+        let len = data.len();
+        let body: Body = if head {
+            Full::new(Bytes::new())
+                .map_err(|never| match never {})
+                .boxed()
+        } else {
+            blob_body(data, behaviour)
+        };
+        let mut r = Response::new(body);
+        r.headers_mut().insert("content-length", len.into());
+        r.headers_mut()
+            .insert("docker-content-digest", digest.parse().expect("header"));
+        return r;
+    }
+    if let Some(repo) = rest.strip_suffix("/tags/list") {
+        let tags: Vec<String> = st
+            .manifests
+            .lock()
+            .expect("lock")
+            .keys()
+            .filter(|(r, t)| r == repo && !t.contains(':'))
+            .map(|(_, t)| t.clone())
+            .collect();
+        return full(
+            StatusCode::OK,
+            serde_json::json!({"name": repo, "tags": tags}).to_string(),
+        );
+    }
+    full(StatusCode::NOT_FOUND, "{}")
+}
+
+fn blob_body(data: Bytes, behaviour: Behaviour) -> Body {
+    let pieces: Vec<Bytes> = {
+        let mut v = Vec::new();
+        let mut i = 0;
+        while i < data.len() {
+            let end = (i + 64 * 1024).min(data.len());
+            v.push(data.slice(i..end));
+            i = end;
+        }
+        v
+    };
+    let stream = async_stream(pieces, behaviour, data.len());
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+fn async_stream(
+    pieces: Vec<Bytes>,
+    behaviour: Behaviour,
+    len: usize,
+) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + Sync + 'static
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+    tokio::spawn(async move {
+        let mut sent = 0usize;
+        let n = pieces.len();
+        for (i, mut p) in pieces.into_iter().enumerate() {
+            match &behaviour {
+                Behaviour::Cut if sent + p.len() > len / 2 => {
+                    let _ = tx
+                        .send(Err(std::io::Error::other("cut by the fake upstream")))
+                        .await;
+                    return;
+                }
+                Behaviour::Corrupt if i + 1 == n => {
+                    let mut v = p.to_vec();
+                    if let Some(last) = v.last_mut() {
+                        *last ^= 0xff;
+                    }
+                    p = Bytes::from(v);
+                }
+                Behaviour::Slow(d) => tokio::time::sleep(*d).await,
+                _ => {}
+            }
+            sent += p.len();
+            if tx.send(Ok(Frame::data(p))).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream_from(rx)
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + Sync + 'static {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -1,0 +1,665 @@
+//! berth in-process against a fake upstream on 127.0.0.1:0: fetch once, verification, faults,
+//! stale serving, restarts, token auth, repository scoping, ranges and exact metrics.
+
+mod fake_upstream;
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fake_upstream::{Behaviour, FakeUpstream, sha256};
+
+fn config(upstream: &str, dir: &Path, tag_ttl: &str) -> berth::config::Config {
+    berth::config::Config::parse(&format!(
+        r#"
+        [server]
+        listen = "127.0.0.1:0"
+        admin_listen = "127.0.0.1:0"
+        shutdown_grace = "1s"
+        [cache]
+        dir = "{}"
+        max_size = "1GiB"
+        tag_ttl = "{tag_ttl}"
+        [[registry]]
+        name = "docker.io"
+        default = true
+        endpoints = ["{upstream}"]
+        connect_timeout = "1s"
+        read_timeout = "2s"
+        "#,
+        dir.display()
+    ))
+    .expect("test config is valid")
+}
+
+async fn start(upstream: &str, dir: &Path, tag_ttl: &str) -> berth::Running {
+    let running = berth::start(config(upstream, dir, tag_ttl))
+        .await
+        .expect("berth starts");
+    // Wait for the start-up scan, so tests see a settled index.
+    let client = reqwest::Client::new();
+    for _ in 0..100 {
+        let r = client
+            .get(format!("http://{}/readyz", running.admin_addr))
+            .send()
+            .await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    running
+}
+
+fn random_bytes(n: usize, seed: u8) -> Bytes {
+    // Deterministic and incompressible enough for tests.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed);
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+fn blob_files(dir: &Path) -> usize {
+    walk(&dir.join("blobs"))
+}
+
+fn walk(p: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(p) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+struct Setup {
+    up: FakeUpstream,
+    dir: tempfile::TempDir,
+    berth: berth::Running,
+    client: reqwest::Client,
+    layers: Vec<(String, Bytes)>,
+    config: String,
+    manifest: String,
+}
+
+impl Setup {
+    /// An upstream with `library/app:v1` of `n` layers of `size` bytes, and berth before it.
+    async fn new(n: usize, size: usize, tag_ttl: &str) -> Setup {
+        let up = FakeUpstream::start().await;
+        let layers: Vec<(String, Bytes)> = (0..n)
+            .map(|i| {
+                let data = random_bytes(size, i as u8);
+                (up.add_blob(data.clone()), data)
+            })
+            .collect();
+        let config = up.add_blob(Bytes::from_static(
+            br#"{"architecture":"amd64","os":"linux"}"#,
+        ));
+        let digests: Vec<String> = layers.iter().map(|(d, _)| d.clone()).collect();
+        let (manifest, _) = up.add_image("library/app", "v1", &config, &digests);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let berth = start(&up.url(), dir.path(), tag_ttl).await;
+        Setup {
+            up,
+            dir,
+            berth,
+            client: reqwest::Client::new(),
+            layers,
+            config,
+            manifest,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.berth.addr)
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request to berth")
+    }
+
+    async fn metrics(&self) -> String {
+        self.client
+            .get(format!("http://{}/metrics", self.berth.admin_addr))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+}
+
+/// The value of one sample line, e.g. `berth_cache_requests_total{kind="blob",result="hit"}`.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cold_gets_fetch_once_and_all_verify() {
+    let s = Setup::new(1, 8 * 1024 * 1024, "10m").await;
+    // A slow upstream keeps the fill in flight while all 20 clients join it.
+    s.up.set(Behaviour::Slow(Duration::from_millis(5)));
+    let (digest, data) = s.layers[0].clone();
+    // The manifest first: it makes the blob a known member of the repository.
+    assert_eq!(s.get("/v2/library/app/manifests/v1").await.status(), 200);
+    let path = format!("/v2/library/app/blobs/{digest}");
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (client, url) = (s.client.clone(), s.url(&path));
+        tasks.push(tokio::spawn(async move {
+            let r = client.get(url).send().await.expect("send");
+            assert_eq!(r.status(), 200);
+            r.bytes().await.expect("body")
+        }));
+    }
+    for t in tasks {
+        let body = t.await.expect("task");
+        assert_eq!(body.len(), data.len());
+        assert_eq!(sha256(&body), digest);
+    }
+    assert_eq!(
+        s.up.count(&format!("GET /v2/library/app/blobs/{digest}")),
+        1
+    );
+    let m = s.metrics().await;
+    let miss = sample(
+        &m,
+        r#"berth_cache_requests_total{kind="blob",result="miss"}"#,
+    );
+    let coalesced = sample(
+        &m,
+        r#"berth_cache_requests_total{kind="blob",result="coalesced"}"#,
+    );
+    let hit = sample(
+        &m,
+        r#"berth_cache_requests_total{kind="blob",result="hit"}"#,
+    );
+    assert_eq!(miss, 1.0);
+    assert_eq!(miss + coalesced + hit, 20.0);
+    assert_eq!(blob_files(s.dir.path()), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_and_cut_bodies_are_never_cached_or_complete() {
+    for behaviour in [Behaviour::Corrupt, Behaviour::Cut] {
+        let s = Setup::new(1, 1024 * 1024, "10m").await;
+        let (digest, data) = s.layers[0].clone();
+        s.up.set(behaviour.clone());
+        assert_eq!(s.get("/v2/library/app/manifests/v1").await.status(), 200);
+        let r = s.get(&format!("/v2/library/app/blobs/{digest}")).await;
+        // Headers may already be out; the body must then fail, never end complete.
+        if r.status() == 200 {
+            let body = r.bytes().await;
+            assert!(
+                body.is_err(),
+                "{behaviour:?}: a bad body was delivered complete"
+            );
+        } else {
+            assert!(
+                r.status().is_server_error(),
+                "{behaviour:?}: {}",
+                r.status()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            blob_files(s.dir.path()),
+            0,
+            "{behaviour:?}: something was cached"
+        );
+        let m = s.metrics().await;
+        let reason = if behaviour == Behaviour::Corrupt {
+            "digest_mismatch"
+        } else {
+            "upstream_error"
+        };
+        assert_eq!(
+            sample(
+                &m,
+                &format!(r#"berth_fill_failures_total{{reason="{reason}",registry="docker.io"}}"#)
+            ),
+            1.0,
+            "{m}"
+        );
+        // Upstream heals: the next request fills and verifies.
+        s.up.set(Behaviour::Normal);
+        let r = s.get(&format!("/v2/library/app/blobs/{digest}")).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.bytes().await.expect("body"), data);
+        assert_eq!(blob_files(s.dir.path()), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_manifest_served_when_upstream_fails() {
+    let s = Setup::new(1, 1000, "0s").await;
+    let r = s.get("/v2/library/app/manifests/v1").await;
+    assert_eq!(r.status(), 200);
+    let first = r.bytes().await.expect("body");
+    for status in [503, 429, 500] {
+        s.up.set(Behaviour::Status(status));
+        let r = s.get("/v2/library/app/manifests/v1").await;
+        assert_eq!(r.status(), 200, "upstream {status}: stale answer expected");
+        assert_eq!(
+            r.headers()["docker-content-digest"]
+                .to_str()
+                .expect("ascii"),
+            s.manifest
+        );
+        assert_eq!(r.bytes().await.expect("body"), first);
+    }
+    // With nothing cached, the upstream's failure is passed on as an OCI error.
+    s.up.set(Behaviour::Status(429));
+    let r = s.get("/v2/library/other/manifests/v1").await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "7");
+    let v: serde_json::Value = r.json().await.expect("json error");
+    assert_eq!(v["errors"][0]["code"], "TOOMANYREQUESTS");
+    s.up.set(Behaviour::Status(503));
+    let r = s.get("/v2/library/other/manifests/v1").await;
+    assert_eq!(r.status(), 503);
+    let m = s.metrics().await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"berth_cache_requests_total{kind="manifest",result="stale"}"#
+        ),
+        3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revalidates_with_head_and_follows_a_moved_tag() {
+    let s = Setup::new(1, 1000, "0s").await;
+    assert_eq!(s.get("/v2/library/app/manifests/v1").await.status(), 200);
+    // Unchanged: a HEAD, no GET.
+    let r = s.get("/v2/library/app/manifests/v1").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(s.up.count("GET /v2/library/app/manifests/v1"), 1);
+    assert_eq!(s.up.count("HEAD /v2/library/app/manifests/v1"), 1);
+    // The tag moves upstream: the new manifest is fetched.
+    let (moved, _) = s.up.add_image("library/app", "v1", &s.config, &[]);
+    let r = s.get("/v2/library/app/manifests/v1").await;
+    assert_eq!(
+        r.headers()["docker-content-digest"]
+            .to_str()
+            .expect("ascii"),
+        moved
+    );
+    assert_eq!(s.up.count("GET /v2/library/app/manifests/v1"), 2);
+    let m = s.metrics().await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"berth_cache_requests_total{kind="manifest",result="revalidated"}"#
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_serves_the_cache_with_upstream_down() {
+    let s = Setup::new(2, 300_000, "10m").await;
+    let paths: Vec<String> = std::iter::once("/v2/library/app/manifests/v1".to_owned())
+        .chain(
+            s.layers
+                .iter()
+                .map(|(d, _)| format!("/v2/library/app/blobs/{d}")),
+        )
+        .chain(std::iter::once(format!(
+            "/v2/library/app/manifests/{}",
+            s.manifest
+        )))
+        .collect();
+    for p in &paths {
+        let r = s.get(p).await;
+        assert_eq!(r.status(), 200, "{p}");
+        r.bytes().await.expect("body");
+    }
+    let dir = s.dir;
+    s.berth.stop().await;
+    let upstream_url = s.up.url();
+    drop(s.up); // upstream gone
+    let berth = start(&upstream_url, dir.path(), "10m").await;
+    let client = reqwest::Client::new();
+    for p in &paths {
+        let r = client
+            .get(format!("http://{}{p}", berth.addr))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200, "{p} after restart");
+        let body = r.bytes().await.expect("body");
+        if let Some(d) = p.rsplit('/').next().filter(|d| d.starts_with("sha256:")) {
+            assert_eq!(sha256(&body), d);
+        }
+    }
+    // Something never cached, with upstream down: a clean 5xx OCI error.
+    let r = client
+        .get(format!(
+            "http://{}/v2/library/nope/manifests/v1",
+            berth.addr
+        ))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 502);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert!(
+        v["errors"][0]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("unreachable")
+    );
+    berth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_challenge_flow_caches_the_token() {
+    let s = Setup::new(2, 1000, "10m").await;
+    *s.up.state.token.lock().expect("lock") = Some("sekrit".into());
+    let r = s.get("/v2/library/app/manifests/v1").await;
+    assert_eq!(r.status(), 200);
+    for (d, _) in &s.layers {
+        assert_eq!(
+            s.get(&format!("/v2/library/app/blobs/{d}")).await.status(),
+            200
+        );
+    }
+    // One token for the repository scope, reused for every later request.
+    assert_eq!(s.up.count("GET /token"), 1, "{:?}", s.up.requests());
+    let token_req =
+        s.up.requests()
+            .into_iter()
+            .find(|r| r.starts_with("GET /token"))
+            .expect("token request");
+    assert!(
+        token_req.contains("scope=repository%3Alibrary%2Fapp%3Apull"),
+        "{token_req}"
+    );
+    assert!(token_req.contains("service=fake"), "{token_req}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_are_scoped_to_repositories_that_contain_them() {
+    let s = Setup::new(1, 1000, "10m").await;
+    let (digest, _) = s.layers[0].clone();
+    assert_eq!(s.get("/v2/library/app/manifests/v1").await.status(), 200);
+    assert_eq!(
+        s.get(&format!("/v2/library/app/blobs/{digest}"))
+            .await
+            .status(),
+        200
+    );
+    // Another repository that upstream says does not hold the blob: refused, though cached.
+    s.up.state
+        .hidden_repos
+        .lock()
+        .expect("lock")
+        .push("library/private".into());
+    let r = s.get(&format!("/v2/library/private/blobs/{digest}")).await;
+    assert_eq!(r.status(), 404);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["errors"][0]["code"], "BLOB_UNKNOWN");
+    // A repository upstream confirms (HEAD) is served from the cache, without a GET.
+    let r = s.get(&format!("/v2/library/other/blobs/{digest}")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        s.up.count(&format!("HEAD /v2/library/other/blobs/{digest}")),
+        1
+    );
+    assert_eq!(
+        s.up.count(&format!("GET /v2/library/other/blobs/{digest}")),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_on_cached_and_filling_blobs() {
+    let s = Setup::new(1, 1_000_000, "10m").await;
+    let (digest, data) = s.layers[0].clone();
+    assert_eq!(s.get("/v2/library/app/manifests/v1").await.status(), 200);
+    let path = s.url(&format!("/v2/library/app/blobs/{digest}"));
+    // Uncached: the range joins a fill.
+    s.up.set(Behaviour::Slow(Duration::from_millis(2)));
+    let r = s
+        .client
+        .get(&path)
+        .header("range", "bytes=100-199")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.headers()["content-range"], "bytes 100-199/1000000");
+    assert_eq!(r.bytes().await.expect("body"), data.slice(100..200));
+    // Cached.
+    for (range, want, slice) in [
+        ("bytes=0-0", "bytes 0-0/1000000", data.slice(0..1)),
+        (
+            "bytes=-10",
+            "bytes 999990-999999/1000000",
+            data.slice(999_990..),
+        ),
+        (
+            "bytes=999000-",
+            "bytes 999000-999999/1000000",
+            data.slice(999_000..),
+        ),
+    ] {
+        let r = s
+            .client
+            .get(&path)
+            .header("range", range)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 206, "{range}");
+        assert_eq!(r.headers()["content-range"], want);
+        assert_eq!(r.bytes().await.expect("body"), slice);
+    }
+    let r = s
+        .client
+        .get(&path)
+        .header("range", "bytes=1000000-")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 416);
+    assert_eq!(r.headers()["content-range"], "bytes */1000000");
+    assert_eq!(
+        s.up.count(&format!("GET /v2/library/app/blobs/{digest}")),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_metrics_for_a_cold_then_warm_pull() {
+    const N: usize = 3;
+    let s = Setup::new(N, 200_000, "10m").await;
+    let pull = || async {
+        let r = s.get("/v2/library/app/manifests/v1").await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.expect("manifest");
+        for (d, _) in &s.layers {
+            let r = s.get(&format!("/v2/library/app/blobs/{d}")).await;
+            assert_eq!(r.status(), 200);
+            r.bytes().await.expect("blob");
+        }
+    };
+    pull().await;
+    let m = s.metrics().await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"berth_cache_requests_total{kind="blob",result="miss"}"#
+        ),
+        N as f64
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"berth_cache_requests_total{kind="blob",result="hit"}"#
+        ),
+        0.0
+    );
+    pull().await;
+    let m = s.metrics().await;
+    let layer_bytes: usize = s.layers.iter().map(|(_, b)| b.len()).sum();
+    let manifest_len = s
+        .get(&format!("/v2/library/app/manifests/{}", s.manifest))
+        .await
+        .bytes()
+        .await
+        .expect("m")
+        .len();
+    assert_eq!(
+        sample(
+            &m,
+            r#"berth_cache_requests_total{kind="blob",result="miss"}"#
+        ),
+        N as f64
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"berth_cache_requests_total{kind="blob",result="hit"}"#
+        ),
+        N as f64
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"berth_cache_requests_total{kind="manifest",result="miss"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"berth_cache_requests_total{kind="manifest",result="hit"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&m, r#"berth_served_bytes_total{source="upstream"}"#),
+        (layer_bytes + manifest_len) as f64
+    );
+    assert_eq!(
+        sample(&m, r#"berth_served_bytes_total{source="cache"}"#),
+        (layer_bytes + manifest_len) as f64
+    );
+    for (d, _) in &s.layers {
+        assert_eq!(s.up.count(&format!("GET /v2/library/app/blobs/{d}")), 1);
+    }
+    let endpoint = s.up.url();
+    assert_eq!(
+        sample(
+            &m,
+            &format!(
+                r#"berth_upstream_requests_total{{endpoint="{endpoint}",method="GET",registry="docker.io",status="200"}}"#
+            )
+        ),
+        (N + 1) as f64
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"berth_upstream_ratelimit_remaining{registry="docker.io"}"#
+        ),
+        42.0
+    );
+    assert_eq!(sample(&m, "berth_cache_blobs"), N as f64);
+    assert_eq!(sample(&m, "berth_cache_size_bytes"), layer_bytes as f64);
+    assert_eq!(sample(&m, "berth_fills_in_flight"), 0.0);
+    assert_eq!(
+        sample(
+            &m,
+            r#"berth_http_requests_total{kind="blob",method="GET",status="200"}"#
+        ),
+        (2 * N) as f64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_oci_errors() {
+    let s = Setup::new(1, 1000, "10m").await;
+    let cases: &[(&str, &str, u16, &str)] = &[
+        ("GET", "/v2/Bad/manifests/v1", 400, "NAME_INVALID"),
+        (
+            "GET",
+            "/v2/library/app/manifests/bad:ref",
+            400,
+            "NAME_INVALID",
+        ),
+        (
+            "GET",
+            "/v2/library/app/blobs/sha256:1234",
+            400,
+            "DIGEST_INVALID",
+        ),
+        (
+            "GET",
+            "/v2/library/app/manifests/nope",
+            404,
+            "MANIFEST_UNKNOWN",
+        ),
+        ("GET", "/v2/..%2f..%2fetc/manifests/v1", 400, "NAME_INVALID"),
+        (
+            "GET",
+            "/v2/library/app/manifests/v1?ns=evil.example",
+            404,
+            "NAME_UNKNOWN",
+        ),
+        ("PUT", "/v2/library/app/manifests/v1", 405, "UNSUPPORTED"),
+        ("DELETE", "/v2/library/app/manifests/v1", 405, "UNSUPPORTED"),
+        ("POST", "/v2/library/app/blobs/uploads/", 405, "UNSUPPORTED"),
+    ];
+    for (method, path, status, code) in cases {
+        let r = s
+            .client
+            .request(method.parse().expect("method"), s.url(path))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status().as_u16(), *status, "{method} {path}");
+        assert_eq!(r.headers()["content-type"], "application/json");
+        let v: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(v["errors"][0]["code"], *code, "{method} {path}");
+    }
+    // The refused ns never reached any upstream.
+    assert!(s.up.requests().iter().all(|r| !r.contains("evil")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_and_catalog() {
+    let s = Setup::new(1, 1000, "10m").await;
+    let r = s.get("/v2/library/app/tags/list?n=10").await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["tags"][0], "v1");
+    assert_eq!(s.up.count("GET /v2/library/app/tags/list?n=10"), 1);
+    assert_eq!(s.get("/v2/library/app/manifests/v1").await.status(), 200);
+    let v: serde_json::Value = s.get("/v2/_catalog").await.json().await.expect("json");
+    assert_eq!(v["repositories"], serde_json::json!(["library/app"]));
+}
