@@ -4,7 +4,7 @@
 //! [`mirror`] answers it from the [`cache`] or fills the cache from the [`upstream`] client, and
 //! the [`server`] streams the answer back.
 
-#![deny(clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod cache;
 pub mod config;
@@ -118,9 +118,11 @@ pub async fn start_on(
         config.server.header_read_timeout,
         config.server.shutdown_grace,
     );
+    let fast = Some(app.clone());
     let registry_task = tokio::spawn(server::serve(
         listener,
         move |req| server::handlers::handle(app.clone(), req),
+        fast,
         rx.clone(),
         timeout,
         grace,
@@ -128,6 +130,7 @@ pub async fn start_on(
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
         move |req| server::admin(admin.clone(), req),
+        None,
         rx,
         timeout,
         grace,

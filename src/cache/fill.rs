@@ -28,6 +28,8 @@ const RING_BYTES: usize = 4 * 1024 * 1024;
 const PUBLISH_BYTES: usize = 128 * 1024;
 /// Largest single read from the temp file for a reader that fell behind.
 const READ_BYTES: usize = 256 * 1024;
+/// Largest file range handed out at once (sent with sendfile, or read in READ_BYTES pieces).
+const FILE_PIECE_BYTES: u64 = 16 * 1024 * 1024;
 /// Chunks queued for the disk writer.
 const WRITE_QUEUE: usize = 32;
 
@@ -130,6 +132,16 @@ impl Fill {
     }
 }
 
+/// A piece of a fill's body.
+pub enum Piece {
+    Chunk(Bytes),
+    File {
+        file: Arc<File>,
+        pos: u64,
+        len: usize,
+    },
+}
+
 enum Step {
     Chunk(Bytes),
     ReadFile(Arc<File>, u64, usize),
@@ -184,7 +196,7 @@ impl FillReader {
         }
         match &s.file {
             Some(file) if self.pos < s.flushed => {
-                let n = (s.flushed.min(limit) - self.pos).min(READ_BYTES as u64) as usize;
+                let n = (s.flushed.min(limit) - self.pos).min(FILE_PIECE_BYTES) as usize;
                 Step::ReadFile(file.clone(), self.pos, n)
             }
             Some(_) => Step::Wait,
@@ -193,34 +205,53 @@ impl FillReader {
         }
     }
 
-    /// The next piece of the body; None at the end; an error aborts the response.
-    pub async fn next(&mut self) -> Option<io::Result<Bytes>> {
+    /// The next piece of the body without copying it: a chunk from memory (already
+    /// consumed), or a range of the temp file that the caller sends and then [`advance`]s
+    /// past. None at the end; an error means the response must be aborted.
+    ///
+    /// [`advance`]: FillReader::advance
+    pub async fn next_piece(&mut self) -> Option<io::Result<Piece>> {
         let fill = self.fill.clone();
         loop {
             let notified = fill.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             match self.step() {
-                Step::Chunk(b) => return Some(Ok(b)),
+                Step::Chunk(b) => return Some(Ok(Piece::Chunk(b))),
+                Step::ReadFile(file, pos, len) => return Some(Ok(Piece::File { file, pos, len })),
                 Step::End => return None,
                 Step::Error(e) => return Some(Err(e)),
-                Step::ReadFile(file, pos, n) => {
-                    let read = tokio::task::spawn_blocking(move || {
-                        let mut buf = BytesMut::zeroed(n);
-                        file.read_exact_at(&mut buf, pos).map(|()| buf.freeze())
-                    })
-                    .await;
-                    return Some(match read {
-                        Ok(Ok(b)) => {
-                            self.pos += b.len() as u64;
-                            Ok(b)
-                        }
-                        Ok(Err(e)) => Err(e),
-                        Err(e) => Err(io::Error::other(e)),
-                    });
-                }
                 Step::Wait => notified.await,
             }
+        }
+    }
+
+    /// Marks `n` bytes of a [`Piece::File`] as sent.
+    pub fn advance(&mut self, n: u64) {
+        self.pos += n;
+    }
+
+    /// The next piece of the body as bytes in memory.
+    pub async fn next(&mut self) -> Option<io::Result<Bytes>> {
+        match self.next_piece().await? {
+            Ok(Piece::Chunk(b)) => Some(Ok(b)),
+            Ok(Piece::File { file, pos, len }) => {
+                let len = len.min(READ_BYTES);
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut buf = BytesMut::zeroed(len);
+                    file.read_exact_at(&mut buf, pos).map(|()| buf.freeze())
+                })
+                .await;
+                Some(match read {
+                    Ok(Ok(b)) => {
+                        self.advance(b.len() as u64);
+                        Ok(b)
+                    }
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(io::Error::other(e)),
+                })
+            }
+            Err(e) => Some(Err(e)),
         }
     }
 
@@ -466,13 +497,13 @@ async fn publish(
             }
         }
     });
-    if let Some(sender) = tx {
-        if sender.send(chunk).await.is_err() {
-            // The writer stopped: the disk failed. Keep streaming from memory, uncached.
-            *tx = None;
-            disk_error.get_or_insert_with(|| "disk writer stopped".into());
-            fill.update(|s| s.file = None);
-        }
+    if let Some(sender) = tx
+        && sender.send(chunk).await.is_err()
+    {
+        // The writer stopped: the disk failed. Keep streaming from memory, uncached.
+        *tx = None;
+        disk_error.get_or_insert_with(|| "disk writer stopped".into());
+        fill.update(|s| s.file = None);
     }
 }
 

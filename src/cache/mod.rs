@@ -7,7 +7,7 @@ mod fill;
 mod manifests;
 
 pub use blobs::{BlobStore, CachedBlob};
-pub use fill::{Fill, FillReader, Source, SourceFuture};
+pub use fill::{Fill, FillReader, Piece, Source, SourceFuture};
 pub use manifests::{Manifest, ManifestStore, TagRecord};
 
 use std::path::Path;

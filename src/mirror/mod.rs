@@ -14,7 +14,7 @@ use http::{Method, StatusCode, header};
 use crate::cache::{BlobStore, CachedBlob, Fill, Manifest, ManifestStore, Source, TagRecord};
 use crate::config::Config;
 use crate::error::{ErrorCode, RegistryError};
-use crate::metrics::{CacheResult, Metrics};
+use crate::metrics::{CacheResult, FillFailure, Metrics};
 use crate::oci::{
     self, Digest, Hasher, MANIFEST_MEDIA_TYPES, Reference, accepts_media_type, manifest_media_type,
 };
@@ -155,8 +155,25 @@ impl Mirror {
                 })
                 .collect(),
         );
+        // Every series dashboards and alerts use exists from the start (at 0), so rates and
+        // increase() see the first event.
+        for kind in ["manifest", "blob"] {
+            for result in ["hit", "miss", "coalesced", "stale", "revalidated"] {
+                metrics.cache_requests.with_label_values(&[kind, result]);
+            }
+        }
         let mut upstreams = HashMap::new();
         for r in &config.registries {
+            for reason in [
+                FillFailure::DigestMismatch,
+                FillFailure::UpstreamError,
+                FillFailure::Cancelled,
+                FillFailure::Disk,
+            ] {
+                metrics
+                    .fill_failures
+                    .with_label_values(&[&r.name, reason.as_str()]);
+            }
             let up = Upstream::new(r, metrics.clone(), loopback_allowed.clone())?;
             upstreams.insert(Arc::<str>::from(r.name.as_str()), Arc::new(up));
         }

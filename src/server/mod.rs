@@ -2,6 +2,7 @@
 //! and timeouts, and graceful shutdown.
 
 pub mod body;
+pub mod fast;
 pub mod handlers;
 
 use std::convert::Infallible;
@@ -44,10 +45,12 @@ fn builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
 }
 
 /// Serves connections from `listener` with `handler` until `shutdown` fires, then waits up to
-/// `grace` for requests in flight.
+/// `grace` for requests in flight. With `fast`, whole-blob GETs on plain HTTP/1.1 take the
+/// zero-copy path first (see [`fast`]).
 pub async fn serve<F, Fut>(
     listener: TcpListener,
     handler: F,
+    fast: Option<Arc<App>>,
     mut shutdown: watch::Receiver<bool>,
     header_timeout: Duration,
     grace: Duration,
@@ -57,6 +60,7 @@ pub async fn serve<F, Fut>(
 {
     let builder = Arc::new(builder(header_timeout));
     let graceful = GracefulShutdown::new();
+    let tracker = tokio_util::task::TaskTracker::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -75,10 +79,18 @@ pub async fn serve<F, Fut>(
                     let h = handler.clone();
                     async move { Ok::<_, Infallible>(h(req).await) }
                 });
-                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                let (builder, watcher, fast, stop) =
+                    (builder.clone(), graceful.watcher(), fast.clone(), shutdown.clone());
+                tracker.spawn(async move {
+                    let io = match fast {
+                        Some(app) => match fast::serve(app, stream, header_timeout, stop).await {
+                            fast::Outcome::Done => return,
+                            fast::Outcome::Handoff(io) => io,
+                        },
+                        None => fast::Prefixed::plain(stream),
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
                 });
@@ -87,10 +99,12 @@ pub async fn serve<F, Fut>(
         }
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    tracker.close();
+    let drained = async {
+        graceful.shutdown().await;
+        tracker.wait().await;
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!("graceful shutdown timed out; closing remaining connections");
     }
 }

@@ -1,0 +1,85 @@
+{{/*
+berth.toml, rendered from .Values.config (see values.yaml). Every string goes through
+berth.tomlString; keys berth does not know yet (tls, balance, fallback, rate limits) are rendered
+only when they are set.
+*/}}
+{{- define "berth.tomlNumber" -}}
+{{- if kindIs "string" . }}
+{{- include "berth.tomlString" . }}
+{{- else if eq (float64 .) (float64 (int64 .)) }}
+{{- int64 . }}
+{{- else }}
+{{- float64 . }}
+{{- end }}
+{{- end }}
+
+{{- define "berth.tomlEndpoint" -}}
+{{- if kindIs "string" . }}
+{{- include "berth.tomlString" . }}
+{{- else }}
+{{- printf "{ url = %s, mirror = %t }" (include "berth.tomlString" .url) (default false .mirror) }}
+{{- end }}
+{{- end }}
+
+{{- define "berth.toml" -}}
+{{- $c := .Values.config -}}
+# Rendered by the berth Helm chart for release {{ .Release.Name }} in namespace {{ .Release.Namespace }}.
+[server]
+listen = {{ include "berth.tomlString" (include "berth.listenAddress" (list $c.server.bindAddress .Values.containerPorts.registry)) }}
+admin_listen = {{ include "berth.tomlString" (include "berth.listenAddress" (list $c.server.bindAddress .Values.containerPorts.admin)) }}
+shutdown_grace = {{ include "berth.tomlString" $c.server.shutdownGrace }}
+header_read_timeout = {{ include "berth.tomlString" $c.server.headerReadTimeout }}
+{{- if .Values.tls.enabled }}
+
+[server.tls]
+cert = "/etc/berth/tls/tls.crt"
+key = "/etc/berth/tls/tls.key"
+{{- end }}
+
+[cache]
+dir = {{ include "berth.tomlString" (include "berth.cacheDir" .) }}
+max_size = {{ include "berth.tomlNumber" $c.cache.maxSize }}
+tag_ttl = {{ include "berth.tomlString" $c.cache.tagTtl }}
+
+[log]
+format = {{ include "berth.tomlString" $c.log.format }}
+{{- range $c.registries }}
+
+[[registry]]
+name = {{ include "berth.tomlString" .name }}
+default = {{ default false .default }}
+endpoints = [
+{{- range .endpoints }}
+  {{ include "berth.tomlEndpoint" . }},
+{{- end }}
+]
+{{- if .username }}
+username = {{ include "berth.tomlString" .username }}
+{{- end }}
+{{- if .existingSecret }}
+password_file = {{ include "berth.tomlString" (printf "%s/password" (include "berth.secretDir" .name)) }}
+{{- end }}
+{{- with .connectTimeout }}
+connect_timeout = {{ include "berth.tomlString" . }}
+{{- end }}
+{{- with .readTimeout }}
+read_timeout = {{ include "berth.tomlString" . }}
+{{- end }}
+{{- with .balance }}
+balance = {{ include "berth.tomlString" . }}
+{{- end }}
+{{- with .fallback }}
+fallback = [
+{{- range . }}
+  {{ include "berth.tomlString" . }},
+{{- end }}
+]
+{{- end }}
+{{- if not (kindIs "invalid" .maxRequestsPerSecond) }}
+max_requests_per_second = {{ include "berth.tomlNumber" .maxRequestsPerSecond }}
+{{- end }}
+{{- if not (kindIs "invalid" .burst) }}
+burst = {{ include "berth.tomlNumber" .burst }}
+{{- end }}
+{{- end }}
+{{- end }}

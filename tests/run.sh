@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs every test of berth on a fresh Debian 12 machine (as root): installs the programs the
+# tests need, checks formatting and lints, runs the Rust tests (unit, in-process integration,
+# and end to end with real dockerd/containerd/podman/skopeo/docker-registry), the Helm chart
+# tests and the fuzz smoke runs. This is the command the README gives and .ci/run calls.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+tests/setup.sh
+command -v cargo >/dev/null || { echo "run.sh: cargo is required" >&2; exit 1; }
+
+echo "== cargo fmt --check"
+cargo fmt --check
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --quiet -- -D warnings
+
+echo "== cargo test"
+mkdir -p target
+cargo test --all-targets 2>&1 | tee target/cargo-test.log
+
+echo "== chart tests"
+cargo build --quiet
+BERTH_BIN=target/debug/berth tests/chart.sh 2>&1 | tee target/chart-test.log
+
+if [[ -x tests/fuzz-smoke.sh ]]; then
+  echo "== fuzz smoke runs"
+  tests/fuzz-smoke.sh 2>&1 | tee target/fuzz-test.log
+fi
+
+# One closing line over every suite (each suite above already failed the run on a failure).
+python3 - <<'PY'
+import re
+passed = failed = 0
+for log in ("target/cargo-test.log", "target/chart-test.log", "target/fuzz-test.log"):
+    try:
+        text = open(log).read()
+    except FileNotFoundError:
+        continue
+    for m in re.finditer(r"(\d+) passed[;,] (\d+) failed", text):
+        passed += int(m.group(1)); failed += int(m.group(2))
+print(f"all: {passed} passed, {failed} failed")
+PY

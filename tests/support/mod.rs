@@ -1,0 +1,56 @@
+//! End-to-end test support: real programs on loopback, started and cleaned up by the test.
+//!
+//! Use it from an integration test with `mod support;`. It provides:
+//!
+//! - [`Registry`]: CNCF distribution (`docker-registry`) with filesystem storage, optional
+//!   htpasswd auth, and an access-log parser to count upstream requests.
+//! - Seeding ([`seed_image`], [`seed_index`], [`seed_blob_image`], [`Pusher`]): real images
+//!   (gzip'd tar layers, config, manifest, OCI index) pushed with the registry v2 API.
+//! - [`Dockerd`]: a private `dockerd` + `containerd` pair, with `docker` CLI helpers.
+//! - [`Berth`]: the berth binary under test (`berth serve --config FILE`).
+//!
+//! Every fixture listens on a free port on 127.0.0.1 (dockerd: a unix socket), lives in its own
+//! temp dir under `/tmp`, and cleans up on `Drop` (signals its child by PID, waits bounded,
+//! unmounts leftovers, removes its dir). When a test panics, `Drop` prints the tail of the
+//! fixture's log to stderr.
+//!
+//! A missing program is a panic naming `tests/setup.sh`, never a skip.
+//!
+//! Children are started with `PR_SET_PDEATHSIG`, so a killed test run leaks no daemons. Linux
+//! sends that signal when the *thread* that spawned the child exits: start fixtures on the
+//! test's own thread (plain `#[test]` or `#[tokio::test]`), not in `spawn_blocking` or a helper
+//! thread that ends before the test does.
+//!
+//! Everything but [`Pusher`] is blocking, including the `seed_*` functions (they run their own
+//! runtime on a scoped thread), so it works in plain `#[test]`s and in `#[tokio::test]`s alike.
+#![allow(dead_code, unused_imports)]
+
+mod berth;
+mod dockerd;
+mod process;
+mod registry;
+mod seed;
+
+pub use self::berth::{Berth, berth_config};
+pub use self::dockerd::{Dockerd, DockerdOptions, PULL_TIMEOUT};
+pub use self::process::{
+    CmdOutput, Probe, find_program, free_addr, free_port, http_get_text, http_status,
+    require_program, run, wait_for,
+};
+pub use self::registry::{AccessEntry, Registry};
+pub use self::seed::{
+    DOCKER_CONFIG, DOCKER_LAYER, DOCKER_MANIFEST, Format, Image, Index, Layer, OCI_CONFIG,
+    OCI_INDEX, OCI_LAYER, OCI_MANIFEST, Pusher, block_on, build_image, digest_of, gzip,
+    random_bytes, seed_blob_image, seed_image, seed_image_with, seed_index, tar,
+};
+
+use std::process::Command;
+use std::time::Duration;
+
+/// Runs `skopeo ARGS` (bounded to 60 s); `Ok(stdout)` on success, `Err` with stderr otherwise.
+pub fn skopeo(args: &[&str]) -> Result<String, String> {
+    let bin = require_program("skopeo");
+    let mut cmd = Command::new(bin);
+    cmd.args(args);
+    run(&mut cmd, Duration::from_secs(60))?.into_result()
+}
