@@ -76,6 +76,12 @@ pub struct ServerConfig {
     /// Close a connection that has not sent a complete request head within this time.
     #[serde(default = "default_header_timeout", with = "human_duration")]
     pub header_read_timeout: Duration,
+    /// Requests per second one client address may make (0: unlimited, the default).
+    #[serde(default)]
+    pub client_requests_per_second: u32,
+    /// Requests a client may make at once above its rate (default: one second's worth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_burst: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -129,6 +135,56 @@ pub struct RegistryConfig {
     /// Longest silence while reading an upstream response before it is abandoned.
     #[serde(default = "default_read_timeout", with = "human_duration")]
     pub read_timeout: Duration,
+    /// How requests are spread over several endpoints.
+    #[serde(default)]
+    pub balance: Balance,
+    /// Endpoints used only when every primary endpoint is down (e.g. the origin registry).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<EndpointConfig>,
+    /// Per-repository rules: the first whose `match` glob fits the repository picks its
+    /// endpoints.
+    #[serde(rename = "route", default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteConfig>,
+    /// Active health probes of each endpoint's `/v2/` ("0s": off).
+    #[serde(default = "default_probe_interval", with = "human_duration")]
+    pub probe_interval: Duration,
+    /// Upstream request budget (requests per second; 0: unlimited, the default).
+    #[serde(default)]
+    pub max_requests_per_second: u32,
+    /// Requests allowed at once above the rate (default: one second's worth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// When upstream's `ratelimit-remaining` falls below this, tags are not revalidated
+    /// (cached answers are served) until `ratelimit_pause` has passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratelimit_floor: Option<u64>,
+    #[serde(default = "default_ratelimit_pause", with = "human_duration")]
+    pub ratelimit_pause: Duration,
+}
+
+/// `balance = "round-robin" | "least-requests" | "consistent-hash"`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    LeastRequests,
+    /// Rendezvous hashing on the blob digest (or the repository for manifests and tags), so
+    /// the same blob always goes to the same parent.
+    ConsistentHash,
+}
+
+/// `[[registry.route]]`: endpoints for the repositories matching a glob.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub endpoints: Vec<EndpointConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<Balance>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<EndpointConfig>,
 }
 
 /// An upstream endpoint: a plain registry (`"https://host"`) or another berth
@@ -137,6 +193,10 @@ pub struct RegistryConfig {
 pub struct EndpointConfig {
     pub url: reqwest::Url,
     pub mirror: bool,
+    /// Overrides the registry's `connect_timeout` for this endpoint.
+    pub connect_timeout: Option<Duration>,
+    /// Overrides the registry's `read_timeout` for this endpoint.
+    pub read_timeout: Option<Duration>,
 }
 
 impl<'de> Deserialize<'de> for EndpointConfig {
@@ -153,23 +213,52 @@ impl<'de> Deserialize<'de> for EndpointConfig {
             url: String,
             #[serde(default)]
             mirror: bool,
+            #[serde(default)]
+            connect_timeout: Option<String>,
+            #[serde(default)]
+            read_timeout: Option<String>,
         }
-        let (url, mirror) = match Raw::deserialize(d)? {
-            Raw::Plain(url) => (url, false),
-            Raw::Full(f) => (f.url, f.mirror),
+        let dur = |v: Option<String>| -> Result<Option<Duration>, D::Error> {
+            v.map(|s| {
+                humantime::parse_duration(&s).map_err(|e| {
+                    serde::de::Error::custom(format!("{s:?} is not a duration like \"5s\": {e}"))
+                })
+            })
+            .transpose()
+        };
+        let (url, mirror, connect_timeout, read_timeout) = match Raw::deserialize(d)? {
+            Raw::Plain(url) => (url, false, None, None),
+            Raw::Full(f) => (
+                f.url,
+                f.mirror,
+                dur(f.connect_timeout)?,
+                dur(f.read_timeout)?,
+            ),
         };
         let url = reqwest::Url::parse(&url)
             .map_err(|e| serde::de::Error::custom(format!("endpoint url {url:?}: {e}")))?;
-        Ok(EndpointConfig { url, mirror })
+        Ok(EndpointConfig {
+            url,
+            mirror,
+            connect_timeout,
+            read_timeout,
+        })
     }
 }
 
 impl Serialize for EndpointConfig {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("EndpointConfig", 2)?;
+        let fmt = |d: &Option<Duration>| d.map(|d| humantime::format_duration(d).to_string());
+        let mut st = s.serialize_struct("EndpointConfig", 4)?;
         st.serialize_field("url", self.url.as_str().trim_end_matches('/'))?;
         st.serialize_field("mirror", &self.mirror)?;
+        if let Some(t) = fmt(&self.connect_timeout) {
+            st.serialize_field("connect_timeout", &t)?;
+        }
+        if let Some(t) = fmt(&self.read_timeout) {
+            st.serialize_field("read_timeout", &t)?;
+        }
         st.end()
     }
 }
@@ -201,6 +290,12 @@ fn default_connect_timeout() -> Duration {
 fn default_read_timeout() -> Duration {
     Duration::from_secs(30)
 }
+fn default_probe_interval() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_ratelimit_pause() -> Duration {
+    Duration::from_secs(600)
+}
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -209,6 +304,8 @@ impl Default for ServerConfig {
             admin_listen: default_admin_listen(),
             shutdown_grace: default_shutdown_grace(),
             header_read_timeout: default_header_timeout(),
+            client_requests_per_second: 0,
+            client_burst: None,
         }
     }
 }
@@ -281,19 +378,24 @@ impl Config {
                     "at least one endpoint is required",
                 ));
             }
-            for (j, e) in r.endpoints.iter().enumerate() {
-                if !matches!(e.url.scheme(), "http" | "https") || e.url.host_str().is_none() {
+            check_endpoints(&key("endpoints"), &r.endpoints)?;
+            check_endpoints(&key("fallback"), &r.fallback)?;
+            for (k, route) in r.routes.iter().enumerate() {
+                let rkey = format!("registry[{i}].route[{k}]");
+                if route.pattern.is_empty() {
+                    return Err(invalid(format!("{rkey}.match"), "must not be empty"));
+                }
+                if route.endpoints.is_empty() {
                     return Err(invalid(
-                        format!("registry[{i}].endpoints[{j}]"),
-                        format!("{} must be an http(s) URL with a host", e.url),
+                        format!("{rkey}.endpoints"),
+                        "at least one endpoint is required",
                     ));
                 }
-                if e.url.query().is_some() || !e.url.username().is_empty() {
-                    return Err(invalid(
-                        format!("registry[{i}].endpoints[{j}]"),
-                        "must not carry a query or credentials",
-                    ));
-                }
+                check_endpoints(&format!("{rkey}.endpoints"), &route.endpoints)?;
+                check_endpoints(&format!("{rkey}.fallback"), &route.fallback)?;
+            }
+            if r.burst == Some(0) {
+                return Err(invalid(key("burst"), "must be at least 1"));
             }
             if r.password_file.is_some() && r.password_env.is_some() {
                 return Err(invalid(
@@ -304,6 +406,9 @@ impl Config {
             if (r.password_file.is_some() || r.password_env.is_some()) && r.username.is_none() {
                 return Err(invalid(key("username"), "a password needs a username"));
             }
+        }
+        if self.server.client_burst == Some(0) {
+            return Err(invalid("server.client_burst", "must be at least 1"));
         }
         if defaults > 1 {
             return Err(invalid(
@@ -341,6 +446,24 @@ impl RegistryConfig {
         }
         Ok(None)
     }
+}
+
+fn check_endpoints(key: &str, endpoints: &[EndpointConfig]) -> Result<(), ConfigError> {
+    for (j, e) in endpoints.iter().enumerate() {
+        if !matches!(e.url.scheme(), "http" | "https") || e.url.host_str().is_none() {
+            return Err(invalid(
+                format!("{key}[{j}]"),
+                format!("{} must be an http(s) URL with a host", e.url),
+            ));
+        }
+        if e.url.query().is_some() || !e.url.username().is_empty() {
+            return Err(invalid(
+                format!("{key}[{j}]"),
+                "must not carry a query or credentials",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A host name with an optional port, as registry names are written.

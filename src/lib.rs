@@ -102,9 +102,32 @@ pub async fn start_on(
         .map(|r| Arc::<str>::from(r.name.as_str()))
         .collect();
     let mirror = Mirror::new(&config, blobs, manifests, metrics.clone())?;
+    let client_limit =
+        std::num::NonZeroU32::new(config.server.client_requests_per_second).map(|rate| {
+            let burst = config
+                .server
+                .client_burst
+                .and_then(std::num::NonZeroU32::new)
+                .unwrap_or(rate);
+            let limiter = Arc::new(governor::RateLimiter::keyed(
+                governor::Quota::per_second(rate).allow_burst(burst),
+            ));
+            // Forget idle clients now and then, so the table stays bounded.
+            let weak = Arc::downgrade(&limiter);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                    let Some(l) = weak.upgrade() else { return };
+                    l.retain_recent();
+                    l.shrink_to_fit();
+                }
+            });
+            limiter
+        });
     let app = Arc::new(App {
         router: Router::new(names, default),
         mirror,
+        client_limit,
     });
     let admin = Arc::new(Admin {
         app: app.clone(),
@@ -121,7 +144,7 @@ pub async fn start_on(
     let fast = Some(app.clone());
     let registry_task = tokio::spawn(server::serve(
         listener,
-        move |req| server::handlers::handle(app.clone(), req),
+        move |req, peer| server::handlers::handle(app.clone(), req, peer),
         fast,
         rx.clone(),
         timeout,
@@ -129,7 +152,7 @@ pub async fn start_on(
     ));
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
-        move |req| server::admin(admin.clone(), req),
+        move |req, peer| server::admin(admin.clone(), req, peer),
         None,
         rx,
         timeout,

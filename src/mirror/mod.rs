@@ -19,7 +19,7 @@ use crate::oci::{
     self, Digest, Hasher, MANIFEST_MEDIA_TYPES, Reference, accepts_media_type, manifest_media_type,
 };
 use crate::route::Target;
-use crate::upstream::{Upstream, UpstreamError, read_limited};
+use crate::upstream::{Upstream, UpstreamError, Urgency, read_limited};
 
 /// Registries refuse manifests larger than this; so does berth.
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
@@ -97,6 +97,11 @@ fn upstream_error(e: &UpstreamError, kind: Kind, what: &str) -> RegistryError {
             ErrorCode::Unavailable,
             format!("{what}: upstream sent an invalid answer ({m})"),
         ),
+        UpstreamError::Budget { retry_after } => RegistryError::new(
+            ErrorCode::TooManyRequests,
+            format!("{what}: the upstream request budget is spent and nothing cached"),
+        )
+        .with_retry_after(*retry_after),
     }
 }
 
@@ -175,7 +180,9 @@ impl Mirror {
                     .with_label_values(&[&r.name, reason.as_str()]);
             }
             let up = Upstream::new(r, metrics.clone(), loopback_allowed.clone())?;
-            upstreams.insert(Arc::<str>::from(r.name.as_str()), Arc::new(up));
+            let up = Arc::new(up);
+            up.spawn_probes();
+            upstreams.insert(Arc::<str>::from(r.name.as_str()), up);
         }
         Ok(Mirror {
             upstreams,
@@ -325,6 +332,7 @@ impl Mirror {
                 Some(&t.repo),
                 &format!("manifests/{tag}"),
                 Some(&upstream_accept(accept)),
+                Urgency::Revalidate,
             )
             .await?;
         let digest = resp
@@ -363,6 +371,7 @@ impl Mirror {
                 Some(&t.repo),
                 &format!("manifests/{reference}"),
                 Some(&upstream_accept(accept)),
+                Urgency::Fetch,
             )
             .await?;
         let header_type = resp
@@ -417,6 +426,7 @@ impl Mirror {
                 Some(&t.repo),
                 &format!("blobs/{digest}"),
                 None,
+                Urgency::Fetch,
             )
             .await
         {
@@ -458,6 +468,7 @@ impl Mirror {
                     Some(&t.repo),
                     &format!("blobs/{digest}"),
                     None,
+                    Urgency::Fetch,
                 )
                 .await
                 .map_err(|e| upstream_error(&e, Kind::Blob, &format!("blob {digest}")))?;
@@ -474,7 +485,13 @@ impl Mirror {
             let (repo, digest, registry) = (t.repo.clone(), digest.clone(), t.registry.clone());
             async move {
                 let resp = up
-                    .send(Method::GET, Some(&repo), &format!("blobs/{digest}"), None)
+                    .send(
+                        Method::GET,
+                        Some(&repo),
+                        &format!("blobs/{digest}"),
+                        None,
+                        Urgency::Fetch,
+                    )
                     .await
                     .map_err(|e| upstream_error(&e, Kind::Blob, &format!("blob {digest}")))?;
                 let endpoint = resp.url().origin().ascii_serialization();
@@ -532,6 +549,7 @@ impl Mirror {
                 Some(&t.repo),
                 &suffix,
                 Some("application/json"),
+                Urgency::Fetch,
             )
             .await
             .map_err(|e| upstream_error(&e, Kind::Tags, &what))?;

@@ -174,6 +174,7 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
 pub async fn serve(
     app: Arc<App>,
     mut stream: TcpStream,
+    peer: std::net::IpAddr,
     header_timeout: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Outcome {
@@ -212,13 +213,18 @@ pub async fn serve(
         };
         buf.advance(n);
         let keep_alive = req.keep_alive;
-        if respond(&app, &mut stream, req).await.is_err() || !keep_alive {
+        if respond(&app, &mut stream, req, peer).await.is_err() || !keep_alive {
             return Outcome::Done;
         }
     }
 }
 
-async fn respond(app: &App, stream: &mut TcpStream, req: BlobGet) -> io::Result<()> {
+async fn respond(
+    app: &App,
+    stream: &mut TcpStream,
+    req: BlobGet,
+    peer: std::net::IpAddr,
+) -> io::Result<()> {
     let mut meter = Meter {
         metrics: app.mirror.metrics_arc(),
         started: Instant::now(),
@@ -231,6 +237,9 @@ async fn respond(app: &App, stream: &mut TcpStream, req: BlobGet) -> io::Result<
         complete: false,
         aborted: None,
     };
+    if let Some(e) = app.over_client_limit(peer) {
+        return write_error(stream, &mut meter, &e, req.keep_alive).await;
+    }
     let answer = app.mirror.blob(&req.target, &req.digest, false).await;
     let (answer, result) = match answer {
         Ok(a) => a,

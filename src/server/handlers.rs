@@ -1,6 +1,7 @@
 //! The registry API: turns a routed request into a mirror call and the mirror's answer into
 //! an HTTP response with the headers clients rely on.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,6 +23,22 @@ const BYTES: HeaderValue = HeaderValue::from_static("bytes");
 pub struct App {
     pub router: Router,
     pub mirror: Mirror,
+    /// Per-client request rate on the registry listener (None: unlimited).
+    pub client_limit: Option<Arc<governor::DefaultKeyedRateLimiter<IpAddr>>>,
+}
+
+impl App {
+    /// The 429 a client over its request rate gets, or None.
+    pub fn over_client_limit(&self, peer: IpAddr) -> Option<RegistryError> {
+        let limiter = self.client_limit.as_ref()?;
+        limiter.check_key(&peer).err().map(|_| {
+            RegistryError::new(
+                ErrorCode::TooManyRequests,
+                "too many requests from this client; slow down",
+            )
+            .with_retry_after(1)
+        })
+    }
 }
 
 type Answer = Result<(Response<Body>, Option<CacheResult>), RegistryError>;
@@ -37,13 +54,18 @@ fn kind_of(route: &Result<Route, RegistryError>) -> RequestKind {
     }
 }
 
-pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
+pub async fn handle<B>(app: Arc<App>, req: Request<B>, peer: IpAddr) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let route = app.router.route(&path, ns_param(req.uri().query()));
     let kind = kind_of(&route);
     let answer = match route {
+        _ if app.client_limit.is_some()
+            && let Some(e) = app.over_client_limit(peer) =>
+        {
+            Err(e)
+        }
         Err(e) => Err(e),
         Ok(_) if method != Method::GET && method != Method::HEAD => Err(RegistryError::new(
             ErrorCode::Unsupported,

@@ -7,6 +7,7 @@ pub mod handlers;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,7 +56,7 @@ pub async fn serve<F, Fut>(
     header_timeout: Duration,
     grace: Duration,
 ) where
-    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<hyper::body::Incoming>, IpAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let builder = Arc::new(builder(header_timeout));
@@ -64,7 +65,7 @@ pub async fn serve<F, Fut>(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(s) => s,
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -75,15 +76,16 @@ pub async fn serve<F, Fut>(
                 };
                 let _ = stream.set_nodelay(true);
                 let handler = handler.clone();
+                let ip = peer.ip();
                 let svc = service_fn(move |req| {
                     let h = handler.clone();
-                    async move { Ok::<_, Infallible>(h(req).await) }
+                    async move { Ok::<_, Infallible>(h(req, ip).await) }
                 });
                 let (builder, watcher, fast, stop) =
                     (builder.clone(), graceful.watcher(), fast.clone(), shutdown.clone());
                 tracker.spawn(async move {
                     let io = match fast {
-                        Some(app) => match fast::serve(app, stream, header_timeout, stop).await {
+                        Some(app) => match fast::serve(app, stream, ip, header_timeout, stop).await {
                             fast::Outcome::Done => return,
                             fast::Outcome::Handoff(io) => io,
                         },
@@ -120,7 +122,11 @@ fn text(status: StatusCode, s: &'static str) -> Response<Body> {
 }
 
 /// `/healthz`, `/readyz` and `/metrics`.
-pub async fn admin(admin: Arc<Admin>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+pub async fn admin(
+    admin: Arc<Admin>,
+    req: Request<hyper::body::Incoming>,
+    _peer: IpAddr,
+) -> Response<Body> {
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {

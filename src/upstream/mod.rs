@@ -3,22 +3,24 @@
 //! touches the cache; the mirror decides what to fetch and what to keep.
 
 pub mod auth;
+mod endpoints;
 
-use std::sync::Arc;
-use std::sync::Mutex;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use reqwest::Url;
 
-use crate::config::{RegistryConfig, Secret};
+use crate::config::{EndpointConfig, RegistryConfig, Secret};
 use crate::metrics::Metrics;
 use crate::oci::RepoName;
 use auth::{Challenge, TokenCache, TokenResponse, parse_challenge, realm_may_get_credentials};
+use endpoints::{Endpoint, Endpoints};
 
-/// How long an endpoint that failed is skipped before it is tried again.
-const COOL_DOWN: Duration = Duration::from_secs(10);
+/// How long a fetch waits for the upstream budget before it is refused with 429.
+const BUDGET_WAIT: Duration = Duration::from_secs(5);
 /// Redirects followed for one request (Docker Hub uses one, to its CDN).
 const MAX_REDIRECTS: usize = 5;
 /// The largest token response accepted.
@@ -38,6 +40,19 @@ pub enum UpstreamError {
     /// Upstream answered with something unusable (bad token response, oversized manifest…).
     #[error("upstream sent an invalid answer: {0}")]
     Invalid(String),
+    /// berth's own budget for this upstream is spent (or Docker Hub's rate limit is low):
+    /// the request was not sent.
+    #[error("upstream request budget exhausted")]
+    Budget { retry_after: u64 },
+}
+
+/// Whether a request may wait for the upstream budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Urgency {
+    /// Fetching something not cached: wait a little for the budget, then give up (429).
+    Fetch,
+    /// Revalidating a cached tag: only when budget and rate limit allow; else serve cached.
+    Revalidate,
 }
 
 impl UpstreamError {
@@ -50,7 +65,9 @@ impl UpstreamError {
                     || *status == StatusCode::REQUEST_TIMEOUT
                     || status.is_server_error()
             }
-            UpstreamError::Unreachable(_) | UpstreamError::Invalid(_) => true,
+            UpstreamError::Unreachable(_)
+            | UpstreamError::Invalid(_)
+            | UpstreamError::Budget { .. } => true,
         }
     }
 }
@@ -66,34 +83,20 @@ enum AuthMode {
     },
 }
 
-struct Endpoint {
-    /// Base URL without a trailing slash; the API root is `<base>/v2/`.
-    base: String,
-    /// Another berth: requests carry `?ns=<registry>`.
-    mirror: bool,
-    host: String,
-    down_until: Mutex<Option<Instant>>,
-    auth: Mutex<AuthMode>,
-}
-
-impl Endpoint {
-    fn is_down(&self) -> bool {
-        self.down_until
-            .lock()
-            .map(|d| d.is_some_and(|t| Instant::now() < t))
-            .unwrap_or(false)
-    }
-}
-
 pub struct Upstream {
     pub name: String,
-    client: reqwest::Client,
-    endpoints: Vec<Endpoint>,
+    endpoints: Endpoints,
     username: Option<String>,
     password: Option<Secret>,
     tokens: TokenCache,
     metrics: Arc<Metrics>,
     ratelimit_remaining: AtomicI64,
+    budget: Option<governor::DefaultDirectRateLimiter>,
+    ratelimit_floor: Option<u64>,
+    ratelimit_pause: Duration,
+    /// Revalidation is paused until then, because `ratelimit-remaining` fell below the floor.
+    paused_until: Mutex<Option<Instant>>,
+    probe_interval: Duration,
 }
 
 impl Upstream {
@@ -103,56 +106,75 @@ impl Upstream {
         loopback_allowed: Arc<Vec<(String, u16)>>,
     ) -> Result<Upstream, String> {
         let password = cfg.password().map_err(|e| e.to_string())?;
-        let policy = reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() >= MAX_REDIRECTS {
-                return attempt.error("too many redirects");
-            }
-            let url = attempt.url();
-            if !matches!(url.scheme(), "http" | "https") {
-                return attempt.error("redirect to a non-http(s) URL");
-            }
-            if redirect_target_forbidden(url, &loopback_allowed) {
-                return attempt
-                    .error("redirect to a local address that is not a configured endpoint");
-            }
-            // reqwest drops Authorization when a redirect leaves the original host.
-            attempt.follow()
+        let policy = || {
+            let allowed = loopback_allowed.clone();
+            reqwest::redirect::Policy::custom(move |attempt| redirect(attempt, &allowed))
+        };
+        let client_for = |e: &EndpointConfig| {
+            reqwest::Client::builder()
+                .connect_timeout(e.connect_timeout.unwrap_or(cfg.connect_timeout))
+                .read_timeout(e.read_timeout.unwrap_or(cfg.read_timeout))
+                .redirect(policy())
+                .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build()
+                .map_err(|err| format!("registry {}: cannot build HTTP client: {err}", cfg.name))
+        };
+        let endpoints = Endpoints::new(cfg, client_for)?;
+        for e in &endpoints.all {
+            metrics
+                .upstream_up
+                .with_label_values(&[&cfg.name, &e.base])
+                .set(1);
+        }
+        let budget = NonZeroU32::new(cfg.max_requests_per_second).map(|rate| {
+            let burst = cfg.burst.and_then(NonZeroU32::new).unwrap_or(rate);
+            governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
         });
-        let client = reqwest::Client::builder()
-            .connect_timeout(cfg.connect_timeout)
-            .read_timeout(cfg.read_timeout)
-            .redirect(policy)
-            .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| format!("registry {}: cannot build HTTP client: {e}", cfg.name))?;
-        let endpoints = cfg
-            .endpoints
-            .iter()
-            .map(|e| {
-                metrics
-                    .upstream_up
-                    .with_label_values(&[&cfg.name, endpoint_label(&e.url)])
-                    .set(1);
-                Endpoint {
-                    base: e.url.as_str().trim_end_matches('/').to_owned(),
-                    mirror: e.mirror,
-                    host: e.url.host_str().unwrap_or_default().to_owned(),
-                    down_until: Mutex::new(None),
-                    auth: Mutex::new(AuthMode::None),
-                }
-            })
-            .collect();
         Ok(Upstream {
             name: cfg.name.clone(),
-            client,
             endpoints,
             username: cfg.username.clone(),
             password,
             tokens: TokenCache::default(),
             metrics,
             ratelimit_remaining: AtomicI64::new(-1),
+            budget,
+            ratelimit_floor: cfg.ratelimit_floor,
+            ratelimit_pause: cfg.ratelimit_pause,
+            paused_until: Mutex::new(None),
+            probe_interval: cfg.probe_interval,
         })
+    }
+
+    /// Probes every endpoint's `/v2/` each `probe_interval`, so a dead endpoint is skipped
+    /// before a request has to fail on it, and a recovered one is used again.
+    pub fn spawn_probes(self: &Arc<Self>) {
+        if self.probe_interval.is_zero() {
+            return;
+        }
+        let weak: Weak<Upstream> = Arc::downgrade(self);
+        let interval = self.probe_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(up) = weak.upgrade() else { return };
+                for ep in &up.endpoints.all {
+                    let probe = ep
+                        .client
+                        .get(format!("{}/v2/", ep.base))
+                        .timeout(interval.min(Duration::from_secs(10)))
+                        .send()
+                        .await;
+                    // 200 and 401 both mean a live registry.
+                    let healthy = probe.is_ok_and(|r| !r.status().is_server_error());
+                    up.mark(ep, healthy);
+                }
+            }
+        });
     }
 
     /// The last `ratelimit-remaining` upstream sent, if any.
@@ -161,25 +183,61 @@ impl Upstream {
         (v >= 0).then_some(v)
     }
 
+    /// Whether a revalidation may be sent now: not while Docker Hub's remaining pulls are
+    /// under the configured floor (until the pause passes).
+    fn revalidation_paused(&self) -> bool {
+        self.paused_until
+            .lock()
+            .map(|p| p.is_some_and(|t| Instant::now() < t))
+            .unwrap_or(false)
+    }
+
+    /// Takes one request from the budget: a fetch waits a little, a revalidation does not.
+    async fn take_budget(&self, urgency: Urgency) -> Result<(), UpstreamError> {
+        if urgency == Urgency::Revalidate && self.revalidation_paused() {
+            return Err(UpstreamError::Budget { retry_after: 60 });
+        }
+        let Some(budget) = &self.budget else {
+            return Ok(());
+        };
+        match urgency {
+            Urgency::Revalidate => budget
+                .check()
+                .map_err(|_| UpstreamError::Budget { retry_after: 1 }),
+            Urgency::Fetch => tokio::time::timeout(BUDGET_WAIT, budget.until_ready())
+                .await
+                .map_err(|_| {
+                    tracing::warn!(registry = %self.name, "upstream request budget exhausted: refusing a fetch");
+                    UpstreamError::Budget { retry_after: 1 }
+                }),
+        }
+    }
+
     /// Sends `method /v2/<repo>/<suffix>` (suffix like `manifests/latest` or
-    /// `tags/list?n=10`) and returns a success response, trying endpoints in order.
+    /// `tags/list?n=10`) and returns a success response, trying endpoints in the order the
+    /// registry's balancing and health give, failing over on connection errors and 5xx.
     pub async fn send(
         &self,
         method: Method,
         repo: Option<&RepoName>,
         suffix: &str,
         accept: Option<&str>,
+        urgency: Urgency,
     ) -> Result<reqwest::Response, UpstreamError> {
+        self.take_budget(urgency).await?;
         let path = match repo {
             Some(r) => format!("/v2/{r}/{suffix}"),
             None => format!("/v2/{suffix}"),
         };
         let scope = repo.map(|r| format!("repository:{r}:pull"));
-        // Healthy endpoints first, in configured order; endpoints cooling down last.
-        let mut order: Vec<&Endpoint> = self.endpoints.iter().filter(|e| !e.is_down()).collect();
-        order.extend(self.endpoints.iter().filter(|e| e.is_down()));
+        // Hash blobs on their digest, everything else on the repository.
+        let key = suffix
+            .strip_prefix("blobs/")
+            .or(repo.map(RepoName::as_str))
+            .unwrap_or(suffix);
         let mut last_err = UpstreamError::Unreachable("no endpoint".into());
-        for ep in order {
+        for ep in self.endpoints.order(repo.map(RepoName::as_str), key) {
+            let _in_flight = ep.start();
             match self
                 .send_to(ep, &method, &path, scope.as_deref(), accept)
                 .await
@@ -208,10 +266,10 @@ impl Upstream {
             url.push_str("ns=");
             url.push_str(&self.name);
         }
-        let label = endpoint_label_str(&ep.base);
+        let label = ep.base.as_str();
         let mut authorized_retry = false;
         loop {
-            let mut req = self.client.request(method.clone(), &url);
+            let mut req = ep.client.request(method.clone(), &url);
             if let Some(a) = accept {
                 req = req.header(header::ACCEPT, a);
             }
@@ -276,12 +334,16 @@ impl Upstream {
     }
 
     fn mark(&self, ep: &Endpoint, healthy: bool) {
-        if let Ok(mut d) = ep.down_until.lock() {
-            *d = (!healthy).then(|| Instant::now() + COOL_DOWN);
+        if ep.mark(healthy) {
+            if healthy {
+                tracing::info!(registry = %self.name, endpoint = %ep.base, "endpoint is up again");
+            } else {
+                tracing::warn!(registry = %self.name, endpoint = %ep.base, "endpoint is down: skipping it for a while");
+            }
         }
         self.metrics
             .upstream_up
-            .with_label_values(&[&self.name, endpoint_label_str(&ep.base)])
+            .with_label_values(&[&self.name, &ep.base])
             .set(i64::from(healthy));
     }
 
@@ -372,7 +434,7 @@ impl Upstream {
                 q.append_pair("scope", scope);
             }
         }
-        let mut req = self.client.get(url.clone());
+        let mut req = ep.client.get(url.clone());
         let realm_host = url.host_str().unwrap_or_default();
         if realm_may_get_credentials(&ep.host, realm_host) {
             if let Some(v) = self.basic_value() {
@@ -419,6 +481,15 @@ impl Upstream {
         };
         if let Ok(n) = v.split(';').next().unwrap_or("").trim().parse::<i64>() {
             self.ratelimit_remaining.store(n.max(0), Ordering::Relaxed);
+            if let Some(floor) = self.ratelimit_floor
+                && n < floor as i64
+                && let Ok(mut p) = self.paused_until.lock()
+                && p.is_none_or(|t| Instant::now() >= t)
+            {
+                tracing::warn!(registry = %self.name, remaining = n, floor, pause = ?self.ratelimit_pause,
+                    "upstream rate limit nearly spent: serving cached tags without revalidation");
+                *p = Some(Instant::now() + self.ratelimit_pause);
+            }
             self.metrics
                 .upstream_ratelimit_remaining
                 .with_label_values(&[&self.name])
@@ -467,12 +538,23 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn endpoint_label(url: &Url) -> &str {
-    endpoint_label_str(url.as_str())
-}
-
-fn endpoint_label_str(s: &str) -> &str {
-    s.trim_end_matches('/')
+/// The redirect policy: a few hops, http(s) only, no local targets that are not endpoints.
+fn redirect(
+    attempt: reqwest::redirect::Attempt,
+    allowed: &[(String, u16)],
+) -> reqwest::redirect::Action {
+    if attempt.previous().len() >= MAX_REDIRECTS {
+        return attempt.error("too many redirects");
+    }
+    let url = attempt.url();
+    if !matches!(url.scheme(), "http" | "https") {
+        return attempt.error("redirect to a non-http(s) URL");
+    }
+    if redirect_target_forbidden(url, allowed) {
+        return attempt.error("redirect to a local address that is not a configured endpoint");
+    }
+    // reqwest drops Authorization when a redirect leaves the original host.
+    attempt.follow()
 }
 
 /// A redirect may not lead to a loopback, unspecified or link-local address unless that
