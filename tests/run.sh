@@ -16,7 +16,7 @@ cargo clippy --all-targets --quiet -- -D warnings
 
 echo "== cargo test"
 mkdir -p target
-cargo test --all-targets 2>&1 | tee target/cargo-test.log
+cargo test 2>&1 | tee target/cargo-test.log
 
 echo "== chart tests"
 cargo build --quiet
