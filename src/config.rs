@@ -57,8 +57,54 @@ pub struct Config {
     pub cache: CacheConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Client authentication and per-repository authorization (off unless set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthConfig>,
     #[serde(rename = "registry", default)]
     pub registries: Vec<RegistryConfig>,
+}
+
+/// `[server.tls]`: serve the registry API over TLS (HTTP/2 and HTTP/1.1 by ALPN).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain; reloaded when the file changes or on SIGHUP.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// Require client certificates signed by this CA (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// `[auth]`: clients authenticate with the token protocol (or Basic), and rules say which
+/// repositories each user may pull.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// htpasswd file with bcrypt entries (`htpasswd -B`).
+    pub htpasswd: PathBuf,
+    /// The token signing key (any bytes, at least 32); generated at start when absent, so
+    /// tokens then do not survive a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_key_file: Option<PathBuf>,
+    /// How long an issued token is valid.
+    #[serde(default = "default_token_ttl", with = "human_duration")]
+    pub token_ttl: Duration,
+    /// The token realm sent in challenges (default: this server's own `/token`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub realm: Option<String>,
+    #[serde(rename = "rule", default)]
+    pub rules: Vec<AuthRule>,
+}
+
+/// `[[auth.rule]]`: these users may pull these `registry/repository` globs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthRule {
+    /// "anonymous", user names, or "*" (any authenticated user).
+    pub users: Vec<String>,
+    pub allow: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -76,6 +122,9 @@ pub struct ServerConfig {
     /// Close a connection that has not sent a complete request head within this time.
     #[serde(default = "default_header_timeout", with = "human_duration")]
     pub header_read_timeout: Duration,
+    /// TLS for the registry listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
     /// Requests per second one client address may make (0: unlimited, the default).
     #[serde(default)]
     pub client_requests_per_second: u32,
@@ -160,6 +209,12 @@ pub struct RegistryConfig {
     pub ratelimit_floor: Option<u64>,
     #[serde(default = "default_ratelimit_pause", with = "human_duration")]
     pub ratelimit_pause: Duration,
+    /// Extra CA certificates (PEM) trusted for this registry's endpoints, beside the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Accept any certificate from this registry's endpoints. Dangerous; logged loudly.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// `balance = "round-robin" | "least-requests" | "consistent-hash"`.
@@ -293,6 +348,9 @@ fn default_read_timeout() -> Duration {
 fn default_probe_interval() -> Duration {
     Duration::from_secs(15)
 }
+fn default_token_ttl() -> Duration {
+    Duration::from_secs(300)
+}
 fn default_ratelimit_pause() -> Duration {
     Duration::from_secs(600)
 }
@@ -306,6 +364,7 @@ impl Default for ServerConfig {
             header_read_timeout: default_header_timeout(),
             client_requests_per_second: 0,
             client_burst: None,
+            tls: None,
         }
     }
 }
@@ -405,6 +464,19 @@ impl Config {
             }
             if (r.password_file.is_some() || r.password_env.is_some()) && r.username.is_none() {
                 return Err(invalid(key("username"), "a password needs a username"));
+            }
+        }
+        if let Some(auth) = &self.auth {
+            for (i, r) in auth.rules.iter().enumerate() {
+                if r.users.is_empty() || r.allow.is_empty() {
+                    return Err(invalid(
+                        format!("auth.rule[{i}]"),
+                        "needs at least one user and one allow pattern",
+                    ));
+                }
+            }
+            if auth.token_ttl < Duration::from_secs(10) {
+                return Err(invalid("auth.token_ttl", "must be at least 10s"));
             }
         }
         if self.server.client_burst == Some(0) {

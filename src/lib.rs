@@ -124,10 +124,16 @@ pub async fn start_on(
             });
             limiter
         });
+    let auth = match &config.auth {
+        Some(a) => Some(server::auth::Auth::load(a)?),
+        None => None,
+    };
     let app = Arc::new(App {
         router: Router::new(names, default),
         mirror,
         client_limit,
+        auth,
+        tls: config.server.tls.is_some(),
     });
     let admin = Arc::new(Admin {
         app: app.clone(),
@@ -141,11 +147,17 @@ pub async fn start_on(
         config.server.header_read_timeout,
         config.server.shutdown_grace,
     );
-    let fast = Some(app.clone());
+    let tls = match &config.server.tls {
+        Some(t) => Some(server::tls::acceptor(t)?),
+        None => None,
+    };
+    // The zero-copy path needs the plain socket; with TLS everything goes through hyper.
+    let fast = tls.is_none().then(|| app.clone());
     let registry_task = tokio::spawn(server::serve(
         listener,
         move |req, peer| server::handlers::handle(app.clone(), req, peer),
         fast,
+        tls,
         rx.clone(),
         timeout,
         grace,
@@ -153,6 +165,7 @@ pub async fn start_on(
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
         move |req, peer| server::admin(admin.clone(), req, peer),
+        None,
         None,
         rx,
         timeout,

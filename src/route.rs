@@ -35,6 +35,20 @@ pub enum Route {
     },
     /// Push and delete endpoints: 405 UNSUPPORTED.
     Unsupported,
+    /// `GET /token` (only with `[auth]`).
+    Token,
+}
+
+impl Route {
+    /// The repository a route is about, if any.
+    pub fn target(&self) -> Option<&Target> {
+        match self {
+            Route::Manifest { target, .. }
+            | Route::Blob { target, .. }
+            | Route::Tags { target } => Some(target),
+            _ => None,
+        }
+    }
 }
 
 pub struct Router {
@@ -155,14 +169,42 @@ impl Router {
     fn target(&self, name: &str, ns: Option<&str>) -> Result<Target, RegistryError> {
         let (registry, name) = self.registry_for(ns, Some(name))?;
         let name = name.unwrap_or_default();
-        let mut repo = name
-            .parse::<RepoName>()
-            .map_err(|e| invalid_name(format!("invalid repository name {:?}", e.0)))?;
+        self.make_target(registry, name)
+            .ok_or_else(|| invalid_name(format!("invalid repository name {:?}", truncate(name))))
+    }
+}
+
+impl Router {
+    /// Every target a repository name could mean without an `ns` parameter: the registry its
+    /// prefix names, or else each configured registry (for tokens, which carry no `ns`).
+    pub fn targets_for_name(&self, name: &str) -> Vec<Target> {
+        if let Some((first, rest)) = name.split_once('/')
+            && let Some(reg) = self.configured(first)
+        {
+            return self.make_target(reg, rest).into_iter().collect();
+        }
+        self.registries
+            .iter()
+            .filter_map(|r| self.make_target(r.clone(), name))
+            .collect()
+    }
+
+    fn make_target(&self, registry: Arc<str>, name: &str) -> Option<Target> {
+        let mut repo = name.parse::<RepoName>().ok()?;
         if &*registry == "docker.io" {
             repo = repo.with_docker_library();
         }
-        Ok(Target { registry, repo })
+        Some(Target { registry, repo })
     }
+}
+
+/// The repository name exactly as a registry API path names it (what a token scope names).
+pub fn url_name(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v2/")?;
+    rest.rsplit_once("/manifests/")
+        .or_else(|| rest.rsplit_once("/blobs/"))
+        .map(|(n, _)| n)
+        .or_else(|| rest.strip_suffix("/tags/list"))
 }
 
 fn truncate(s: &str) -> String {

@@ -137,6 +137,8 @@ pub struct Meter {
     pub kind: RequestKind,
     pub method: http::Method,
     pub path: String,
+    /// The registry the request routed to, if it named a repository.
+    pub registry: Option<Arc<str>>,
     pub status: u16,
     pub cache: Option<CacheResult>,
     pub bytes: u64,
@@ -166,16 +168,17 @@ impl Drop for Meter {
                 .inc_by(self.bytes);
         }
         let cache = self.cache.map_or("-", CacheResult::as_str);
+        let registry = self.registry.as_deref().unwrap_or("-");
         let ms = secs * 1000.0;
         match &self.aborted {
             None => tracing::info!(
                 target: "berth::access",
-                method = %self.method, path = %self.path, status = self.status,
+                method = %self.method, path = %self.path, registry, status = self.status,
                 bytes = self.bytes, ms, cache, "request"
             ),
             Some(e) => tracing::warn!(
                 target: "berth::access",
-                method = %self.method, path = %self.path, status = self.status,
+                method = %self.method, path = %self.path, registry, status = self.status,
                 bytes = self.bytes, ms, cache, error = %e, "request aborted"
             ),
         }

@@ -106,6 +106,8 @@ struct BlobGet {
     digest: Digest,
     path: String,
     keep_alive: bool,
+    authorization: Option<String>,
+    host: Option<String>,
 }
 
 enum Parsed {
@@ -132,16 +134,25 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
     };
     let version = req.version.unwrap_or(0);
     let mut keep_alive = version == 1;
+    let (mut authorization, mut host) = (None, None);
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("range")
             || name.eq_ignore_ascii_case("transfer-encoding")
             || name.eq_ignore_ascii_case("upgrade")
             || name.eq_ignore_ascii_case("expect")
-            || name.eq_ignore_ascii_case("authorization")
             || (name.eq_ignore_ascii_case("content-length") && h.value != b"0")
         {
             return Parsed::Other;
+        }
+        let text = || std::str::from_utf8(h.value).ok().map(str::to_owned);
+        if name.eq_ignore_ascii_case("authorization") {
+            if authorization.is_some() {
+                return Parsed::Other;
+            }
+            authorization = text();
+        } else if name.eq_ignore_ascii_case("host") {
+            host = text();
         }
         if name.eq_ignore_ascii_case("connection") {
             let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
@@ -163,6 +174,8 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
                 digest,
                 path: path.to_owned(),
                 keep_alive,
+                authorization,
+                host,
             },
             n,
         ),
@@ -231,6 +244,7 @@ async fn respond(
         kind: RequestKind::Blob,
         method: http::Method::GET,
         path: req.path,
+        registry: Some(req.target.registry.clone()),
         status: 200,
         cache: None,
         bytes: 0,
@@ -238,12 +252,21 @@ async fn respond(
         aborted: None,
     };
     if let Some(e) = app.over_client_limit(peer) {
-        return write_error(stream, &mut meter, &e, req.keep_alive).await;
+        return write_error(stream, &mut meter, &e, None, req.keep_alive).await;
+    }
+    let auth = app.authorize(
+        req.authorization.as_deref(),
+        req.host.as_deref(),
+        &meter.path,
+        Some(&req.target),
+    );
+    if let Err((e, challenge)) = auth {
+        return write_error(stream, &mut meter, &e, challenge.as_deref(), req.keep_alive).await;
     }
     let answer = app.mirror.blob(&req.target, &req.digest, false).await;
     let (answer, result) = match answer {
         Ok(a) => a,
-        Err(e) => return write_error(stream, &mut meter, &e, req.keep_alive).await,
+        Err(e) => return write_error(stream, &mut meter, &e, None, req.keep_alive).await,
     };
     app.mirror.metrics().record_cache(RequestKind::Blob, result);
     meter.cache = Some(result);
@@ -334,15 +357,19 @@ async fn write_error(
     stream: &mut TcpStream,
     meter: &mut Meter,
     e: &RegistryError,
+    challenge: Option<&str>,
     keep_alive: bool,
 ) -> io::Result<()> {
     let body = e.body();
     let status = e.status();
     meter.status = status.as_u16();
-    let retry = e
+    let mut retry = e
         .retry_after
         .map(|s| format!("retry-after: {s}\r\n"))
         .unwrap_or_default();
+    if let Some(c) = challenge {
+        retry.push_str(&format!("www-authenticate: {c}\r\n"));
+    }
     let head = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
          docker-distribution-api-version: registry/2.0\r\n{retry}connection: {}\r\n\r\n",

@@ -8,12 +8,13 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 
+use super::auth::{Auth, Denial, Identity};
 use super::body::{Body, Meter};
 use crate::error::{ErrorCode, RegistryError};
 use crate::metrics::{CacheResult, RequestKind};
 use crate::mirror::{BlobAnswer, Mirror};
 use crate::oci::{ByteRange, Digest, RangeError, parse_range};
-use crate::route::{Route, Router, ns_param};
+use crate::route::{Route, Router, Target, ns_param, url_name};
 
 const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
@@ -23,11 +24,36 @@ const BYTES: HeaderValue = HeaderValue::from_static("bytes");
 pub struct App {
     pub router: Router,
     pub mirror: Mirror,
+    /// Client authentication and rules (None: everyone may pull everything configured).
+    pub auth: Option<Auth>,
+    /// Whether the registry listener speaks TLS (for the challenge's realm).
+    pub tls: bool,
     /// Per-client request rate on the registry listener (None: unlimited).
     pub client_limit: Option<Arc<governor::DefaultKeyedRateLimiter<IpAddr>>>,
 }
 
 impl App {
+    /// Checks a request against `[auth]`: Ok(None) when auth is off, Ok(who), or the error to
+    /// send with the `WWW-Authenticate` challenge that goes with it.
+    pub fn authorize(
+        &self,
+        authorization: Option<&str>,
+        host: Option<&str>,
+        path: &str,
+        target: Option<&Target>,
+    ) -> Result<Option<Identity>, (RegistryError, Option<String>)> {
+        let Some(auth) = &self.auth else {
+            return Ok(None);
+        };
+        match auth.authorize(authorization, url_name(path), target) {
+            Ok(who) => Ok(Some(who)),
+            Err(Denial::Forbidden(e)) => Err((e, None)),
+            Err(Denial::Challenge(e, scope)) => {
+                Err((e, Some(auth.challenge(host, self.tls, scope.as_deref()))))
+            }
+        }
+    }
+
     /// The 429 a client over its request rate gets, or None.
     pub fn over_client_limit(&self, peer: IpAddr) -> Option<RegistryError> {
         let limiter = self.client_limit.as_ref()?;
@@ -58,8 +84,16 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>, peer: IpAddr) -> Response
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let route = app.router.route(&path, ns_param(req.uri().query()));
+    let route = if path == "/token" && app.auth.is_some() {
+        Ok(Route::Token)
+    } else {
+        app.router.route(&path, ns_param(req.uri().query()))
+    };
     let kind = kind_of(&route);
+    let registry = match &route {
+        Ok(r) => r.target().map(|t| t.registry.clone()),
+        Err(_) => None,
+    };
     let answer = match route {
         _ if app.client_limit.is_some()
             && let Some(e) = app.over_client_limit(peer) =>
@@ -71,7 +105,22 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>, peer: IpAddr) -> Response
             ErrorCode::Unsupported,
             "this mirror is read-only: only GET and HEAD are supported",
         )),
-        Ok(route) => dispatch(&app, route, &req).await,
+        Ok(Route::Token) => Ok((token(&app, &req), None)),
+        Ok(route) => {
+            let h = req.headers();
+            let authorization = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+            let host = h.get(header::HOST).and_then(|v| v.to_str().ok());
+            match app.authorize(authorization, host, &path, route.target()) {
+                Ok(who) => dispatch(&app, route, &req, who).await,
+                Err((e, challenge)) => {
+                    let mut r = error_response(&e);
+                    if let Some(v) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
+                        r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                    }
+                    Ok((r, None))
+                }
+            }
+        }
     };
     let (mut resp, cache) = match answer {
         Ok(r) => r,
@@ -86,6 +135,7 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>, peer: IpAddr) -> Response
         kind,
         method,
         path,
+        registry,
         status,
         cache,
         bytes: 0,
@@ -122,7 +172,49 @@ fn accept_values(headers: &HeaderMap) -> Vec<&str> {
         .collect()
 }
 
-async fn dispatch<B>(app: &App, route: Route, req: &Request<B>) -> Answer {
+/// The token endpoint of `[auth]`: Basic credentials (or none, for anonymous) in, a token
+/// for the allowed `repository:<name>:pull` scopes out.
+fn token<B>(app: &App, req: &Request<B>) -> Response<Body> {
+    let Some(auth) = &app.auth else {
+        return error_response(&RegistryError::new(
+            ErrorCode::NameUnknown,
+            "no token endpoint",
+        ));
+    };
+    let who = match req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        None => Identity::Anonymous,
+        Some(v) => match auth.basic(v) {
+            Ok(who) => who,
+            Err(_) => {
+                return error_response(&RegistryError::new(
+                    ErrorCode::Unauthorized,
+                    "invalid credentials",
+                ));
+            }
+        },
+    };
+    let scopes: Vec<String> =
+        url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .filter(|(k, _)| k == "scope")
+            .flat_map(|(_, v)| v.split(' ').map(str::to_owned).collect::<Vec<_>>())
+            .collect();
+    let scopes: Vec<&str> = scopes.iter().map(String::as_str).collect();
+    match auth.issue(&who, &scopes, &app.router) {
+        Ok(answer) => {
+            let body = serde_json::to_string(&answer).unwrap_or_default();
+            let mut r = Response::new(Body::full(body));
+            r.headers_mut().insert(header::CONTENT_TYPE, JSON);
+            r
+        }
+        Err(e) => error_response(&RegistryError::new(ErrorCode::Internal, e)),
+    }
+}
+
+async fn dispatch<B>(app: &App, route: Route, req: &Request<B>, who: Option<Identity>) -> Answer {
     let head = req.method() == Method::HEAD;
     match route {
         Route::Ping => {
@@ -130,6 +222,7 @@ async fn dispatch<B>(app: &App, route: Route, req: &Request<B>) -> Answer {
             r.headers_mut().insert(header::CONTENT_TYPE, JSON);
             Ok((r, None))
         }
+        Route::Token => Ok((token(app, req), None)),
         Route::Unsupported => Err(RegistryError::new(
             ErrorCode::Unsupported,
             "this mirror is read-only: push is not supported",
@@ -137,7 +230,24 @@ async fn dispatch<B>(app: &App, route: Route, req: &Request<B>) -> Answer {
         Route::Catalog { registry } => {
             let query = req.uri().query();
             let n = parse_n(query)?;
-            let repos = app.mirror.catalog(&registry, n, query_param(query, "last"));
+            let mut repos = app
+                .mirror
+                .catalog(&registry, None, query_param(query, "last"));
+            // With [auth], list only what the caller may pull.
+            if let (Some(auth), Some(who)) = (&app.auth, &who) {
+                repos.retain(|r| {
+                    r.parse().is_ok_and(|repo| {
+                        let t = Target {
+                            registry: registry.clone(),
+                            repo,
+                        };
+                        auth.allowed(who, &t)
+                    })
+                });
+            }
+            if let Some(n) = n {
+                repos.truncate(n as usize);
+            }
             let body = serde_json::json!({ "repositories": repos }).to_string();
             let mut r = Response::new(if head {
                 Body::empty()

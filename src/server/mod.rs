@@ -1,9 +1,11 @@
 //! The listeners: accept loops for the registry API and the admin endpoints, connection limits
 //! and timeouts, and graceful shutdown.
 
+pub mod auth;
 pub mod body;
 pub mod fast;
 pub mod handlers;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -52,6 +54,7 @@ pub async fn serve<F, Fut>(
     listener: TcpListener,
     handler: F,
     fast: Option<Arc<App>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
     header_timeout: Duration,
     grace: Duration,
@@ -83,7 +86,21 @@ pub async fn serve<F, Fut>(
                 });
                 let (builder, watcher, fast, stop) =
                     (builder.clone(), graceful.watcher(), fast.clone(), shutdown.clone());
+                let tls = tls.clone();
                 tracker.spawn(async move {
+                    if let Some(acceptor) = tls {
+                        let Ok(Ok(stream)) =
+                            tokio::time::timeout(header_timeout, acceptor.accept(stream)).await
+                        else {
+                            tracing::debug!(%peer, "TLS handshake failed or timed out");
+                            return;
+                        };
+                        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                        if let Err(e) = watcher.watch(conn).await {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                        return;
+                    }
                     let io = match fast {
                         Some(app) => match fast::serve(app, stream, ip, header_timeout, stop).await {
                             fast::Outcome::Done => return,

@@ -110,14 +110,31 @@ impl Upstream {
             let allowed = loopback_allowed.clone();
             reqwest::redirect::Policy::custom(move |attempt| redirect(attempt, &allowed))
         };
+        let extra_roots = match &cfg.ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    format!("registry {}.ca_file {}: {e}", cfg.name, path.display())
+                })?;
+                reqwest::Certificate::from_pem_bundle(&pem)
+                    .map_err(|e| format!("registry {}.ca_file {}: {e}", cfg.name, path.display()))?
+            }
+            None => Vec::new(),
+        };
+        if cfg.insecure {
+            tracing::warn!(registry = %cfg.name, "insecure = true: upstream TLS certificates are NOT verified; anyone on the path can serve this registry's content");
+        }
         let client_for = |e: &EndpointConfig| {
-            reqwest::Client::builder()
+            let mut b = reqwest::Client::builder()
                 .connect_timeout(e.connect_timeout.unwrap_or(cfg.connect_timeout))
                 .read_timeout(e.read_timeout.unwrap_or(cfg.read_timeout))
                 .redirect(policy())
                 .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
                 .pool_idle_timeout(Duration::from_secs(60))
-                .build()
+                .danger_accept_invalid_certs(cfg.insecure);
+            for c in &extra_roots {
+                b = b.add_root_certificate(c.clone());
+            }
+            b.build()
                 .map_err(|err| format!("registry {}: cannot build HTTP client: {err}", cfg.name))
         };
         let endpoints = Endpoints::new(cfg, client_for)?;

@@ -37,6 +37,32 @@ endpoints = ["{upstream_url}"]
     )
 }
 
+/// A config (the contract format) for several registries, each `(name, upstream URL,
+/// default)`, with free loopback ports, a 1 GiB cache in `cache_dir` and a 10 min tag TTL.
+pub fn berth_multi_config(registries: &[(&str, &str, bool)], cache_dir: &Path) -> String {
+    let mut toml = format!(
+        r#"[server]
+listen = "{listen}"
+admin_listen = "{admin}"
+
+[cache]
+dir = "{cache}"
+max_size = "1GiB"
+tag_ttl = "10m"
+"#,
+        listen = free_addr(),
+        admin = free_addr(),
+        cache = cache_dir.display(),
+    );
+    for (name, url, default) in registries {
+        toml.push_str(&format!(
+            "\n[[registry]]\nname = \"{name}\"\n{default}endpoints = [\"{url}\"]\n",
+            default = if *default { "default = true\n" } else { "" },
+        ));
+    }
+    toml
+}
+
 /// A running berth. Its config file, logs (stdout and stderr, appended across restarts) and,
 /// with [`Berth::start_mirror`], its cache live in a temp dir removed on drop.
 #[derive(Debug)]
@@ -68,6 +94,15 @@ impl Berth {
     pub fn start_mirror(upstream_url: &str) -> Berth {
         let dir = short_tempdir("berth-");
         let config = berth_config(upstream_url, &dir.path().join("cache"));
+        Berth::start_in(dir, &config).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts berth with several registries (see [`berth_multi_config`]), each
+    /// `(name, upstream URL, default)`, with its cache in its own temp dir
+    /// ([`Berth::cache_dir`]).
+    pub fn start_registries(registries: &[(&str, &str, bool)]) -> Berth {
+        let dir = short_tempdir("berth-");
+        let config = berth_multi_config(registries, &dir.path().join("cache"));
         Berth::start_in(dir, &config).unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -132,7 +167,8 @@ impl Berth {
         &self.config
     }
 
-    /// `<temp dir>/cache`, the cache dir that [`Berth::start_mirror`] configures.
+    /// `<temp dir>/cache`, the cache dir that [`Berth::start_mirror`] and
+    /// [`Berth::start_registries`] configure.
     pub fn cache_dir(&self) -> PathBuf {
         self.dir.path().join("cache")
     }

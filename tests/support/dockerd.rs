@@ -320,7 +320,7 @@ fn docker_cli() -> PathBuf {
 
 /// Lazily unmounts everything mounted under `root`, deepest first (dockerd bind-mounts its
 /// data root onto itself, and leaves it if it is killed).
-fn unmount_under(root: &Path) {
+pub(crate) fn unmount_under(root: &Path) {
     let root = root.canonicalize().unwrap_or_else(|_| root.to_owned());
     let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return;

@@ -8,6 +8,9 @@
 //!   (gzip'd tar layers, config, manifest, OCI index) pushed with the registry v2 API.
 //! - [`Dockerd`]: a private `dockerd` + `containerd` pair, with `docker` CLI helpers.
 //! - [`Berth`]: the berth binary under test (`berth serve --config FILE`).
+//! - [`Containerd`]: a private `containerd` for `ctr images pull --hosts-dir` (hosts.toml).
+//! - [`Podman`]: `podman` with private storage, config and `registries.conf` mirrors.
+//! - [`Recorder`]: a loopback TCP relay recording the HTTP requests a client sends.
 //!
 //! Every fixture listens on a free port on 127.0.0.1 (dockerd: a unix socket), lives in its own
 //! temp dir under `/tmp`, and cleans up on `Drop` (signals its child by PID, waits bounded,
@@ -26,17 +29,23 @@
 #![allow(dead_code, unused_imports)]
 
 mod berth;
+mod containerd;
 mod dockerd;
+mod podman;
 mod process;
+mod recorder;
 mod registry;
 mod seed;
 
-pub use self::berth::{Berth, berth_config};
+pub use self::berth::{Berth, berth_config, berth_multi_config};
+pub use self::containerd::{CTR_PULL_TIMEOUT, Containerd, default_server};
 pub use self::dockerd::{Dockerd, DockerdOptions, PULL_TIMEOUT};
+pub use self::podman::{PODMAN_PULL_TIMEOUT, Podman};
 pub use self::process::{
     CmdOutput, Probe, find_program, free_addr, free_port, http_get_text, http_status,
     require_program, run, wait_for,
 };
+pub use self::recorder::{RecordedRequest, Recorder};
 pub use self::registry::{AccessEntry, Registry};
 pub use self::seed::{
     DOCKER_CONFIG, DOCKER_LAYER, DOCKER_MANIFEST, Format, Image, Index, Layer, OCI_CONFIG,

@@ -1,0 +1,430 @@
+//! Client authentication and authorization, TLS (reload, HTTP/2, client certificates), and
+//! repository scoping of private content — berth in-process against fake upstreams.
+
+mod fake_upstream;
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use fake_upstream::FakeUpstream;
+
+const PASSWORD: &str = "s3cret-pass";
+
+fn basic(user: &str, pass: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    )
+}
+
+/// docker.io (public) and private.example (private) upstreams, each with one image.
+async fn upstreams() -> (FakeUpstream, FakeUpstream, String, String) {
+    let public = FakeUpstream::start().await;
+    let private = FakeUpstream::start().await;
+    let pub_layer = public.add_blob(Bytes::from_static(b"public layer bytes"));
+    let cfg = public.add_blob(Bytes::from_static(b"{}"));
+    public.add_image("library/app", "v1", &cfg, std::slice::from_ref(&pub_layer));
+    let priv_layer = private.add_blob(Bytes::from_static(b"private layer: secret bytes"));
+    let cfg = private.add_blob(Bytes::from_static(b"{\"private\":1}"));
+    private.add_image("team/app", "v1", &cfg, std::slice::from_ref(&priv_layer));
+    (public, private, pub_layer, priv_layer)
+}
+
+fn write_htpasswd(dir: &Path) -> std::path::PathBuf {
+    let hash = bcrypt::hash(PASSWORD, 4).expect("bcrypt");
+    let path = dir.join("htpasswd");
+    std::fs::write(&path, format!("ci:{hash}\nbob:{hash}\n")).expect("write htpasswd");
+    path
+}
+
+/// berth before both upstreams; `server_extra` goes into `[server]`, `tables` after `[cache]`.
+async fn start(
+    dir: &Path,
+    server_extra: &str,
+    tables: &str,
+    public: &str,
+    private: &str,
+) -> berth::Running {
+    let text = format!(
+        r#"
+        [server]
+        listen = "127.0.0.1:0"
+        admin_listen = "127.0.0.1:0"
+        shutdown_grace = "1s"
+        {server_extra}
+        [cache]
+        dir = "{cache}"
+        max_size = "1GiB"
+        tag_ttl = "10m"
+        {tables}
+        [[registry]]
+        name = "docker.io"
+        default = true
+        endpoints = ["{public}"]
+        probe_interval = "0s"
+        [[registry]]
+        name = "private.example"
+        endpoints = ["{private}"]
+        probe_interval = "0s"
+        "#,
+        cache = dir.join("cache").display(),
+    );
+    berth::start(berth::config::Config::parse(&text).expect("config"))
+        .await
+        .expect("berth starts")
+}
+
+fn auth_section(htpasswd: &Path) -> String {
+    format!(
+        r#"
+        [auth]
+        htpasswd = "{}"
+        [[auth.rule]]
+        users = ["anonymous"]
+        allow = ["docker.io/library/*"]
+        [[auth.rule]]
+        users = ["ci"]
+        allow = ["*"]
+        [[auth.rule]]
+        users = ["*"]
+        allow = ["docker.io/*"]
+        "#,
+        htpasswd.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_protocol_rules_and_private_content() {
+    let (public, private, pub_layer, priv_layer) = upstreams().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let htpasswd = write_htpasswd(dir.path());
+    let b = start(
+        dir.path(),
+        "",
+        &auth_section(&htpasswd),
+        &public.url(),
+        &private.url(),
+    )
+    .await;
+    let base = format!("http://{}", b.addr);
+    let c = reqwest::Client::new();
+
+    // /v2/ without credentials: the challenge naming berth's realm.
+    let r = c.get(format!("{base}/v2/")).send().await.expect("send");
+    assert_eq!(r.status(), 401);
+    let challenge = r.headers()["www-authenticate"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert_eq!(
+        challenge,
+        format!(r#"Bearer realm="http://{}/token",service="berth""#, b.addr)
+    );
+    // docker login: Basic to the realm yields a token; /v2/ with it answers 200.
+    let r = c
+        .get(format!(
+            "{base}/token?service=berth&client_id=docker&offline_token=true"
+        ))
+        .header("authorization", basic("ci", PASSWORD))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.expect("json");
+    let ci_token = v["token"].as_str().expect("token").to_owned();
+    assert_eq!(v["access_token"], v["token"]);
+    let r = c
+        .get(format!("{base}/v2/"))
+        .bearer_auth(&ci_token)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let r = c
+        .get(format!("{base}/token?service=berth"))
+        .header("authorization", basic("ci", "wrong"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 401);
+
+    // Anonymous token flow for an allowed public repository.
+    let r = c
+        .get(format!(
+            "{base}/token?service=berth&scope=repository%3Alibrary%2Fapp%3Apull"
+        ))
+        .send()
+        .await
+        .expect("send");
+    let anon: serde_json::Value = r.json().await.expect("json");
+    let anon_token = anon["token"].as_str().expect("token").to_owned();
+    let r = c
+        .get(format!("{base}/v2/library/app/manifests/v1"))
+        .bearer_auth(&anon_token)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    // The blob, on the zero-copy path, with the same token.
+    let r = c
+        .get(format!("{base}/v2/library/app/blobs/{pub_layer}"))
+        .bearer_auth(&anon_token)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.expect("body"), &b"public layer bytes"[..]);
+
+    // The private registry: anonymous gets the challenge with the scope, on both paths.
+    for path in [
+        "/v2/private.example/team/app/manifests/v1".to_owned(),
+        format!("/v2/private.example/team/app/blobs/{priv_layer}"),
+    ] {
+        let r = c.get(format!("{base}{path}")).send().await.expect("send");
+        assert_eq!(r.status(), 401, "{path}");
+        let ch = r.headers()["www-authenticate"]
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        assert!(
+            ch.contains(r#"scope="repository:private.example/team/app:pull""#),
+            "{ch}"
+        );
+        let v: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(v["errors"][0]["code"], "UNAUTHORIZED");
+    }
+    // An anonymous token never carries the private scope.
+    let r = c
+        .get(format!(
+            "{base}/token?service=berth&scope=repository%3Aprivate.example%2Fteam%2Fapp%3Apull"
+        ))
+        .send()
+        .await
+        .expect("send");
+    let t: serde_json::Value = r.json().await.expect("json");
+    let r = c
+        .get(format!("{base}/v2/private.example/team/app/manifests/v1"))
+        .bearer_auth(t["token"].as_str().expect("token"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 401);
+    // bob authenticates but is not allowed: 403 DENIED.
+    let r = c
+        .get(format!("{base}/v2/private.example/team/app/manifests/v1"))
+        .header("authorization", basic("bob", PASSWORD))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 403);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["errors"][0]["code"], "DENIED");
+    // ci pulls the private image with Basic on the registry requests (curl style).
+    let r = c
+        .get(format!("{base}/v2/private.example/team/app/manifests/v1"))
+        .header("authorization", basic("ci", PASSWORD))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let r = c
+        .get(format!(
+            "{base}/v2/private.example/team/app/blobs/{priv_layer}"
+        ))
+        .header("authorization", basic("ci", PASSWORD))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        r.bytes().await.expect("body"),
+        &b"private layer: secret bytes"[..]
+    );
+
+    // Now cached, the private blob is still not served under a public repository name.
+    let r = c
+        .get(format!("{base}/v2/library/app/blobs/{priv_layer}"))
+        .bearer_auth(&anon_token)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        r.status(),
+        404,
+        "private blob leaked through a public repository name"
+    );
+    assert!(
+        r.bytes()
+            .await
+            .expect("body")
+            .windows(6)
+            .all(|w| w != b"secret")
+    );
+    // Nor through another private repository the anonymous user may not pull.
+    let r = c
+        .get(format!(
+            "{base}/v2/private.example/other/blobs/{priv_layer}"
+        ))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 401);
+    // The catalog lists only what the caller may pull.
+    let r = c
+        .get(format!("{base}/v2/_catalog?ns=private.example"))
+        .header("authorization", basic("bob", PASSWORD))
+        .send()
+        .await
+        .expect("send");
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["repositories"], serde_json::json!([]));
+    let r = c
+        .get(format!("{base}/v2/_catalog?ns=private.example"))
+        .header("authorization", basic("ci", PASSWORD))
+        .send()
+        .await
+        .expect("send");
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["repositories"], serde_json::json!(["team/app"]));
+    drop(private);
+}
+
+struct Pki {
+    ca_pem: String,
+    server_cert: String,
+    server_key: String,
+    client_cert: String,
+    client_key: String,
+}
+
+fn pki(cn: &str) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{cn} test CA"));
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
+    let server_key = KeyPair::generate().expect("key");
+    let mut sp = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+    sp.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    let server = sp.signed_by(&server_key, &ca).expect("server cert");
+    let client_key = KeyPair::generate().expect("key");
+    let client = CertificateParams::new(vec!["client".to_owned()])
+        .expect("params")
+        .signed_by(&client_key, &ca)
+        .expect("client cert");
+    Pki {
+        ca_pem: ca.pem(),
+        server_cert: server.pem(),
+        server_key: server_key.serialize_pem(),
+        client_cert: client.pem(),
+        client_key: client_key.serialize_pem(),
+    }
+}
+
+fn https_client(
+    ca_pem: &str,
+    addr: std::net::SocketAddr,
+    identity: Option<&Pki>,
+) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("ca"))
+        .resolve("localhost", addr)
+        .timeout(Duration::from_secs(5));
+    if let Some(p) = identity {
+        let pem = format!("{}{}", p.client_cert, p.client_key);
+        b = b.identity(reqwest::Identity::from_pem(pem.as_bytes()).expect("identity"));
+    }
+    b.build().expect("client")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_http2_reload_and_client_certificates() {
+    let (public, private, pub_layer, _) = upstreams().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = pki("first");
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, &first.server_cert).expect("write");
+    std::fs::write(&key, &first.server_key).expect("write");
+    let tls = format!(
+        "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let b = start(dir.path(), &tls, "", &public.url(), &private.url()).await;
+    let url = format!("https://localhost:{}", b.addr.port());
+    let c = https_client(&first.ca_pem, b.addr, None);
+    let r = c
+        .get(format!("{url}/v2/library/app/manifests/v1"))
+        .send()
+        .await
+        .expect("https");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2, "ALPN h2");
+    let r = c
+        .get(format!("{url}/v2/library/app/blobs/{pub_layer}"))
+        .send()
+        .await
+        .expect("https");
+    assert_eq!(r.bytes().await.expect("body"), &b"public layer bytes"[..]);
+    // Plain HTTP on the TLS port is refused.
+    assert!(
+        reqwest::get(format!("http://{}/v2/", b.addr))
+            .await
+            .is_err()
+    );
+
+    // Replace the certificate: new connections get the new one; the open one keeps working.
+    let second = pki("second");
+    std::fs::write(&cert, &second.server_cert).expect("write");
+    std::fs::write(&key, &second.server_key).expect("write");
+    let c2 = https_client(&second.ca_pem, b.addr, None);
+    let mut reloaded = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if c2.get(format!("{url}/v2/")).send().await.is_ok() {
+            reloaded = true;
+            break;
+        }
+    }
+    assert!(reloaded, "the new certificate was not picked up");
+    let r = c
+        .get(format!("{url}/v2/"))
+        .send()
+        .await
+        .expect("old connection still works");
+    assert_eq!(r.status(), 200);
+    assert!(
+        https_client(&first.ca_pem, b.addr, None)
+            .get(format!("{url}/v2/"))
+            .send()
+            .await
+            .is_err(),
+        "a new connection must see the new certificate"
+    );
+    b.stop().await;
+
+    // Client certificates required.
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, &second.ca_pem).expect("write");
+    let tls = format!("{tls}client_ca = \"{}\"\n", ca_file.display());
+    let b = start(dir.path(), &tls, "", &public.url(), &private.url()).await;
+    let url = format!("https://localhost:{}", b.addr.port());
+    assert!(
+        https_client(&second.ca_pem, b.addr, None)
+            .get(format!("{url}/v2/"))
+            .send()
+            .await
+            .is_err(),
+        "no client certificate: refused"
+    );
+    let r = https_client(&second.ca_pem, b.addr, Some(&second))
+        .get(format!("{url}/v2/"))
+        .send()
+        .await
+        .expect("with a client certificate");
+    assert_eq!(r.status(), 200);
+}
