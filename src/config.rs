@@ -122,6 +122,9 @@ pub struct ServerConfig {
     /// Close a connection that has not sent a complete request head within this time.
     #[serde(default = "default_header_timeout", with = "human_duration")]
     pub header_read_timeout: Duration,
+    /// Open connections one client address may hold (0: unlimited). More are closed at once.
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_connections_per_client: usize,
     /// TLS for the registry listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
@@ -348,6 +351,9 @@ fn default_read_timeout() -> Duration {
 fn default_probe_interval() -> Duration {
     Duration::from_secs(15)
 }
+fn default_max_connections_per_client() -> usize {
+    512
+}
 fn default_token_ttl() -> Duration {
     Duration::from_secs(300)
 }
@@ -364,6 +370,7 @@ impl Default for ServerConfig {
             header_read_timeout: default_header_timeout(),
             client_requests_per_second: 0,
             client_burst: None,
+            max_connections_per_client: default_max_connections_per_client(),
             tls: None,
         }
     }

@@ -143,10 +143,11 @@ pub async fn start_on(
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
     let (tx, rx) = watch::channel(false);
-    let (timeout, grace) = (
-        config.server.header_read_timeout,
-        config.server.shutdown_grace,
-    );
+    let limits = server::Limits {
+        header_timeout: config.server.header_read_timeout,
+        grace: config.server.shutdown_grace,
+        max_connections_per_client: config.server.max_connections_per_client,
+    };
     let tls = match &config.server.tls {
         Some(t) => Some(server::tls::acceptor(t)?),
         None => None,
@@ -159,8 +160,7 @@ pub async fn start_on(
         fast,
         tls,
         rx.clone(),
-        timeout,
-        grace,
+        limits,
     ));
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
@@ -168,8 +168,10 @@ pub async fn start_on(
         None,
         None,
         rx,
-        timeout,
-        grace,
+        server::Limits {
+            max_connections_per_client: 0,
+            ..limits
+        },
     ));
     tracing::info!(%addr, %admin_addr, "berth serving");
     Ok(Running {

@@ -129,7 +129,10 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
     if req.method != Some("GET") {
         return Parsed::Other;
     }
-    let Some(uri) = req.path.filter(|p| p.starts_with('/')) else {
+    let Some(uri) = req
+        .path
+        .filter(|p| p.starts_with('/') && p.len() <= super::MAX_URI)
+    else {
         return Parsed::Other;
     };
     let version = req.version.unwrap_or(0);

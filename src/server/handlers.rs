@@ -95,6 +95,11 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>, peer: IpAddr) -> Response
         Err(_) => None,
     };
     let answer = match route {
+        _ if req.uri().to_string().len() > super::MAX_URI => Err(RegistryError::new(
+            ErrorCode::NameInvalid,
+            "request URI too long",
+        )
+        .with_status(StatusCode::URI_TOO_LONG)),
         _ if app.client_limit.is_some()
             && let Some(e) = app.over_client_limit(peer) =>
         {

@@ -33,12 +33,55 @@ pub struct Admin {
     pub cache_dir: std::path::PathBuf,
 }
 
+/// Request URIs longer than this are refused with 414.
+pub const MAX_URI: usize = 8 * 1024;
+
+/// Open connections per client address, so one client cannot take every socket.
+#[derive(Clone, Default)]
+pub struct ConnectionCounts(Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>);
+
+pub struct ConnectionSlot(ConnectionCounts, IpAddr);
+
+impl ConnectionCounts {
+    /// A slot for one more connection from `ip`, or None when it holds `max` already.
+    pub fn open(&self, ip: IpAddr, max: usize) -> Option<ConnectionSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if max > 0 && *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut m = (self.0).0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Limits and timeouts of a listener.
+#[derive(Clone, Copy)]
+pub struct Limits {
+    pub header_timeout: Duration,
+    pub grace: Duration,
+    pub max_connections_per_client: usize,
+}
+
 fn builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .max_buf_size(64 * 1024)
+        .max_headers(100)
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
@@ -56,15 +99,20 @@ pub async fn serve<F, Fut>(
     fast: Option<Arc<App>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
-    header_timeout: Duration,
-    grace: Duration,
+    limits: Limits,
 ) where
     F: Fn(Request<hyper::body::Incoming>, IpAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
+    let Limits {
+        header_timeout,
+        grace,
+        max_connections_per_client,
+    } = limits;
     let builder = Arc::new(builder(header_timeout));
     let graceful = GracefulShutdown::new();
     let tracker = tokio_util::task::TaskTracker::new();
+    let counts = ConnectionCounts::default();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -77,6 +125,10 @@ pub async fn serve<F, Fut>(
                         continue;
                     }
                 };
+                let Some(slot) = counts.open(peer.ip(), max_connections_per_client) else {
+                    tracing::warn!(%peer, limit = max_connections_per_client, "too many connections from one client: closing");
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let handler = handler.clone();
                 let ip = peer.ip();
@@ -88,6 +140,7 @@ pub async fn serve<F, Fut>(
                     (builder.clone(), graceful.watcher(), fast.clone(), shutdown.clone());
                 let tls = tls.clone();
                 tracker.spawn(async move {
+                    let _slot = slot;
                     if let Some(acceptor) = tls {
                         let Ok(Ok(stream)) =
                             tokio::time::timeout(header_timeout, acceptor.accept(stream)).await
