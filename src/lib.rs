@@ -9,6 +9,7 @@
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod logwriter;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;

@@ -57,7 +57,7 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (writer, _guard) = tracing_appender::non_blocking(std::io::stdout());
+    let (writer, _guard) = berth::logwriter::BatchWriter::stdout();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let sub = tracing_subscriber::fmt()

@@ -23,6 +23,7 @@ pub struct Manifest {
     pub content_type: HeaderValue,
     pub digest_header: HeaderValue,
     pub length_header: HeaderValue,
+    pub etag_header: HeaderValue,
 }
 
 impl Manifest {
@@ -31,6 +32,7 @@ impl Manifest {
         Some(Manifest {
             content_type: HeaderValue::from_str(&media_type).ok()?,
             digest_header: HeaderValue::from_str(&digest.to_string()).ok()?,
+            etag_header: HeaderValue::from_str(&format!("\"{digest}\"")).ok()?,
             length_header: HeaderValue::from(bytes.len()),
             digest,
             media_type,
@@ -42,7 +44,8 @@ impl Manifest {
 /// What a tag pointed to when it was last checked upstream.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TagRecord {
-    pub digest: String,
+    #[serde(with = "digest_string")]
+    pub digest: Digest,
     pub media_type: String,
     /// Seconds since the epoch of the last upstream confirmation.
     pub checked: u64,
@@ -59,7 +62,7 @@ impl TagRecord {
 
     pub fn now(digest: &Digest, media_type: &str) -> TagRecord {
         TagRecord {
-            digest: digest.to_string(),
+            digest: digest.clone(),
             media_type: media_type.to_owned(),
             checked: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -70,6 +73,22 @@ impl TagRecord {
 }
 
 type RepoKey = (Arc<str>, RepoName);
+
+/// Digests in tag records are stored as their string form.
+mod digest_string {
+    use crate::oci::Digest;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Digest, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(d)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Digest, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
 
 pub struct ManifestStore {
     root: PathBuf,

@@ -252,8 +252,7 @@ impl Mirror {
             Reference::Tag(tag) => {
                 let cached = || {
                     let rec = self.manifests.get_tag(&t.registry, &t.repo, tag)?;
-                    let digest = rec.digest.parse::<Digest>().ok()?;
-                    let m = self.manifests.get(&t.registry, &t.repo, &digest)?;
+                    let m = self.manifests.get(&t.registry, &t.repo, &rec.digest)?;
                     accepts_media_type(accept, &m.media_type).then_some((rec, m))
                 };
                 if let Some((rec, m)) = cached()

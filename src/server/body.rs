@@ -169,17 +169,18 @@ impl Drop for Meter {
         }
         let cache = self.cache.map_or("-", CacheResult::as_str);
         let registry = self.registry.as_deref().unwrap_or("-");
-        let ms = secs * 1000.0;
+        let us = self.started.elapsed().as_micros() as u64;
         match &self.aborted {
             None => tracing::info!(
                 target: "berth::access",
-                method = %self.method, path = %self.path, registry, status = self.status,
-                bytes = self.bytes, ms, cache, "request"
+                method = %self.method, path = %self.path, registry = %registry,
+                status = self.status, bytes = self.bytes, us, cache = %cache, "request"
             ),
             Some(e) => tracing::warn!(
                 target: "berth::access",
-                method = %self.method, path = %self.path, registry, status = self.status,
-                bytes = self.bytes, ms, cache, error = %e, "request aborted"
+                method = %self.method, path = %self.path, registry = %registry,
+                status = self.status, bytes = self.bytes, us, cache = %cache, error = %e,
+                "request aborted"
             ),
         }
     }

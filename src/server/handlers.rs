@@ -299,7 +299,7 @@ async fn dispatch<B>(app: &App, route: Route, req: &Request<B>, who: Option<Iden
             h.insert(header::CONTENT_TYPE, m.content_type.clone());
             h.insert("docker-content-digest", m.digest_header.clone());
             h.insert(header::CONTENT_LENGTH, m.length_header.clone());
-            h.insert(header::ETAG, etag(&m.digest));
+            h.insert(header::ETAG, m.etag_header.clone());
             Ok((r, Some(result)))
         }
         Route::Blob { target, digest } => {
