@@ -36,6 +36,8 @@ pub struct Running {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
+    blobs: Arc<BlobStore>,
+    grace: std::time::Duration,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -47,6 +49,7 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
+        self.blobs.wait_idle(self.grace).await;
     }
 }
 
@@ -102,7 +105,7 @@ pub async fn start_on(
         .iter()
         .map(|r| Arc::<str>::from(r.name.as_str()))
         .collect();
-    let mirror = Mirror::new(&config, blobs, manifests, metrics.clone())?;
+    let mirror = Mirror::new(&config, blobs.clone(), manifests, metrics.clone())?;
     let client_limit =
         std::num::NonZeroU32::new(config.server.client_requests_per_second).map(|rate| {
             let burst = config
@@ -179,6 +182,8 @@ pub async fn start_on(
         addr,
         admin_addr,
         metrics,
+        blobs,
+        grace: config.server.shutdown_grace,
         shutdown: tx,
         tasks: vec![registry_task, admin_task],
     })

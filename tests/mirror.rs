@@ -69,6 +69,18 @@ fn blob_files(dir: &Path) -> usize {
     walk(&dir.join("blobs"))
 }
 
+/// Waits (at most 5 s) until `n` blobs are on disk: a verified blob is committed to the cache
+/// just after its last byte goes out.
+async fn wait_blob_files(dir: &Path, n: usize) -> usize {
+    for _ in 0..250 {
+        if blob_files(dir) == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    blob_files(dir)
+}
+
 fn walk(p: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(p) else {
         return 0;
@@ -135,7 +147,7 @@ impl Setup {
             .expect("request to berth")
     }
 
-    async fn metrics(&self) -> String {
+    async fn scrape(&self) -> String {
         self.client
             .get(format!("http://{}/metrics", self.berth.admin_addr))
             .send()
@@ -144,6 +156,30 @@ impl Setup {
             .text()
             .await
             .expect("metrics text")
+    }
+
+    /// The metrics once berth has settled: a request is recorded when its response has been
+    /// handed to the socket (just after the client may have read it) and a fill commits just
+    /// after its last byte, so wait until no fill is in flight and berth's figures stop moving.
+    async fn metrics(&self) -> String {
+        let berth_lines = |m: &str| {
+            m.lines()
+                .filter(|l| l.starts_with("berth_") && !l.contains("duration_seconds"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let mut last = self.scrape().await;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let now = self.scrape().await;
+            if berth_lines(&now) == berth_lines(&last)
+                && sample(&now, "berth_fills_in_flight") == 0.0
+            {
+                return now;
+            }
+            last = now;
+        }
+        last
     }
 }
 
@@ -197,7 +233,7 @@ async fn concurrent_cold_gets_fetch_once_and_all_verify() {
     );
     assert_eq!(miss, 1.0);
     assert_eq!(miss + coalesced + hit, 20.0);
-    assert_eq!(blob_files(s.dir.path()), 1);
+    assert_eq!(wait_blob_files(s.dir.path(), 1).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,7 +283,7 @@ async fn corrupt_and_cut_bodies_are_never_cached_or_complete() {
         let r = s.get(&format!("/v2/library/app/blobs/{digest}")).await;
         assert_eq!(r.status(), 200);
         assert_eq!(r.bytes().await.expect("body"), data);
-        assert_eq!(blob_files(s.dir.path()), 1);
+        assert_eq!(wait_blob_files(s.dir.path(), 1).await, 1);
     }
 }
 

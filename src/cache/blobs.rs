@@ -218,7 +218,7 @@ impl BlobStore {
         if let Some(f) = fills.get(digest) {
             return (f.clone(), true);
         }
-        let f = Arc::new(Fill::new(digest.clone()));
+        let f = Arc::new(Fill::new(digest.clone(), format!("{registry}/{repo}")));
         fills.insert(digest.clone(), f.clone());
         drop(fills);
         let store = self.clone();
@@ -272,6 +272,24 @@ impl BlobStore {
         }
         self.insert(digest.clone(), len);
         Ok(())
+    }
+
+    /// Waits until no fill is in flight, at most `limit` (for a graceful shutdown: a verified
+    /// blob should reach the cache before the process exits).
+    pub async fn wait_idle(&self, limit: std::time::Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self
+                .fills
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        tracing::warn!("shutting down with fills still in flight; they restart on demand");
     }
 
     /// Applies pending evictions now (tests and metrics scrapes).

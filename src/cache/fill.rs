@@ -63,14 +63,17 @@ struct Shared {
 
 pub struct Fill {
     pub digest: Digest,
+    /// `registry/repository` of the request that started it (whose upstream answer it is).
+    pub origin: String,
     shared: Mutex<Shared>,
     notify: Notify,
 }
 
 impl Fill {
-    pub(super) fn new(digest: Digest) -> Fill {
+    pub(super) fn new(digest: Digest, origin: String) -> Fill {
         Fill {
             digest,
+            origin,
             shared: Mutex::new(Shared {
                 phase: Phase::Starting,
                 len: None,
@@ -101,6 +104,11 @@ impl Fill {
             s.ring.clear();
             s.ring_bytes = 0;
         });
+    }
+
+    /// Whether the blob arrived whole and verified (it may still be on its way to the cache).
+    pub fn is_complete(&self) -> bool {
+        matches!(self.lock().phase, Phase::Complete)
     }
 
     /// A reader of bytes `[start, end)` (`end` None: to the end of the blob).
@@ -291,7 +299,12 @@ pub(super) async fn run(
         }
     };
     let endpoint = source.endpoint.clone();
-    let result = stream_to_disk(&fill, &store, source).await;
+    let tmp_path = store.temp_path(&fill.digest);
+    let result = stream_to_disk(&fill, &store, source, &tmp_path).await;
+    if result.is_err() {
+        // Nothing of a failed fill stays: the temp file goes now, not at the next start.
+        let _ = std::fs::remove_file(&tmp_path);
+    }
     let bytes = fill.lock().received;
     let failure = match result {
         Ok(true) => None,
@@ -324,12 +337,12 @@ async fn stream_to_disk(
     fill: &Arc<Fill>,
     store: &Arc<BlobStore>,
     mut source: Source,
+    tmp_path: &std::path::Path,
 ) -> FillResult {
     let digest = fill.digest.clone();
-    let tmp_path = store.temp_path(&digest);
     let opened = (|| -> io::Result<(File, File)> {
-        let w = File::create(&tmp_path)?;
-        let r = File::open(&tmp_path)?;
+        let w = File::create(tmp_path)?;
+        let r = File::open(tmp_path)?;
         Ok((w, r))
     })();
     // Without a temp file the blob still streams to its clients from memory, uncached.
@@ -448,30 +461,33 @@ async fn stream_to_disk(
             ),
         ));
     }
-    // Verified. Let the writer finish, then publish the file under its digest.
+    // Verified: readers may have the last byte now (the bytes are in the ring, or written to
+    // the temp file as `flushed` says). Persisting — fsync, rename — is the cache's business and
+    // stays off the clients' critical path.
+    fill.update(|s| {
+        s.phase = Phase::Complete;
+        s.len = Some(received);
+    });
     drop(tx);
     let stored = match writer_task {
         Some(task) => match task.await {
-            Ok(Ok(())) if disk_error.is_none() => store.commit(&digest, &tmp_path, received),
+            Ok(Ok(())) if disk_error.is_none() => store.commit(&digest, tmp_path, received),
             Ok(Ok(())) => Err(io::Error::other(disk_error.unwrap_or_default())),
             Ok(Err(e)) => Err(e),
             Err(e) => Err(io::Error::other(e)),
         },
         None => Err(io::Error::other("no temp file")),
     };
-    let cached = match stored {
-        Ok(()) => true,
+    match stored {
+        Ok(()) => Ok(true),
         Err(e) => {
             tracing::warn!(digest = %digest, error = %e, "blob verified but not cached (disk)");
-            let _ = std::fs::remove_file(&tmp_path);
-            false
+            let _ = std::fs::remove_file(tmp_path);
+            // Readers still waiting for bytes from the temp file will not get them.
+            fill.update(|s| s.file = None);
+            Ok(false)
         }
-    };
-    fill.update(|s| {
-        s.phase = Phase::Complete;
-        s.len = Some(received);
-    });
-    Ok(cached)
+    }
 }
 
 /// Makes a chunk visible to readers, hashes it and queues it for the disk.

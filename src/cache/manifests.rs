@@ -95,6 +95,9 @@ pub struct ManifestStore {
     by_digest: moka::sync::Cache<(RepoKey, Digest), Arc<Manifest>>,
     tags: moka::sync::Cache<(RepoKey, Tag), Arc<TagRecord>>,
     members: RwLock<HashMap<RepoKey, HashSet<Digest>>>,
+    /// Digests upstream recently said a repository does not hold, so repeated probes for a
+    /// foreign digest cost one upstream request a minute, not one each.
+    non_members: moka::sync::Cache<(RepoKey, Digest), ()>,
 }
 
 impl ManifestStore {
@@ -111,6 +114,10 @@ impl ManifestStore {
                 .build(),
             tags: moka::sync::Cache::new(100_000),
             members: RwLock::new(HashMap::new()),
+            non_members: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
         })
     }
 
@@ -220,6 +227,22 @@ impl ManifestStore {
             .entry((registry.clone(), repo.clone()))
             .or_default()
             .insert(digest.clone());
+    }
+
+    /// Records that upstream said the repository does not hold `digest`.
+    pub fn add_non_member(&self, registry: &Arc<str>, repo: &RepoName, digest: &Digest) {
+        self.non_members
+            .insert(((registry.clone(), repo.clone()), digest.clone()), ());
+    }
+
+    pub fn is_known_non_member(
+        &self,
+        registry: &Arc<str>,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> bool {
+        self.non_members
+            .contains_key(&((registry.clone(), repo.clone()), digest.clone()))
     }
 
     pub fn is_member(&self, registry: &Arc<str>, repo: &RepoName, digest: &Digest) -> bool {

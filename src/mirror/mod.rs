@@ -78,15 +78,21 @@ fn upstream_error(e: &UpstreamError, kind: Kind, what: &str) -> RegistryError {
                 );
                 err.with_retry_after(retry_after.unwrap_or(60))
             }
-            s if s.is_server_error() => RegistryError::new(
-                ErrorCode::Unavailable,
-                format!("{what}: upstream answered {s} and nothing cached"),
-            )
-            .with_status(if s == StatusCode::SERVICE_UNAVAILABLE {
-                s
-            } else {
-                StatusCode::BAD_GATEWAY
-            }),
+            s if s.is_server_error() => {
+                let err = RegistryError::new(
+                    ErrorCode::Unavailable,
+                    format!("{what}: upstream answered {s} and nothing cached"),
+                )
+                .with_status(if s == StatusCode::SERVICE_UNAVAILABLE {
+                    s
+                } else {
+                    StatusCode::BAD_GATEWAY
+                });
+                match retry_after {
+                    Some(secs) => err.with_retry_after(*secs),
+                    None => err,
+                }
+            }
             s => RegistryError::new(unknown, format!("{what}: upstream answered {s}")),
         },
         UpstreamError::Unreachable(m) => RegistryError::new(
@@ -418,8 +424,20 @@ impl Mirror {
 
     /// Confirms upstream that the repository contains a blob berth already has.
     async fn confirm_member(&self, t: &Target, digest: &Digest) -> Result<(), RegistryError> {
+        let unknown = || {
+            RegistryError::new(
+                ErrorCode::BlobUnknown,
+                format!("blob {digest} unknown to repository {}", t.repo),
+            )
+        };
+        if self
+            .manifests
+            .is_known_non_member(&t.registry, &t.repo, digest)
+        {
+            return Err(unknown());
+        }
         let up = self.upstream(&t.registry)?;
-        match up
+        let answer = up
             .send(
                 Method::HEAD,
                 Some(&t.repo),
@@ -427,21 +445,21 @@ impl Mirror {
                 None,
                 Urgency::Fetch,
             )
-            .await
-        {
+            .await;
+        match answer {
             Ok(_) => {
                 self.manifests.add_member(&t.registry, &t.repo, digest);
                 Ok(())
             }
-            Err(e) => Err(match e {
-                UpstreamError::Status { status, .. } if status == StatusCode::NOT_FOUND => {
-                    RegistryError::new(
-                        ErrorCode::BlobUnknown,
-                        format!("blob {digest} unknown to repository {}", t.repo),
-                    )
-                }
-                e => upstream_error(&e, Kind::Blob, &format!("blob {digest}")),
-            }),
+            Err(UpstreamError::Status { status, .. })
+                if status == StatusCode::NOT_FOUND
+                    || status == StatusCode::UNAUTHORIZED
+                    || status == StatusCode::FORBIDDEN =>
+            {
+                self.manifests.add_non_member(&t.registry, &t.repo, digest);
+                Err(unknown())
+            }
+            Err(e) => Err(upstream_error(&e, Kind::Blob, &format!("blob {digest}"))),
         }
     }
 
@@ -452,9 +470,8 @@ impl Mirror {
         digest: &Digest,
         head: bool,
     ) -> Result<(BlobAnswer, CacheResult), RegistryError> {
-        let member = self.manifests.is_member(&t.registry, &t.repo, digest);
         if let Some(blob) = self.blobs.lookup(digest) {
-            if !member {
+            if !self.manifests.is_member(&t.registry, &t.repo, digest) {
                 self.confirm_member(t, digest).await?;
             }
             return Ok((BlobAnswer::Cached(blob), CacheResult::Hit));
@@ -480,6 +497,7 @@ impl Mirror {
             return Ok((BlobAnswer::Head { len }, CacheResult::Miss));
         }
         let metrics = self.metrics.clone();
+        let manifests = self.manifests.clone();
         let (fill, joined) = self.blobs.fill(digest, &t.registry, t.repo.as_str(), || {
             let (repo, digest, registry) = (t.repo.clone(), digest.clone(), t.registry.clone());
             async move {
@@ -493,6 +511,8 @@ impl Mirror {
                     )
                     .await
                     .map_err(|e| upstream_error(&e, Kind::Blob, &format!("blob {digest}")))?;
+                // Upstream serves it under this repository: a member from now on.
+                manifests.add_member(&registry, &repo, &digest);
                 let endpoint = resp.url().origin().ascii_serialization();
                 let len = resp.content_length();
                 let counter = metrics.upstream_bytes.with_label_values(&[&registry]);
@@ -509,17 +529,19 @@ impl Mirror {
             }
             .boxed()
         });
-        if joined && !member {
+        // A joiner from another repository must first show that its repository holds the blob
+        // too; one from the same repository shares the fill's own upstream answer.
+        let same_repo = fill.origin == format!("{}/{}", t.registry, t.repo);
+        if joined && !same_repo && !self.manifests.is_member(&t.registry, &t.repo, digest) {
             self.confirm_member(t, digest).await?;
         }
         let len = fill.wait_started().await?;
-        if !joined {
-            self.manifests.add_member(&t.registry, &t.repo, digest);
-        }
-        let result = if joined {
-            CacheResult::Coalesced
-        } else {
-            CacheResult::Miss
+        // Joining a fill that already arrived whole and verified is a cache hit in all but
+        // name (the blob is being committed to disk).
+        let result = match (joined, fill.is_complete()) {
+            (false, _) => CacheResult::Miss,
+            (true, false) => CacheResult::Coalesced,
+            (true, true) => CacheResult::Hit,
         };
         Ok((BlobAnswer::Filling { fill, len }, result))
     }

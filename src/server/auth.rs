@@ -150,7 +150,8 @@ impl Auth {
         let full = format!("{}/{}", target.registry, target.repo);
         self.rules.iter().any(|r| {
             r.users.iter().any(|u| match (u.as_str(), who) {
-                ("anonymous", Identity::Anonymous) => true,
+                // What anyone may pull without credentials, users who log in may pull too.
+                ("anonymous", _) => true,
                 ("*", Identity::User(_)) => true,
                 (name, Identity::User(user)) => name == user,
                 _ => false,
@@ -197,8 +198,15 @@ impl Auth {
         }
     }
 
-    /// The `WWW-Authenticate` challenge, for a request that arrived with `host`.
-    pub fn challenge(&self, host: Option<&str>, tls: bool, scope: Option<&str>) -> String {
+    /// The `WWW-Authenticate` challenge, for a request that arrived with `host`;
+    /// `insufficient` when a valid token lacked the scope.
+    pub fn challenge(
+        &self,
+        host: Option<&str>,
+        tls: bool,
+        scope: Option<&str>,
+        insufficient: bool,
+    ) -> String {
         let realm = self.realm.clone().unwrap_or_else(|| {
             let scheme = if tls { "https" } else { "http" };
             format!("{scheme}://{}/token", host.unwrap_or("localhost"))
@@ -206,6 +214,9 @@ impl Auth {
         let mut c = format!("Bearer realm=\"{realm}\",service=\"{SERVICE}\"");
         if let Some(s) = scope {
             c.push_str(&format!(",scope=\"{s}\""));
+        }
+        if insufficient {
+            c.push_str(",error=\"insufficient_scope\"");
         }
         c
     }

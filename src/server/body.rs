@@ -139,6 +139,8 @@ pub struct Meter {
     pub path: String,
     /// The registry the request routed to, if it named a repository.
     pub registry: Option<Arc<str>>,
+    /// Who made it, with `[auth]` ("-" without).
+    pub user: Option<String>,
     pub status: u16,
     pub cache: Option<CacheResult>,
     pub bytes: u64,
@@ -169,16 +171,17 @@ impl Drop for Meter {
         }
         let cache = self.cache.map_or("-", CacheResult::as_str);
         let registry = self.registry.as_deref().unwrap_or("-");
+        let user = self.user.as_deref().unwrap_or("-");
         let us = self.started.elapsed().as_micros() as u64;
         match &self.aborted {
             None => tracing::info!(
                 target: "berth::access",
-                method = %self.method, path = %self.path, registry = %registry,
+                method = %self.method, path = %self.path, registry = %registry, user = %user,
                 status = self.status, bytes = self.bytes, us, cache = %cache, "request"
             ),
             Some(e) => tracing::warn!(
                 target: "berth::access",
-                method = %self.method, path = %self.path, registry = %registry,
+                method = %self.method, path = %self.path, registry = %registry, user = %user,
                 status = self.status, bytes = self.bytes, us, cache = %cache, error = %e,
                 "request aborted"
             ),

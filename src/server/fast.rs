@@ -248,6 +248,7 @@ async fn respond(
         method: http::Method::GET,
         path: req.path,
         registry: Some(req.target.registry.clone()),
+        user: None,
         status: 200,
         cache: None,
         bytes: 0,
@@ -263,8 +264,11 @@ async fn respond(
         &meter.path,
         Some(&req.target),
     );
-    if let Err((e, challenge)) = auth {
-        return write_error(stream, &mut meter, &e, challenge.as_deref(), req.keep_alive).await;
+    match auth {
+        Ok(who) => meter.user = who.map(|w| w.name().to_owned()),
+        Err((e, challenge)) => {
+            return write_error(stream, &mut meter, &e, challenge.as_deref(), req.keep_alive).await;
+        }
     }
     let answer = app.mirror.blob(&req.target, &req.digest, false).await;
     let (answer, result) = match answer {
@@ -383,6 +387,7 @@ async fn write_error(
     );
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
+    meter.bytes += body.len() as u64;
     meter.complete = true;
     Ok(())
 }

@@ -49,7 +49,11 @@ impl App {
             Ok(who) => Ok(Some(who)),
             Err(Denial::Forbidden(e)) => Err((e, None)),
             Err(Denial::Challenge(e, scope)) => {
-                Err((e, Some(auth.challenge(host, self.tls, scope.as_deref()))))
+                let insufficient = e.code == ErrorCode::Denied;
+                Err((
+                    e,
+                    Some(auth.challenge(host, self.tls, scope.as_deref(), insufficient)),
+                ))
             }
         }
     }
@@ -94,6 +98,7 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>, peer: IpAddr) -> Response
         Ok(r) => r.target().map(|t| t.registry.clone()),
         Err(_) => None,
     };
+    let mut user = None;
     let answer = match route {
         _ if req.uri().to_string().len() > super::MAX_URI => Err(RegistryError::new(
             ErrorCode::NameInvalid,
@@ -116,7 +121,10 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>, peer: IpAddr) -> Response
             let authorization = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
             let host = h.get(header::HOST).and_then(|v| v.to_str().ok());
             match app.authorize(authorization, host, &path, route.target()) {
-                Ok(who) => dispatch(&app, route, &req, who).await,
+                Ok(who) => {
+                    user = who.as_ref().map(|w| w.name().to_owned());
+                    dispatch(&app, route, &req, who).await
+                }
                 Err((e, challenge)) => {
                     let mut r = error_response(&e);
                     if let Some(v) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
@@ -141,6 +149,7 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>, peer: IpAddr) -> Response
         method,
         path,
         registry,
+        user,
         status,
         cache,
         bytes: 0,

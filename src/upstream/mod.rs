@@ -296,6 +296,11 @@ impl Upstream {
             let started = Instant::now();
             let resp = match req.send().await {
                 Ok(r) => r,
+                Err(e) if e.is_redirect() => {
+                    // The endpoint answered; where it pointed is refused by policy.
+                    tracing::warn!(registry = %self.name, endpoint = label, error = %error_chain(&e), "upstream redirect refused");
+                    return Err(UpstreamError::Invalid(error_chain(&e)));
+                }
                 Err(e) => {
                     self.metrics.record_upstream(
                         &self.name,

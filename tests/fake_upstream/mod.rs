@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +16,6 @@ use hyper::body::Frame;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -29,6 +29,26 @@ pub enum Behaviour {
     Status(u16),
     /// Blob bodies are sent in 64 KiB pieces with this pause between them.
     Slow(Duration),
+    /// Blob GETs answer `307` to this URL (`{digest}` in it is replaced by the blob's digest).
+    Redirect(String),
+    /// Blob GETs announce a Content-Length 1 MiB larger than the blob, send the whole blob,
+    /// then close the connection.
+    LyingLength,
+    /// Manifest GETs answer a 5 MiB JSON body, streamed without a Content-Length.
+    HugeManifest,
+    /// `/token` answers 200 with this body instead of a token.
+    GarbageToken(String),
+    /// Every `fail_every`th blob GET fails, deterministically: alternately cut halfway and
+    /// answered 503.
+    Flaky {
+        fail_every: usize,
+    },
+    /// Manifest and blob requests wait this long before answering anything (no headers).
+    Stall(Duration),
+    /// Blob bodies send their first half, go silent for this long, then send the rest.
+    StallMidway(Duration),
+    /// Every new connection is reset (RST) at once, before its request is read.
+    Reset,
 }
 
 #[derive(Default)]
@@ -43,6 +63,10 @@ pub struct State {
     pub token: Mutex<Option<String>>,
     /// Repositories whose blobs are hidden (404), as a private repository would be.
     pub hidden_repos: Mutex<Vec<String>>,
+    /// Blob GETs seen (what `Behaviour::Flaky` counts).
+    pub blob_gets: AtomicUsize,
+    /// Connections accepted.
+    pub connections: AtomicUsize,
 }
 
 pub struct FakeUpstream {
@@ -58,7 +82,39 @@ impl Drop for FakeUpstream {
 }
 
 pub fn sha256(b: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+    let mut h = Sha256Hasher::new();
+    h.update(b);
+    h.finish()
+}
+
+/// Incremental SHA-256 from aws-lc (reached through rustls, a dependency of berth). In the
+/// unoptimized test profile the `sha2` crate hashes about 35 MiB/s; aws-lc's assembly about
+/// 750 MiB/s, so tests that verify many large bodies are not bound by their own hashing.
+pub struct Sha256Hasher(Box<dyn rustls::crypto::hash::Context>);
+
+impl Sha256Hasher {
+    pub fn new() -> Sha256Hasher {
+        let rustls::SupportedCipherSuite::Tls13(suite) =
+            rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256
+        else {
+            unreachable!("TLS13_AES_128_GCM_SHA256 is a TLS 1.3 suite")
+        };
+        let hash = suite.common.hash_provider;
+        assert_eq!(
+            hash.algorithm(),
+            rustls::crypto::hash::HashAlgorithm::SHA256
+        );
+        Sha256Hasher(hash.start())
+    }
+
+    pub fn update(&mut self, b: &[u8]) {
+        self.0.update(b);
+    }
+
+    /// `sha256:<hex>`.
+    pub fn finish(self) -> String {
+        format!("sha256:{}", hex::encode(self.0.finish().as_ref()))
+    }
 }
 
 type Body = BoxBody<Bytes, std::io::Error>;
@@ -78,16 +134,32 @@ impl FakeUpstream {
     }
 
     /// Serves `state` on `listener` (a restart keeps the state and the address).
+    /// Dropping the `FakeUpstream` closes the listener and every open connection.
     pub async fn start_on(listener: TcpListener, state: Arc<State>) -> FakeUpstream {
         let addr = listener.local_addr().expect("local addr");
         let st = state.clone();
         let task = tokio::spawn(async move {
+            // Connections live in this set: aborting the accept task drops them all.
+            let mut conns = tokio::task::JoinSet::new();
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+                };
+                let Ok((stream, _)) = accepted else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
+                st.connections.fetch_add(1, Ordering::Relaxed);
+                let reset = *st.behaviour.lock().expect("lock") == Some(Behaviour::Reset);
+                if reset {
+                    // SO_LINGER 0: close() sends RST instead of FIN.
+                    let _ = linger_zero(&stream);
+                    drop(stream);
+                    continue;
+                }
                 let st = st.clone();
-                tokio::spawn(async move {
+                conns.spawn(async move {
                     let svc = service_fn(move |req| {
                         let st = st.clone();
                         async move { Ok::<_, Infallible>(handle(st, req).await) }
@@ -99,6 +171,25 @@ impl FakeUpstream {
             }
         });
         FakeUpstream { addr, state, task }
+    }
+
+    /// Serves `state` on 127.0.0.1:`port` again, after an earlier `FakeUpstream` on that port
+    /// was dropped (retries the bind for up to 5 s while the old listener closes).
+    pub async fn start_on_port(port: u16, state: Arc<State>) -> FakeUpstream {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match std::net::TcpListener::bind(("127.0.0.1", port)) {
+                Ok(l) => break l,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("rebind fake upstream on port {port}: {e}"),
+            }
+        };
+        listener.set_nonblocking(true).expect("nonblocking");
+        let listener = TcpListener::from_std(listener).expect("tokio listener");
+        Self::start_on(listener, state).await
     }
 
     pub fn url(&self) -> String {
@@ -194,7 +285,19 @@ async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response
         .expect("lock")
         .push(format!("{} {path}{query}", req.method()));
     let head = req.method() == hyper::Method::HEAD;
+    let behaviour = st
+        .behaviour
+        .lock()
+        .expect("lock")
+        .clone()
+        .unwrap_or(Behaviour::Normal);
     if path == "/token" {
+        if let Behaviour::GarbageToken(body) = &behaviour {
+            let mut r = full(StatusCode::OK, body.clone());
+            r.headers_mut()
+                .insert("content-type", "application/json".parse().expect("header"));
+            return r;
+        }
         let token = st.token.lock().expect("lock").clone().unwrap_or_default();
         return full(
             StatusCode::OK,
@@ -224,12 +327,6 @@ async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response
             return r;
         }
     }
-    let behaviour = st
-        .behaviour
-        .lock()
-        .expect("lock")
-        .clone()
-        .unwrap_or(Behaviour::Normal);
     if let Behaviour::Status(s) = behaviour {
         let mut r = full(
             StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -242,6 +339,29 @@ async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response
     if path == "/v2/" {
         return full(StatusCode::OK, "{}");
     }
+    // An endless redirect chain, and a "CDN" that serves blobs at /cdn/<digest>.
+    if let Some(n) = path.strip_prefix("/loop/") {
+        let next = n.parse::<u64>().unwrap_or(0) + 1;
+        let mut r = full(StatusCode::FOUND, "");
+        r.headers_mut()
+            .insert("location", format!("/loop/{next}").parse().expect("header"));
+        return r;
+    }
+    if let Some(digest) = path.strip_prefix("/cdn/") {
+        let found = st.blobs.lock().expect("lock").get(digest).cloned();
+        return match found {
+            Some(data) => {
+                let len = data.len();
+                let mut r = Response::new(blob_body(data, Behaviour::Normal));
+                r.headers_mut().insert("content-length", len.into());
+                r
+            }
+            None => full(StatusCode::NOT_FOUND, "{}"),
+        };
+    }
+    if let Behaviour::Stall(d) = behaviour {
+        tokio::time::sleep(d).await;
+    }
     let rest = path.strip_prefix("/v2/").unwrap_or("");
     if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
         let found = st
@@ -250,6 +370,9 @@ async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response
             .expect("lock")
             .get(&(repo.to_owned(), reference.to_owned()))
             .cloned();
+        if behaviour == Behaviour::HugeManifest && !head {
+            return huge_manifest();
+        }
         return match found {
             Some((mt, bytes)) => {
                 let len = bytes.len();
@@ -288,6 +411,39 @@ async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response
             );
         };
         let len = data.len();
+        let mut behaviour = behaviour;
+        if !head {
+            let n = st.blob_gets.fetch_add(1, Ordering::Relaxed) + 1;
+            match &behaviour {
+                Behaviour::Redirect(to) => {
+                    let mut r = full(StatusCode::TEMPORARY_REDIRECT, "");
+                    let to = to.replace("{digest}", digest);
+                    r.headers_mut()
+                        .insert("location", to.parse().expect("redirect header"));
+                    return r;
+                }
+                Behaviour::Flaky { fail_every }
+                    if *fail_every > 0 && n.is_multiple_of(*fail_every) =>
+                {
+                    if (n / fail_every).is_multiple_of(2) {
+                        let mut r = full(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            r#"{"errors":[{"code":"UNAVAILABLE"}]}"#,
+                        );
+                        r.headers_mut()
+                            .insert("retry-after", "1".parse().expect("header"));
+                        return r;
+                    }
+                    behaviour = Behaviour::Cut;
+                }
+                _ => {}
+            }
+        }
+        let announced = if behaviour == Behaviour::LyingLength {
+            len + 1024 * 1024
+        } else {
+            len
+        };
         let body: Body = if head {
             Full::new(Bytes::new())
                 .map_err(|never| match never {})
@@ -296,7 +452,7 @@ async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response
             blob_body(data, behaviour)
         };
         let mut r = Response::new(body);
-        r.headers_mut().insert("content-length", len.into());
+        r.headers_mut().insert("content-length", announced.into());
         r.headers_mut()
             .insert("docker-content-digest", digest.parse().expect("header"));
         return r;
@@ -359,6 +515,20 @@ fn async_stream(
                     p = Bytes::from(v);
                 }
                 Behaviour::Slow(d) => tokio::time::sleep(*d).await,
+                Behaviour::StallMidway(d) if sent < len / 2 && sent + p.len() >= len / 2 => {
+                    // Send up to the middle, then go silent.
+                    let mid = len / 2 - sent;
+                    let head = p.slice(..mid);
+                    p = p.slice(mid..);
+                    sent += head.len();
+                    if !head.is_empty() && tx.send(Ok(Frame::data(head))).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(*d).await;
+                    if p.is_empty() {
+                        continue;
+                    }
+                }
                 _ => {}
             }
             sent += p.len();
@@ -374,4 +544,26 @@ fn tokio_stream_from<T: Send + 'static>(
     mut rx: tokio::sync::mpsc::Receiver<T>,
 ) -> impl futures_util::Stream<Item = T> + Send + Sync + 'static {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// A 5 MiB JSON manifest-like body, in 64 KiB chunks, without a Content-Length.
+fn huge_manifest() -> Response<Body> {
+    const SIZE: usize = 5 * 1024 * 1024;
+    let mut v = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","annotations":{"pad":""#.to_vec();
+    v.resize(SIZE - 3, b'a');
+    v.extend_from_slice(b"\"}}");
+    let data = Bytes::from(v);
+    let mut r = Response::new(blob_body(data, Behaviour::Normal));
+    r.headers_mut().insert(
+        "content-type",
+        "application/vnd.oci.image.manifest.v1+json"
+            .parse()
+            .expect("header"),
+    );
+    r
+}
+
+/// Sets SO_LINGER to zero, so that closing the socket resets the connection.
+fn linger_zero(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+    stream.set_zero_linger()
 }

@@ -72,13 +72,16 @@ pub struct Berth {
     log: PathBuf,
     listen: SocketAddr,
     admin: SocketAddr,
+    /// With `[auth]`, an anonymous `GET /v2/` is answered 401 (a challenge): that is ready too.
+    auth: bool,
     // Last: removed after the daemon is stopped.
     dir: TempDir,
 }
 
 impl Berth {
     /// Writes `config_toml` to a file, starts berth with it, and waits (20 s) until
-    /// `GET /v2/` on `server.listen` answers 200. Panics with berth's log otherwise.
+    /// `GET /v2/` on `server.listen` answers 200 (or, with an `[auth]` table, 401: the
+    /// challenge an anonymous client gets). Panics with berth's log otherwise.
     pub fn start(config_toml: &str) -> Berth {
         Berth::try_start(config_toml).unwrap_or_else(|e| panic!("{e}"))
     }
@@ -108,6 +111,7 @@ impl Berth {
 
     fn start_in(dir: TempDir, config_toml: &str) -> Result<Berth, String> {
         let (listen, admin) = listen_addrs(config_toml);
+        let auth = toml::from_str::<toml::Table>(config_toml).is_ok_and(|t| t.contains_key("auth"));
         let config = dir.path().join("berth.toml");
         std::fs::write(&config, config_toml).expect("write berth config");
         let log = dir.path().join("berth.log");
@@ -117,6 +121,7 @@ impl Berth {
             log,
             listen,
             admin,
+            auth,
             dir,
         };
         berth.wait_ready()?;
@@ -124,7 +129,7 @@ impl Berth {
     }
 
     fn wait_ready(&mut self) -> Result<(), String> {
-        let listen = self.listen;
+        let (listen, auth) = (self.listen, self.auth);
         let daemon = &mut self.daemon;
         let ready = wait_for("berth GET /v2/", READY_TIMEOUT, || {
             if let Err(e) = daemon.check_running() {
@@ -132,6 +137,7 @@ impl Berth {
             }
             match http_status(listen, "/v2/") {
                 Ok(200) => Probe::Ready(()),
+                Ok(401) if auth => Probe::Ready(()),
                 Ok(code) => Probe::Pending(format!("status {code}")),
                 Err(e) => Probe::Pending(e.to_string()),
             }

@@ -49,15 +49,21 @@ pub struct AccessEntry {
 impl Registry {
     /// Starts an open (no auth) registry and waits until `GET /v2/` answers.
     pub fn start() -> Registry {
-        Registry::launch(None)
+        Registry::launch(None, &[])
+    }
+
+    /// Starts an open registry that adds `headers` (`(name, value)`) to every response, e.g.
+    /// Docker Hub's `ratelimit-remaining: 100;w=21600` (distribution's `http.headers`).
+    pub fn start_with_headers(headers: &[(&str, &str)]) -> Registry {
+        Registry::launch(None, headers)
     }
 
     /// Starts a registry that requires HTTP basic auth (`htpasswd`, bcrypt) for everything.
     pub fn start_with_htpasswd(user: &str, password: &str) -> Registry {
-        Registry::launch(Some((user.to_owned(), password.to_owned())))
+        Registry::launch(Some((user.to_owned(), password.to_owned())), &[])
     }
 
-    fn launch(credentials: Option<(String, String)>) -> Registry {
+    fn launch(credentials: Option<(String, String)>, headers: &[(&str, &str)]) -> Registry {
         let bin = require_program("docker-registry");
         let dir = short_tempdir("reg-");
         let htpasswd = dir.path().join("htpasswd");
@@ -74,6 +80,14 @@ impl Registry {
         let config = dir.path().join("config.yml");
         let access_log = dir.path().join("access.log");
         let error_log = dir.path().join("registry.log");
+        // JSON strings are YAML double-quoted scalars.
+        let extra_headers: String = headers
+            .iter()
+            .map(|(name, value)| {
+                let value = serde_json::to_string(value).expect("header value as JSON");
+                format!("    {name}: [{value}]\n")
+            })
+            .collect();
         let mut failures = Vec::new();
         for _ in 0..PORT_ATTEMPTS {
             let addr = free_addr();
@@ -102,7 +116,7 @@ http:
   secret: berth-tests-not-a-secret
   headers:
     X-Content-Type-Options: [nosniff]
-{auth}",
+{extra_headers}{auth}",
                 root = dir.path().join("data").display(),
             );
             std::fs::write(&config, yaml).expect("write registry config");
