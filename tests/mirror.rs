@@ -683,6 +683,26 @@ async fn bad_requests_get_oci_errors() {
         let v: serde_json::Value = r.json().await.expect("json");
         assert_eq!(v["errors"][0]["code"], *code, "{method} {path}");
     }
+    // HEAD answers carry no body, errors included: the keep-alive connection stays in sync.
+    for _ in 0..3 {
+        let r = s
+            .client
+            .head(s.url("/v2/library/app/manifests/nope"))
+            .send()
+            .await
+            .expect("head");
+        assert_eq!(r.status(), 404);
+        let r = s
+            .client
+            .head(s.url("/v2/library/app/manifests/v1"))
+            .send()
+            .await
+            .expect("head");
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().contains_key("docker-content-digest"));
+        assert!(r.headers().contains_key("date"));
+        assert_eq!(s.get("/v2/").await.status(), 200);
+    }
     // The refused ns never reached any upstream.
     assert!(s.up.requests().iter().all(|r| !r.contains("evil")));
 }

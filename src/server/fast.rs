@@ -24,7 +24,7 @@ use crate::cache::Piece;
 use crate::error::RegistryError;
 use crate::metrics::RequestKind;
 use crate::mirror::BlobAnswer;
-use crate::oci::Digest;
+use crate::oci::{Digest, Reference};
 use crate::route::{Route, Target, ns_param};
 
 /// Request heads larger than this go to hyper (which applies its own limits).
@@ -100,20 +100,29 @@ impl AsyncWrite for Prefixed {
     }
 }
 
+/// What a fast-path request asks for.
+enum What {
+    /// `GET` of a whole blob.
+    Blob(Digest),
+    /// `GET` or `HEAD` of a manifest.
+    Manifest { reference: Reference, head: bool },
+}
+
 /// A request head the fast path takes.
-struct BlobGet {
+struct FastRequest {
+    what: What,
     target: Target,
-    digest: Digest,
     path: String,
     keep_alive: bool,
     authorization: Option<String>,
     host: Option<String>,
+    accept: Vec<String>,
 }
 
 enum Parsed {
     /// More bytes are needed.
     Partial,
-    Fast(BlobGet, usize),
+    Fast(FastRequest, usize),
     /// Not for the fast path (or not parseable here): hyper decides.
     Other,
 }
@@ -126,9 +135,11 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
         _ => return Parsed::Other,
     };
-    if req.method != Some("GET") {
-        return Parsed::Other;
-    }
+    let head = match req.method {
+        Some("GET") => false,
+        Some("HEAD") => true,
+        _ => return Parsed::Other,
+    };
     let Some(uri) = req
         .path
         .filter(|p| p.starts_with('/') && p.len() <= super::MAX_URI)
@@ -137,7 +148,7 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
     };
     let version = req.version.unwrap_or(0);
     let mut keep_alive = version == 1;
-    let (mut authorization, mut host) = (None, None);
+    let (mut authorization, mut host, mut accept) = (None, None, Vec::new());
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("range")
@@ -156,6 +167,8 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
             authorization = text();
         } else if name.eq_ignore_ascii_case("host") {
             host = text();
+        } else if name.eq_ignore_ascii_case("accept") {
+            accept.extend(text());
         }
         if name.eq_ignore_ascii_case("connection") {
             let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
@@ -170,20 +183,23 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
         Some((p, q)) => (p, Some(q)),
         None => (uri, None),
     };
-    match app.router.route(path, ns_param(query)) {
-        Ok(Route::Blob { target, digest }) => Parsed::Fast(
-            BlobGet {
-                target,
-                digest,
-                path: path.to_owned(),
-                keep_alive,
-                authorization,
-                host,
-            },
-            n,
-        ),
-        _ => Parsed::Other,
-    }
+    let (what, target) = match app.router.route(path, ns_param(query)) {
+        Ok(Route::Blob { target, digest }) if !head => (What::Blob(digest), target),
+        Ok(Route::Manifest { target, reference }) => (What::Manifest { reference, head }, target),
+        _ => return Parsed::Other,
+    };
+    Parsed::Fast(
+        FastRequest {
+            what,
+            target,
+            path: path.to_owned(),
+            keep_alive,
+            authorization,
+            host,
+            accept,
+        },
+        n,
+    )
 }
 
 /// Serves blob GETs on `stream` until it closes or a request for hyper arrives.
@@ -238,14 +254,19 @@ pub async fn serve(
 async fn respond(
     app: &App,
     stream: &mut TcpStream,
-    req: BlobGet,
+    req: FastRequest,
     peer: std::net::IpAddr,
 ) -> io::Result<()> {
+    let (kind, method) = match &req.what {
+        What::Blob(_) => (RequestKind::Blob, http::Method::GET),
+        What::Manifest { head: false, .. } => (RequestKind::Manifest, http::Method::GET),
+        What::Manifest { head: true, .. } => (RequestKind::Manifest, http::Method::HEAD),
+    };
     let mut meter = Meter {
         metrics: app.mirror.metrics_arc(),
         started: Instant::now(),
-        kind: RequestKind::Blob,
-        method: http::Method::GET,
+        kind,
+        method,
         path: req.path,
         registry: Some(req.target.registry.clone()),
         user: None,
@@ -270,7 +291,33 @@ async fn respond(
             return write_error(stream, &mut meter, &e, challenge.as_deref(), req.keep_alive).await;
         }
     }
-    let answer = app.mirror.blob(&req.target, &req.digest, false).await;
+    let digest = match req.what {
+        What::Blob(d) => d,
+        What::Manifest { reference, head } => {
+            let accept: Vec<&str> = req.accept.iter().map(String::as_str).collect();
+            return match app.mirror.manifest(&req.target, &reference, &accept).await {
+                Ok((m, result)) => {
+                    app.mirror
+                        .metrics()
+                        .record_cache(RequestKind::Manifest, result);
+                    meter.cache = Some(result);
+                    let mut out = Vec::with_capacity(256 + m.header_block.len() + m.bytes.len());
+                    out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+                    out.extend_from_slice(&m.header_block);
+                    out.extend_from_slice(common_headers(req.keep_alive).as_bytes());
+                    if !head {
+                        out.extend_from_slice(&m.bytes);
+                        meter.bytes += m.bytes.len() as u64;
+                    }
+                    let sent = stream.write_all(&out).await;
+                    meter.complete = sent.is_ok();
+                    sent
+                }
+                Err(e) => write_error(stream, &mut meter, &e, None, req.keep_alive).await,
+            };
+        }
+    };
+    let answer = app.mirror.blob(&req.target, &digest, false).await;
     let (answer, result) = match answer {
         Ok(a) => a,
         Err(e) => return write_error(stream, &mut meter, &e, None, req.keep_alive).await,
@@ -279,11 +326,11 @@ async fn respond(
     meter.cache = Some(result);
     let sent = match answer {
         BlobAnswer::Cached(blob) => {
-            write_head(stream, &req.digest, Some(blob.len), req.keep_alive).await?;
+            write_head(stream, &digest, Some(blob.len), req.keep_alive).await?;
             send_file(stream, &blob.file, 0, blob.len, &mut meter).await
         }
         BlobAnswer::Filling { fill, len } => {
-            write_head(stream, &req.digest, len, req.keep_alive).await?;
+            write_head(stream, &digest, len, req.keep_alive).await?;
             let mut reader = fill.reader(0, len);
             let chunked = len.is_none();
             let mut result = Ok(());
@@ -341,6 +388,34 @@ where
     Ok(())
 }
 
+/// The headers every fast-path response ends with (and the blank line).
+fn common_headers(keep_alive: bool) -> String {
+    format!(
+        "docker-distribution-api-version: registry/2.0\r\ndate: {}\r\nconnection: {}\r\n\r\n",
+        http_date(),
+        if keep_alive { "keep-alive" } else { "close" }
+    )
+}
+
+/// The current HTTP date, formatted once a second per thread.
+fn http_date() -> String {
+    thread_local! {
+        static CACHED: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
+    }
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    CACHED.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs || c.1.is_empty() {
+            *c = (secs, httpdate::fmt_http_date(now));
+        }
+        c.1.clone()
+    })
+}
+
 async fn write_head(
     stream: &mut TcpStream,
     digest: &Digest,
@@ -353,9 +428,8 @@ async fn write_head(
     };
     let head = format!(
         "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ndocker-content-digest: {digest}\r\n\
-         etag: \"{digest}\"\r\naccept-ranges: bytes\r\ndocker-distribution-api-version: registry/2.0\r\n\
-         {length}connection: {}\r\n\r\n",
-        if keep_alive { "keep-alive" } else { "close" }
+         etag: \"{digest}\"\r\naccept-ranges: bytes\r\n{length}{}",
+        common_headers(keep_alive)
     );
     stream.write_all(head.as_bytes()).await
 }
@@ -377,17 +451,19 @@ async fn write_error(
     if let Some(c) = challenge {
         retry.push_str(&format!("www-authenticate: {c}\r\n"));
     }
-    let head = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-         docker-distribution-api-version: registry/2.0\r\n{retry}connection: {}\r\n\r\n",
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}{}",
         status.as_u16(),
         status.canonical_reason().unwrap_or(""),
         body.len(),
-        if keep_alive { "keep-alive" } else { "close" }
+        common_headers(keep_alive)
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    meter.bytes += body.len() as u64;
+    // A HEAD answer has the body's headers but never the body.
+    if meter.method != http::Method::HEAD {
+        out.push_str(&body);
+        meter.bytes += body.len() as u64;
+    }
+    stream.write_all(out.as_bytes()).await?;
     meter.complete = true;
     Ok(())
 }
