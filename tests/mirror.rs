@@ -719,3 +719,87 @@ async fn tags_and_catalog() {
     let v: serde_json::Value = s.get("/v2/_catalog").await.json().await.expect("json");
     assert_eq!(v["repositories"], serde_json::json!(["library/app"]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_redirects_are_followed_without_forwarding_credentials() {
+    // Docker Hub answers blob GETs with a 307 to its CDN: berth follows it upstream-side, and
+    // the Authorization header (a bearer token here) never reaches the other host.
+    let cdn = FakeUpstream::start().await;
+    let data = random_bytes(300_000, 7);
+    let digest = cdn.add_blob(data.clone());
+    let up = FakeUpstream::start().await;
+    up.add_blob(data.clone());
+    let config_digest = up.add_blob(Bytes::from_static(b"{}"));
+    up.add_image(
+        "library/app",
+        "v1",
+        &config_digest,
+        std::slice::from_ref(&digest),
+    );
+    *up.state.token.lock().expect("lock") = Some("tok".into());
+    up.set(Behaviour::Redirect(format!(
+        "http://{}/cdn/{{digest}}",
+        cdn.addr
+    )));
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The CDN is on loopback, so it must be a configured endpoint for the redirect to be
+    // followed (a redirect to any other local address is refused).
+    let text = format!(
+        r#"
+        [server]
+        listen = "127.0.0.1:0"
+        admin_listen = "127.0.0.1:0"
+        [cache]
+        dir = "{}"
+        [[registry]]
+        name = "docker.io"
+        default = true
+        endpoints = ["{}"]
+        [[registry]]
+        name = "cdn.local"
+        endpoints = ["{}"]
+        "#,
+        dir.path().display(),
+        up.url(),
+        cdn.url()
+    );
+    let b = berth::start(berth::config::Config::parse(&text).expect("config"))
+        .await
+        .expect("start");
+    let c = reqwest::Client::new();
+    let base = format!("http://{}", b.addr);
+    assert_eq!(
+        c.get(format!("{base}/v2/library/app/manifests/v1"))
+            .send()
+            .await
+            .expect("manifest")
+            .status(),
+        200
+    );
+    let r = c
+        .get(format!("{base}/v2/library/app/blobs/{digest}"))
+        .send()
+        .await
+        .expect("blob");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.expect("body"), data);
+    let blob_get = format!("GET /v2/library/app/blobs/{digest}");
+    assert!(
+        up.state
+            .authorized
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|l| l == &blob_get),
+        "the registry got the token"
+    );
+    assert_eq!(
+        cdn.count(&format!("GET /cdn/{digest}")),
+        1,
+        "the redirect was followed"
+    );
+    assert!(
+        cdn.state.authorized.lock().expect("lock").is_empty(),
+        "credentials leaked to the CDN host"
+    );
+}

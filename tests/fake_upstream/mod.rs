@@ -59,6 +59,8 @@ pub struct State {
     pub behaviour: Mutex<Option<Behaviour>>,
     /// Every request as "METHOD path?query".
     pub log: Mutex<Vec<String>>,
+    /// The requests (as in `log`) that carried an Authorization header.
+    pub authorized: Mutex<Vec<String>>,
     /// When set, registry requests need `Authorization: Bearer <token>`, issued by /token.
     pub token: Mutex<Option<String>>,
     /// Repositories whose blobs are hidden (404), as a private repository would be.
@@ -280,10 +282,11 @@ async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response
         .query()
         .map(|q| format!("?{q}"))
         .unwrap_or_default();
-    st.log
-        .lock()
-        .expect("lock")
-        .push(format!("{} {path}{query}", req.method()));
+    let line = format!("{} {path}{query}", req.method());
+    if req.headers().contains_key("authorization") {
+        st.authorized.lock().expect("lock").push(line.clone());
+    }
+    st.log.lock().expect("lock").push(line);
     let head = req.method() == hyper::Method::HEAD;
     let behaviour = st
         .behaviour
