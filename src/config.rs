@@ -591,8 +591,12 @@ pub mod human_size {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn parse(s: &str) -> Result<u64, String> {
-        s.trim()
-            .parse::<bytesize::ByteSize>()
+        let t = s.trim();
+        // Whole bytes are taken exactly (the unit parser goes through floating point).
+        if let Ok(n) = t.strip_suffix('B').unwrap_or(t).trim().parse::<u64>() {
+            return Ok(n);
+        }
+        t.parse::<bytesize::ByteSize>()
             .map(|b| b.as_u64())
             .map_err(|e| format!("{s:?} is not a size like \"50GiB\": {e}"))
     }
@@ -610,14 +614,20 @@ pub mod human_size {
         }
     }
 
+    /// Exact: the largest binary unit that divides the value, else bytes.
     pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(
-            &bytesize::ByteSize(*v)
-                .display()
-                .iec()
-                .to_string()
-                .replace(' ', ""),
-        )
+        const UNITS: [(u64, &str); 4] = [
+            (1 << 40, "TiB"),
+            (1 << 30, "GiB"),
+            (1 << 20, "MiB"),
+            (1 << 10, "KiB"),
+        ];
+        for (size, name) in UNITS {
+            if *v >= size && v % size == 0 {
+                return s.serialize_str(&format!("{}{name}", v / size));
+            }
+        }
+        s.serialize_str(&format!("{v}B"))
     }
 }
 
@@ -670,6 +680,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.cache.max_size, 50 * 1024 * 1024 * 1024);
+        for size in ["1.5GiB", "1000000000", "1025KiB", "3MB", "7"] {
+            let c = Config::parse(&format!(
+                "[cache]\nmax_size = \"{size}\"\n[[registry]]\nname = \"a\"\nendpoints = [\"http://a\"]\n"
+            ));
+            if let Ok(c) = c {
+                let again = Config::parse(&c.to_toml()).unwrap();
+                assert_eq!(again.cache.max_size, c.cache.max_size, "{size}");
+            }
+        }
         assert_eq!(c.cache.tag_ttl, Duration::from_secs(5400));
         assert!(!c.registries[0].endpoints[0].mirror);
         assert!(c.registries[0].endpoints[1].mirror);

@@ -192,7 +192,7 @@ impl Router {
     fn make_target(&self, registry: Arc<str>, name: &str) -> Option<Target> {
         let mut repo = name.parse::<RepoName>().ok()?;
         if &*registry == "docker.io" {
-            repo = repo.with_docker_library();
+            repo = repo.with_docker_library()?;
         }
         Some(Target { registry, repo })
     }

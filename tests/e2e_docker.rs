@@ -8,7 +8,16 @@ use support::*;
 
 #[test]
 fn dockerd_pulls_through_berth_and_from_cache_when_upstream_is_gone() {
-    let mut registry = Registry::start();
+    // Rate-limit headers as Docker Hub sends them: berth exports the last
+    // `ratelimit-remaining` (berth_upstream_ratelimit_remaining, which exists only once an
+    // upstream has sent one), so the metrics dump below has every family berth can export.
+    let mut registry = Registry::start_with_headers(&[
+        ("RateLimit-Limit", "100;w=21600"),
+        (
+            "RateLimit-Remaining",
+            &format!("{RATELIMIT_REMAINING};w=21600"),
+        ),
+    ]);
     let image = seed_image(&registry, "library/app", "v1", 3);
     let index = seed_index(&registry, "library/multi", "v1");
     let berth = Berth::start_mirror(&registry.url());
@@ -64,6 +73,11 @@ fn dockerd_pulls_through_berth_and_from_cache_when_upstream_is_gone() {
 
     // The figures berth exports agree with what happened, and are valid exposition format.
     let metrics = http_get_text(berth.admin_addr(), "/metrics").expect("metrics");
+    // tests/run.sh checks the dashboard's and the alerts' metric names against this dump
+    // (tests/chart.sh with BERTH_METRICS_FILE).
+    let dump = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/metrics-e2e.txt");
+    std::fs::create_dir_all(dump.parent().expect("target dir")).expect("mkdir target");
+    std::fs::write(&dump, &metrics).unwrap_or_else(|e| panic!("write {}: {e}", dump.display()));
     let blobs = image.blobs().len() + amd64.blobs().len();
     assert_eq!(
         sample(
@@ -80,8 +94,19 @@ fn dockerd_pulls_through_berth_and_from_cache_when_upstream_is_gone() {
         ),
         blobs as f64
     );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"berth_upstream_ratelimit_remaining{registry="docker.io"}"#
+        ),
+        RATELIMIT_REMAINING as f64,
+        "{metrics}"
+    );
     promtool_check(&metrics);
 }
+
+/// What the upstream says is left of its rate limit.
+const RATELIMIT_REMAINING: u32 = 76;
 
 #[test]
 fn berth_starts_and_serves_with_upstream_unreachable() {

@@ -16,11 +16,15 @@ cargo clippy --all-targets --quiet -- -D warnings
 
 echo "== cargo test"
 mkdir -p target
+# Written by tests/e2e_docker.rs (berth's /metrics after real pulls); checked by the chart tests.
+metrics_dump=target/metrics-e2e.txt
+rm -f "$metrics_dump"
 cargo test 2>&1 | tee target/cargo-test.log
 
 echo "== chart tests"
 cargo build --quiet
-BERTH_BIN=target/debug/berth tests/chart.sh 2>&1 | tee target/chart-test.log
+[[ -s $metrics_dump ]] || { echo "run.sh: $metrics_dump is missing: tests/e2e_docker.rs did not write it" >&2; exit 1; }
+BERTH_BIN=target/debug/berth BERTH_METRICS_FILE=$metrics_dump tests/chart.sh 2>&1 | tee target/chart-test.log
 
 if [[ -x tests/fuzz-smoke.sh ]]; then
   echo "== fuzz smoke runs"

@@ -17,12 +17,13 @@ impl RepoName {
         &self.0
     }
 
-    /// `alpine` on Docker Hub is `library/alpine`.
-    pub fn with_docker_library(self) -> RepoName {
+    /// `alpine` on Docker Hub is `library/alpine`. None when the prefix would make the name
+    /// longer than a name may be.
+    pub fn with_docker_library(self) -> Option<RepoName> {
         if self.0.contains('/') {
-            self
+            Some(self)
         } else {
-            RepoName(format!("library/{}", self.0).into())
+            format!("library/{}", self.0).parse().ok()
         }
     }
 }
@@ -211,9 +212,11 @@ mod tests {
     #[test]
     fn docker_library_prefix() {
         let n: RepoName = "alpine".parse().unwrap();
-        assert_eq!(n.with_docker_library().as_str(), "library/alpine");
+        assert_eq!(n.with_docker_library().unwrap().as_str(), "library/alpine");
         let n: RepoName = "bitnami/redis".parse().unwrap();
-        assert_eq!(n.with_docker_library().as_str(), "bitnami/redis");
+        assert_eq!(n.with_docker_library().unwrap().as_str(), "bitnami/redis");
+        let long: RepoName = "a".repeat(250).parse().unwrap();
+        assert!(long.with_docker_library().is_none());
     }
 
     #[test]
