@@ -623,7 +623,7 @@ pub mod human_size {
             (1 << 10, "KiB"),
         ];
         for (size, name) in UNITS {
-            if *v >= size && v % size == 0 {
+            if *v >= size && v.is_multiple_of(size) {
                 return s.serialize_str(&format!("{}{name}", v / size));
             }
         }
