@@ -11,7 +11,8 @@
 //! blob run, BENCH_FANOUT (16) clients of the cold blob, BENCH_THROTTLE_MBPS (400) upstream rate
 //! for it (MB/s, 10^6), BENCH_FANOUT_HASH ("after": bodies kept in memory and hashed once the
 //! clock stopped, so client hashing does not compete with berth for CPU; "stream": hashed while
-//! received), BERTH_LOG (RUST_LOG for berth, default "info").
+//! received), BENCH_PHASES ("manifest,warm,cold": which phases run, in order; e.g. one phase at
+//! a time under `perf record`), BERTH_LOG (RUST_LOG for berth, default "info").
 
 mod common;
 
@@ -50,15 +51,22 @@ async fn wait_ready(b: &Berth) -> Result<Duration> {
     Err("berth not ready within 60 s".into())
 }
 
+/// What every phase needs.
+struct Ctx {
+    berth: Berth,
+    up: Upstream,
+    addr: std::net::SocketAddr,
+    manifest: bytes::Bytes,
+    warm: String,
+    cold: String,
+    cold_hex: String,
+    blob_len: usize,
+    blob_mb: usize,
+}
+
 async fn run() -> Result<()> {
-    let secs: f64 = env_or("BENCH_SECS", 5.0);
-    let conns: usize = env_or("BENCH_CONNS", 64);
     let blob_mb: usize = env_or("BENCH_BLOB_MB", 256);
-    let blob_clients: usize = env_or("BENCH_BLOB_CLIENTS", 8);
-    let blob_rounds: usize = env_or("BENCH_BLOB_ROUNDS", 3);
-    let fanout: usize = env_or("BENCH_FANOUT", 16);
-    let throttle_mbps: f64 = env_or("BENCH_THROTTLE_MBPS", 400.0);
-    let hash_after = env_or("BENCH_FANOUT_HASH", "after".to_string()) != "stream";
+    let phases: String = env_or("BENCH_PHASES", "manifest,warm,cold".to_string());
     let blob_len = blob_mb * 1024 * 1024;
     let load_start = loadavg();
     println!("berth binary: {}", berth_bin().display());
@@ -88,26 +96,99 @@ async fn run() -> Result<()> {
         berth.pid,
         ms(ready)
     );
-    let addr = berth.addr;
     let self_cpu0 = cpu_secs(self_pid());
+    let ctx = Ctx {
+        addr: berth.addr,
+        berth,
+        up,
+        manifest,
+        warm,
+        cold,
+        cold_hex,
+        blob_len,
+        blob_mb,
+    };
+    let mut ok = true;
+    let mut json = serde_json::json!({"bench": "hot_paths", "load_start": load_start});
+    for phase in phases.split(',') {
+        let (name, v, good) = match phase.trim() {
+            "manifest" => ("manifest", manifest_phase(&ctx).await?, None),
+            "warm" => ("warm_blob", warm_phase(&ctx).await?, None),
+            "cold" => {
+                let (v, good) = cold_phase(&ctx).await?;
+                ("cold_fanout", v, Some(good))
+            }
+            "" => continue,
+            p => return Err(format!("unknown phase {p:?} in BENCH_PHASES").into()),
+        };
+        ok &= good.unwrap_or(true) && v["ok"].as_bool().unwrap_or(true);
+        json[name] = v;
+    }
+    let Ctx { berth, .. } = ctx;
+    let hwm = berth.kib("VmHWM");
+    let rss = berth.kib("VmRSS");
+    let cpu_total = berth.cpu_secs();
+    let self_cpu = cpu_secs(self_pid()) - self_cpu0;
+    let self_hwm = status_kib(self_pid(), "VmHWM");
+    let load_end = loadavg();
+    let log = berth.stop();
+    println!(
+        "berth peak RSS (VmHWM): {:.1} MiB; RSS at the end {:.1} MiB; CPU over the run {cpu_total:.2} s (load generator {self_cpu:.2} s, its VmHWM {:.0} MiB)",
+        hwm as f64 / 1024.0,
+        rss as f64 / 1024.0,
+        self_hwm as f64 / 1024.0
+    );
+    println!(
+        "berth log: {} lines, {} warnings/errors, fills {:?}",
+        log.lines, log.problem_count, log.fills
+    );
+    for p in &log.problems {
+        println!("  berth log: {p}");
+    }
+    println!("load average at end (1/5/15 min): {load_end}");
 
-    // ------------------------------------------------------------ warm manifest by tag
+    json["ok"] = ok.into();
+    json["load_end"] = load_end.clone().into();
+    json["berth"] = serde_json::json!({"vm_hwm_kib": hwm, "vm_rss_end_kib": rss, "cpu_s": round(cpu_total),
+            "log_warnings": log.problem_count, "log_lines": log.lines});
+    println!("{json}");
+    drop(tmp);
+    if !ok {
+        return Err("a correctness check failed (see above)".into());
+    }
+    Ok(())
+}
+
+/// GETs the image manifest by tag, docker-style, and checks it (the first time, berth fetches
+/// it and learns which blobs the repository holds).
+async fn pull_manifest(ctx: &Ctx) -> Result<()> {
+    let mut c = Conn::connect(ctx.addr).await?;
+    c.send(&get_request(
+        ctx.addr,
+        "/v2/bench/app/manifests/latest",
+        DOCKER_ACCEPT,
+    ))
+    .await?;
+    let h = c.read_head().await?;
+    let body = c
+        .read_small_body(h.content_length.unwrap_or(0) as usize)
+        .await?;
+    if h.status != 200 || body != ctx.manifest {
+        return Err(format!("manifest GET: status {}", h.status).into());
+    }
+    Ok(())
+}
+
+async fn manifest_phase(ctx: &Ctx) -> Result<serde_json::Value> {
+    let secs: f64 = env_or("BENCH_SECS", 5.0);
+    let conns: usize = env_or("BENCH_CONNS", 64);
+    let (berth, up, addr, manifest) = (&ctx.berth, &ctx.up, ctx.addr, &ctx.manifest);
     let mreq = Arc::new(get_request(
         addr,
         "/v2/bench/app/manifests/latest",
         DOCKER_ACCEPT,
     ));
-    {
-        let mut c = Conn::connect(addr).await?;
-        c.send(&mreq).await?;
-        let h = c.read_head().await?;
-        let body = c
-            .read_small_body(h.content_length.unwrap_or(0) as usize)
-            .await?;
-        if h.status != 200 || body != manifest {
-            return Err(format!("warm-up manifest GET: status {}", h.status).into());
-        }
-    }
+    pull_manifest(ctx).await?;
     let up_manifest0 = up.count("GET manifest") + up.count("HEAD manifest");
     let (cpu0, scpu0) = (berth.cpu_secs(), cpu_secs(self_pid()));
     let t0 = Instant::now();
@@ -143,7 +224,12 @@ async fn run() -> Result<()> {
     let (mcpu, mscpu) = (berth.cpu_secs() - cpu0, cpu_secs(self_pid()) - scpu0);
     lat.sort_unstable();
     let mrps = lat.len() as f64 / melapsed;
-    let (p50, p99, pmax) = (pct(&lat, 0.50), pct(&lat, 0.99), *lat.last().unwrap_or(&0));
+    let (p50, p99, p999, pmax) = (
+        pct(&lat, 0.50),
+        pct(&lat, 0.99),
+        pct(&lat, 0.999),
+        *lat.last().unwrap_or(&0),
+    );
     let up_manifest = up.count("GET manifest") + up.count("HEAD manifest") - up_manifest0;
     println!(
         "warm manifest by tag: {:.0} req/s ({} requests, {conns} keep-alive connections, {melapsed:.2} s)",
@@ -151,9 +237,10 @@ async fn run() -> Result<()> {
         lat.len()
     );
     println!(
-        "warm manifest latency: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        "warm manifest latency: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
         p50 as f64 / 1e3,
         p99 as f64 / 1e3,
+        p999 as f64 / 1e3,
         pmax as f64 / 1e3
     );
     println!(
@@ -161,9 +248,23 @@ async fn run() -> Result<()> {
         mcpu * 1e6 / lat.len().max(1) as f64
     );
 
-    // ------------------------------------------------------------ warm blob throughput
+    Ok(
+        serde_json::json!({"rps": round(mrps), "requests": lat.len(), "conns": conns, "secs": round(melapsed),
+        "p50_ms": p50 as f64 / 1e3, "p99_ms": p99 as f64 / 1e3, "p999_ms": p999 as f64 / 1e3, "max_ms": pmax as f64 / 1e3,
+        "berth_cpu_s": round(mcpu), "loadgen_cpu_s": round(mscpu), "upstream_requests": up_manifest,
+        "ok": check(up_manifest == 0, "no upstream manifest request while the tag is fresh")}),
+    )
+}
+
+async fn warm_phase(ctx: &Ctx) -> Result<serde_json::Value> {
+    let blob_clients: usize = env_or("BENCH_BLOB_CLIENTS", 8);
+    let blob_rounds: usize = env_or("BENCH_BLOB_ROUNDS", 3);
+    let (berth, addr, warm) = (&ctx.berth, ctx.addr, &ctx.warm);
+    let (blob_len, blob_mb) = (ctx.blob_len, ctx.blob_mb);
+    pull_manifest(ctx).await?;
     let wpath = format!("/v2/bench/app/blobs/{warm}");
     let mut scratch = vec![0u8; 4 * 1024 * 1024];
+    let fcpu0 = berth.cpu_secs();
     let t = Instant::now();
     let fill_ok = {
         let mut c = Conn::connect(addr).await?;
@@ -177,18 +278,19 @@ async fn run() -> Result<()> {
             .read_body(blob_len as u64, &mut scratch, |b| hasher.update(b))
             .await?;
         (
-            format!("sha256:{}", hex::encode(hasher.finalize())) == warm,
+            format!("sha256:{}", hex::encode(hasher.finalize())) == *warm,
             times,
         )
     };
     let first_fill = t.elapsed().as_secs_f64();
+    let fcpu = berth.cpu_secs() - fcpu0;
     let (fill_ok, fill_times) = fill_ok;
     if !fill_ok {
         return Err("first (filling) GET of the warm blob: wrong sha256".into());
     }
     let fill_hold = hold(&fill_times);
     println!(
-        "first fill of the {blob_mb} MiB blob (1 client, unthrottled upstream, hashed by the client): {first_fill:.3} s, {:.2} GB/s; all but the last byte after {:.3} s, last byte held {:.1} ms",
+        "first fill of the {blob_mb} MiB blob (1 client, unthrottled upstream, hashed by the client): {first_fill:.3} s, {:.2} GB/s; all but the last byte after {:.3} s, last byte held {:.1} ms; berth CPU {fcpu:.2} s",
         blob_len as f64 / first_fill / 1e9,
         first_fill - fill_hold / 1e3,
         fill_hold
@@ -246,7 +348,20 @@ async fn run() -> Result<()> {
         wcpu / (wbytes as f64 / 1e9)
     );
 
-    // ------------------------------------------------------------ cold fan-out
+    Ok(serde_json::json!({
+        "first_fill": {"mib": blob_mb, "secs": round(first_fill), "berth_cpu_s": round(fcpu), "last_byte_hold_ms": round(fill_hold)},
+        "gb_per_s": round(wgbs), "clients": blob_clients, "rounds": blob_rounds, "mib": blob_mb,
+        "bytes": wbytes, "secs": round(welapsed), "berth_cpu_s": round(wcpu), "loadgen_cpu_s": round(wscpu)}))
+}
+
+async fn cold_phase(ctx: &Ctx) -> Result<(serde_json::Value, bool)> {
+    let fanout: usize = env_or("BENCH_FANOUT", 16);
+    let throttle_mbps: f64 = env_or("BENCH_THROTTLE_MBPS", 400.0);
+    let hash_after = env_or("BENCH_FANOUT_HASH", "after".to_string()) != "stream";
+    let (berth, up, addr, cold, cold_hex) =
+        (&ctx.berth, &ctx.up, ctx.addr, &ctx.cold, &ctx.cold_hex);
+    let (blob_len, blob_mb) = (ctx.blob_len, ctx.blob_mb);
+    pull_manifest(ctx).await?;
     up.set_throttle((throttle_mbps * 1e6) as u64);
     let cpath = format!("/v2/bench/app/blobs/{cold}");
     let mut bufs: Vec<Vec<u8>> = Vec::new();
@@ -354,7 +469,19 @@ async fn run() -> Result<()> {
     } else {
         results.iter().filter_map(|r| r.digest.clone()).collect()
     };
-    let good = digests.iter().filter(|d| **d == cold_hex).count();
+    let good = digests.iter().filter(|d| *d == cold_hex).count();
+    let up_done = up
+        .last_throttled_done()
+        .map_or(f64::NAN, |t| t.saturating_duration_since(t0).as_secs_f64());
+    // berth logs the fill when it ends (after the clients got their last byte): wait a little.
+    let mut fill_logged = f64::NAN;
+    for _ in 0..100 {
+        if let Some(s) = berth.fill_secs(cold) {
+            fill_logged = s;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let up_gets = up.count(&format!("GET {cold}"));
     let m1 = metrics(berth.admin).await?;
     let delta = |k: &str| m1.get(k).unwrap_or(&0.0) - m0.get(k).unwrap_or(&0.0);
@@ -378,56 +505,34 @@ async fn run() -> Result<()> {
             "while streaming"
         }
     );
-    println!("cold fan-out CPU: berth {ccpu:.2} s, load generator {cscpu:.2} s");
-
-    // ------------------------------------------------------------ totals
-    let hwm = berth.kib("VmHWM");
-    let rss = berth.kib("VmRSS");
-    let cpu_total = berth.cpu_secs();
-    let self_cpu = cpu_secs(self_pid()) - self_cpu0;
-    let self_hwm = status_kib(self_pid(), "VmHWM");
-    let load_end = loadavg();
-    let log = berth.stop();
     println!(
-        "berth peak RSS (VmHWM): {:.1} MiB; RSS at the end {:.1} MiB; CPU over the run {cpu_total:.2} s (load generator {self_cpu:.2} s, its VmHWM {:.0} MiB)",
-        hwm as f64 / 1024.0,
-        rss as f64 / 1024.0,
-        self_hwm as f64 / 1024.0
+        "cold fan-out: upstream finished sending after {up_done:.3} s; berth logged the fill as {fill_logged:.3} s"
+    );
+    let delivered = (fanout * blob_len) as f64 / 1e9;
+    println!(
+        "cold fan-out delivered {delivered:.2} GB in {cwall:.3} s = {:.2} GB/s to clients; CPU: berth {ccpu:.2} s ({:.3} s/GB), load generator {cscpu:.2} s",
+        delivered / cwall,
+        ccpu / delivered
+    );
+
+    let ok = up_gets == 1 && good == fanout;
+    println!(
+        "check {}: one upstream GET for {fanout} concurrent clients",
+        if up_gets == 1 { "ok" } else { "FAILED" }
     );
     println!(
-        "berth log: {} lines, {} warnings/errors, fills {:?}",
-        log.lines, log.problem_count, log.fills
+        "check {}: every client's body has the blob's sha256",
+        if good == fanout { "ok" } else { "FAILED" }
     );
-    for p in &log.problems {
-        println!("  berth log: {p}");
-    }
-    println!("load average at end (1/5/15 min): {load_end}");
-
-    let ok = up_gets == 1 && good == fanout && up_manifest == 0;
-    let json = serde_json::json!({
-        "bench": "hot_paths",
-        "ok": ok,
-        "load_start": load_start, "load_end": load_end,
-        "manifest": {"rps": round(mrps), "requests": lat.len(), "conns": conns, "secs": round(melapsed),
-            "p50_ms": p50 as f64 / 1e3, "p99_ms": p99 as f64 / 1e3, "max_ms": pmax as f64 / 1e3,
-            "berth_cpu_s": round(mcpu), "loadgen_cpu_s": round(mscpu), "upstream_requests": up_manifest},
-        "first_fill": {"mib": blob_mb, "secs": round(first_fill), "last_byte_hold_ms": round(fill_hold)},
-        "warm_blob": {"gb_per_s": round(wgbs), "clients": blob_clients, "rounds": blob_rounds, "mib": blob_mb,
-            "bytes": wbytes, "secs": round(welapsed), "berth_cpu_s": round(wcpu), "loadgen_cpu_s": round(wscpu)},
-        "cold_fanout": {"clients": fanout, "mib": blob_mb, "throttle_mb_per_s": throttle_mbps,
-            "wall_s": round(cwall), "all_but_last_s": round(but_last), "last_byte_hold_max_ms": round(hold_max), "ttfb_max_ms": round(ms(ttfb_max)), "ttfb_min_ms": round(ms(ttfb_min)),
-            "upstream_gets": up_gets, "sha256_ok": good, "coalesced": coalesced, "miss": misses,
-            "hash": if hash_after { "after" } else { "stream" },
-            "berth_cpu_s": round(ccpu), "loadgen_cpu_s": round(cscpu)},
-        "berth": {"vm_hwm_kib": hwm, "vm_rss_end_kib": rss, "cpu_s": round(cpu_total),
-            "log_warnings": log.problem_count},
-    });
-    println!("{json}");
-    drop(tmp);
-    if !ok {
-        return Err("a correctness check failed (see above)".into());
-    }
-    Ok(())
+    Ok((
+        serde_json::json!({"clients": fanout, "mib": blob_mb, "throttle_mb_per_s": throttle_mbps,
+        "wall_s": round(cwall), "upstream_done_s": round(up_done), "fill_logged_s": round(fill_logged), "delivered_gb_per_s": round(delivered / cwall), "all_but_last_s": round(but_last),
+        "last_byte_hold_max_ms": round(hold_max), "ttfb_max_ms": round(ms(ttfb_max)), "ttfb_min_ms": round(ms(ttfb_min)),
+        "upstream_gets": up_gets, "sha256_ok": good, "coalesced": coalesced, "miss": misses,
+        "hash": if hash_after { "after" } else { "stream" },
+        "berth_cpu_s": round(ccpu), "loadgen_cpu_s": round(cscpu)}),
+        ok,
+    ))
 }
 
 struct FanoutResult {
@@ -443,6 +548,11 @@ fn hold(t: &BodyTimes) -> f64 {
         (Some(a), Some(b)) => ms(b - a),
         _ => f64::NAN,
     }
+}
+
+fn check(ok: bool, what: &str) -> bool {
+    println!("check {}: {what}", if ok { "ok" } else { "FAILED" });
+    ok
 }
 
 fn ms(d: Duration) -> f64 {

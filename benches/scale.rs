@@ -59,6 +59,18 @@ fn parse_size(s: &str) -> u64 {
     (n * mult as f64) as u64
 }
 
+/// Bytes and files directly in `dir`.
+fn dir_usage(dir: &Path) -> (u64, u64) {
+    let (mut bytes, mut files) = (0, 0);
+    for f in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if let Ok(m) = f.metadata() {
+            bytes += m.len();
+            files += 1;
+        }
+    }
+    (bytes, files)
+}
+
 /// Bytes and files under `<cache>/blobs`.
 fn disk_usage(blobs: &Path) -> (u64, u64) {
     let (mut bytes, mut files) = (0, 0);
@@ -218,7 +230,17 @@ async fn run() -> Result<()> {
         "index contents: berth_cache_blobs {indexed}, berth_cache_size_bytes {size} (on disk {total_bytes}); stray temp files left: {stray_left}/{}",
         stray.len()
     );
-    let scan_ok = stray_left == 0 && indexed as usize == n_scale && size as u64 == total_bytes;
+    let scan_ok = check(&[
+        (stray_left == 0, "every stray temp file was removed"),
+        (
+            indexed as usize == n_scale,
+            "berth_cache_blobs counts every blob file",
+        ),
+        (
+            size as u64 == total_bytes,
+            "berth_cache_size_bytes equals the bytes on disk",
+        ),
+    ]);
     if log.problem_count > 0 {
         println!(
             "berth log: {} warnings/errors during the scan run",
@@ -299,6 +321,8 @@ async fn run() -> Result<()> {
     let blobs_dir = ev.join("blobs");
     let mut scratch = vec![0u8; 1024 * 1024];
     let (mut max_disk, mut max_files, mut max_metric) = (0u64, 0u64, 0f64);
+    let (mut scrapes, mut shrank_on_rescrape) = (0u32, 0u32);
+    let (mut max_tmp, mut max_tmp_files) = (0u64, 0u64);
     let mut sampling = Duration::ZERO;
     let mut lat: Vec<u32> = Vec::with_capacity(n_evict);
     let cpu0 = b.cpu_secs();
@@ -322,15 +346,24 @@ async fn run() -> Result<()> {
             return Err(format!("blob {i}: {n} bytes").into());
         }
         lat.push(t.elapsed().as_micros() as u32);
-        if i % 50 == 49 {
+        if i % 10 == 9 {
             let s = Instant::now();
             let (bytes, files) = disk_usage(&blobs_dir);
             max_disk = max_disk.max(bytes);
             max_files = max_files.max(files);
+            let (tbytes, tfiles) = dir_usage(&ev.join("tmp"));
+            max_tmp = max_tmp.max(tbytes);
+            max_tmp_files = max_tmp_files.max(tfiles);
             if i % 250 == 249 {
-                // A scrape applies pending evictions first, so this is the best case.
-                let m = metrics(b.admin).await?;
-                max_metric = max_metric.max(metric_sum(&m, "berth_cache_size_bytes"));
+                // A scrape applies pending evictions first, so this is the best case. A second
+                // scrape right after shows whether the first left evictions undone.
+                let first = metric_sum(&metrics(b.admin).await?, "berth_cache_size_bytes");
+                let second = metric_sum(&metrics(b.admin).await?, "berth_cache_size_bytes");
+                max_metric = max_metric.max(first);
+                scrapes += 1;
+                if second < first {
+                    shrank_on_rescrape += 1;
+                }
             }
             sampling += s.elapsed();
         }
@@ -365,10 +398,10 @@ async fn run() -> Result<()> {
         evicted_bytes / 1e6
     );
     println!(
-        "cache size: berth_cache_size_bytes {size_end} at the end (max at scrapes {max_metric}), berth_cache_blobs {blobs_end}; limit max_size + one blob = {limit}"
+        "cache size: berth_cache_size_bytes {size_end} at the end (max at scrapes {max_metric}; {shrank_on_rescrape} of {scrapes} scrapes were followed by a lower value at an immediate re-scrape), berth_cache_blobs {blobs_end}; limit max_size + one blob = {limit}"
     );
     println!(
-        "on disk: max {max_disk} bytes / {max_files} files at samples; at the end {disk_end} bytes / {files_end} files before a scrape, {disk_after} / {files_after} after"
+        "on disk (sampled every 10 blobs, no scrape): max {max_disk} bytes / {max_files} files in blobs/, max {max_tmp} bytes / {max_tmp_files} files in tmp/; at the end {disk_end} bytes / {files_end} files before a scrape, {disk_after} / {files_after} after"
     );
     if log.problem_count > 0 {
         println!(
@@ -383,10 +416,18 @@ async fn run() -> Result<()> {
     println!("berth VmHWM in the eviction run: {hwm_mib:.1} MiB");
     let load_end = loadavg();
     println!("load average at end (1/5/15 min): {load_end}");
-    let evict_ok = evictions > 0.0
-        && size_end <= limit as f64
-        && max_metric <= limit as f64
-        && up_gets as usize == n_evict;
+    let evict_ok = check(&[
+        (evictions > 0.0, "berth_cache_evictions_total grew"),
+        (
+            size_end <= limit as f64,
+            "berth_cache_size_bytes <= max_size + one blob at the end",
+        ),
+        (
+            max_metric <= limit as f64,
+            "berth_cache_size_bytes <= max_size + one blob at every scrape",
+        ),
+        (up_gets as usize == n_evict, "one upstream GET per blob"),
+    ]);
     let json = serde_json::json!({
         "bench": "scale",
         "ok": scan_ok && evict_ok,
@@ -399,7 +440,7 @@ async fn run() -> Result<()> {
         "eviction": {"n": n_evict, "kib": evict_kib, "max_size": max, "blobs_per_s": round(rate),
             "p50_ms": pct(&lat, 0.5) as f64 / 1e3, "p99_ms": pct(&lat, 0.99) as f64 / 1e3,
             "cpu_s": round(ecpu), "evictions": evictions, "evicted_bytes": evicted_bytes,
-            "size_end": size_end, "size_max_scraped": max_metric, "disk_max_sampled": max_disk,
+            "size_end": size_end, "size_max_scraped": max_metric, "scrapes": scrapes, "shrank_on_rescrape": shrank_on_rescrape, "disk_max_sampled": max_disk, "tmp_max_sampled": max_tmp,
             "disk_end": disk_end, "files_end": files_end, "upstream_gets": up_gets, "upstream_heads": up_heads,
             "vm_hwm_kib": hwm, "ok": evict_ok},
     });
@@ -408,6 +449,14 @@ async fn run() -> Result<()> {
         return Err("a check failed (see above)".into());
     }
     Ok(())
+}
+
+/// Prints each check; true when all pass.
+fn check(checks: &[(bool, &str)]) -> bool {
+    for (ok, what) in checks {
+        println!("check {}: {what}", if *ok { "ok" } else { "FAILED" });
+    }
+    checks.iter().all(|(ok, _)| *ok)
 }
 
 fn ms(d: Duration) -> f64 {

@@ -64,10 +64,6 @@ pub fn random_bytes(seed: u64, len: usize) -> Bytes {
 
 // ---------------------------------------------------------------- /proc
 
-pub struct ProcStat {
-    pub cpu_secs: f64,
-}
-
 fn clk_tck() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -138,6 +134,8 @@ pub struct UpState {
     counts: Mutex<HashMap<String, u64>>,
     /// Bytes per second for each blob body (0: unthrottled).
     pub throttle: AtomicU64,
+    /// When the last throttled body was completely handed to the connection.
+    pub last_throttled_done: Mutex<Option<Instant>>,
 }
 
 pub struct Upstream {
@@ -239,6 +237,10 @@ impl Upstream {
             .unwrap_or(0)
     }
 
+    pub fn last_throttled_done(&self) -> Option<Instant> {
+        *self.state.last_throttled_done.lock().expect("lock")
+    }
+
     pub fn set_throttle(&self, bytes_per_sec: u64) {
         self.state.throttle.store(bytes_per_sec, Ordering::Relaxed);
     }
@@ -308,7 +310,7 @@ fn handle(st: Arc<UpState>, req: Request<hyper::body::Incoming>) -> Response<UpB
                 .map_err(|never| match never {})
                 .boxed()
         } else {
-            throttled(src.bytes(), rate)
+            throttled(src.bytes(), rate, st.clone())
         };
         let mut r = Response::new(body);
         r.headers_mut().insert("content-length", len.into());
@@ -325,7 +327,7 @@ fn handle(st: Arc<UpState>, req: Request<hyper::body::Incoming>) -> Response<UpB
 }
 
 /// A body sent in 256 KiB pieces paced to `rate` bytes per second.
-fn throttled(data: Bytes, rate: u64) -> UpBody {
+fn throttled(data: Bytes, rate: u64, st: Arc<UpState>) -> UpBody {
     const PIECE: usize = 256 * 1024;
     let (tx, mut rx) =
         tokio::sync::mpsc::channel::<std::result::Result<Frame<Bytes>, std::io::Error>>(2);
@@ -345,6 +347,7 @@ fn throttled(data: Bytes, rate: u64) -> UpBody {
             let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
             tokio::time::sleep_until(due).await;
         }
+        *st.last_throttled_done.lock().expect("lock") = Some(Instant::now());
     });
     let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
     BodyExt::boxed(StreamBody::new(stream))
@@ -390,6 +393,45 @@ pub struct LogSummary {
     pub index_loaded: Option<serde_json::Value>,
     /// Fill log lines by outcome.
     pub fills: HashMap<String, u64>,
+    /// (digest, seconds) of each fill log line.
+    pub fill_secs: Vec<(String, f64)>,
+}
+
+/// Records one parsed log line; sends the listen addresses on `tx` when they are logged.
+fn summarize(
+    l: &mut LogSummary,
+    v: &serde_json::Value,
+    line: &str,
+    tx: &mut Option<mpsc::Sender<(SocketAddr, SocketAddr)>>,
+) {
+    let level = v["level"].as_str().unwrap_or("");
+    let msg = v["fields"]["message"].as_str().unwrap_or("");
+    if level == "WARN" || level == "ERROR" {
+        l.problem_count += 1;
+        if l.problems.len() < 20 {
+            l.problems.push(line.to_owned());
+        }
+    }
+    match msg {
+        "berth serving" => {
+            let a = v["fields"]["addr"].as_str().and_then(|a| a.parse().ok());
+            let b = v["fields"]["admin_addr"]
+                .as_str()
+                .and_then(|a| a.parse().ok());
+            if let (Some(a), Some(b), Some(tx)) = (a, b, tx.take()) {
+                let _ = tx.send((a, b));
+            }
+        }
+        "cache index loaded" => l.index_loaded = Some(v["fields"].clone()),
+        "fill" => {
+            let o = v["fields"]["outcome"].as_str().unwrap_or("?").to_owned();
+            *l.fills.entry(o).or_default() += 1;
+            let d = v["fields"]["digest"].as_str().unwrap_or("").to_owned();
+            let secs = v["fields"]["seconds"].as_f64().unwrap_or(f64::NAN);
+            l.fill_secs.push((d, secs));
+        }
+        _ => {}
+    }
 }
 
 pub struct Berth {
@@ -425,42 +467,39 @@ impl Berth {
         let log = Arc::new(Mutex::new(LogSummary::default()));
         let (tx, rx) = mpsc::channel::<(SocketAddr, SocketAddr)>();
         let lg = log.clone();
-        let reader = std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let mut l = lg.lock().expect("lock");
-                l.lines += 1;
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                    continue;
-                };
-                let level = v["level"].as_str().unwrap_or("");
-                let msg = v["fields"]["message"].as_str().unwrap_or("");
-                if level == "WARN" || level == "ERROR" {
-                    l.problem_count += 1;
-                    if l.problems.len() < 20 {
-                        l.problems.push(line.clone());
+        let reader = std::thread::Builder::new()
+            .name("bench-log-reader".into())
+            .spawn(move || {
+                let mut tx = Some(tx);
+                let mut r = BufReader::with_capacity(1 << 20, stdout);
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    match r.read_line(&mut line) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
                     }
+                    let mut l = lg.lock().expect("lock");
+                    l.lines += 1;
+                    // Parse only the lines of interest: the access log can be 100k lines/s.
+                    let interesting = [
+                        "berth serving",
+                        "cache index loaded",
+                        "\"fill\"",
+                        "\"WARN\"",
+                        "\"ERROR\"",
+                    ]
+                    .iter()
+                    .any(|k| line.contains(k));
+                    if !interesting {
+                        continue;
+                    }
+                    let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                        continue;
+                    };
+                    summarize(&mut l, &v, line.trim_end(), &mut tx);
                 }
-                match msg {
-                    "berth serving" => {
-                        let a = v["fields"]["addr"].as_str().and_then(|a| a.parse().ok());
-                        let b = v["fields"]["admin_addr"]
-                            .as_str()
-                            .and_then(|a| a.parse().ok());
-                        if let (Some(a), Some(b), Some(tx)) = (a, b, tx.take()) {
-                            let _ = tx.send((a, b));
-                        }
-                    }
-                    "cache index loaded" => l.index_loaded = Some(v["fields"].clone()),
-                    "fill" => {
-                        let o = v["fields"]["outcome"].as_str().unwrap_or("?").to_owned();
-                        *l.fills.entry(o).or_default() += 1;
-                    }
-                    _ => {}
-                }
-            }
-        });
+            })?;
         let (addr, admin) = match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(a) => a,
             Err(_) => {
@@ -482,6 +521,16 @@ impl Berth {
 
     pub fn cpu_secs(&self) -> f64 {
         cpu_secs(self.pid)
+    }
+
+    /// How long berth logged the fill of `digest` took (once it has logged it).
+    pub fn fill_secs(&self, digest: &str) -> Option<f64> {
+        let l = self.log.lock().expect("lock");
+        l.fill_secs
+            .iter()
+            .rev()
+            .find(|(d, _)| d == digest)
+            .map(|(_, s)| *s)
     }
 
     pub fn kib(&self, field: &str) -> u64 {

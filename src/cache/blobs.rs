@@ -48,9 +48,11 @@ impl BlobStore {
         std::fs::create_dir_all(&tmp)?;
         metrics.cache_max_size_bytes.set(max_size as i64);
         let size = Arc::new(AtomicU64::new(0));
-        let evict_root = root.clone();
         let evict_size = size.clone();
         let evict_metrics = metrics.clone();
+        // Evicted files are deleted off the async threads (moka runs the listener wherever its
+        // maintenance happens to run, which is often a request's thread).
+        let (delete_tx, delete_rx) = std::sync::mpsc::channel::<Digest>();
         let index = moka::sync::Cache::builder()
             .max_capacity(max_size / 1024)
             .weigher(|_: &Digest, len: &u64| weight(*len))
@@ -66,17 +68,12 @@ impl BlobStore {
                 if cause == RemovalCause::Size {
                     evict_metrics.cache_evictions.inc();
                     evict_metrics.cache_evicted_bytes.inc_by(len);
-                    let path = blob_path(&evict_root, &digest);
-                    if let Err(e) = std::fs::remove_file(&path)
-                        && e.kind() != io::ErrorKind::NotFound
-                    {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot delete evicted blob");
-                    }
+                    let _ = delete_tx.send((*digest).clone());
                     tracing::debug!(digest = %digest, bytes = len, "evicted blob");
                 }
             })
             .build();
-        Ok(Arc::new(BlobStore {
+        let store = Arc::new(BlobStore {
             root,
             tmp,
             index,
@@ -84,7 +81,26 @@ impl BlobStore {
             metrics,
             size,
             ready: AtomicBool::new(false),
-        }))
+        });
+        let weak = Arc::downgrade(&store);
+        std::thread::Builder::new()
+            .name("berth-evict".into())
+            .spawn(move || {
+                while let Ok(digest) = delete_rx.recv() {
+                    let Some(store) = weak.upgrade() else { return };
+                    // Filled again since it was evicted: the file is the new one; keep it.
+                    if store.index.contains_key(&digest) {
+                        continue;
+                    }
+                    let path = blob_path(&store.root, &digest);
+                    if let Err(e) = std::fs::remove_file(&path)
+                        && e.kind() != io::ErrorKind::NotFound
+                    {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot delete evicted blob");
+                    }
+                }
+            })?;
+        Ok(store)
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -258,7 +274,7 @@ impl BlobStore {
         self.tmp.join(format!("{}-{nonce:016x}", digest.hex()))
     }
 
-    /// Moves a verified, synced temp file into place and indexes it.
+    /// Moves a verified, synced temp file into place and indexes it. Blocking.
     pub(super) fn commit(&self, digest: &Digest, tmp: &Path, len: u64) -> io::Result<()> {
         let path = blob_path(&self.root, digest);
         if let Some(parent) = path.parent() {
@@ -271,6 +287,8 @@ impl BlobStore {
             let _ = d.sync_all();
         }
         self.insert(digest.clone(), len);
+        // Evict now, so the disk never holds much more than max_size.
+        self.index.run_pending_tasks();
         Ok(())
     }
 

@@ -471,7 +471,12 @@ async fn stream_to_disk(
     drop(tx);
     let stored = match writer_task {
         Some(task) => match task.await {
-            Ok(Ok(())) if disk_error.is_none() => store.commit(&digest, tmp_path, received),
+            Ok(Ok(())) if disk_error.is_none() => {
+                let (st, d, p) = (store.clone(), digest.clone(), tmp_path.to_owned());
+                tokio::task::spawn_blocking(move || st.commit(&d, &p, received))
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e)))
+            }
             Ok(Ok(())) => Err(io::Error::other(disk_error.unwrap_or_default())),
             Ok(Err(e)) => Err(e),
             Err(e) => Err(io::Error::other(e)),
