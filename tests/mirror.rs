@@ -803,3 +803,25 @@ async fn blob_redirects_are_followed_without_forwarding_credentials() {
         "credentials leaked to the CDN host"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_survives_its_first_client_going_away() {
+    let s = Setup::new(1, 2 * 1024 * 1024, "10m").await;
+    let (digest, data) = s.layers[0].clone();
+    s.up.set(Behaviour::Slow(Duration::from_millis(5)));
+    assert_eq!(s.get("/v2/library/app/manifests/v1").await.status(), 200);
+    // The first client reads a little, then hangs up.
+    let mut r = s.get(&format!("/v2/library/app/blobs/{digest}")).await;
+    assert_eq!(r.status(), 200);
+    let first = r.chunk().await.expect("first chunk").expect("some bytes");
+    assert!(!first.is_empty());
+    drop(r);
+    // The fill goes on: the blob lands in the cache, fetched from upstream once.
+    assert_eq!(wait_blob_files(s.dir.path(), 1).await, 1);
+    let r = s.get(&format!("/v2/library/app/blobs/{digest}")).await;
+    assert_eq!(r.bytes().await.expect("body"), data);
+    assert_eq!(
+        s.up.count(&format!("GET /v2/library/app/blobs/{digest}")),
+        1
+    );
+}

@@ -19,6 +19,8 @@ use crate::oci::RepoName;
 use auth::{Challenge, TokenCache, TokenResponse, parse_challenge, realm_may_get_credentials};
 use endpoints::{Endpoint, Endpoints};
 
+/// The pause before the one retry of a request no endpoint answered.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// How long a fetch waits for the upstream budget before it is refused with 429.
 const BUDGET_WAIT: Duration = Duration::from_secs(5);
 /// Redirects followed for one request (Docker Hub uses one, to its CDN).
@@ -253,17 +255,27 @@ impl Upstream {
             .or(repo.map(RepoName::as_str))
             .unwrap_or(suffix);
         let mut last_err = UpstreamError::Unreachable("no endpoint".into());
-        for ep in self.endpoints.order(repo.map(RepoName::as_str), key) {
-            let _in_flight = ep.start();
-            match self
-                .send_to(ep, &method, &path, scope.as_deref(), accept)
-                .await
-            {
-                Ok(resp) => return Ok(resp),
-                Err(e @ UpstreamError::Status { status, .. }) if !status.is_server_error() => {
-                    return Err(e);
+        // Every endpoint once; when they all failed to connect, once more after a short pause
+        // (a restarting registry, a dropped connection from the pool).
+        for attempt in 0..2 {
+            if attempt > 0 {
+                if !matches!(last_err, UpstreamError::Unreachable(_)) {
+                    break;
                 }
-                Err(e) => last_err = e,
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            for ep in self.endpoints.order(repo.map(RepoName::as_str), key) {
+                let _in_flight = ep.start();
+                match self
+                    .send_to(ep, &method, &path, scope.as_deref(), accept)
+                    .await
+                {
+                    Ok(resp) => return Ok(resp),
+                    Err(e @ UpstreamError::Status { status, .. }) if !status.is_server_error() => {
+                        return Err(e);
+                    }
+                    Err(e) => last_err = e,
+                }
             }
         }
         Err(last_err)
