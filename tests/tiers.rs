@@ -339,3 +339,51 @@ async fn route_rules_pick_endpoints_per_repository() {
             .all(|r| !r.contains("library/app"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_probes_mark_endpoints_down_and_up_again() {
+    let a = FakeUpstream::start().await;
+    let b = FakeUpstream::start().await;
+    seed(&a, 1, 1000);
+    seed(&b, 1, 1000);
+    let cfg = format!(
+        r#"
+        [[registry]]
+        name = "docker.io"
+        default = true
+        endpoints = ["{}", "{}"]
+        probe_interval = "300ms"
+        "#,
+        a.url(),
+        b.url()
+    );
+    let berth = Berth::start(&cfg, "", "10m").await;
+    let up_line = |url: &str, v: u8| {
+        format!(r#"berth_upstream_up{{endpoint="{url}",registry="docker.io"}} {v}"#)
+    };
+    let wait_for = |line: String| {
+        let berth = &berth;
+        async move {
+            for _ in 0..50 {
+                if berth.metrics().await.contains(&line) {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            false
+        }
+    };
+    // No client request at all: the probes alone notice A failing and coming back.
+    a.set(Behaviour::Status(503));
+    assert!(
+        wait_for(up_line(&a.url(), 0)).await,
+        "A not marked down by the probes"
+    );
+    assert!(a.count("GET /v2/") >= 1);
+    a.set(Behaviour::Normal);
+    assert!(
+        wait_for(up_line(&a.url(), 1)).await,
+        "A not marked up again by the probes"
+    );
+    assert!(berth.metrics().await.contains(&up_line(&b.url(), 1)));
+}

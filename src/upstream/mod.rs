@@ -166,7 +166,7 @@ impl Upstream {
         })
     }
 
-    /// Probes every endpoint's `/v2/` each `probe_interval`, so a dead endpoint is skipped
+    /// Probes each endpoint's `/v2/` every `probe_interval`, so a dead endpoint is skipped
     /// before a request has to fail on it, and a recovered one is used again.
     pub fn spawn_probes(self: &Arc<Self>) {
         if self.probe_interval.is_zero() {
@@ -181,7 +181,10 @@ impl Upstream {
             loop {
                 tick.tick().await;
                 let Some(up) = weak.upgrade() else { return };
-                for ep in &up.endpoints.all {
+                // With one endpoint there is nothing to choose between: probe it only while it
+                // is marked down, to notice when it is back (no idle traffic to the origin).
+                let choice = up.endpoints.all.len() > 1;
+                for ep in up.endpoints.all.iter().filter(|e| choice || e.is_down()) {
                     let probe = ep
                         .client
                         .get(format!("{}/v2/", ep.base))
