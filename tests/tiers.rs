@@ -387,3 +387,42 @@ async fn active_probes_mark_endpoints_down_and_up_again() {
     );
     assert!(berth.metrics().await.contains(&up_line(&b.url(), 1)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetches_queue_for_the_budget_then_get_429() {
+    let up = FakeUpstream::start().await;
+    let config = up.add_blob(Bytes::from_static(b"{}"));
+    for i in 0..10 {
+        up.add_image(&format!("library/app{i}"), "v1", &config, &[]);
+    }
+    let b = Berth::start(
+        &registry(&format!("\"{}\"", up.url()), "max_requests_per_second = 1\nburst = 1"),
+        "",
+        "10m",
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let url = format!("{}/v2/library/app{i}/manifests/v1", b.url());
+        tasks.push(tokio::spawn(async move {
+            let r = reqwest::get(url).await.expect("send");
+            (r.status().as_u16(), r.headers().get("retry-after").is_some())
+        }));
+    }
+    let mut ok = 0;
+    let mut limited = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            (200, _) => ok += 1,
+            (429, true) => limited += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    // One request a second, a 5 s queue: about six get through, the rest are refused —
+    // never a stampede: upstream saw at most one request a second.
+    assert!((4..=7).contains(&ok), "{ok} fetches got through");
+    assert_eq!(ok + limited, 10);
+    assert!(up.requests().len() <= ok + 1);
+    assert!(started.elapsed() < Duration::from_secs(9));
+}
