@@ -200,9 +200,10 @@ pub struct RegistryConfig {
     /// Active health probes of each endpoint's `/v2/` ("0s": off).
     #[serde(default = "default_probe_interval", with = "human_duration")]
     pub probe_interval: Duration,
-    /// Upstream request budget (requests per second; 0: unlimited, the default).
+    /// Upstream request budget (requests per second, fractions allowed; 0: unlimited, the
+    /// default).
     #[serde(default)]
-    pub max_requests_per_second: u32,
+    pub max_requests_per_second: f64,
     /// Requests allowed at once above the rate (default: one second's worth).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
@@ -459,6 +460,12 @@ impl Config {
                 }
                 check_endpoints(&format!("{rkey}.endpoints"), &route.endpoints)?;
                 check_endpoints(&format!("{rkey}.fallback"), &route.fallback)?;
+            }
+            if !(r.max_requests_per_second.is_finite() && r.max_requests_per_second >= 0.0) {
+                return Err(invalid(
+                    key("max_requests_per_second"),
+                    "must be a number of requests per second, 0 or more",
+                ));
             }
             if r.burst == Some(0) {
                 return Err(invalid(key("burst"), "must be at least 1"));

@@ -146,10 +146,17 @@ impl Upstream {
                 .with_label_values(&[&cfg.name, &e.base])
                 .set(1);
         }
-        let budget = NonZeroU32::new(cfg.max_requests_per_second).map(|rate| {
-            let burst = cfg.burst.and_then(NonZeroU32::new).unwrap_or(rate);
-            governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
-        });
+        let rate = cfg.max_requests_per_second;
+        let budget = (rate > 0.0)
+            .then(|| governor::Quota::with_period(Duration::from_secs_f64(1.0 / rate)))
+            .flatten()
+            .map(|quota| {
+                // Default burst: one second's worth, at least one request.
+                let default_burst = NonZeroU32::new(rate.ceil().min(u32::MAX as f64) as u32)
+                    .unwrap_or(NonZeroU32::MIN);
+                let burst = cfg.burst.and_then(NonZeroU32::new).unwrap_or(default_burst);
+                governor::RateLimiter::direct(quota.allow_burst(burst))
+            });
         Ok(Upstream {
             name: cfg.name.clone(),
             endpoints,
