@@ -364,11 +364,14 @@ async fn stream_to_disk(
         let fill = fill.clone();
         tokio::task::spawn_blocking(move || write_loop(w, rx, &fill))
     });
-    let mut tx = writer_task.as_ref().map(|_| tx);
-    let mut disk_error: Option<String> = None;
-    let mut hasher = Hasher::new(digest.algorithm());
+    let mut out = Outlet {
+        fill,
+        tx: writer_task.as_ref().map(|_| tx),
+        disk_error: None,
+        hasher: Hasher::new(digest.algorithm()),
+        received: 0,
+    };
     let mut buf = BytesMut::new();
-    let mut received: u64 = 0;
 
     loop {
         // Gather what is ready into one chunk; publish as soon as the source would wait.
@@ -378,15 +381,7 @@ async fn stream_to_disk(
             match source.stream.next().now_or_never() {
                 Some(item) => item,
                 None => {
-                    publish(
-                        fill,
-                        &mut tx,
-                        &mut disk_error,
-                        buf.split().freeze(),
-                        &mut received,
-                        &mut hasher,
-                    )
-                    .await;
+                    out.publish(buf.split().freeze()).await;
                     source.stream.next().await
                 }
             }
@@ -395,34 +390,18 @@ async fn stream_to_disk(
             Some(Ok(chunk)) => {
                 if source
                     .len
-                    .is_some_and(|len| received + (buf.len() + chunk.len()) as u64 > len)
+                    .is_some_and(|len| out.received + (buf.len() + chunk.len()) as u64 > len)
                 {
                     return Err(upstream_err(
                         "upstream sent more bytes than announced".into(),
                     ));
                 }
                 if buf.is_empty() && chunk.len() >= PUBLISH_BYTES {
-                    publish(
-                        fill,
-                        &mut tx,
-                        &mut disk_error,
-                        chunk,
-                        &mut received,
-                        &mut hasher,
-                    )
-                    .await;
+                    out.publish(chunk).await;
                 } else {
                     buf.extend_from_slice(&chunk);
                     if buf.len() >= PUBLISH_BYTES {
-                        publish(
-                            fill,
-                            &mut tx,
-                            &mut disk_error,
-                            buf.split().freeze(),
-                            &mut received,
-                            &mut hasher,
-                        )
-                        .await;
+                        out.publish(buf.split().freeze()).await;
                     }
                 }
             }
@@ -433,16 +412,15 @@ async fn stream_to_disk(
         }
     }
     if !buf.is_empty() {
-        publish(
-            fill,
-            &mut tx,
-            &mut disk_error,
-            buf.split().freeze(),
-            &mut received,
-            &mut hasher,
-        )
-        .await;
+        out.publish(buf.split().freeze()).await;
     }
+    let Outlet {
+        tx,
+        disk_error,
+        hasher,
+        received,
+        ..
+    } = out;
     if let Some(len) = source.len
         && received != len
     {
@@ -495,36 +473,42 @@ async fn stream_to_disk(
     }
 }
 
-/// Makes a chunk visible to readers, hashes it and queues it for the disk.
-async fn publish(
-    fill: &Fill,
-    tx: &mut Option<tokio::sync::mpsc::Sender<Bytes>>,
-    disk_error: &mut Option<String>,
-    chunk: Bytes,
-    received: &mut u64,
-    hasher: &mut Hasher,
-) {
-    hasher.update(&chunk);
-    let offset = *received;
-    *received += chunk.len() as u64;
-    let len = chunk.len();
-    fill.update(|s| {
-        s.received = *received;
-        s.ring.push_back((offset, chunk.clone()));
-        s.ring_bytes += len;
-        while s.ring_bytes > RING_BYTES && s.ring.len() > 1 {
-            if let Some((_, old)) = s.ring.pop_front() {
-                s.ring_bytes -= old.len();
+/// Where a fill's chunks go: the hash, the readers (ring), and the disk writer.
+struct Outlet<'a> {
+    fill: &'a Fill,
+    /// None once the disk writer stopped (or never started): the fill goes on from memory.
+    tx: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    disk_error: Option<String>,
+    hasher: Hasher,
+    received: u64,
+}
+
+impl Outlet<'_> {
+    /// Makes a chunk visible to readers, hashes it and queues it for the disk.
+    async fn publish(&mut self, chunk: Bytes) {
+        self.hasher.update(&chunk);
+        let offset = self.received;
+        self.received += chunk.len() as u64;
+        let (received, len) = (self.received, chunk.len());
+        self.fill.update(|s| {
+            s.received = received;
+            s.ring.push_back((offset, chunk.clone()));
+            s.ring_bytes += len;
+            while s.ring_bytes > RING_BYTES && s.ring.len() > 1 {
+                if let Some((_, old)) = s.ring.pop_front() {
+                    s.ring_bytes -= old.len();
+                }
             }
+        });
+        if let Some(sender) = &self.tx
+            && sender.send(chunk).await.is_err()
+        {
+            // The writer stopped: the disk failed. Keep streaming from memory, uncached.
+            self.tx = None;
+            self.disk_error
+                .get_or_insert_with(|| "disk writer stopped".into());
+            self.fill.update(|s| s.file = None);
         }
-    });
-    if let Some(sender) = tx
-        && sender.send(chunk).await.is_err()
-    {
-        // The writer stopped: the disk failed. Keep streaming from memory, uncached.
-        *tx = None;
-        disk_error.get_or_insert_with(|| "disk writer stopped".into());
-        fill.update(|s| s.file = None);
     }
 }
 
