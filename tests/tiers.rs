@@ -396,7 +396,10 @@ async fn fetches_queue_for_the_budget_then_get_429() {
         up.add_image(&format!("library/app{i}"), "v1", &config, &[]);
     }
     let b = Berth::start(
-        &registry(&format!("\"{}\"", up.url()), "max_requests_per_second = 1\nburst = 1"),
+        &registry(
+            &format!("\"{}\"", up.url()),
+            "max_requests_per_second = 1\nburst = 1",
+        ),
         "",
         "10m",
     )
@@ -407,7 +410,10 @@ async fn fetches_queue_for_the_budget_then_get_429() {
         let url = format!("{}/v2/library/app{i}/manifests/v1", b.url());
         tasks.push(tokio::spawn(async move {
             let r = reqwest::get(url).await.expect("send");
-            (r.status().as_u16(), r.headers().get("retry-after").is_some())
+            (
+                r.status().as_u16(),
+                r.headers().get("retry-after").is_some(),
+            )
         }));
     }
     let mut ok = 0;
