@@ -28,11 +28,20 @@ pub struct CachedBlob {
 pub struct BlobStore {
     root: PathBuf,
     tmp: PathBuf,
-    index: moka::sync::Cache<Digest, u64>,
+    index: moka::sync::Cache<Digest, Arc<Entry>>,
+    /// A logical clock for last use, so the disk-full path can find the least recently used
+    /// blobs (moka keeps its LRU order to itself).
+    clock: AtomicU64,
     fills: Mutex<HashMap<Digest, Arc<Fill>>>,
     metrics: Arc<Metrics>,
     size: Arc<AtomicU64>,
     ready: AtomicBool,
+}
+
+/// What the index knows of a cached blob.
+struct Entry {
+    len: u64,
+    used: AtomicU64,
 }
 
 /// Index weights are KiB (moka weighs in u32), so one blob may be up to 4 TiB.
@@ -55,13 +64,14 @@ impl BlobStore {
         let (delete_tx, delete_rx) = std::sync::mpsc::channel::<Digest>();
         let index = moka::sync::Cache::builder()
             .max_capacity(max_size / 1024)
-            .weigher(|_: &Digest, len: &u64| weight(*len))
+            .weigher(|_: &Digest, e: &Arc<Entry>| weight(e.len))
             // LRU, not TinyLFU: a new blob must never be refused (and its file deleted).
             .eviction_policy(EvictionPolicy::lru())
-            .eviction_listener(move |digest: Arc<Digest>, len: u64, cause| {
+            .eviction_listener(move |digest: Arc<Digest>, e: Arc<Entry>, cause| {
                 if cause == RemovalCause::Replaced {
                     return;
                 }
+                let len = e.len;
                 evict_size.fetch_sub(len, Ordering::Relaxed);
                 evict_metrics.cache_size_bytes.sub(len as i64);
                 evict_metrics.cache_blobs.dec();
@@ -77,6 +87,7 @@ impl BlobStore {
             root,
             tmp,
             index,
+            clock: AtomicU64::new(1),
             fills: Mutex::new(HashMap::new()),
             metrics,
             size,
@@ -180,12 +191,45 @@ impl BlobStore {
         self.size.fetch_add(len, Ordering::Relaxed);
         self.metrics.cache_size_bytes.add(len as i64);
         self.metrics.cache_blobs.inc();
-        self.index.insert(digest, len);
+        let used = AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed));
+        self.index.insert(digest, Arc::new(Entry { len, used }));
+    }
+
+    /// Disk full: deletes the least recently used blobs until `need` bytes are freed (or the
+    /// cache is empty). Returns the bytes freed. Blocking.
+    pub fn make_room(&self, need: u64) -> u64 {
+        let mut entries: Vec<(Arc<Digest>, Arc<Entry>)> = self.index.iter().collect();
+        entries.sort_by_key(|(_, e)| e.used.load(Ordering::Relaxed));
+        let mut freed = 0;
+        for (digest, e) in entries {
+            if freed >= need {
+                break;
+            }
+            self.index.invalidate(&*digest);
+            if std::fs::remove_file(blob_path(&self.root, &digest)).is_ok() {
+                freed += e.len;
+                self.metrics.cache_evictions.inc();
+                self.metrics.cache_evicted_bytes.inc_by(e.len);
+            }
+        }
+        self.index.run_pending_tasks();
+        tracing::warn!(
+            need,
+            freed,
+            "disk full: evicted least recently used blobs to make room"
+        );
+        freed
     }
 
     /// Opens a cached blob, marking it recently used.
     pub fn lookup(&self, digest: &Digest) -> Option<CachedBlob> {
-        let known = self.index.get(digest);
+        let known = self.index.get(digest).map(|e| {
+            e.used.store(
+                self.clock.fetch_add(1, Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+            e.len
+        });
         if known.is_none() && self.is_ready() {
             return None;
         }

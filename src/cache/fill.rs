@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -361,8 +361,8 @@ async fn stream_to_disk(
 
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
     let writer_task = writer.map(|w| {
-        let fill = fill.clone();
-        tokio::task::spawn_blocking(move || write_loop(w, rx, &fill))
+        let (fill, store, len) = (fill.clone(), store.clone(), source.len);
+        tokio::task::spawn_blocking(move || write_loop(w, rx, &fill, &store, len))
     });
     let mut out = Outlet {
         fill,
@@ -513,13 +513,26 @@ impl Outlet<'_> {
 }
 
 fn write_loop(
-    mut file: File,
+    file: File,
     mut rx: tokio::sync::mpsc::Receiver<Bytes>,
     fill: &Fill,
+    store: &BlobStore,
+    len: Option<u64>,
 ) -> io::Result<()> {
     let mut flushed = 0u64;
     while let Some(chunk) = rx.blocking_recv() {
-        file.write_all(&chunk)?;
+        if let Err(e) = file.write_all_at(&chunk, flushed) {
+            if e.kind() != io::ErrorKind::StorageFull {
+                return Err(e);
+            }
+            // Disk full: make room for the rest of this blob by evicting the least recently
+            // used ones, then try once more.
+            let rest = len.map_or(chunk.len() as u64, |l| l.saturating_sub(flushed));
+            if store.make_room(rest.max(chunk.len() as u64)) == 0 {
+                return Err(e);
+            }
+            file.write_all_at(&chunk, flushed)?;
+        }
         flushed += chunk.len() as u64;
         fill.update(|s| s.flushed = flushed);
     }
