@@ -328,17 +328,8 @@ impl Mirror {
         accept: &[&str],
         cached: &Manifest,
     ) -> Result<bool, UpstreamError> {
-        let up = self
-            .upstream(&t.registry)
-            .map_err(|e| UpstreamError::Invalid(e.message))?;
-        let resp = up
-            .send(
-                Method::HEAD,
-                Some(&t.repo),
-                &format!("manifests/{tag}"),
-                Some(&upstream_accept(accept)),
-                Urgency::Revalidate,
-            )
+        let resp = self
+            .manifest_request(t, Method::HEAD, tag, accept, Urgency::Revalidate)
             .await?;
         let digest = resp
             .headers()
@@ -359,6 +350,28 @@ impl Mirror {
         Ok(false)
     }
 
+    /// Sends a manifest request upstream with the Accept list the client's implies.
+    async fn manifest_request(
+        &self,
+        t: &Target,
+        method: Method,
+        reference: &str,
+        accept: &[&str],
+        urgency: Urgency,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let up = self
+            .upstream(&t.registry)
+            .map_err(|e| UpstreamError::Invalid(e.message))?;
+        up.send(
+            method,
+            Some(&t.repo),
+            &format!("manifests/{reference}"),
+            Some(&upstream_accept(accept)),
+            urgency,
+        )
+        .await
+    }
+
     /// GETs a manifest, verifies it, and stores it.
     async fn fetch_manifest(
         &self,
@@ -367,17 +380,8 @@ impl Mirror {
         accept: &[&str],
         expected: Option<&Digest>,
     ) -> Result<Arc<Manifest>, UpstreamError> {
-        let up = self
-            .upstream(&t.registry)
-            .map_err(|e| UpstreamError::Invalid(e.message))?;
-        let resp = up
-            .send(
-                Method::GET,
-                Some(&t.repo),
-                &format!("manifests/{reference}"),
-                Some(&upstream_accept(accept)),
-                Urgency::Fetch,
-            )
+        let resp = self
+            .manifest_request(t, Method::GET, reference, accept, Urgency::Fetch)
             .await?;
         let header_type = resp
             .headers()
