@@ -1347,27 +1347,7 @@ async fn disk_full() {
     layers.extend(smalls.iter().map(|(d, _)| d.clone()));
     up.add_image("library/full", "v1", &config, &layers);
     // max_size larger than the disk, on purpose.
-    let toml = format!(
-        r#"[server]
-listen = "{}"
-admin_listen = "{}"
-
-[cache]
-dir = "{}"
-max_size = "64MiB"
-tag_ttl = "10m"
-
-[[registry]]
-name = "docker.io"
-default = true
-endpoints = ["{}"]
-read_timeout = "5s"
-"#,
-        support::free_addr(),
-        support::free_addr(),
-        cache.display(),
-        up.url()
-    );
+    let toml = support::berth_config_with(&up.url(), &cache, "64MiB", r#"read_timeout = "5s""#);
     let berth = Berth::start(&toml);
     let c = client();
     let url = |p: &str| format!("{}{p}", berth.url());
@@ -1752,27 +1732,7 @@ async fn soak_flaky_upstream() {
         .expect("tempdir");
     let cache = work.path().join("cache");
     // max_size below the 85 MiB of blobs: evictions keep some blobs uncached throughout.
-    let toml = format!(
-        r#"[server]
-listen = "{}"
-admin_listen = "{}"
-
-[cache]
-dir = "{}"
-max_size = "64MiB"
-tag_ttl = "10m"
-
-[[registry]]
-name = "docker.io"
-default = true
-endpoints = ["{}"]
-read_timeout = "10s"
-"#,
-        support::free_addr(),
-        support::free_addr(),
-        cache.display(),
-        up.url()
-    );
+    let toml = support::berth_config_with(&up.url(), &cache, "64MiB", r#"read_timeout = "10s""#);
     let berth = Berth::start(&toml);
     let pid = berth.pid().expect("berth pid");
     let fds_before = open_fds(pid);

@@ -34,7 +34,6 @@ pub struct BlobStore {
     clock: AtomicU64,
     fills: Mutex<HashMap<Digest, Arc<Fill>>>,
     metrics: Arc<Metrics>,
-    size: Arc<AtomicU64>,
     ready: AtomicBool,
 }
 
@@ -56,8 +55,6 @@ impl BlobStore {
         std::fs::create_dir_all(&root)?;
         std::fs::create_dir_all(&tmp)?;
         metrics.cache_max_size_bytes.set(max_size as i64);
-        let size = Arc::new(AtomicU64::new(0));
-        let evict_size = size.clone();
         let evict_metrics = metrics.clone();
         // Evicted files are deleted off the async threads (moka runs the listener wherever its
         // maintenance happens to run, which is often a request's thread).
@@ -72,7 +69,6 @@ impl BlobStore {
                     return;
                 }
                 let len = e.len;
-                evict_size.fetch_sub(len, Ordering::Relaxed);
                 evict_metrics.cache_size_bytes.sub(len as i64);
                 evict_metrics.cache_blobs.dec();
                 if cause == RemovalCause::Size {
@@ -90,7 +86,6 @@ impl BlobStore {
             clock: AtomicU64::new(1),
             fills: Mutex::new(HashMap::new()),
             metrics,
-            size,
             ready: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&store);
@@ -120,11 +115,6 @@ impl BlobStore {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
-    }
-
-    /// Bytes of blobs in the index.
-    pub fn size(&self) -> u64 {
-        self.size.load(Ordering::Relaxed)
     }
 
     /// Rebuilds the index from the directory (oldest first, so LRU order roughly survives a
@@ -177,7 +167,7 @@ impl BlobStore {
         self.metrics.cache_scan_seconds.observe(secs);
         tracing::info!(
             blobs = n,
-            bytes = self.size(),
+            bytes = self.metrics.cache_size_bytes.get(),
             seconds = secs,
             "cache index loaded"
         );
@@ -188,7 +178,6 @@ impl BlobStore {
         if self.index.contains_key(&digest) {
             return;
         }
-        self.size.fetch_add(len, Ordering::Relaxed);
         self.metrics.cache_size_bytes.add(len as i64);
         self.metrics.cache_blobs.inc();
         let used = AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed));
@@ -258,11 +247,6 @@ impl BlobStore {
                 None
             }
         }
-    }
-
-    /// Whether the blob is cached, without touching its recency.
-    pub fn contains(&self, digest: &Digest) -> bool {
-        self.index.contains_key(digest)
     }
 
     /// Joins the fill of `digest` in flight, or starts one with `source`. Returns the fill and

@@ -100,7 +100,7 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>, peer: IpAddr) -> Response
     };
     let mut user = None;
     let answer = match route {
-        _ if req.uri().to_string().len() > super::MAX_URI => Err(RegistryError::new(
+        _ if uri_len(req.uri()) > super::MAX_URI => Err(RegistryError::new(
             ErrorCode::NameInvalid,
             "request URI too long",
         )
@@ -158,6 +158,12 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>, peer: IpAddr) -> Response
     };
     let (parts, body) = resp.into_parts();
     Response::from_parts(parts, body.metered(meter))
+}
+
+/// The length of a request target, without formatting it.
+fn uri_len(uri: &http::Uri) -> usize {
+    uri.path_and_query().map_or(0, |pq| pq.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
 }
 
 pub fn error_response(e: &RegistryError) -> Response<Body> {

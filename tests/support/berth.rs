@@ -16,6 +16,17 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 /// A config (the contract format) for one `docker.io` default registry with a single
 /// upstream endpoint, free loopback ports, a 1 GiB cache in `cache_dir`, a 10 min tag TTL.
 pub fn berth_config(upstream_url: &str, cache_dir: &Path) -> String {
+    berth_config_with(upstream_url, cache_dir, "1GiB", "")
+}
+
+/// Like [`berth_config`], with `max_size` and extra keys for the `[[registry]]` table (one
+/// `key = value` per line, e.g. `read_timeout = "5s"`).
+pub fn berth_config_with(
+    upstream_url: &str,
+    cache_dir: &Path,
+    max_size: &str,
+    registry_keys: &str,
+) -> String {
     format!(
         r#"[server]
 listen = "{listen}"
@@ -23,13 +34,14 @@ admin_listen = "{admin}"
 
 [cache]
 dir = "{cache}"
-max_size = "1GiB"
+max_size = "{max_size}"
 tag_ttl = "10m"
 
 [[registry]]
 name = "docker.io"
 default = true
 endpoints = ["{upstream_url}"]
+{registry_keys}
 "#,
         listen = free_addr(),
         admin = free_addr(),

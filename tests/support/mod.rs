@@ -37,7 +37,7 @@ mod recorder;
 mod registry;
 mod seed;
 
-pub use self::berth::{Berth, berth_config, berth_multi_config};
+pub use self::berth::{Berth, berth_config, berth_config_with, berth_multi_config};
 pub use self::containerd::{CTR_PULL_TIMEOUT, Containerd, default_server};
 pub use self::dockerd::{Dockerd, DockerdOptions, PULL_TIMEOUT};
 pub use self::podman::{PODMAN_PULL_TIMEOUT, Podman};
