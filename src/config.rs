@@ -62,6 +62,114 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     #[serde(rename = "registry", default)]
     pub registries: Vec<RegistryConfig>,
+    /// Replicas that share fills (and, with `cache.object_store`, one cache).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: the replicas of one berth deployment. Each blob has an owner among the live
+/// replicas (rendezvous hashing); a replica that misses a blob asks its owner for it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Every replica's registry URL, this one included (it recognizes itself).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<url::Url>,
+    /// A URL whose host name resolves to every replica (a Kubernetes headless Service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<url::Url>,
+    /// How often peers are checked (and `dns` resolved again).
+    #[serde(default = "default_peer_probe_interval", with = "human_duration")]
+    pub probe_interval: Duration,
+    /// How long a connection to a peer may take before the next replica in order is asked.
+    #[serde(default = "default_peer_connect_timeout", with = "human_duration")]
+    pub connect_timeout: Duration,
+    /// How long a peer's stream may stall before it is given up (and resumed elsewhere).
+    #[serde(default = "default_read_timeout", with = "human_duration")]
+    pub read_timeout: Duration,
+}
+
+/// `[cache.object_store]`: a shared S3-compatible bucket behind the local disk.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectStoreConfig {
+    /// `s3://bucket/optional/prefix`.
+    pub url: url::Url,
+    /// The S3 API endpoint; omitted for AWS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<url::Url>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_file: Option<PathBuf>,
+    #[serde(default = "default_store_connect_timeout", with = "human_duration")]
+    pub connect_timeout: Duration,
+    /// How long a store request may stall (a single read) before it counts as failed.
+    #[serde(default = "default_read_timeout", with = "human_duration")]
+    pub read_timeout: Duration,
+}
+
+impl ObjectStoreConfig {
+    pub fn bucket(&self) -> &str {
+        self.url.host_str().unwrap_or_default()
+    }
+
+    /// The key prefix inside the bucket, without slashes at either end ("" for none).
+    pub fn prefix(&self) -> &str {
+        self.url.path().trim_matches('/')
+    }
+
+    /// The access key id and secret, when configured here (else the AWS environment is used).
+    pub fn credentials(&self) -> Result<Option<(Secret, Secret)>, ConfigError> {
+        let id = read_secret(
+            "cache.object_store.access_key_id",
+            self.access_key_id_file.as_deref(),
+            self.access_key_id_env.as_deref(),
+        )?;
+        let secret = read_secret(
+            "cache.object_store.secret_access_key",
+            self.secret_access_key_file.as_deref(),
+            self.secret_access_key_env.as_deref(),
+        )?;
+        match (id, secret) {
+            (Some(id), Some(secret)) => Ok(Some((id, secret))),
+            (None, None) => Ok(None),
+            _ => Err(invalid(
+                "cache.object_store",
+                "give both the access key id and the secret access key, or neither",
+            )),
+        }
+    }
+}
+
+fn read_secret(
+    key: &str,
+    file: Option<&Path>,
+    env: Option<&str>,
+) -> Result<Option<Secret>, ConfigError> {
+    if let Some(path) = file {
+        let s = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        return Ok(Some(Secret(s.trim().to_owned())));
+    }
+    if let Some(var) = env {
+        let v = std::env::var(var).map_err(|_| {
+            invalid(
+                format!("{key}_env"),
+                format!("environment variable {var} is not set"),
+            )
+        })?;
+        return Ok(Some(Secret(v.trim().to_owned())));
+    }
+    Ok(None)
 }
 
 /// `[server.tls]`: serve the registry API over TLS (HTTP/2 and HTTP/1.1 by ALPN).
@@ -147,6 +255,9 @@ pub struct CacheConfig {
     /// How long a tag → digest answer is trusted before it is revalidated upstream.
     #[serde(default = "default_tag_ttl", with = "human_duration")]
     pub tag_ttl: Duration,
+    /// A shared object store; the local disk becomes a bounded hot tier in front of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_store: Option<ObjectStoreConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -358,6 +469,15 @@ fn default_max_connections_per_client() -> usize {
 fn default_token_ttl() -> Duration {
     Duration::from_secs(300)
 }
+fn default_peer_probe_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_peer_connect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_store_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
 fn default_ratelimit_pause() -> Duration {
     Duration::from_secs(600)
 }
@@ -383,6 +503,7 @@ impl Default for CacheConfig {
             dir: default_cache_dir(),
             max_size: default_max_size(),
             tag_ttl: default_tag_ttl(),
+            object_store: None,
         }
     }
 }
@@ -495,6 +616,66 @@ impl Config {
         }
         if self.server.client_burst == Some(0) {
             return Err(invalid("server.client_burst", "must be at least 1"));
+        }
+        if let Some(store) = &self.cache.object_store {
+            if store.url.scheme() != "s3" || store.bucket().is_empty() {
+                return Err(invalid(
+                    "cache.object_store.url",
+                    "must be s3://bucket or s3://bucket/prefix",
+                ));
+            }
+            if store.access_key_id_file.is_some() && store.access_key_id_env.is_some() {
+                return Err(invalid(
+                    "cache.object_store.access_key_id_file",
+                    "give access_key_id_file or access_key_id_env, not both",
+                ));
+            }
+            if store.secret_access_key_file.is_some() && store.secret_access_key_env.is_some() {
+                return Err(invalid(
+                    "cache.object_store.secret_access_key_file",
+                    "give secret_access_key_file or secret_access_key_env, not both",
+                ));
+            }
+            let has_id = store.access_key_id_file.is_some() || store.access_key_id_env.is_some();
+            let has_secret =
+                store.secret_access_key_file.is_some() || store.secret_access_key_env.is_some();
+            if has_id != has_secret {
+                return Err(invalid(
+                    "cache.object_store",
+                    "give both the access key id and the secret access key, or neither",
+                ));
+            }
+            if let Some(e) = &store.endpoint
+                && (!matches!(e.scheme(), "http" | "https") || e.host_str().is_none())
+            {
+                return Err(invalid(
+                    "cache.object_store.endpoint",
+                    "must be an http(s) URL with a host",
+                ));
+            }
+        }
+        if let Some(cluster) = &self.cluster {
+            if cluster.peers.is_empty() == cluster.dns.is_none() {
+                return Err(invalid(
+                    "cluster",
+                    "give either peers (a list of URLs) or dns (one URL), not both",
+                ));
+            }
+            for (j, p) in cluster.peers.iter().chain(&cluster.dns).enumerate() {
+                if !matches!(p.scheme(), "http" | "https")
+                    || p.host_str().is_none()
+                    || !p.path().trim_matches('/').is_empty()
+                    || p.query().is_some()
+                {
+                    return Err(invalid(
+                        format!("cluster.peers[{j}]"),
+                        format!("{p} must be an http(s) URL with a host and no path"),
+                    ));
+                }
+            }
+            if cluster.probe_interval < Duration::from_millis(100) {
+                return Err(invalid("cluster.probe_interval", "must be at least 100ms"));
+            }
         }
         if defaults > 1 {
             return Err(invalid(

@@ -7,6 +7,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod logwriter;
@@ -105,7 +106,29 @@ pub async fn start_on(
         .iter()
         .map(|r| Arc::<str>::from(r.name.as_str()))
         .collect();
-    let mirror = Mirror::new(&config, blobs.clone(), manifests, metrics.clone())?;
+    let shared = match &config.cache.object_store {
+        Some(c) => {
+            tracing::info!(url = %c.url, "shared object store behind the local cache");
+            Some(Arc::new(cache::SharedStore::open(c, metrics.clone())?))
+        }
+        None => None,
+    };
+    let cluster = match &config.cluster {
+        Some(c) => {
+            let cluster = Arc::new(cluster::Cluster::new(c, metrics.clone())?);
+            cluster.spawn_probes();
+            Some(cluster)
+        }
+        None => None,
+    };
+    let mirror = Mirror::new(
+        &config,
+        blobs.clone(),
+        manifests,
+        shared,
+        cluster,
+        metrics.clone(),
+    )?;
     let client_limit =
         std::num::NonZeroU32::new(config.server.client_requests_per_second).map(|rate| {
             let burst = config

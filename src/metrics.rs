@@ -26,6 +26,11 @@ pub struct Metrics {
     pub cache_evicted_bytes: IntCounter,
     /// Start-up scan time, for operators sizing a large cache.
     pub cache_scan_seconds: Histogram,
+    pub object_store_requests: IntCounterVec,
+    pub object_store_bytes: IntCounterVec,
+    pub object_store_up: IntGauge,
+    pub peer_requests: IntCounterVec,
+    pub peers_up: IntGauge,
 }
 
 /// What a client's request was about, for the `kind` label.
@@ -240,6 +245,34 @@ impl Metrics {
                 "Bytes of blobs evicted.",
             )
             .unwrap_or_else(|e| panic!("metric: {e}")),
+            object_store_requests: counter(
+                &r,
+                "berth_object_store_requests_total",
+                "Requests to the shared object store (result: ok, not_found, error).",
+                &["operation", "result"],
+            ),
+            object_store_bytes: counter(
+                &r,
+                "berth_object_store_bytes_total",
+                "Blob bytes read from and written to the shared object store.",
+                &["direction"],
+            ),
+            object_store_up: gauge(
+                &r,
+                "berth_object_store_up",
+                "1 while the shared object store answers, 0 while it is skipped after failures.",
+            ),
+            peer_requests: counter(
+                &r,
+                "berth_peer_requests_total",
+                "Blob requests this replica sent to the blob's owner among its peers.",
+                &["result"],
+            ),
+            peers_up: gauge(
+                &r,
+                "berth_cluster_peers_up",
+                "Replicas (this one included) currently answering peer probes.",
+            ),
             cache_scan_seconds: Histogram::with_opts(HistogramOpts::new(
                 "berth_cache_scan_duration_seconds",
                 "Time the start-up scan of the cache directory took.",

@@ -256,7 +256,7 @@ impl BlobStore {
         digest: &Digest,
         registry: &str,
         repo: &str,
-        source: impl FnOnce() -> SourceFuture,
+        source: impl FnOnce(&Arc<Fill>) -> SourceFuture,
     ) -> (Arc<Fill>, bool) {
         let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = fills.get(digest) {
@@ -266,7 +266,7 @@ impl BlobStore {
         fills.insert(digest.clone(), f.clone());
         drop(fills);
         let store = self.clone();
-        let fut = source();
+        let fut = source(&f);
         let (registry, repo) = (registry.to_owned(), repo.to_owned());
         let fill = f.clone();
         self.metrics.fills_in_flight.inc();

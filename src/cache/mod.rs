@@ -1,14 +1,17 @@
 //! The cache: content-addressed blobs on disk with an LRU index and single-flight fills, and
-//! manifests and tags per registry and repository. The cache never speaks HTTP and never calls
-//! upstream: fills are given a byte source by the mirror.
+//! manifests and tags per registry and repository, optionally backed by a shared object store
+//! (`shared`) that several replicas use. The cache never calls upstream: fills are given a byte
+//! source by the mirror.
 
 mod blobs;
 mod fill;
 mod manifests;
+mod shared;
 
 pub use blobs::{BlobStore, CachedBlob};
 pub use fill::{Fill, FillReader, Piece, Source, SourceFuture};
 pub use manifests::{Manifest, ManifestStore, TagRecord};
+pub use shared::{Lookup, SharedStore};
 
 use std::path::Path;
 

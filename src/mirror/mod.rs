@@ -1,17 +1,22 @@
 //! The pull-through logic, and the one place that uses both the cache and the upstream client:
-//! look up, revalidate tags, fill once, serve stale when upstream fails.
+//! look up (local disk, then the shared object store), revalidate tags, fill once (asking the
+//! blob's owner among the replicas first), serve stale when upstream fails.
+
+mod sources;
 
 use std::collections::HashMap;
-use std::io;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt, TryStreamExt};
+use futures_util::FutureExt;
 
 use http::{Method, StatusCode, header};
 
-use crate::cache::{BlobStore, CachedBlob, Fill, Manifest, ManifestStore, Source, TagRecord};
+use crate::cache::{
+    BlobStore, CachedBlob, Fill, Lookup, Manifest, ManifestStore, SharedStore, TagRecord,
+};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::{ErrorCode, RegistryError};
 use crate::metrics::{CacheResult, FillFailure, Metrics};
@@ -36,6 +41,15 @@ pub enum BlobAnswer {
     Head { len: Option<u64> },
 }
 
+/// Who is asking for a blob, as far as the fill's sources care.
+#[derive(Default, Clone, Copy)]
+pub struct Via<'a> {
+    /// Another replica asking this one as the blob's owner: serve it, never forward it.
+    pub peer: bool,
+    /// The client's credentials, passed on to the owner.
+    pub authorization: Option<&'a str>,
+}
+
 pub struct Mirror {
     upstreams: HashMap<Arc<str>, Arc<Upstream>>,
     pub blobs: Arc<BlobStore>,
@@ -43,6 +57,8 @@ pub struct Mirror {
     metrics: Arc<Metrics>,
     tag_ttl: Duration,
     locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+    shared: Option<Arc<SharedStore>>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 #[derive(Clone, Copy)]
@@ -153,6 +169,8 @@ impl Mirror {
         config: &Config,
         blobs: Arc<BlobStore>,
         manifests: Arc<ManifestStore>,
+        shared: Option<Arc<SharedStore>>,
+        cluster: Option<Arc<Cluster>>,
         metrics: Arc<Metrics>,
     ) -> Result<Mirror, String> {
         // Redirects may reach loopback only at hosts that are configured endpoints.
@@ -197,6 +215,8 @@ impl Mirror {
             metrics,
             tag_ttl: config.cache.tag_ttl,
             locks: Mutex::new(HashMap::new()),
+            shared,
+            cluster,
         })
     }
 
@@ -206,6 +226,52 @@ impl Mirror {
 
     pub fn metrics_arc(&self) -> Arc<Metrics> {
         self.metrics.clone()
+    }
+
+    /// This replica's instance id, when it is part of a cluster.
+    pub fn cluster_id(&self) -> Option<&str> {
+        self.cluster.as_deref().map(Cluster::id)
+    }
+
+    /// Stores a tag record here and in the shared store.
+    fn record_tag(&self, t: &Target, tag: &crate::oci::Tag, rec: TagRecord) {
+        if let Some(shared) = &self.shared {
+            shared.put_tag(&t.registry, &t.repo, tag, &rec);
+        }
+        self.manifests.put_tag(&t.registry, &t.repo, tag, rec);
+    }
+
+    /// A manifest from the shared store, verified and kept on the local disk too.
+    async fn shared_manifest(&self, t: &Target, digest: &Digest) -> Option<Arc<Manifest>> {
+        let shared = self.shared.as_ref()?;
+        let m = Arc::new(shared.get_manifest(&t.registry, &t.repo, digest).await?);
+        self.manifests.put(&t.registry, &t.repo, m.clone());
+        Some(m)
+    }
+
+    /// A tag record another replica stored more recently than `than`, with its manifest.
+    async fn shared_tag(
+        &self,
+        t: &Target,
+        tag: &crate::oci::Tag,
+        accept: &[&str],
+        than: Option<&TagRecord>,
+    ) -> Option<(Arc<TagRecord>, Arc<Manifest>)> {
+        let shared = self.shared.as_ref()?;
+        let rec = shared.get_tag(&t.registry, &t.repo, tag).await?;
+        if than.is_some_and(|old| old.checked >= rec.checked) {
+            return None;
+        }
+        let m = match self.manifests.get(&t.registry, &t.repo, &rec.digest) {
+            Some(m) => m,
+            None => self.shared_manifest(t, &rec.digest).await?,
+        };
+        if !accepts_media_type(accept, &m.media_type) {
+            return None;
+        }
+        self.manifests
+            .put_tag(&t.registry, &t.repo, tag, rec.clone());
+        Some((Arc::new(rec), m))
     }
 
     fn upstream(&self, registry: &str) -> Result<&Arc<Upstream>, RegistryError> {
@@ -249,6 +315,9 @@ impl Mirror {
                 if let Some(m) = self.manifests.get(&t.registry, &t.repo, d) {
                     return Ok((m, CacheResult::Coalesced));
                 }
+                if let Some(m) = self.shared_manifest(t, d).await {
+                    return Ok((m, CacheResult::Hit));
+                }
                 let m = self
                     .fetch_manifest(t, &d.to_string(), accept, Some(d))
                     .await
@@ -274,6 +343,17 @@ impl Mirror {
                     }
                     other => other,
                 };
+                // Another replica may have checked the tag more recently.
+                let stale = match self
+                    .shared_tag(t, tag, accept, stale.as_ref().map(|(r, _)| &**r))
+                    .await
+                {
+                    Some((rec, m)) if rec.age() < self.tag_ttl => {
+                        return Ok((m, CacheResult::Hit));
+                    }
+                    Some(newer) => Some(newer),
+                    None => stale,
+                };
                 let what = format!("manifest {}:{tag}", t.repo);
                 if let Some((_, m)) = &stale {
                     match self.revalidate(t, tag.as_str(), accept, m).await {
@@ -298,12 +378,7 @@ impl Mirror {
                 match self.fetch_manifest(t, tag.as_str(), accept, None).await {
                     Ok(m) => {
                         if accepts_all(accept) {
-                            self.manifests.put_tag(
-                                &t.registry,
-                                &t.repo,
-                                tag,
-                                TagRecord::now(&m.digest, &m.media_type),
-                            );
+                            self.record_tag(t, tag, TagRecord::now(&m.digest, &m.media_type));
                         }
                         Ok((m, CacheResult::Miss))
                     }
@@ -338,12 +413,7 @@ impl Mirror {
             .and_then(|v| v.parse::<Digest>().ok());
         if digest.as_ref() == Some(&cached.digest) {
             if let Ok(tag) = tag.parse() {
-                self.manifests.put_tag(
-                    &t.registry,
-                    &t.repo,
-                    &tag,
-                    TagRecord::now(&cached.digest, &cached.media_type),
-                );
+                self.record_tag(t, &tag, TagRecord::now(&cached.digest, &cached.media_type));
             }
             return Ok(true);
         }
@@ -423,6 +493,9 @@ impl Mirror {
             UpstreamError::Invalid("manifest media type is not a valid header".into())
         })?);
         self.manifests.put(&t.registry, &t.repo, m.clone());
+        if let Some(shared) = &self.shared {
+            shared.put_manifest(&t.registry, &t.repo, &m);
+        }
         Ok(m)
     }
 
@@ -473,6 +546,7 @@ impl Mirror {
         t: &Target,
         digest: &Digest,
         head: bool,
+        via: Via<'_>,
     ) -> Result<(BlobAnswer, CacheResult), RegistryError> {
         if let Some(blob) = self.blobs.lookup(digest) {
             if !self.manifests.is_member(&t.registry, &t.repo, digest) {
@@ -480,8 +554,17 @@ impl Mirror {
             }
             return Ok((BlobAnswer::Cached(blob), CacheResult::Hit));
         }
+        // The shared store holds blobs of every repository: it answers for this one only when
+        // a cached manifest (or upstream) says the repository holds the blob.
+        let member = self.manifests.is_member(&t.registry, &t.repo, digest);
         let up = self.upstream(&t.registry)?.clone();
         if head {
+            if member
+                && let Some(shared) = &self.shared
+                && let Lookup::Found(len) = shared.head_blob(digest).await
+            {
+                return Ok((BlobAnswer::Head { len: Some(len) }, CacheResult::Hit));
+            }
             let resp = up
                 .send(
                     Method::HEAD,
@@ -500,39 +583,22 @@ impl Mirror {
                 .and_then(|v| v.parse().ok());
             return Ok((BlobAnswer::Head { len }, CacheResult::Miss));
         }
-        let metrics = self.metrics.clone();
-        let manifests = self.manifests.clone();
-        let (fill, joined) = self.blobs.fill(digest, &t.registry, t.repo.as_str(), || {
-            let (repo, digest, registry) = (t.repo.clone(), digest.clone(), t.registry.clone());
-            async move {
-                let resp = up
-                    .send(
-                        Method::GET,
-                        Some(&repo),
-                        &format!("blobs/{digest}"),
-                        None,
-                        Urgency::Fetch,
-                    )
-                    .await
-                    .map_err(|e| upstream_error(&e, Kind::Blob, &format!("blob {digest}")))?;
-                // Upstream serves it under this repository: a member from now on.
-                manifests.add_member(&registry, &repo, &digest);
-                let endpoint = resp.url().origin().ascii_serialization();
-                let len = resp.content_length();
-                let counter = metrics.upstream_bytes.with_label_values(&[&registry]);
-                let stream = resp
-                    .bytes_stream()
-                    .map_err(|e| io::Error::other(crate::upstream::error_chain(&e)))
-                    .inspect_ok(move |b: &Bytes| counter.inc_by(b.len() as u64))
-                    .boxed();
-                Ok(Source {
-                    len,
-                    stream,
-                    endpoint,
-                })
-            }
-            .boxed()
-        });
+        let plan = sources::Plan {
+            target: t.clone(),
+            digest: digest.clone(),
+            upstream: up,
+            manifests: self.manifests.clone(),
+            metrics: self.metrics.clone(),
+            shared: self.shared.clone().filter(|_| member),
+            upload_to: self.shared.clone(),
+            cluster: self.cluster.clone().filter(|_| !via.peer),
+            authorization: via.authorization.map(str::to_owned),
+        };
+        let (fill, joined) = self
+            .blobs
+            .fill(digest, &t.registry, t.repo.as_str(), |fill| {
+                sources::open(Arc::new(plan), fill.clone()).boxed()
+            });
         // A joiner from another repository must first show that its repository holds the blob
         // too; one from the same repository shares the fill's own upstream answer.
         let same_repo = fill.origin == format!("{}/{}", t.registry, t.repo);

@@ -23,7 +23,7 @@ use super::handlers::App;
 use crate::cache::Piece;
 use crate::error::RegistryError;
 use crate::metrics::RequestKind;
-use crate::mirror::BlobAnswer;
+use crate::mirror::{BlobAnswer, Via};
 use crate::oci::{Digest, Reference};
 use crate::route::{Route, Target, ns_param};
 
@@ -117,6 +117,8 @@ struct FastRequest {
     authorization: Option<String>,
     host: Option<String>,
     accept: Vec<String>,
+    /// Sent by another replica asking this one as the blob's owner.
+    from_peer: bool,
 }
 
 enum Parsed {
@@ -149,6 +151,7 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
     let version = req.version.unwrap_or(0);
     let mut keep_alive = version == 1;
     let (mut authorization, mut host, mut accept) = (None, None, Vec::new());
+    let mut from_peer = false;
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("range")
@@ -169,6 +172,8 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
             host = text();
         } else if name.eq_ignore_ascii_case("accept") {
             accept.extend(text());
+        } else if name.eq_ignore_ascii_case(crate::cluster::PEER_HEADER) {
+            from_peer = true;
         }
         if name.eq_ignore_ascii_case("connection") {
             let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
@@ -197,6 +202,7 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
             authorization,
             host,
             accept,
+            from_peer,
         },
         n,
     )
@@ -317,7 +323,11 @@ async fn respond(
             };
         }
     };
-    let answer = app.mirror.blob(&req.target, &digest, false).await;
+    let via = Via {
+        peer: req.from_peer,
+        authorization: req.authorization.as_deref(),
+    };
+    let answer = app.mirror.blob(&req.target, &digest, false, via).await;
     let (answer, result) = match answer {
         Ok(a) => a,
         Err(e) => return write_error(stream, &mut meter, &e, None, req.keep_alive).await,

@@ -12,7 +12,7 @@ use super::auth::{Auth, Denial, Identity};
 use super::body::{Body, Meter};
 use crate::error::{ErrorCode, RegistryError};
 use crate::metrics::{CacheResult, RequestKind};
-use crate::mirror::{BlobAnswer, Mirror};
+use crate::mirror::{BlobAnswer, Mirror, Via};
 use crate::oci::{ByteRange, Digest, RangeError, parse_range};
 use crate::route::{Route, Router, Target, ns_param, url_name};
 
@@ -88,6 +88,14 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>, peer: IpAddr) -> Response
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    if path == crate::cluster::ID_PATH
+        && let Some(id) = app.mirror.cluster_id()
+    {
+        let mut r = Response::new(Body::full(id.to_owned()));
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        return r;
+    }
     let route = if path == "/token" && app.auth.is_some() {
         Ok(Route::Token)
     } else {
@@ -318,7 +326,12 @@ async fn dispatch<B>(app: &App, route: Route, req: &Request<B>, who: Option<Iden
             Ok((r, Some(result)))
         }
         Route::Blob { target, digest } => {
-            let (answer, result) = app.mirror.blob(&target, &digest, head).await?;
+            let h = req.headers();
+            let via = Via {
+                peer: h.contains_key(crate::cluster::PEER_HEADER),
+                authorization: h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()),
+            };
+            let (answer, result) = app.mirror.blob(&target, &digest, head, via).await?;
             app.mirror.metrics().record_cache(RequestKind::Blob, result);
             let range = req
                 .headers()

@@ -253,6 +253,21 @@ impl Upstream {
         accept: Option<&str>,
         urgency: Urgency,
     ) -> Result<reqwest::Response, UpstreamError> {
+        self.send_from(method, repo, suffix, accept, 0, urgency)
+            .await
+    }
+
+    /// Like [`send`](Upstream::send), asking for the body from byte `from` on (a `Range`
+    /// request when `from > 0`; the answer may still be the whole body, status 200).
+    pub async fn send_from(
+        &self,
+        method: Method,
+        repo: Option<&RepoName>,
+        suffix: &str,
+        accept: Option<&str>,
+        from: u64,
+        urgency: Urgency,
+    ) -> Result<reqwest::Response, UpstreamError> {
         self.take_budget(urgency).await?;
         let path = match repo {
             Some(r) => format!("/v2/{r}/{suffix}"),
@@ -277,7 +292,7 @@ impl Upstream {
             for ep in self.endpoints.order(repo.map(RepoName::as_str), key) {
                 let _in_flight = ep.start();
                 match self
-                    .send_to(ep, &method, &path, scope.as_deref(), accept)
+                    .send_to(ep, &method, &path, scope.as_deref(), accept, from)
                     .await
                 {
                     Ok(resp) => return Ok(resp),
@@ -298,6 +313,7 @@ impl Upstream {
         path: &str,
         scope: Option<&str>,
         accept: Option<&str>,
+        from: u64,
     ) -> Result<reqwest::Response, UpstreamError> {
         let mut url = format!("{}{}", ep.base, path);
         if ep.mirror {
@@ -311,6 +327,9 @@ impl Upstream {
             let mut req = ep.client.request(method.clone(), &url);
             if let Some(a) = accept {
                 req = req.header(header::ACCEPT, a);
+            }
+            if from > 0 {
+                req = req.header(header::RANGE, format!("bytes={from}-"));
             }
             if let Some(value) = self.auth_header(ep, scope) {
                 req = req.header(header::AUTHORIZATION, value);

@@ -1,0 +1,390 @@
+//! The shared tier: an S3-compatible object store (through the `object_store` crate) that
+//! several replicas read and write, behind each replica's bounded local disk.
+//!
+//! Keys mirror the disk layout under the configured prefix:
+//! `blobs/<alg>/<hex>`, `manifests/<registry>/<repo>/_manifests/<alg>/<hex>` (first line: media
+//! type, then the exact bytes) and `manifests/<registry>/<repo>/_tags/<tag>` (JSON).
+//!
+//! A blob is written only from a fill's verified stream: the uploader is a reader of the fill,
+//! and a fill hands out its last byte only after the digest matched, so a multipart upload is
+//! completed only for verified bytes and aborted otherwise — no partial or wrong object is
+//! ever visible under a blob's key. Nothing here coordinates through conditional writes: two
+//! replicas writing the same key write the same verified bytes.
+//!
+//! The store failing is not an outage: after an error it is skipped for a few seconds (reads
+//! are misses, writes are dropped) and the mirror serves from disk and upstream meanwhile.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path;
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
+    WriteMultipart,
+};
+
+use super::fill::Fill;
+use super::manifests::{Manifest, TagRecord};
+use crate::config::ObjectStoreConfig;
+use crate::metrics::Metrics;
+use crate::oci::{Digest, Hasher, RepoName, Tag};
+
+/// Blobs up to this size are uploaded with one PUT; larger ones in parts of this size.
+const PART_BYTES: usize = 8 * 1024 * 1024;
+/// Parts uploading at once per blob.
+const PARTS_IN_FLIGHT: usize = 2;
+/// How long the store is skipped after a failed request.
+const BACKOFF: Duration = Duration::from_secs(5);
+/// The largest manifest or tag object read back.
+const MAX_SMALL_OBJECT: u64 = 4 * 1024 * 1024 + 1024;
+
+/// The answer of a read: found, known missing, or the store could not say.
+pub enum Lookup<T> {
+    Found(T),
+    Missing,
+    Unavailable,
+}
+
+pub struct SharedStore {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    /// Milliseconds since `epoch` until which the store is skipped (0: not skipped).
+    down_until: AtomicU64,
+    epoch: Instant,
+    metrics: Arc<Metrics>,
+}
+
+impl SharedStore {
+    pub fn open(config: &ObjectStoreConfig, metrics: Arc<Metrics>) -> Result<SharedStore, String> {
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(config.bucket())
+            .with_client_options(
+                ClientOptions::new()
+                    .with_connect_timeout(config.connect_timeout)
+                    .with_read_timeout(config.read_timeout)
+                    // Blobs are large: no limit on a whole request, only on stalls.
+                    .with_timeout_disabled()
+                    .with_allow_http(true),
+            )
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig {
+                    init_backoff: Duration::from_millis(100),
+                    max_backoff: Duration::from_secs(1),
+                    base: 2.0,
+                },
+                max_retries: 2,
+                retry_timeout: Duration::from_secs(10),
+            });
+        if let Some(endpoint) = &config.endpoint {
+            // A custom endpoint (Garage, MinIO, Ceph) is addressed path-style.
+            builder = builder
+                .with_endpoint(endpoint.as_str().trim_end_matches('/'))
+                .with_virtual_hosted_style_request(false);
+        }
+        if let Some(region) = &config.region {
+            builder = builder.with_region(region);
+        }
+        if let Some((id, secret)) = config.credentials().map_err(|e| e.to_string())? {
+            builder = builder
+                .with_access_key_id(id.expose())
+                .with_secret_access_key(secret.expose());
+        }
+        let store = builder
+            .build()
+            .map_err(|e| format!("cannot set up the object store {}: {e}", config.url))?;
+        let prefix = config.prefix();
+        metrics.object_store_up.set(1);
+        for op in ["get", "head", "put", "multipart"] {
+            for result in ["ok", "not_found", "error"] {
+                metrics
+                    .object_store_requests
+                    .with_label_values(&[op, result]);
+            }
+        }
+        Ok(SharedStore {
+            store: Arc::new(store),
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
+            down_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+            metrics,
+        })
+    }
+
+    fn path(&self, key: &str) -> Path {
+        Path::from(format!("{}{key}", self.prefix))
+    }
+
+    fn blob_key(digest: &Digest) -> String {
+        format!("blobs/{}/{}", digest.algorithm().as_str(), digest.hex())
+    }
+
+    fn manifest_key(registry: &str, repo: &RepoName, digest: &Digest) -> String {
+        format!(
+            "manifests/{registry}/{repo}/_manifests/{}/{}",
+            digest.algorithm().as_str(),
+            digest.hex()
+        )
+    }
+
+    fn tag_key(registry: &str, repo: &RepoName, tag: &Tag) -> String {
+        format!("manifests/{registry}/{repo}/_tags/{tag}")
+    }
+
+    /// Whether the store is being used (not skipped after a recent failure).
+    pub fn is_available(&self) -> bool {
+        let until = self.down_until.load(Ordering::Relaxed);
+        until == 0 || self.epoch.elapsed().as_millis() as u64 >= until
+    }
+
+    fn record(&self, op: &str, result: &Result<(), &object_store::Error>) {
+        let label = match result {
+            Ok(()) => "ok",
+            Err(object_store::Error::NotFound { .. }) => "not_found",
+            Err(_) => "error",
+        };
+        self.metrics
+            .object_store_requests
+            .with_label_values(&[op, label])
+            .inc();
+        match result {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                if self.down_until.swap(0, Ordering::Relaxed) != 0 {
+                    tracing::info!("object store answers again");
+                }
+                self.metrics.object_store_up.set(1);
+            }
+            Err(e) => {
+                let until = self.epoch.elapsed().as_millis() as u64 + BACKOFF.as_millis() as u64;
+                if self.down_until.swap(until, Ordering::Relaxed) == 0 {
+                    tracing::warn!(error = %e, "object store failed: skipping it for a few seconds (serving from disk and upstream)");
+                }
+                self.metrics.object_store_up.set(0);
+            }
+        }
+    }
+
+    /// Opens a blob for reading: its length and its bytes (verified by the fill that reads them).
+    pub async fn get_blob(
+        &self,
+        digest: &Digest,
+    ) -> Lookup<(u64, BoxStream<'static, io::Result<Bytes>>)> {
+        if !self.is_available() {
+            return Lookup::Unavailable;
+        }
+        match self.store.get(&self.path(&Self::blob_key(digest))).await {
+            Ok(got) => {
+                self.record("get", &Ok(()));
+                let len = got.meta.size;
+                let counter = self.metrics.object_store_bytes.with_label_values(&["read"]);
+                let stream = got
+                    .into_stream()
+                    .map(move |r| {
+                        r.inspect(|b| counter.inc_by(b.len() as u64))
+                            .map_err(io::Error::other)
+                    })
+                    .boxed();
+                Lookup::Found((len, stream))
+            }
+            Err(e) => self.miss("get", &e),
+        }
+    }
+
+    /// The length of a stored blob.
+    pub async fn head_blob(&self, digest: &Digest) -> Lookup<u64> {
+        if !self.is_available() {
+            return Lookup::Unavailable;
+        }
+        match self.store.head(&self.path(&Self::blob_key(digest))).await {
+            Ok(meta) => {
+                self.record("head", &Ok(()));
+                Lookup::Found(meta.size)
+            }
+            Err(e) => self.miss("head", &e),
+        }
+    }
+
+    fn miss<T>(&self, op: &str, e: &object_store::Error) -> Lookup<T> {
+        self.record(op, &Err(e));
+        match e {
+            object_store::Error::NotFound { .. } => Lookup::Missing,
+            _ => Lookup::Unavailable,
+        }
+    }
+
+    async fn get_small(&self, key: &str) -> Lookup<Bytes> {
+        if !self.is_available() {
+            return Lookup::Unavailable;
+        }
+        match self.store.get(&self.path(key)).await {
+            Ok(got) if got.meta.size <= MAX_SMALL_OBJECT => match got.bytes().await {
+                Ok(b) => {
+                    self.record("get", &Ok(()));
+                    Lookup::Found(b)
+                }
+                Err(e) => self.miss("get", &e),
+            },
+            Ok(got) => {
+                self.record("get", &Ok(()));
+                tracing::warn!(
+                    key,
+                    bytes = got.meta.size,
+                    "object too large for a manifest or tag; ignoring it"
+                );
+                Lookup::Missing
+            }
+            Err(e) => self.miss("get", &e),
+        }
+    }
+
+    /// A manifest by digest, checked against the digest.
+    pub async fn get_manifest(
+        &self,
+        registry: &str,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Option<Manifest> {
+        let Lookup::Found(raw) = self
+            .get_small(&Self::manifest_key(registry, repo, digest))
+            .await
+        else {
+            return None;
+        };
+        let nl = raw.iter().position(|&b| b == b'\n')?;
+        let media_type = std::str::from_utf8(&raw[..nl]).ok()?.to_owned();
+        let bytes = raw.slice(nl + 1..);
+        let mut hasher = Hasher::new(digest.algorithm());
+        hasher.update(&bytes);
+        if hasher.finish() != *digest {
+            tracing::warn!(registry, repository = %repo, digest = %digest, "manifest in the object store does not match its digest; ignoring it");
+            return None;
+        }
+        Manifest::new(digest.clone(), media_type, bytes)
+    }
+
+    /// What a tag pointed to when a replica last checked it upstream.
+    pub async fn get_tag(&self, registry: &str, repo: &RepoName, tag: &Tag) -> Option<TagRecord> {
+        let Lookup::Found(raw) = self.get_small(&Self::tag_key(registry, repo, tag)).await else {
+            return None;
+        };
+        serde_json::from_slice(&raw).ok()
+    }
+
+    async fn put_small(&self, key: String, content: Vec<u8>) {
+        if !self.is_available() {
+            return;
+        }
+        let result = self
+            .store
+            .put(&self.path(&key), PutPayload::from(content))
+            .await;
+        self.record("put", &result.as_ref().map(|_| ()));
+        if let Err(e) = result {
+            tracing::warn!(key, error = %e, "cannot store in the object store");
+        }
+    }
+
+    /// Stores a verified manifest (in the background).
+    pub fn put_manifest(self: &Arc<Self>, registry: &str, repo: &RepoName, m: &Manifest) {
+        let key = Self::manifest_key(registry, repo, &m.digest);
+        let mut content = Vec::with_capacity(m.media_type.len() + 1 + m.bytes.len());
+        content.extend_from_slice(m.media_type.as_bytes());
+        content.push(b'\n');
+        content.extend_from_slice(&m.bytes);
+        let me = self.clone();
+        tokio::spawn(async move { me.put_small(key, content).await });
+    }
+
+    /// Stores a tag record (in the background).
+    pub fn put_tag(self: &Arc<Self>, registry: &str, repo: &RepoName, tag: &Tag, rec: &TagRecord) {
+        let key = Self::tag_key(registry, repo, tag);
+        let Ok(json) = serde_json::to_vec(rec) else {
+            return;
+        };
+        let me = self.clone();
+        tokio::spawn(async move { me.put_small(key, json).await });
+    }
+
+    /// Uploads the blob a fill is fetching, as it arrives, completing the upload only when the
+    /// fill verified it (in the background).
+    pub fn upload(self: &Arc<Self>, fill: Arc<Fill>) {
+        if !self.is_available() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let digest = fill.digest.clone();
+            match me.upload_fill(fill).await {
+                Ok(bytes) => {
+                    tracing::debug!(digest = %digest, bytes, seconds = started.elapsed().as_secs_f64(), "blob stored in the object store")
+                }
+                Err(e) => {
+                    tracing::warn!(digest = %digest, error = %e, "blob not stored in the object store")
+                }
+            }
+        });
+    }
+
+    async fn upload_fill(&self, fill: Arc<Fill>) -> Result<u64, String> {
+        let len = fill.wait_started().await.map_err(|e| e.message)?;
+        let path = self.path(&Self::blob_key(&fill.digest));
+        let mut reader = fill.reader(0, None);
+        let written = self
+            .metrics
+            .object_store_bytes
+            .with_label_values(&["written"]);
+        if len.is_some_and(|l| l <= PART_BYTES as u64) {
+            // Small: one PUT of the whole verified blob (the reader ends only once verified).
+            let mut parts = Vec::new();
+            let mut n = 0u64;
+            while let Some(chunk) = reader.next().await {
+                let chunk = chunk.map_err(|e| e.to_string())?;
+                n += chunk.len() as u64;
+                parts.push(chunk);
+            }
+            let result = self.store.put(&path, PutPayload::from_iter(parts)).await;
+            self.record("put", &result.as_ref().map(|_| ()));
+            result.map_err(|e| e.to_string())?;
+            written.inc_by(n);
+            return Ok(n);
+        }
+        let upload = self.store.put_multipart(&path).await;
+        self.record("multipart", &upload.as_ref().map(|_| ()));
+        let mut writer =
+            WriteMultipart::new_with_chunk_size(upload.map_err(|e| e.to_string())?, PART_BYTES);
+        let mut n = 0u64;
+        loop {
+            let chunk = match reader.next().await {
+                None => break,
+                Some(Ok(chunk)) => chunk,
+                Some(Err(e)) => {
+                    // Cut or wrong bytes: the parts sent so far are discarded, never visible.
+                    let _ = writer.abort().await;
+                    return Err(format!("fill failed: {e}"));
+                }
+            };
+            if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
+                self.record("multipart", &Err(&e));
+                let _ = writer.abort().await;
+                return Err(e.to_string());
+            }
+            n += chunk.len() as u64;
+            writer.put(chunk);
+        }
+        let result = writer.finish().await;
+        self.record("multipart", &result.as_ref().map(|_| ()));
+        result.map_err(|e| e.to_string())?;
+        written.inc_by(n);
+        Ok(n)
+    }
+}
