@@ -86,6 +86,8 @@ pub struct Berth {
     admin: SocketAddr,
     /// With `[auth]`, an anonymous `GET /v2/` is answered 401 (a challenge): that is ready too.
     auth: bool,
+    /// Extra environment variables (kept for restarts).
+    env: Vec<(String, String)>,
     // Last: removed after the daemon is stopped.
     dir: TempDir,
 }
@@ -101,7 +103,12 @@ impl Berth {
     /// Like [`Berth::start`], but a berth that exits or never gets ready is an `Err` holding
     /// the reason and the tail of its log.
     pub fn try_start(config_toml: &str) -> Result<Berth, String> {
-        Berth::start_in(short_tempdir("berth-"), config_toml)
+        Berth::start_in(short_tempdir("berth-"), config_toml, &[])
+    }
+
+    /// Like [`Berth::start`], with extra environment variables for the berth process.
+    pub fn start_with_env(config_toml: &str, env: &[(&str, &str)]) -> Berth {
+        Berth::start_in(short_tempdir("berth-"), config_toml, env).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Starts berth as a mirror of `upstream_url` (see [`berth_config`]) with its cache in
@@ -109,7 +116,7 @@ impl Berth {
     pub fn start_mirror(upstream_url: &str) -> Berth {
         let dir = short_tempdir("berth-");
         let config = berth_config(upstream_url, &dir.path().join("cache"));
-        Berth::start_in(dir, &config).unwrap_or_else(|e| panic!("{e}"))
+        Berth::start_in(dir, &config, &[]).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Starts berth with several registries (see [`berth_multi_config`]), each
@@ -118,22 +125,27 @@ impl Berth {
     pub fn start_registries(registries: &[(&str, &str, bool)]) -> Berth {
         let dir = short_tempdir("berth-");
         let config = berth_multi_config(registries, &dir.path().join("cache"));
-        Berth::start_in(dir, &config).unwrap_or_else(|e| panic!("{e}"))
+        Berth::start_in(dir, &config, &[]).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn start_in(dir: TempDir, config_toml: &str) -> Result<Berth, String> {
+    fn start_in(dir: TempDir, config_toml: &str, env: &[(&str, &str)]) -> Result<Berth, String> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let (listen, admin) = listen_addrs(config_toml);
         let auth = toml::from_str::<toml::Table>(config_toml).is_ok_and(|t| t.contains_key("auth"));
         let config = dir.path().join("berth.toml");
         std::fs::write(&config, config_toml).expect("write berth config");
         let log = dir.path().join("berth.log");
         let mut berth = Berth {
-            daemon: spawn(&config, &log),
+            daemon: spawn(&config, &log, &env),
             config,
             log,
             listen,
             admin,
             auth,
+            env,
             dir,
         };
         berth.wait_ready()?;
@@ -219,16 +231,17 @@ impl Berth {
     /// (same ports, same cache dir) and waits until it is ready.
     pub fn restart(&mut self) {
         self.daemon.stop();
-        self.daemon = spawn(&self.config, &self.log);
+        self.daemon = spawn(&self.config, &self.log, &self.env);
         if let Err(e) = self.wait_ready() {
             panic!("berth did not restart: {e}");
         }
     }
 }
 
-fn spawn(config: &Path, log: &Path) -> Daemon {
+fn spawn(config: &Path, log: &Path, env: &[(String, String)]) -> Daemon {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
     cmd.arg("serve").arg("--config").arg(config);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     // Upstreams are on loopback: keep a proxy from the environment out of the way.
     for var in [
         "HTTP_PROXY",
