@@ -10,6 +10,8 @@
 //! probed on `GET /_berth/peer`, which answers the replica's random instance id — that is how a
 //! replica recognizes itself in the list.
 
+use std::collections::HashSet;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -54,6 +56,8 @@ pub struct Cluster {
     config: ClusterConfig,
     client: reqwest::Client,
     peers: RwLock<Vec<Arc<Peer>>>,
+    /// The peers' addresses, so their requests are not rate-limited as a client's.
+    peer_ips: RwLock<HashSet<IpAddr>>,
     metrics: Arc<Metrics>,
 }
 
@@ -89,6 +93,7 @@ impl Cluster {
             config: config.clone(),
             client,
             peers: RwLock::new(peers),
+            peer_ips: RwLock::new(HashSet::new()),
             metrics,
         })
     }
@@ -231,9 +236,38 @@ impl Cluster {
         *peers = kept;
     }
 
+    /// Whether a connection comes from one of the peers.
+    pub fn is_peer(&self, ip: IpAddr) -> bool {
+        self.peer_ips
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&ip)
+    }
+
     async fn probe_all(&self) {
         self.discover().await;
         let peers = self.snapshot();
+        let mut ips = HashSet::new();
+        for p in &peers {
+            let Ok(u) = url::Url::parse(&p.base) else {
+                continue;
+            };
+            let (Some(host), Some(port)) = (u.host_str(), u.port_or_known_default()) else {
+                continue;
+            };
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            match host.parse::<IpAddr>() {
+                Ok(ip) => {
+                    ips.insert(ip);
+                }
+                Err(_) => {
+                    if let Ok(found) = tokio::net::lookup_host((host, port)).await {
+                        ips.extend(found.map(|a| a.ip()));
+                    }
+                }
+            }
+        }
+        *self.peer_ips.write().unwrap_or_else(|p| p.into_inner()) = ips;
         let probes = peers.iter().map(|p| self.probe(p));
         futures_util::future::join_all(probes).await;
     }

@@ -100,7 +100,7 @@ impl SharedStore {
             .map_err(|e| format!("cannot set up the object store {}: {e}", config.url))?;
         let prefix = config.prefix();
         metrics.object_store_up.set(1);
-        for op in ["get", "head", "put", "multipart"] {
+        for op in ["get", "head", "put", "multipart", "part"] {
             for result in ["ok", "not_found", "error"] {
                 metrics
                     .object_store_requests
@@ -384,6 +384,11 @@ impl SharedStore {
         let result = writer.finish().await;
         self.record("multipart", &result.as_ref().map(|_| ()));
         result.map_err(|e| e.to_string())?;
+        // The parts went out inside the writer: count them as the requests they were.
+        self.metrics
+            .object_store_requests
+            .with_label_values(&["part", "ok"])
+            .inc_by(n.div_ceil(PART_BYTES as u64));
         written.inc_by(n);
         Ok(n)
     }

@@ -233,6 +233,11 @@ impl Mirror {
         self.cluster.as_deref().map(Cluster::id)
     }
 
+    /// Whether `ip` is one of the cluster's replicas.
+    pub fn is_peer(&self, ip: std::net::IpAddr) -> bool {
+        self.cluster.as_ref().is_some_and(|c| c.is_peer(ip))
+    }
+
     /// Stores a tag record here and in the shared store.
     fn record_tag(&self, t: &Target, tag: &crate::oci::Tag, rec: TagRecord) {
         if let Some(shared) = &self.shared {

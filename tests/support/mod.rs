@@ -11,6 +11,8 @@
 //! - [`Containerd`]: a private `containerd` for `ctr images pull --hosts-dir` (hosts.toml).
 //! - [`Podman`]: `podman` with private storage, config and `registries.conf` mirrors.
 //! - [`Recorder`]: a loopback TCP relay recording the HTTP requests a client sends.
+//! - [`Garage`]: a single-node Garage S3 object store with one bucket and key, for the shared
+//!   tier (built by `tests/setup.sh` into `$HOME/.cache/berth-tools`).
 //!
 //! Every fixture listens on a free port on 127.0.0.1 (dockerd: a unix socket), lives in its own
 //! temp dir under `/tmp`, and cleans up on `Drop` (signals its child by PID, waits bounded,
@@ -31,6 +33,7 @@
 mod berth;
 mod containerd;
 mod dockerd;
+mod garage;
 mod podman;
 mod process;
 mod recorder;
@@ -40,6 +43,7 @@ mod seed;
 pub use self::berth::{Berth, berth_config, berth_config_with, berth_multi_config};
 pub use self::containerd::{CTR_PULL_TIMEOUT, Containerd, default_server};
 pub use self::dockerd::{Dockerd, DockerdOptions, PULL_TIMEOUT};
+pub use self::garage::{Garage, garage_program};
 pub use self::podman::{PODMAN_PULL_TIMEOUT, Podman};
 pub use self::process::{
     CmdOutput, Probe, find_program, free_addr, free_port, http_get_text, http_status,

@@ -1,0 +1,510 @@
+//! Three berth replicas sharing one real object store (Garage, S3 API) and coordinating fills
+//! among themselves, in front of a real upstream registry (CNCF distribution) — or, to kill a
+//! replica mid-fill, a slow in-process upstream.
+//!
+//! Needs `garage` (built by tests/setup.sh) and `docker-registry`; a missing program fails.
+
+mod fake_upstream;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+use support::{Berth, Garage, Image, Registry, free_addr, seed_blob_image};
+
+/// What dockerd and containerd send: every manifest type.
+const ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, \
+                      application/vnd.docker.distribution.manifest.list.v2+json, \
+                      application/vnd.oci.image.manifest.v1+json, \
+                      application/vnd.oci.image.index.v1+json";
+
+fn sha256(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+}
+
+/// Three replicas' configs: same peers, same bucket, each its own cache dir and ports.
+struct Replicas {
+    addrs: Vec<std::net::SocketAddr>,
+    berths: Vec<Berth>,
+}
+
+fn replica_config(
+    addrs: &[std::net::SocketAddr],
+    i: usize,
+    upstream: &str,
+    garage: &Garage,
+    cache_dir: &std::path::Path,
+) -> String {
+    let peers: Vec<String> = addrs.iter().map(|a| format!("\"http://{a}\"")).collect();
+    let cluster = if addrs.len() > 1 {
+        format!(
+            "[cluster]\npeers = [{}]\nprobe_interval = \"300ms\"\nconnect_timeout = \"500ms\"\n\
+             read_timeout = \"5s\"\n",
+            peers.join(", ")
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        r#"[server]
+listen = "{listen}"
+admin_listen = "{admin}"
+shutdown_grace = "2s"
+
+[cache]
+dir = "{cache}"
+max_size = "1GiB"
+tag_ttl = "10m"
+
+[cache.object_store]
+url = "s3://{bucket}/berth-test"
+endpoint = "{endpoint}"
+region = "{region}"
+access_key_id_env = "BERTH_S3_KEY_ID"
+secret_access_key_file = "{secret}"
+
+{cluster}
+[[registry]]
+name = "docker.io"
+default = true
+endpoints = ["{upstream}"]
+read_timeout = "10s"
+"#,
+        listen = addrs[i],
+        admin = free_addr(),
+        cache = cache_dir.display(),
+        bucket = garage.bucket(),
+        endpoint = garage.endpoint(),
+        region = garage.region(),
+        secret = garage.secret_file().display(),
+    )
+}
+
+impl Replicas {
+    fn start(upstream: &str, garage: &Garage, dirs: &tempfile::TempDir) -> Replicas {
+        let addrs: Vec<_> = (0..3).map(|_| free_addr()).collect();
+        Replicas::start_on(addrs, upstream, garage, dirs)
+    }
+
+    fn start_on(
+        addrs: Vec<std::net::SocketAddr>,
+        upstream: &str,
+        garage: &Garage,
+        dirs: &tempfile::TempDir,
+    ) -> Replicas {
+        let berths = (0..3)
+            .map(|i| {
+                let cache = dirs.path().join(format!("replica-{i}"));
+                let config = replica_config(&addrs, i, upstream, garage, &cache);
+                Berth::start_with_env(&config, &[("BERTH_S3_KEY_ID", garage.key_id())])
+            })
+            .collect();
+        let r = Replicas { addrs, berths };
+        r.wait_peers();
+        r
+    }
+
+    /// Waits until every replica sees all three (itself included) answering.
+    fn wait_peers(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for b in &self.berths {
+            loop {
+                if metric(&admin_metrics(b), "berth_cluster_peers_up") == 3.0 {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "replicas never saw each other");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.berths.iter().map(Berth::url).collect()
+    }
+
+    /// The replicas in the order they own `digest` (rendezvous hashing on the peer URL).
+    fn owner_order(&self, digest: &str) -> Vec<usize> {
+        let mut scored: Vec<(Vec<u8>, usize)> = self
+            .addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let mut h = Sha256::new();
+                h.update(format!("http://{a}\n{digest}").as_bytes());
+                (h.finalize().to_vec(), i)
+            })
+            .collect();
+        scored.sort_by(|a, b| b.0.cmp(&a.0));
+        scored.into_iter().map(|(_, i)| i).collect()
+    }
+}
+
+fn admin_metrics(b: &Berth) -> String {
+    support::http_get_text(b.admin_addr(), "/metrics").unwrap_or_default()
+}
+
+/// Sum of every sample of `name` whose labels contain all of `labels`.
+fn metric_with(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let series = l.split_whitespace().next().unwrap_or("");
+            (series == name || series.starts_with(&format!("{name}{{")))
+                && labels.iter().all(|want| series.contains(want))
+        })
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum()
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    metric_with(text, name, &[])
+}
+
+/// Pulls `repo:tag` through `base` like a client: manifest, then config and layers (at once),
+/// verifying every blob against its digest. Returns the digests fetched.
+async fn pull(client: &reqwest::Client, base: &str, repo: &str, tag: &str) -> Vec<String> {
+    let resp = client
+        .get(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("accept", ACCEPT)
+        .send()
+        .await
+        .expect("manifest request");
+    assert_eq!(resp.status(), 200, "manifest of {repo}:{tag} from {base}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&resp.bytes().await.expect("manifest body")).expect("json");
+    let mut digests = vec![
+        manifest["config"]["digest"]
+            .as_str()
+            .expect("config")
+            .to_owned(),
+    ];
+    for l in manifest["layers"].as_array().expect("layers") {
+        digests.push(l["digest"].as_str().expect("digest").to_owned());
+    }
+    let gets = digests.iter().map(|d| async move {
+        let resp = client
+            .get(format!("{base}/v2/{repo}/blobs/{d}"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("blob {d} from {base}: {e}"));
+        assert_eq!(resp.status(), 200, "blob {d} from {base}");
+        let body = resp
+            .bytes()
+            .await
+            .unwrap_or_else(|e| panic!("blob {d} body from {base}: {e}"));
+        assert_eq!(&sha256(&body), d, "blob {d} from {base} is verified");
+    });
+    futures_util::future::join_all(gets).await;
+    digests
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// 8 concurrent pulls on each of 3 replicas at once.
+fn pull_everywhere(urls: &[String], image: &Image) -> Vec<String> {
+    runtime().block_on(async {
+        let client = reqwest::Client::new();
+        let pulls = (0..24).map(|i| {
+            let (client, base) = (client.clone(), urls[i % urls.len()].clone());
+            let (repo, tag) = (image.name.clone(), image.tag.clone());
+            async move { pull(&client, &base, &repo, &tag).await }
+        });
+        let all = futures_util::future::join_all(pulls).await;
+        all.into_iter().next().expect("24 pulls")
+    })
+}
+
+/// Waits (bounded) until the store holds every blob of `image`, its manifest and tag.
+fn wait_stored(garage: &Garage, image: &Image) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let keys: Vec<String> = garage
+            .list_keys("berth-test/")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let missing: Vec<String> = image
+            .blobs()
+            .iter()
+            .map(|(d, _)| format!("berth-test/blobs/sha256/{}", &d[7..]))
+            .chain([format!(
+                "berth-test/manifests/docker.io/{}/_tags/{}",
+                image.name, image.tag
+            )])
+            .filter(|k| !keys.contains(k))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not in the object store: {missing:?} (have {keys:?})"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store() {
+    let garage = Garage::start();
+    let upstream = Registry::start();
+    // One layer above the single-PUT size (a multipart upload), two below.
+    let image = seed_blob_image(
+        &upstream,
+        "library/shared",
+        "v1",
+        &[12 * 1024 * 1024, 3 * 1024 * 1024, 200 * 1024],
+    );
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let replicas = Replicas::start(&upstream.url(), &garage, &dirs);
+    let urls = replicas.urls();
+
+    let digests = pull_everywhere(&urls, &image);
+    assert_eq!(digests.len(), 4);
+    for (d, _) in image.blobs() {
+        assert_eq!(
+            upstream.blob_gets("library/shared", d),
+            1,
+            "blob {d}: exactly one upstream GET across 3 replicas × 8 pulls"
+        );
+    }
+    wait_stored(&garage, &image);
+    // Every stored blob is the verified bytes under its digest.
+    for (d, bytes) in image.blobs() {
+        let key = format!("berth-test/blobs/sha256/{}", &d[7..]);
+        let stored = garage.get_object(&key).expect("stored blob");
+        assert_eq!(stored.len(), bytes.len(), "{key}");
+        assert_eq!(sha256(&stored), d, "{key}");
+    }
+    // The cost, for BENCHMARKS.md: object-store requests per blob pulled.
+    let totals: Vec<String> = replicas.berths.iter().map(admin_metrics).collect();
+    let requests: f64 = totals
+        .iter()
+        .map(|t| metric(t, "berth_object_store_requests_total"))
+        .sum();
+    let peer_ok: f64 = totals
+        .iter()
+        .map(|t| metric_with(t, "berth_peer_requests_total", &["result=\"ok\""]))
+        .sum();
+    eprintln!(
+        "cold pull of {} blobs, 3 replicas x 8 clients: {requests} object-store requests in all \
+         ({:.1} per blob, manifests and tags included), {peer_ok} blob requests to owners",
+        digests.len(),
+        requests / digests.len() as f64
+    );
+    for op in ["get", "head", "put", "multipart", "part"] {
+        for result in ["ok", "not_found", "error"] {
+            let label = [
+                format!("operation=\"{op}\""),
+                format!("result=\"{result}\""),
+            ];
+            let labels: Vec<&str> = label.iter().map(String::as_str).collect();
+            let n: f64 = totals
+                .iter()
+                .map(|t| metric_with(t, "berth_object_store_requests_total", &labels))
+                .sum();
+            if n > 0.0 {
+                eprintln!("  object store {op} {result}: {n}");
+            }
+        }
+    }
+    assert!(peer_ok >= 1.0, "non-owners asked the owners");
+
+    // Warm: a replica that never had a blob on disk reads it from the store, not upstream.
+    let before = upstream.access_log().len();
+    let dirs2 = tempfile::tempdir().expect("tempdir");
+    // (A replica outside the cluster: it has nobody to ask but the store and upstream.)
+    let fresh = Berth::start_with_env(
+        &replica_config(
+            &[free_addr()],
+            0,
+            &upstream.url(),
+            &garage,
+            &dirs2.path().join("c"),
+        ),
+        &[("BERTH_S3_KEY_ID", garage.key_id())],
+    );
+    runtime().block_on(async {
+        pull(
+            &reqwest::Client::new(),
+            &fresh.url(),
+            &image.name,
+            &image.tag,
+        )
+        .await;
+    });
+    let m = admin_metrics(&fresh);
+    eprintln!(
+        "warm pull of {} blobs through a replica with an empty disk: {} object-store requests",
+        digests.len(),
+        metric(&m, "berth_object_store_requests_total")
+    );
+    assert_eq!(
+        upstream.access_log().len(),
+        before,
+        "a fresh replica pulled everything from the object store: {:?}",
+        &upstream.access_log()[before..]
+    );
+}
+
+#[test]
+fn all_replicas_restarted_with_empty_disks_pull_from_the_object_store_alone() {
+    let garage = Garage::start();
+    let upstream = Registry::start();
+    let image = seed_blob_image(
+        &upstream,
+        "library/restart",
+        "v1",
+        &[9 * 1024 * 1024, 1024 * 1024],
+    );
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let mut replicas = Replicas::start(&upstream.url(), &garage, &dirs);
+    pull_everywhere(&replicas.urls(), &image);
+    wait_stored(&garage, &image);
+    for b in &mut replicas.berths {
+        b.stop();
+    }
+    let addrs = replicas.addrs.clone();
+    drop(replicas);
+
+    let before = upstream.access_log().len();
+    let empty = tempfile::tempdir().expect("tempdir");
+    let replicas = Replicas::start_on(addrs, &upstream.url(), &garage, &empty);
+    pull_everywhere(&replicas.urls(), &image);
+    let after = upstream.access_log();
+    assert_eq!(
+        after.len(),
+        before,
+        "restarted replicas with empty disks asked upstream: {:?}",
+        &after[before..]
+    );
+    for b in &replicas.berths {
+        let m = admin_metrics(b);
+        assert_eq!(metric(&m, "berth_upstream_requests_total"), 0.0);
+    }
+}
+
+#[test]
+fn object_store_down_hot_tier_serves_and_new_fills_still_stream() {
+    let mut garage = Garage::start();
+    let upstream = Registry::start();
+    let first = seed_blob_image(&upstream, "library/hot", "v1", &[2 * 1024 * 1024]);
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let replicas = Replicas::start(&upstream.url(), &garage, &dirs);
+    let urls = replicas.urls();
+    pull_everywhere(&urls, &first);
+    wait_stored(&garage, &first);
+
+    garage.stop();
+    let second = seed_blob_image(&upstream, "library/cold", "v1", &[10 * 1024 * 1024]);
+    let gets_before: usize = first
+        .blobs()
+        .iter()
+        .map(|(d, _)| upstream.blob_gets("library/hot", d))
+        .sum();
+    // Every replica holds `first` on its disk: served with the store down, no upstream GET.
+    pull_everywhere(&urls, &first);
+    let gets_after: usize = first
+        .blobs()
+        .iter()
+        .map(|(d, _)| upstream.blob_gets("library/hot", d))
+        .sum();
+    assert_eq!(gets_after, gets_before, "hot tiers served the cached image");
+    // A new image streams to every client (fetched once, the store skipped).
+    pull_everywhere(&urls, &second);
+    for (d, _) in second.blobs() {
+        assert_eq!(upstream.blob_gets("library/cold", d), 1, "{d} fetched once");
+    }
+    let down: f64 = replicas
+        .berths
+        .iter()
+        .map(|b| metric(&admin_metrics(b), "berth_object_store_up"))
+        .sum();
+    assert!(down < 3.0, "some replica noticed the store is down");
+
+    // Back up: nothing partial appeared while it was down; the store serves again.
+    garage.restart();
+    for (d, _) in second.blobs() {
+        let key = format!("berth-test/blobs/sha256/{}", &d[7..]);
+        if let Some(stored) = garage.get_object(&key) {
+            assert_eq!(sha256(&stored), d, "only verified bytes under {key}");
+        }
+    }
+}
+
+#[test]
+fn owner_killed_mid_fill_the_pull_completes_through_another_replica() {
+    let garage = Garage::start();
+    let rt = runtime();
+    let up = rt.block_on(fake_upstream::FakeUpstream::start());
+    let blob = Bytes::from(
+        (0..6 * 1024 * 1024u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let digest = up.add_blob(blob.clone());
+    let config = up.add_blob(Bytes::from_static(b"{}"));
+    up.add_image("library/slow", "v1", &config, std::slice::from_ref(&digest));
+    // 96 pieces of 64 KiB, 20 ms apart: about 2 s per fill.
+    up.set(fake_upstream::Behaviour::Slow(Duration::from_millis(20)));
+
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let mut replicas = Replicas::start(&up.url(), &garage, &dirs);
+    let order = replicas.owner_order(&digest);
+    let (owner, asker) = (order[0], order[2]);
+    let url = format!(
+        "{}/v2/library/slow/blobs/{digest}",
+        replicas.berths[asker].url()
+    );
+    let body = rt.block_on(async {
+        let resp = reqwest::get(&url).await.expect("blob request");
+        assert_eq!(resp.status(), 200);
+        let mut resp = resp;
+        let mut got = Vec::new();
+        let mut killed = false;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Some(chunk) = resp.chunk().await.expect("the pull never breaks") {
+            got.extend_from_slice(&chunk);
+            if !killed && got.len() >= 1024 * 1024 {
+                // The owner dies with the fill half done.
+                replicas.berths[owner].kill();
+                killed = true;
+            }
+            assert!(Instant::now() < deadline, "pull took too long");
+        }
+        assert!(killed, "the owner was killed mid-fill");
+        got
+    });
+    assert_eq!(body.len(), blob.len());
+    assert_eq!(
+        sha256(&body),
+        digest,
+        "the resumed pull is the verified blob"
+    );
+    let m = admin_metrics(&replicas.berths[asker]);
+    assert!(
+        metric_with(&m, "berth_peer_requests_total", &["result=\"resumed\""]) >= 1.0,
+        "the asker resumed elsewhere"
+    );
+    // The next replica in order took over the blob: it is cached there now.
+    let next = order[1];
+    let resp = rt.block_on(async {
+        reqwest::get(format!(
+            "{}/v2/library/slow/blobs/{digest}",
+            replicas.berths[next].url()
+        ))
+        .await
+        .expect("request")
+        .bytes()
+        .await
+        .expect("body")
+    });
+    assert_eq!(sha256(&resp), digest);
+}
