@@ -508,3 +508,90 @@ fn owner_killed_mid_fill_the_pull_completes_through_another_replica() {
     });
     assert_eq!(sha256(&resp), digest);
 }
+
+#[test]
+fn a_damaged_blob_in_the_store_is_never_served_and_gets_replaced() {
+    let garage = Garage::start();
+    let upstream = Registry::start();
+    let image = seed_blob_image(&upstream, "library/damaged", "v1", &[1024 * 1024]);
+    let layer = image.layers[0].digest.clone();
+    let key = format!("berth-test/blobs/sha256/{}", &layer[7..]);
+    let single = |dir: &std::path::Path| {
+        Berth::start_with_env(
+            &replica_config(&[free_addr()], 0, &upstream.url(), &garage, dir),
+            &[("BERTH_S3_KEY_ID", garage.key_id())],
+        )
+    };
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let first = single(&dirs.path().join("a"));
+    runtime().block_on(async {
+        pull(
+            &reqwest::Client::new(),
+            &first.url(),
+            &image.name,
+            &image.tag,
+        )
+        .await;
+    });
+    wait_stored(&garage, &image);
+    // Same length, one byte flipped.
+    let mut bad = garage.get_object(&key).expect("stored");
+    bad[1000] ^= 0xff;
+    garage.put_object(&key, bad);
+
+    // A replica with an empty disk reads the damaged copy: its client never gets it whole.
+    let second = single(&dirs.path().join("b"));
+    let url = format!("{}/v2/{}/blobs/{layer}", second.url(), image.name);
+    let outcome = runtime().block_on(async {
+        let resp = reqwest::get(&url).await.expect("request");
+        let status = resp.status();
+        (status, resp.bytes().await)
+    });
+    match outcome {
+        (status, Ok(body)) if status == 200 => {
+            assert_eq!(
+                sha256(&body),
+                layer,
+                "a complete 200 must be the verified blob"
+            )
+        }
+        _ => {} // an error status or an aborted body: the client retries
+    }
+    // The damaged object is dropped, the next pull fetches upstream and stores good bytes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        runtime().block_on(async {
+            let resp = reqwest::get(&url).await.expect("request");
+            if resp.status() == 200
+                && let Ok(body) = resp.bytes().await
+            {
+                assert_eq!(sha256(&body), layer, "only verified bytes are served");
+            }
+        });
+        if garage
+            .get_object(&key)
+            .is_some_and(|stored| sha256(&stored) == layer)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the damaged copy was never replaced"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    runtime().block_on(async {
+        pull(
+            &reqwest::Client::new(),
+            &second.url(),
+            &image.name,
+            &image.tag,
+        )
+        .await;
+    });
+    assert_eq!(
+        upstream.blob_gets("library/damaged", &layer),
+        2,
+        "fetched once by the first replica, once more to replace the damaged copy"
+    );
+}

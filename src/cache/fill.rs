@@ -39,6 +39,9 @@ pub struct Source {
     pub stream: BoxStream<'static, io::Result<Bytes>>,
     /// Where it came from, for the fill log line.
     pub endpoint: String,
+    /// Called when the bytes turn out not to be the blob (wrong digest or length), so a store
+    /// that holds a damaged copy can drop it instead of serving it again.
+    pub on_corrupt: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// Opens the source (sends the upstream request). Errors are what the first clients see.
@@ -286,7 +289,7 @@ pub(super) async fn run(
     source: SourceFuture,
 ) -> FillOutcome {
     let started = Instant::now();
-    let source = match source.await {
+    let mut source = match source.await {
         Ok(s) => s,
         Err(e) => {
             let msg = e.message.clone();
@@ -299,6 +302,7 @@ pub(super) async fn run(
         }
     };
     let endpoint = source.endpoint.clone();
+    let on_corrupt = source.on_corrupt.take();
     let tmp_path = store.temp_path(&fill.digest);
     let result = stream_to_disk(&fill, &store, source, &tmp_path).await;
     if result.is_err() {
@@ -312,6 +316,11 @@ pub(super) async fn run(
         Err((reason, err)) => {
             let msg = err.message.clone();
             fill.fail(err);
+            if reason == FillFailure::DigestMismatch
+                && let Some(drop_copy) = on_corrupt
+            {
+                drop_copy();
+            }
             Some((reason, msg))
         }
     };

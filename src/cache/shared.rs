@@ -100,7 +100,7 @@ impl SharedStore {
             .map_err(|e| format!("cannot set up the object store {}: {e}", config.url))?;
         let prefix = config.prefix();
         metrics.object_store_up.set(1);
-        for op in ["get", "head", "put", "multipart", "part"] {
+        for op in ["get", "head", "put", "multipart", "part", "delete"] {
             for result in ["ok", "not_found", "error"] {
                 metrics
                     .object_store_requests
@@ -312,6 +312,25 @@ impl SharedStore {
         };
         let me = self.clone();
         tokio::spawn(async move { me.put_small(key, json).await });
+    }
+
+    /// Deletes a stored blob whose bytes did not match its digest (in the background), so the
+    /// next request fetches it again instead of reading the damaged copy.
+    pub fn delete_blob(self: &Arc<Self>, digest: &Digest) {
+        let (me, path) = (self.clone(), self.path(&Self::blob_key(digest)));
+        let digest = digest.clone();
+        tokio::spawn(async move {
+            let result = me.store.delete(&path).await;
+            me.record("delete", &result.as_ref().map(|_| ()));
+            match result {
+                Ok(()) => {
+                    tracing::warn!(digest = %digest, "deleted a damaged blob from the object store")
+                }
+                Err(e) => {
+                    tracing::warn!(digest = %digest, error = %e, "cannot delete a damaged blob from the object store")
+                }
+            }
+        });
     }
 
     /// Uploads the blob a fill is fetching, as it arrives, completing the upload only when the

@@ -46,10 +46,12 @@ pub(super) async fn open(plan: Arc<Plan>, fill: Arc<Fill>) -> Result<Source, Reg
     if let Some(shared) = &plan.shared
         && let Lookup::Found((len, stream)) = shared.get_blob(&plan.digest).await
     {
+        let (store, digest) = (shared.clone(), plan.digest.clone());
         return Ok(Source {
             len: Some(len),
             stream,
             endpoint: "object-store".into(),
+            on_corrupt: Some(Box::new(move || store.delete_blob(&digest))),
         });
     }
     if let Some(cluster) = &plan.cluster {
@@ -77,6 +79,7 @@ pub(super) async fn open(plan: Arc<Plan>, fill: Arc<Fill>) -> Result<Source, Reg
                         len,
                         stream,
                         endpoint,
+                        on_corrupt: None,
                     });
                 }
                 Err(PeerError::Status(StatusCode::NOT_FOUND)) => {
@@ -166,6 +169,7 @@ async fn from_upstream(plan: &Plan, fill: &Arc<Fill>, from: u64) -> Result<Sourc
         len: if from == 0 { len } else { None },
         stream,
         endpoint,
+        on_corrupt: None,
     })
 }
 
