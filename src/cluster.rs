@@ -58,6 +58,8 @@ pub struct Cluster {
     peers: RwLock<Vec<Arc<Peer>>>,
     /// The peers' addresses, so their requests are not rate-limited as a client's.
     peer_ips: RwLock<HashSet<IpAddr>>,
+    /// Set once the first round of probes ended (the owner order means something from then on).
+    probed: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -94,6 +96,7 @@ impl Cluster {
             client,
             peers: RwLock::new(peers),
             peer_ips: RwLock::new(HashSet::new()),
+            probed: AtomicBool::new(false),
             metrics,
         })
     }
@@ -236,6 +239,12 @@ impl Cluster {
         *peers = kept;
     }
 
+    /// Whether the peers were probed at least once (until then this replica is not ready:
+    /// it would not know the blobs' owners).
+    pub fn is_ready(&self) -> bool {
+        self.probed.load(Ordering::Relaxed)
+    }
+
     /// Whether a connection comes from one of the peers.
     pub fn is_peer(&self, ip: IpAddr) -> bool {
         self.peer_ips
@@ -270,6 +279,10 @@ impl Cluster {
         *self.peer_ips.write().unwrap_or_else(|p| p.into_inner()) = ips;
         let probes = peers.iter().map(|p| self.probe(p));
         futures_util::future::join_all(probes).await;
+        if !self.probed.swap(true, Ordering::Relaxed) {
+            let up = self.metrics.peers_up.get();
+            tracing::info!(peers = peers.len(), up, "first round of peer probes done");
+        }
     }
 
     async fn probe(&self, peer: &Peer) {

@@ -111,6 +111,11 @@ impl Replicas {
         for b in &self.berths {
             loop {
                 if metric(&admin_metrics(b), "berth_cluster_peers_up") == 3.0 {
+                    // Ready once it knows the owners.
+                    assert_eq!(
+                        support::http_status(b.admin_addr(), "/readyz").ok(),
+                        Some(200)
+                    );
                     break;
                 }
                 assert!(Instant::now() < deadline, "replicas never saw each other");

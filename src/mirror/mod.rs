@@ -233,6 +233,11 @@ impl Mirror {
         self.cluster.as_deref().map(Cluster::id)
     }
 
+    /// Whether the cluster (if any) knows its peers.
+    pub fn cluster_ready(&self) -> bool {
+        self.cluster.as_ref().is_none_or(|c| c.is_ready())
+    }
+
     /// Whether `ip` is one of the cluster's replicas.
     pub fn is_peer(&self, ip: std::net::IpAddr) -> bool {
         self.cluster.as_ref().is_some_and(|c| c.is_peer(ip))

@@ -204,6 +204,9 @@ pub async fn admin(
             if !blobs.is_ready() {
                 return text(StatusCode::SERVICE_UNAVAILABLE, "cache index loading\n");
             }
+            if !admin.app.mirror.cluster_ready() {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "probing cluster peers\n");
+            }
             let dir = admin.cache_dir.join("tmp");
             match tokio::task::spawn_blocking(move || check_writable(&dir)).await {
                 Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
