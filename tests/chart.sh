@@ -4,7 +4,10 @@
 #   - the rendered manifests validate against the Kubernetes schemas (kubernetes-validate, strict;
 #     prometheus-operator kinds have no schema offline and are reported as skipped)
 #   - chart invariants of each render (tests/chart/check_render.py): one berth.toml, no password
-#     in any ConfigMap, password_file only from mounted Secrets, security context, probes, ports
+#     or object-store key in any ConfigMap, password_file and secret_access_key_file only from
+#     mounted Secrets, access_key_id_env only from a secretKeyRef, [cluster] dns naming a headless
+#     Service of the ready pods, security context, probes, ports; and what particular renders
+#     must hold ([cluster] or not, the object store's credentials: expect_of below)
 #   - `berth check-config` accepts each rendered berth.toml (BERTH_BIN, default target/debug/berth;
 #     a missing binary is a failure, never a skip)
 #   - the values schema and the templates reject bad values
@@ -127,19 +130,39 @@ helm_template() {
     "$helm" template berth "$chart" --namespace berth "$@" >"$dest"
 }
 
+# expect_of NAME: check_render.py's --expect-* options for the render NAME (none when unlisted).
+peers_dns=http://berth-headless.berth.svc.cluster.local:5000
+expect_of() {
+    case $1 in
+    default) echo --expect-no-cluster --expect-no-object-store ;;
+    ci/shared-cache) echo --expect-cluster-dns "$peers_dns" --expect-object-store-secret berth-s3 ;;
+    # Several replicas without an object store: a cluster all the same.
+    ci/regional-tier | ci/edge-tier | ci/many-registries | ci/deployment)
+        echo --expect-cluster-dns "$peers_dns" --expect-no-object-store ;;
+    ci/metrics) echo --expect-no-cluster ;;
+    shared-cache-irsa)
+        echo --expect-cluster-dns http://berth-headless.berth.svc.k8s.example:5000 --expect-object-store-no-keys ;;
+    cluster-off) echo --expect-no-cluster ;;
+    cluster-forced) echo --expect-cluster-dns "$peers_dns" ;;
+    cluster-tls) echo --expect-cluster-dns https://berth-headless.berth.svc.cluster.local:5000 ;;
+    esac
+}
+
 # render NAME [helm args...]: lint, template, validate, invariants, and (unless NO_CHECK_CONFIG=1)
 # berth check-config. The render is left in $out/NAME.yaml and berth.toml in $out/NAME.toml.
 render() {
     local name=$1
     shift
-    local rendered=$out/$name.yaml toml=$out/$name.toml k_args=()
+    local rendered=$out/$name.yaml toml=$out/$name.toml k_args=() expect=()
+    read -ra expect <<<"$(expect_of "$name")"
     mkdir -p "$(dirname "$rendered")"
     for v in "${k8s_versions[@]}"; do k_args+=(-k "$v"); done
     run "$name: helm lint --strict" "$helm" lint --strict "$chart" "$@"
     run "$name: helm template" helm_template "$rendered" "$@" || return
     run "$name: manifests validate (Kubernetes ${k8s_versions[*]})" "$py" tests/chart/validate.py "${k_args[@]}" "$rendered"
     grep -h 'not schema-validated' "$last_log" | sed 's/^ */      note: /'
-    if run "$name: chart invariants (config, secrets, security, probes)" "$py" tests/chart/check_render.py "$rendered" --toml-out "$toml"; then
+    if run "$name: chart invariants (config, secrets, security, probes${expect:+, expectations})" \
+        "$py" tests/chart/check_render.py "$rendered" --toml-out "$toml" "${expect[@]}"; then
         if [[ ${NO_CHECK_CONFIG:-} != 1 ]]; then
             run "$name: berth check-config" check_config "$toml"
         fi
@@ -167,6 +190,68 @@ run "future-keys: berth.toml has [server.tls], balance, fallback, rate limits, I
     '^key = "/etc/berth/tls/tls.key"$' '^balance = "least-requests"$' '^fallback = \[$' \
     '^max_requests_per_second = 10$' '^max_requests_per_second = 2.5$' '^burst = 20$' \
     '^listen = "\[::\]:5000"$' '^max_size = 21474836480$'
+
+# Several replicas sharing one cache (objectStore) as a cluster; see also ci/shared-cache.
+run "ci/shared-cache: berth.toml has [cache.object_store] with keys from env and file, [cluster] dns" \
+    has_lines "$out/ci/shared-cache.toml" '^\[cache\.object_store\]$' '^url = "s3://berth-cache/mirror"$' \
+    '^endpoint = "http://garage.storage.svc:3900"$' '^region = "garage"$' \
+    '^access_key_id_env = "BERTH_S3_KEY_ID"$' '^secret_access_key_file = "/etc/berth/s3/secret-access-key"$' \
+    '^\[cluster\]$' "^dns = \"$peers_dns\"\$" '^probe_interval = "2s"$' '^connect_timeout = "1s"$'
+run "ci/shared-cache: headless Service of ready pods, BERTH_S3_KEY_ID from secretKeyRef, key file from the Secret, NetworkPolicy" \
+    "$py" - "$out/ci/shared-cache.yaml" <<'EOF'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+kind = lambda k: [d for d in docs if d["kind"] == k]
+svc = [s for s in kind("Service") if s["metadata"]["name"] == "berth-headless"]
+assert len(svc) == 1 and svc[0]["spec"]["clusterIP"] == "None", "no headless Service berth-headless"
+assert svc[0]["spec"]["publishNotReadyAddresses"] is False, "the headless Service lists not-ready pods"
+(sts,) = kind("StatefulSet")
+assert sts["spec"]["replicas"] == 3 and sts["spec"]["serviceName"] == "berth-headless"
+pod = sts["spec"]["template"]["spec"]
+(ctr,) = pod["containers"]
+env = {e["name"]: e for e in ctr["env"]}
+assert env["BERTH_S3_KEY_ID"] == {"name": "BERTH_S3_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "berth-s3", "key": "access-key-id"}}}, env
+(mount,) = [m for m in ctr["volumeMounts"] if m["mountPath"] == "/etc/berth/s3"]
+assert mount["readOnly"] is True
+(vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+assert vol["secret"]["secretName"] == "berth-s3", vol
+assert vol["secret"]["items"] == [{"key": "secret-access-key", "path": "secret-access-key"}], vol
+(np,) = kind("NetworkPolicy")
+selector = {"matchLabels": sts["spec"]["selector"]["matchLabels"]}
+from_pods = [r for r in np["spec"]["ingress"] if {"podSelector": selector} in r.get("from", [])]
+assert from_pods and from_pods[0]["ports"] == [{"port": "registry", "protocol": "TCP"}], "peers may not reach the registry port"
+egress_ports = {p["port"] for r in np["spec"]["egress"] for p in r["ports"]}
+assert 3900 in egress_ports, f"no egress to the object store's port 3900: {egress_ports}"
+assert any({"podSelector": selector} in r.get("to", []) and r["ports"] == [{"port": 5000, "protocol": "TCP"}]
+           for r in np["spec"]["egress"]), "no egress to the peers"
+print("headless Service, secretKeyRef, Secret volume and NetworkPolicy as expected")
+EOF
+# AWS S3 through IRSA (no keys), a Deployment (which needs the headless Service for its peers),
+# a custom cluster domain.
+render shared-cache-irsa -f tests/chart/values/shared-cache-irsa-values.yaml
+run "shared-cache-irsa: [cache.object_store] is url and region only; a Deployment's headless Service; egress to 443" \
+    "$py" - "$out/shared-cache-irsa.yaml" "$out/shared-cache-irsa.toml" <<'EOF'
+import sys, yaml
+try:
+    import tomllib
+except ModuleNotFoundError:
+    import tomli as tomllib
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+store = tomllib.load(open(sys.argv[2], "rb"))["cache"]["object_store"]
+assert store == {"url": "s3://berth-cache-eu/mirror/", "region": "eu-west-1"}, store
+assert [d["kind"] for d in docs if d["kind"] in ("Deployment", "StatefulSet")] == ["Deployment"]
+headless = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "berth-headless"]
+assert [s["spec"]["clusterIP"] for s in headless] == ["None"], "no headless Service for the Deployment"
+(np,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+assert 443 in {p["port"] for r in np["spec"]["egress"] for p in r["ports"]}, "no egress to AWS S3 (443)"
+print("object store without keys, headless Service, egress to 443")
+EOF
+# replicaCount > 1 with cluster.enabled=false: no [cluster], and a Deployment has no headless Service.
+render cluster-off --set workload=deployment --set persistence.enabled=false --set replicaCount=3 --set cluster.enabled=false
+# cluster.enabled=true with one replica (e.g. scaled later by hand or an autoscaler).
+render cluster-forced --set cluster.enabled=true
+# With TLS the peers are asked over https.
+render cluster-tls -f "$future" --set replicaCount=2
 
 # --- values the chart must refuse ------------------------------------------------------------------
 # refuse NAME EXPECTED_MESSAGE_REGEX helm-args...: helm template must fail, naming the problem.
@@ -212,6 +297,11 @@ refuse "an inline password (schema: passwords only via existingSecret)" "additio
 refuse "two default registries" "only one registry" -f "$out/two-defaults.yaml"
 refuse "existingSecret without username" "needs a username" -f "$out/secret-without-user.yaml"
 refuse "a persistent Deployment with 2 replicas" "share one cache volume" --set workload=deployment --set replicaCount=2
+refuse "a persistent Deployment with 3 replicas and an object store" "share one cache volume" --set workload=deployment --set replicaCount=3 --set objectStore.url=s3://bucket
+refuse "an http:// objectStore.url (schema pattern)" "/objectStore/url.*does not match" --set objectStore.url=http://bucket
+refuse "an inline object store key (schema: keys only via existingSecret)" "additional properties .secretAccessKey. not allowed" --set objectStore.url=s3://bucket --set objectStore.secretAccessKey=hunter2
+refuse "objectStore.existingSecret without objectStore.url" "need objectStore.url" --set objectStore.existingSecret=berth-s3
+refuse "cluster.enabled=maybe (schema)" "/cluster/enabled" --set cluster.enabled=maybe
 refuse "tls.enabled without a Secret" "tls.existingSecret" --set tls.enabled=true
 refuse "nodeConfig.target=nodePort without a node port" "nodePort" --set nodeConfig.enabled=true --set nodeConfig.target=nodePort
 

@@ -1,18 +1,32 @@
 #!/usr/bin/env python3
 """Checks what the berth chart promises about a rendered release (`helm template` output).
 
-    check_render.py RENDERED.yaml --toml-out FILE    checks the render, writes berth.toml to FILE
+    check_render.py RENDERED.yaml --toml-out FILE [EXPECTATIONS]
+                                                     checks the render, writes berth.toml to FILE
     check_render.py RENDERED.yaml --dump-configmap NAME_SUFFIX DIR
                                                      writes each data key of that ConfigMap to DIR
 
 Checks: exactly one berth.toml ConfigMap whose TOML parses and holds only keys berth knows;
-no password in any ConfigMap and no Secret rendered at all (credentials come only from an
-existingSecret, mounted as a file that `password_file` names); the berth container runs as
+no password or object-store key in any ConfigMap and no Secret rendered at all (credentials come
+only from an existingSecret, mounted as a file that `password_file` or
+`secret_access_key_file` names, or set as an environment variable from a secretKeyRef that
+`access_key_id_env` names); [cluster] dns names a headless Service of the pods that lists only
+ready pods, on the registry port; the berth container runs as
 non-root 65532 with a read-only root filesystem, no privilege escalation, no capabilities and
 the RuntimeDefault seccomp profile; probes /healthz and /readyz on the admin port; ports, mounts
 and the config checksum annotation; a StatefulSet's headless Service; at most one hostPath
 volume anywhere (the node-config DaemonSet's); ServiceMonitor and PodDisruptionBudget selectors.
 Exit status 1 with one line per broken promise.
+
+EXPECTATIONS, about one particular render:
+    --expect-cluster-dns URL       [cluster] dns is URL
+    --expect-no-cluster            no [cluster], and a Deployment has no headless Service
+    --expect-object-store-secret NAME
+                                   [cache.object_store] takes the access key id from env
+                                   BERTH_S3_KEY_ID (secretKeyRef to Secret NAME) and the secret
+                                   access key from a file of Secret NAME
+    --expect-object-store-no-keys  [cache.object_store] without key settings (AWS environment)
+    --expect-no-object-store       no [cache.object_store]
 """
 
 import argparse
@@ -29,7 +43,13 @@ except ModuleNotFoundError:  # Python < 3.11
 
 SERVER_KEYS = {"listen", "admin_listen", "shutdown_grace", "header_read_timeout", "tls"}
 TLS_KEYS = {"cert", "key"}
-CACHE_KEYS = {"dir", "max_size", "tag_ttl"}
+CACHE_KEYS = {"dir", "max_size", "tag_ttl", "object_store"}
+OBJECT_STORE_KEYS = {
+    "url", "endpoint", "region", "access_key_id_env", "access_key_id_file",
+    "secret_access_key_env", "secret_access_key_file", "connect_timeout", "read_timeout",
+}
+OBJECT_STORE_CREDENTIALS = ("access_key_id", "secret_access_key")
+CLUSTER_KEYS = {"peers", "dns", "probe_interval", "connect_timeout", "read_timeout"}
 LOG_KEYS = {"format"}
 REGISTRY_KEYS = {
     "name", "default", "endpoints", "username", "password_file", "password_env",
@@ -38,6 +58,9 @@ REGISTRY_KEYS = {
     "balance", "fallback", "max_requests_per_second", "burst",
 }
 PASSWORD_LINE = re.compile(r"(?i)\bpass(word)?\b\s*[=:]")
+# An inline S3 key (`secret_access_key = ...`, `AWS_SECRET_ACCESS_KEY: ...`); the `_file` and
+# `_env` keys do not match (no word boundary before the suffix).
+S3_KEY_LINE = re.compile(r"(?i)\b(aws_)?(secret_access_key|access_key_id|secret_key|access_key)\b\s*[=:]")
 
 
 class Checker:
@@ -59,7 +82,7 @@ def port_of(addr):
     return int(addr.rsplit(":", 1)[1])
 
 
-def check(docs, toml_out):
+def check(docs, toml_out, expect):
     c = Checker()
     by_kind = {}
     for d in docs:
@@ -78,12 +101,24 @@ def check(docs, toml_out):
     except tomllib.TOMLDecodeError as e:
         c.expect(False, f"berth.toml does not parse as TOML: {e}")
         return c.problems
-    c.expect(set(cfg) <= {"server", "cache", "log", "registry"}, f"unknown top-level keys: {sorted(set(cfg))}")
+    c.expect(set(cfg) <= {"server", "cache", "log", "registry", "cluster"}, f"unknown top-level keys: {sorted(set(cfg))}")
     server, cache = cfg.get("server", {}), cfg.get("cache", {})
     c.expect(set(server) <= SERVER_KEYS, f"unknown [server] keys: {sorted(set(server) - SERVER_KEYS)}")
     c.expect(set(server.get("tls", {})) <= TLS_KEYS, "unknown [server.tls] keys")
     c.expect(set(cache) <= CACHE_KEYS, f"unknown [cache] keys: {sorted(set(cache) - CACHE_KEYS)}")
     c.expect(set(cfg.get("log", {})) <= LOG_KEYS, "unknown [log] keys")
+    store = cache.get("object_store")
+    if store is not None:
+        c.expect(set(store) <= OBJECT_STORE_KEYS, f"unknown [cache.object_store] keys: {sorted(set(store) - OBJECT_STORE_KEYS)}")
+        c.expect(str(store.get("url", "")).startswith("s3://"), f"cache.object_store.url is not s3://...: {store.get('url')}")
+        for cred in OBJECT_STORE_CREDENTIALS:
+            c.expect(cred not in store, f"cache.object_store.{cred} inline")
+        has = [any(f"{cred}_{how}" in store for how in ("env", "file")) for cred in OBJECT_STORE_CREDENTIALS]
+        c.expect(has[0] == has[1], "cache.object_store has only one of the access key id and the secret access key")
+    cluster = cfg.get("cluster")
+    if cluster is not None:
+        c.expect(set(cluster) <= CLUSTER_KEYS, f"unknown [cluster] keys: {sorted(set(cluster) - CLUSTER_KEYS)}")
+        c.expect(bool(cluster.get("peers")) != ("dns" in cluster), "[cluster] needs either peers or dns")
     registries = cfg.get("registry", [])
     c.expect(len(registries) >= 1, "berth.toml has no [[registry]]")
     for r in registries:
@@ -100,6 +135,8 @@ def check(docs, toml_out):
                     continue
                 if PASSWORD_LINE.search(stripped) and "password_file" not in stripped and "password_env" not in stripped:
                     c.expect(False, f"ConfigMap {cm['metadata']['name']} key {key} holds a password: {stripped[:40]}...")
+                if S3_KEY_LINE.search(stripped):
+                    c.expect(False, f"ConfigMap {cm['metadata']['name']} key {key} holds an S3 key: {stripped[:40]}...")
     c.expect(not by_kind.get("Secret"), "the chart renders a Secret: credentials must come from existingSecret")
 
     # --- the berth workload ------------------------------------------------------------------------
@@ -168,6 +205,25 @@ def check(docs, toml_out):
         if secret:
             paths = [i["path"] for i in secret.get("items", [])]
             c.expect(os.path.basename(pf) in paths, f"registry {r['name']}: the Secret volume has no {os.path.basename(pf)}")
+    # Object store keys: a *_file in a read-only Secret volume, an *_env from a secretKeyRef.
+    env = {e["name"]: e for e in ctr.get("env", [])}
+    for e in env.values():
+        c.expect(not (S3_KEY_LINE.search(e["name"] + ":") and "value" in e),
+                 f"env {e['name']} holds an S3 key as a plain value")
+    for cred in OBJECT_STORE_CREDENTIALS if store else ():
+        f = store.get(f"{cred}_file")
+        if f:
+            m = mounts.get(os.path.dirname(f))
+            secret = volumes.get(m["name"], {}).get("secret") if m else None
+            if c.expect(secret is not None and m.get("readOnly") is True,
+                        f"cache.object_store.{cred}_file {f}: not in a read-only Secret volume"):
+                c.expect(os.path.basename(f) in [i["path"] for i in secret.get("items", [])],
+                         f"cache.object_store.{cred}_file: the Secret volume has no {os.path.basename(f)}")
+        var = store.get(f"{cred}_env")
+        if var:
+            ref = (env.get(var) or {}).get("valueFrom", {}).get("secretKeyRef")
+            c.expect(ref is not None and ref.get("name") and ref.get("key"),
+                     f"cache.object_store.{cred}_env: env {var} does not come from a secretKeyRef")
     tls = server.get("tls")
     if tls:
         for key in ("cert", "key"):
@@ -187,16 +243,58 @@ def check(docs, toml_out):
         sp = {p["name"]: p.get("targetPort") for p in main[0]["spec"]["ports"]}
         c.expect(sp.get("registry") in ("registry", ports.get("registry")), "the Service has no registry port")
         c.expect(sp.get("metrics") in ("admin", ports.get("admin")), "the Service has no metrics port to the admin port")
+    headless = [s for s in services if s["spec"].get("clusterIP") == "None"]
     if wl["kind"] == "StatefulSet":
-        headless = [s for s in services if s["spec"].get("clusterIP") == "None"]
         c.expect(any(s["metadata"]["name"] == wl["spec"].get("serviceName") for s in headless),
                  "the StatefulSet's serviceName is not a headless Service of its pods")
+    if cluster and cluster.get("dns"):
+        # dns: SCHEME://SERVICE.NAMESPACE.svc.DOMAIN:PORT, a headless Service listing ready pods.
+        m = re.fullmatch(r"(https?)://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.([a-z0-9.-]+):([0-9]+)/?", cluster["dns"])
+        if c.expect(m is not None, f"cluster.dns {cluster['dns']} is not http(s)://SERVICE.NAMESPACE.svc.DOMAIN:PORT"):
+            scheme, svc, ns, _domain, port = m.groups()
+            c.expect(scheme == ("https" if server.get("tls") else "http"),
+                     f"cluster.dns scheme {scheme} does not match the registry listener's TLS")
+            c.expect(int(port) == ports.get("registry"),
+                     f"cluster.dns port {port} is not the registry containerPort {ports.get('registry')}")
+            c.expect(ns == wl["metadata"].get("namespace"), f"cluster.dns namespace {ns} is not the workload's")
+            named = [s for s in headless if s["metadata"]["name"] == svc and s["metadata"].get("namespace") == ns]
+            if c.expect(len(named) == 1, f"cluster.dns names {svc}.{ns}, which is not a headless Service of the pods"):
+                c.expect(named[0]["spec"].get("publishNotReadyAddresses", False) is False,
+                         f"headless Service {svc} publishes not-ready pods as peers")
     for sm in by_kind.get("ServiceMonitor", []):
         c.expect(selects(sm["spec"]["selector"].get("matchLabels")) and
                  any(e.get("port") == "metrics" for e in sm["spec"].get("endpoints", [])),
                  "the ServiceMonitor does not select the berth Service's metrics port")
     for pdb in by_kind.get("PodDisruptionBudget", []):
         c.expect(selects(pdb["spec"]["selector"].get("matchLabels")), "the PodDisruptionBudget does not select the pods")
+
+    # --- expectations of this render ----------------------------------------------------------------
+    if expect.cluster_dns is not None:
+        c.expect((cluster or {}).get("dns") == expect.cluster_dns,
+                 f"cluster.dns is {(cluster or {}).get('dns')!r}, expected {expect.cluster_dns!r}")
+    if expect.no_cluster:
+        c.expect(cluster is None, "berth.toml has a [cluster]")
+        if wl["kind"] == "Deployment":
+            c.expect(not headless, "a Deployment without a cluster has a headless Service")
+    if expect.no_object_store:
+        c.expect(store is None, "berth.toml has a [cache.object_store]")
+    if expect.object_store_no_keys:
+        if c.expect(store is not None, "berth.toml has no [cache.object_store]"):
+            keys = [k for k in store if k.startswith(OBJECT_STORE_CREDENTIALS)]
+            c.expect(not keys, f"[cache.object_store] has key settings {keys}")
+        c.expect("BERTH_S3_KEY_ID" not in env, "env BERTH_S3_KEY_ID without objectStore.existingSecret")
+    if expect.object_store_secret is not None and c.expect(store is not None, "berth.toml has no [cache.object_store]"):
+        name = expect.object_store_secret
+        c.expect(store.get("access_key_id_env") == "BERTH_S3_KEY_ID" and "access_key_id_file" not in store,
+                 f"cache.object_store access key id is not access_key_id_env = BERTH_S3_KEY_ID: {store}")
+        ref = (env.get("BERTH_S3_KEY_ID") or {}).get("valueFrom", {}).get("secretKeyRef") or {}
+        c.expect(ref.get("name") == name, f"env BERTH_S3_KEY_ID is not from Secret {name}: {ref}")
+        f = store.get("secret_access_key_file")
+        if c.expect(f is not None and "secret_access_key_env" not in store,
+                    "cache.object_store secret access key is not a secret_access_key_file"):
+            m = mounts.get(os.path.dirname(f)) or {}
+            secret = volumes.get(m.get("name"), {}).get("secret") or {}
+            c.expect(secret.get("secretName") == name, f"{f} is not mounted from Secret {name}")
 
     # --- hostPath: only the node-config DaemonSet, only one -----------------------------------------
     for d in docs:
@@ -257,13 +355,18 @@ def main():
     ap.add_argument("rendered")
     ap.add_argument("--toml-out")
     ap.add_argument("--dump-configmap", nargs=2, metavar=("NAME_SUFFIX", "DIR"))
+    ap.add_argument("--expect-cluster-dns", dest="cluster_dns", metavar="URL")
+    ap.add_argument("--expect-no-cluster", dest="no_cluster", action="store_true")
+    ap.add_argument("--expect-object-store-secret", dest="object_store_secret", metavar="NAME")
+    ap.add_argument("--expect-object-store-no-keys", dest="object_store_no_keys", action="store_true")
+    ap.add_argument("--expect-no-object-store", dest="no_object_store", action="store_true")
     args = ap.parse_args()
     docs = load(args.rendered)
     if args.dump_configmap:
         return dump_configmap(docs, *args.dump_configmap)
     if not args.toml_out:
         ap.error("--toml-out or --dump-configmap is required")
-    problems = check(docs, args.toml_out)
+    problems = check(docs, args.toml_out, args)
     for p in problems:
         print(f"  {p}")
     return 1 if problems else 0

@@ -1,7 +1,7 @@
 {{/*
-berth.toml, rendered from .Values.config (see values.yaml). Every string goes through
-berth.tomlString; keys berth does not know yet (tls, balance, fallback, rate limits) are rendered
-only when they are set.
+berth.toml, rendered from .Values.config, .Values.objectStore and .Values.cluster (see
+values.yaml). Every string goes through berth.tomlString; keys berth does not know yet (tls,
+balance, fallback, rate limits) are rendered only when they are set.
 */}}
 {{- define "berth.tomlNumber" -}}
 {{- if kindIs "string" . }}
@@ -40,9 +40,39 @@ key = "/etc/berth/tls/tls.key"
 dir = {{ include "berth.tomlString" (include "berth.cacheDir" .) }}
 max_size = {{ include "berth.tomlNumber" $c.cache.maxSize }}
 tag_ttl = {{ include "berth.tomlString" $c.cache.tagTtl }}
+{{- with .Values.objectStore }}
+{{- if .url }}
+
+[cache.object_store]
+url = {{ include "berth.tomlString" .url }}
+{{- with .endpoint }}
+endpoint = {{ include "berth.tomlString" . }}
+{{- end }}
+{{- with .region }}
+region = {{ include "berth.tomlString" . }}
+{{- end }}
+{{- if .existingSecret }}
+# The keys stay in Secret {{ .existingSecret }}: the id is in the environment, the secret in a mounted file.
+access_key_id_env = "BERTH_S3_KEY_ID"
+secret_access_key_file = {{ include "berth.tomlString" (printf "%s/secret-access-key" (include "berth.objectStoreSecretDir" $)) }}
+{{- end }}
+{{- end }}
+{{- end }}
 
 [log]
 format = {{ include "berth.tomlString" $c.log.format }}
+{{- if include "berth.clusterEnabled" . }}
+
+[cluster]
+# The headless Service: it resolves to every ready replica.
+dns = {{ include "berth.tomlString" (include "berth.clusterDNS" .) }}
+{{- with .Values.cluster.probeInterval }}
+probe_interval = {{ include "berth.tomlString" . }}
+{{- end }}
+{{- with .Values.cluster.connectTimeout }}
+connect_timeout = {{ include "berth.tomlString" . }}
+{{- end }}
+{{- end }}
 {{- range $c.registries }}
 
 [[registry]]

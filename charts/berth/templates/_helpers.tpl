@@ -105,6 +105,33 @@ app.kubernetes.io/component: node-config
 {{- printf "/etc/berth/secrets/%s" (replace ":" "_" .) }}
 {{- end }}
 
+{{/* Whether the replicas form a [cluster] ("true" or ""): cluster.enabled, or for `auto`
+replicaCount > 1. */}}
+{{- define "berth.clusterEnabled" -}}
+{{- $e := .Values.cluster.enabled }}
+{{- if kindIs "bool" $e }}
+{{- if $e }}true{{ end }}
+{{- else if gt (int .Values.replicaCount) 1 }}true
+{{- end }}
+{{- end }}
+
+{{/* Whether the headless Service is rendered ("true" or ""): it governs a StatefulSet's pod names
+and is how clustered replicas find each other. */}}
+{{- define "berth.headlessService" -}}
+{{- if or (eq .Values.workload "statefulset") (include "berth.clusterEnabled" .) }}true{{ end }}
+{{- end }}
+
+{{/* cluster.dns: the headless Service's name, which resolves to every ready pod, and the
+registry port the pods listen on. */}}
+{{- define "berth.clusterDNS" -}}
+{{- printf "%s://%s.%s.svc.%s:%v" (.Values.tls.enabled | ternary "https" "http") (include "berth.headlessServiceName" .) .Release.Namespace (trimSuffix "." .Values.cluster.clusterDomain) .Values.containerPorts.registry }}
+{{- end }}
+
+{{/* The directory the object store's secret access key is mounted in. */}}
+{{- define "berth.objectStoreSecretDir" -}}
+/etc/berth/s3
+{{- end }}
+
 {{/* The cache directory inside the container. */}}
 {{- define "berth.cacheDir" -}}
 /var/lib/berth
@@ -138,7 +165,11 @@ app.kubernetes.io/component: node-config
 {{- fail "config.registries: only one registry may have default: true" }}
 {{- end }}
 {{- if and (eq .Values.workload "deployment") .Values.persistence.enabled (gt (int .Values.replicaCount) 1) }}
-{{- fail "workload=deployment with persistence.enabled would share one cache volume between replicas: use workload=statefulset (one claim per pod), persistence.enabled=false, or replicaCount=1" }}
+{{- fail "workload=deployment with persistence.enabled would share one cache volume between replicas (each needs its own cache directory, also with objectStore): use workload=statefulset (one claim per pod), persistence.enabled=false (an emptyDir per pod; with objectStore.url the bucket keeps the cache), or replicaCount=1" }}
+{{- end }}
+{{- $os := .Values.objectStore }}
+{{- if and (not $os.url) (or $os.endpoint $os.region $os.existingSecret) }}
+{{- fail "objectStore.endpoint, objectStore.region and objectStore.existingSecret need objectStore.url (s3://BUCKET or s3://BUCKET/PREFIX)" }}
 {{- end }}
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) }}
 {{- fail "tls.enabled needs tls.existingSecret (a kubernetes.io/tls Secret with tls.crt and tls.key)" }}
@@ -172,11 +203,11 @@ storageClassName: {{ .Values.persistence.storageClass | quote }}
 {{- end }}
 {{- end }}
 
-{{/* The TCP ports of all upstream endpoint and fallback URLs, sorted, as a YAML list. */}}
+{{/* The TCP ports of all upstream endpoint and fallback URLs and of the object store's endpoint
+(443 for AWS), sorted, as a YAML list. */}}
 {{- define "berth.upstreamPorts" -}}
-{{- $ports := dict }}
-{{- range .Values.config.registries }}
 {{- $urls := list }}
+{{- range .Values.config.registries }}
 {{- range .endpoints }}
 {{- if kindIs "string" . }}
 {{- $urls = append $urls . }}
@@ -187,6 +218,11 @@ storageClassName: {{ .Values.persistence.storageClass | quote }}
 {{- range (default list .fallback) }}
 {{- $urls = append $urls . }}
 {{- end }}
+{{- end }}
+{{- if .Values.objectStore.url }}
+{{- $urls = append $urls (default "https://s3.amazonaws.com" .Values.objectStore.endpoint) }}
+{{- end }}
+{{- $ports := dict }}
 {{- range $urls }}
 {{- $u := urlParse . }}
 {{- $port := regexFind "[0-9]+$" (regexFind ":[0-9]+$" $u.host) }}
@@ -194,7 +230,6 @@ storageClassName: {{ .Values.persistence.storageClass | quote }}
 {{- $port = eq $u.scheme "http" | ternary "80" "443" }}
 {{- end }}
 {{- $_ := set $ports (printf "%05d" (atoi $port)) (atoi $port) }}
-{{- end }}
 {{- end }}
 {{- $out := list }}
 {{- range (keys $ports | sortAlpha) }}

@@ -39,11 +39,20 @@ spec:
         - name: admin
           containerPort: {{ .Values.containerPorts.admin }}
           protocol: TCP
-      {{- if or .Values.config.log.level .Values.extraEnv }}
+      {{- $s3Secret := and .Values.objectStore.url .Values.objectStore.existingSecret }}
+      {{- if or .Values.config.log.level $s3Secret .Values.extraEnv }}
       env:
         {{- with .Values.config.log.level }}
         - name: RUST_LOG
           value: {{ . | quote }}
+        {{- end }}
+        {{- if $s3Secret }}
+        # cache.object_store.access_key_id_env
+        - name: BERTH_S3_KEY_ID
+          valueFrom:
+            secretKeyRef:
+              name: {{ .Values.objectStore.existingSecret }}
+              key: {{ .Values.objectStore.accessKeyIdKey }}
         {{- end }}
         {{- with .Values.extraEnv }}
         {{- toYaml . | nindent 8 }}
@@ -99,6 +108,11 @@ spec:
           readOnly: true
         {{- end }}
         {{- end }}
+        {{- if $s3Secret }}
+        - name: object-store-credentials
+          mountPath: {{ include "berth.objectStoreSecretDir" . }}
+          readOnly: true
+        {{- end }}
         {{- if .Values.tls.enabled }}
         - name: tls
           mountPath: /etc/berth/tls
@@ -137,6 +151,16 @@ spec:
           - key: {{ default "password" $r.passwordKey }}
             path: password
     {{- end }}
+    {{- end }}
+    {{- if and .Values.objectStore.url .Values.objectStore.existingSecret }}
+    # cache.object_store.secret_access_key_file; the access key id is in the environment.
+    - name: object-store-credentials
+      secret:
+        secretName: {{ .Values.objectStore.existingSecret }}
+        defaultMode: 0440
+        items:
+          - key: {{ .Values.objectStore.secretAccessKeyKey }}
+            path: secret-access-key
     {{- end }}
     {{- if .Values.tls.enabled }}
     - name: tls
