@@ -600,3 +600,32 @@ fn a_damaged_blob_in_the_store_is_never_served_and_gets_replaced() {
         "fetched once by the first replica, once more to replace the damaged copy"
     );
 }
+
+#[test]
+fn more_fills_than_upload_slots_all_reach_the_store_verified() {
+    // 12 blobs filled at once against 4 upload slots: the waiting uploads read their verified
+    // fills back from disk later, and every blob ends up stored with the right bytes.
+    let garage = Garage::start();
+    let upstream = Registry::start();
+    let image = seed_blob_image(&upstream, "library/many", "v1", &[600 * 1024; 12]);
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let berth = Berth::start_with_env(
+        &replica_config(
+            &[free_addr()],
+            0,
+            &upstream.url(),
+            &garage,
+            &dirs.path().join("c"),
+        ),
+        &[("BERTH_S3_KEY_ID", garage.key_id())],
+    );
+    pull_everywhere(&[berth.url()], &image);
+    wait_stored(&garage, &image);
+    for (d, bytes) in image.blobs() {
+        let stored = garage
+            .get_object(&format!("berth-test/blobs/sha256/{}", &d[7..]))
+            .expect("stored");
+        assert_eq!(stored.len(), bytes.len());
+        assert_eq!(sha256(&stored), d);
+    }
+}

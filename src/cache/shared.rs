@@ -35,10 +35,14 @@ use crate::config::ObjectStoreConfig;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, Hasher, RepoName, Tag};
 
-/// Blobs up to this size are uploaded with one PUT; larger ones in parts of this size.
+/// Blobs up to this size are uploaded with one PUT; larger ones in parts of this size (S3's
+/// smallest part is 5 MiB).
 const PART_BYTES: usize = 8 * 1024 * 1024;
 /// Parts uploading at once per blob.
 const PARTS_IN_FLIGHT: usize = 2;
+/// Blob uploads at once. Each holds up to about (PARTS_IN_FLIGHT + 1) × PART_BYTES in memory;
+/// a waiting upload reads its fill later from the (verified) file, not from memory.
+const UPLOADS_AT_ONCE: usize = 4;
 /// How long the store is skipped after a failed request.
 const BACKOFF: Duration = Duration::from_secs(5);
 /// The largest manifest or tag object read back.
@@ -58,6 +62,7 @@ pub struct SharedStore {
     down_until: AtomicU64,
     epoch: Instant,
     metrics: Arc<Metrics>,
+    uploads: tokio::sync::Semaphore,
 }
 
 impl SharedStore {
@@ -117,6 +122,7 @@ impl SharedStore {
             down_until: AtomicU64::new(0),
             epoch: Instant::now(),
             metrics,
+            uploads: tokio::sync::Semaphore::new(UPLOADS_AT_ONCE),
         })
     }
 
@@ -356,6 +362,7 @@ impl SharedStore {
 
     async fn upload_fill(&self, fill: Arc<Fill>) -> Result<u64, String> {
         let len = fill.wait_started().await.map_err(|e| e.message)?;
+        let _permit = self.uploads.acquire().await.map_err(|e| e.to_string())?;
         let path = self.path(&Self::blob_key(&fill.digest));
         let mut reader = fill.reader(0, None);
         let written = self
