@@ -81,6 +81,14 @@ read_timeout = "10s"
     )
 }
 
+/// One berth on the shared store, outside any cluster (nobody to ask but the store and upstream).
+fn single_replica(upstream: &str, garage: &Garage, cache_dir: &std::path::Path) -> Berth {
+    Berth::start_with_env(
+        &replica_config(&[free_addr()], 0, upstream, garage, cache_dir),
+        &[("BERTH_S3_KEY_ID", garage.key_id())],
+    )
+}
+
 impl Replicas {
     fn start(upstream: &str, garage: &Garage, dirs: &tempfile::TempDir) -> Replicas {
         let addrs: Vec<_> = (0..3).map(|_| free_addr()).collect();
@@ -325,17 +333,7 @@ fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store() {
     // Warm: a replica that never had a blob on disk reads it from the store, not upstream.
     let before = upstream.access_log().len();
     let dirs2 = tempfile::tempdir().expect("tempdir");
-    // (A replica outside the cluster: it has nobody to ask but the store and upstream.)
-    let fresh = Berth::start_with_env(
-        &replica_config(
-            &[free_addr()],
-            0,
-            &upstream.url(),
-            &garage,
-            &dirs2.path().join("c"),
-        ),
-        &[("BERTH_S3_KEY_ID", garage.key_id())],
-    );
+    let fresh = single_replica(&upstream.url(), &garage, &dirs2.path().join("c"));
     runtime().block_on(async {
         pull(
             &reqwest::Client::new(),
@@ -521,12 +519,7 @@ fn a_damaged_blob_in_the_store_is_never_served_and_gets_replaced() {
     let image = seed_blob_image(&upstream, "library/damaged", "v1", &[1024 * 1024]);
     let layer = image.layers[0].digest.clone();
     let key = format!("berth-test/blobs/sha256/{}", &layer[7..]);
-    let single = |dir: &std::path::Path| {
-        Berth::start_with_env(
-            &replica_config(&[free_addr()], 0, &upstream.url(), &garage, dir),
-            &[("BERTH_S3_KEY_ID", garage.key_id())],
-        )
-    };
+    let single = |dir: &std::path::Path| single_replica(&upstream.url(), &garage, dir);
     let dirs = tempfile::tempdir().expect("tempdir");
     let first = single(&dirs.path().join("a"));
     runtime().block_on(async {
@@ -609,16 +602,7 @@ fn more_fills_than_upload_slots_all_reach_the_store_verified() {
     let upstream = Registry::start();
     let image = seed_blob_image(&upstream, "library/many", "v1", &[600 * 1024; 12]);
     let dirs = tempfile::tempdir().expect("tempdir");
-    let berth = Berth::start_with_env(
-        &replica_config(
-            &[free_addr()],
-            0,
-            &upstream.url(),
-            &garage,
-            &dirs.path().join("c"),
-        ),
-        &[("BERTH_S3_KEY_ID", garage.key_id())],
-    );
+    let berth = single_replica(&upstream.url(), &garage, &dirs.path().join("c"));
     pull_everywhere(&[berth.url()], &image);
     wait_stored(&garage, &image);
     for (d, bytes) in image.blobs() {
