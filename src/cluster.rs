@@ -32,6 +32,9 @@ pub const ID_PATH: &str = "/_berth/peer";
 pub struct Peer {
     /// `scheme://host:port`, the key all replicas hash on.
     pub base: String,
+    /// Where requests go: `base`, or `https://<server_name>:port` pinned to the peer's address.
+    target: String,
+    client: reqwest::Client,
     up: AtomicBool,
     is_self: AtomicBool,
 }
@@ -54,7 +57,7 @@ pub enum PeerError {
 pub struct Cluster {
     id: String,
     config: ClusterConfig,
-    client: reqwest::Client,
+    roots: Vec<reqwest::Certificate>,
     peers: RwLock<Vec<Arc<Peer>>>,
     /// The peers' addresses, so their requests are not rate-limited as a client's.
     peer_ips: RwLock<HashSet<IpAddr>>,
@@ -73,32 +76,70 @@ fn score(peer: &str, digest: &Digest) -> [u8; 32] {
 
 impl Cluster {
     pub fn new(config: &ClusterConfig, metrics: Arc<Metrics>) -> Result<Cluster, String> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .read_timeout(config.read_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| format!("cannot build the peer client: {e}"))?;
+        let roots = match &config.ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| format!("cluster.ca_file {}: {e}", path.display()))?;
+                reqwest::Certificate::from_pem_bundle(&pem)
+                    .map_err(|e| format!("cluster.ca_file {}: {e}", path.display()))?
+            }
+            None => Vec::new(),
+        };
         let id = format!("{:032x}", rand::random::<u128>());
-        let peers = config
-            .peers
-            .iter()
-            .map(|u| new_peer(u.as_str().trim_end_matches('/')))
-            .collect();
         for result in ["ok", "unreachable", "error", "resumed"] {
             metrics.peer_requests.with_label_values(&[result]);
         }
-        Ok(Cluster {
+        let mut cluster = Cluster {
             id,
             config: config.clone(),
-            client,
-            peers: RwLock::new(peers),
+            roots,
+            peers: RwLock::new(Vec::new()),
             peer_ips: RwLock::new(HashSet::new()),
             probed: AtomicBool::new(false),
             metrics,
-        })
+        };
+        let peers = config
+            .peers
+            .iter()
+            .map(|u| cluster.new_peer(u.as_str().trim_end_matches('/')))
+            .collect::<Result<Vec<_>, String>>()?;
+        cluster.peers = RwLock::new(peers);
+        Ok(cluster)
+    }
+
+    /// A peer at `base`, with its own client (its TLS name may be pinned to its address).
+    fn new_peer(&self, base: &str) -> Result<Arc<Peer>, String> {
+        let mut b = reqwest::Client::builder()
+            .connect_timeout(self.config.connect_timeout)
+            .read_timeout(self.config.read_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .tcp_nodelay(true);
+        for c in &self.roots {
+            b = b.add_root_certificate(c.clone());
+        }
+        let mut target = base.to_owned();
+        if let (Some(name), Ok(url)) = (&self.config.server_name, url::Url::parse(base))
+            && url.scheme() == "https"
+            && let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default())
+            && let Ok(ip) = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+        {
+            b = b.resolve(name, std::net::SocketAddr::new(ip, port));
+            target = format!("https://{name}:{port}");
+        }
+        let client = b
+            .build()
+            .map_err(|e| format!("cannot build the client for peer {base}: {e}"))?;
+        Ok(Arc::new(Peer {
+            base: base.to_owned(),
+            target,
+            client,
+            up: AtomicBool::new(false),
+            is_self: AtomicBool::new(false),
+        }))
     }
 
     /// This replica's instance id (answered on [`ID_PATH`]).
@@ -154,9 +195,9 @@ impl Cluster {
     ) -> Result<reqwest::Response, PeerError> {
         let url = format!(
             "{}/v2/{}/blobs/{digest}?ns={}",
-            peer.base, t.repo, t.registry
+            peer.target, t.repo, t.registry
         );
-        let mut req = self.client.get(&url).header(PEER_HEADER, &self.id);
+        let mut req = peer.client.get(&url).header(PEER_HEADER, &self.id);
         if from > 0 {
             req = req.header(header::RANGE, format!("bytes={from}-"));
         }
@@ -231,9 +272,12 @@ impl Cluster {
         let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
         let kept: Vec<Arc<Peer>> = bases
             .iter()
-            .map(|b| match peers.iter().find(|p| &p.base == b) {
-                Some(p) => p.clone(),
-                None => new_peer(b),
+            .filter_map(|b| match peers.iter().find(|p| &p.base == b) {
+                Some(p) => Some(p.clone()),
+                None => self
+                    .new_peer(b)
+                    .inspect_err(|e| tracing::warn!(error = %e, "cannot add peer"))
+                    .ok(),
             })
             .collect();
         *peers = kept;
@@ -286,9 +330,9 @@ impl Cluster {
     }
 
     async fn probe(&self, peer: &Peer) {
-        let answer = self
+        let answer = peer
             .client
-            .get(format!("{}{ID_PATH}", peer.base))
+            .get(format!("{}{ID_PATH}", peer.target))
             .timeout(self.config.connect_timeout * 2)
             .send()
             .await;
@@ -309,14 +353,6 @@ impl Cluster {
     }
 }
 
-fn new_peer(base: &str) -> Arc<Peer> {
-    Arc::new(Peer {
-        base: base.to_owned(),
-        up: AtomicBool::new(false),
-        is_self: AtomicBool::new(false),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,6 +365,8 @@ mod tests {
             probe_interval: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
             read_timeout: Duration::from_secs(1),
+            ca_file: None,
+            server_name: None,
         };
         let c = Cluster::new(&config, Arc::new(Metrics::new())).unwrap();
         for p in c.snapshot() {

@@ -87,6 +87,13 @@ pub struct ClusterConfig {
     /// How long a peer's stream may stall before it is given up (and resumed elsewhere).
     #[serde(default = "default_read_timeout", with = "human_duration")]
     pub read_timeout: Duration,
+    /// https peers: extra CA certificates (PEM) their certificates are checked against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// https peers found by IP address (`dns`, or IPs in `peers`): the name their certificate
+    /// is checked against (and sent as SNI), e.g. the Service's name. Default: the address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
 }
 
 /// `[cache.object_store]`: a shared S3-compatible bucket behind the local disk.
@@ -672,6 +679,18 @@ impl Config {
                         format!("{p} must be an http(s) URL with a host and no path"),
                     ));
                 }
+            }
+            if let Some(name) = &cluster.server_name
+                && (name.is_empty()
+                    || name.len() > 253
+                    || !name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'))
+            {
+                return Err(invalid(
+                    "cluster.server_name",
+                    format!("{name:?} is not a DNS name"),
+                ));
             }
             if cluster.probe_interval < Duration::from_millis(100) {
                 return Err(invalid("cluster.probe_interval", "must be at least 100ms"));

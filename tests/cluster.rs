@@ -613,3 +613,135 @@ fn more_fills_than_upload_slots_all_reach_the_store_verified() {
         assert_eq!(sha256(&stored), d);
     }
 }
+
+/// Replicas that serve TLS find each other by IP and check each other's certificate against
+/// the name it was issued for (`[cluster] server_name`) and the cluster's CA (`ca_file`).
+#[test]
+fn tls_replicas_verify_each_other_by_server_name_and_fetch_once() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
+    // Issued for the Service's name only: no IP address in it.
+    let key = KeyPair::generate().expect("key");
+    let cert = CertificateParams::new(vec!["berth.test".to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("cert");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca_path, cert_path, key_path) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("tls.crt"),
+        dir.path().join("tls.key"),
+    );
+    std::fs::write(&ca_path, ca.pem()).expect("write");
+    std::fs::write(&cert_path, cert.pem()).expect("write");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write");
+
+    let rt = runtime();
+    rt.block_on(async {
+        let up = fake_upstream::FakeUpstream::start().await;
+        let layer = up.add_blob(Bytes::from(vec![7u8; 3 * 1024 * 1024]));
+        let config_blob = up.add_blob(Bytes::from_static(b"{}"));
+        up.add_image(
+            "library/tls",
+            "v1",
+            &config_blob,
+            std::slice::from_ref(&layer),
+        );
+        let listeners: Vec<tokio::net::TcpListener> = futures_util::future::join_all(
+            (0..3).map(|_| tokio::net::TcpListener::bind("127.0.0.1:0")),
+        )
+        .await
+        .into_iter()
+        .map(|l| l.expect("bind"))
+        .collect();
+        let addrs: Vec<_> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("addr"))
+            .collect();
+        let peers: Vec<String> = addrs.iter().map(|a| format!("\"https://{a}\"")).collect();
+        let mut replicas = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let text = format!(
+                r#"[server]
+listen = "{listen}"
+admin_listen = "127.0.0.1:0"
+shutdown_grace = "1s"
+[server.tls]
+cert = "{cert}"
+key = "{key}"
+[cache]
+dir = "{cache}"
+[cluster]
+peers = [{peers}]
+server_name = "berth.test"
+ca_file = "{ca}"
+probe_interval = "200ms"
+[[registry]]
+name = "docker.io"
+default = true
+endpoints = ["{upstream}"]
+"#,
+                listen = addrs[i],
+                cert = cert_path.display(),
+                key = key_path.display(),
+                cache = dir.path().join(format!("c{i}")).display(),
+                peers = peers.join(", "),
+                ca = ca_path.display(),
+                upstream = up.url(),
+            );
+            let config = berth::config::Config::parse(&text).expect("config");
+            let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            replicas.push(
+                berth::start_on(config, listener, admin)
+                    .await
+                    .expect("start"),
+            );
+        }
+        // Every replica verifies the other two (and finds itself) despite connecting by IP.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while replicas.iter().any(|r| r.metrics.peers_up.get() != 3) {
+            assert!(
+                Instant::now() < deadline,
+                "TLS peers never verified each other"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let ca_cert = reqwest::Certificate::from_pem(ca.pem().as_bytes()).expect("ca");
+        let pulls = (0..9).map(|i| {
+            let client = reqwest::Client::builder()
+                .add_root_certificate(ca_cert.clone())
+                .resolve("berth.test", addrs[i % 3])
+                .build()
+                .expect("client");
+            let port = addrs[i % 3].port();
+            async move {
+                pull(
+                    &client,
+                    &format!("https://berth.test:{port}"),
+                    "library/tls",
+                    "v1",
+                )
+                .await
+            }
+        });
+        futures_util::future::join_all(pulls).await;
+        assert_eq!(
+            up.count(&format!("GET /v2/library/tls/blobs/{layer}")),
+            1,
+            "one upstream GET across the TLS replicas"
+        );
+        let asked: u64 = replicas
+            .iter()
+            .map(|r| r.metrics.peer_requests.with_label_values(&["ok"]).get())
+            .sum();
+        assert!(asked >= 1, "non-owners asked the owner over TLS");
+        for r in replicas {
+            r.stop().await;
+        }
+    });
+}
