@@ -250,8 +250,12 @@ EOF
 render cluster-off --set workload=deployment --set persistence.enabled=false --set replicaCount=3 --set cluster.enabled=false
 # cluster.enabled=true with one replica (e.g. scaled later by hand or an autoscaler).
 render cluster-forced --set cluster.enabled=true
-# With TLS the peers are asked over https.
-render cluster-tls -f "$future" --set replicaCount=2
+# With TLS the peers are asked over https, their certificate checked against the Service's name.
+render cluster-tls -f "$future" --set replicaCount=2 --set cluster.tlsCaFromSecret=true
+run "cluster-tls: peers checked against the Service's name and the Secret's ca.crt" \
+    has_lines "$out/cluster-tls.toml" '^server_name = "berth.berth.svc.cluster.local"$' \
+    '^ca_file = "/etc/berth/tls/ca.crt"$'
+run "cluster-tls: the Secret's ca.crt is mounted" grep -q 'path: ca.crt' "$out/cluster-tls.yaml"
 
 # --- values the chart must refuse ------------------------------------------------------------------
 # refuse NAME EXPECTED_MESSAGE_REGEX helm-args...: helm template must fail, naming the problem.

@@ -72,6 +72,13 @@ probe_interval = {{ include "berth.tomlString" . }}
 {{- with .Values.cluster.connectTimeout }}
 connect_timeout = {{ include "berth.tomlString" . }}
 {{- end }}
+{{- if .Values.tls.enabled }}
+# Peers are reached by pod IP: their certificate is checked against this name.
+server_name = {{ include "berth.tomlString" (include "berth.clusterServerName" .) }}
+{{- if .Values.cluster.tlsCaFromSecret }}
+ca_file = "/etc/berth/tls/ca.crt"
+{{- end }}
+{{- end }}
 {{- end }}
 {{- range $c.registries }}
 

@@ -127,6 +127,11 @@ registry port the pods listen on. */}}
 {{- printf "%s://%s.%s.svc.%s:%v" (.Values.tls.enabled | ternary "https" "http") (include "berth.headlessServiceName" .) .Release.Namespace (trimSuffix "." .Values.cluster.clusterDomain) .Values.containerPorts.registry }}
 {{- end }}
 
+{{/* The name peers' TLS certificates are checked against: cluster.tlsServerName or the Service's name. */}}
+{{- define "berth.clusterServerName" -}}
+{{- .Values.cluster.tlsServerName | default (printf "%s.%s.svc.%s" (include "berth.fullname" .) .Release.Namespace (trimSuffix "." .Values.cluster.clusterDomain)) }}
+{{- end }}
+
 {{/* The directory the object store's secret access key is mounted in. */}}
 {{- define "berth.objectStoreSecretDir" -}}
 /etc/berth/s3

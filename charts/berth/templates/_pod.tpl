@@ -172,6 +172,10 @@ spec:
             path: tls.crt
           - key: tls.key
             path: tls.key
+          {{- if and .Values.cluster.tlsCaFromSecret (include "berth.clusterEnabled" .) }}
+          - key: ca.crt
+            path: ca.crt
+          {{- end }}
     {{- end }}
     {{- with .Values.extraVolumes }}
     {{- toYaml . | nindent 4 }}
