@@ -84,8 +84,9 @@ pub struct ClusterConfig {
     /// How long a connection to a peer may take before the next replica in order is asked.
     #[serde(default = "default_peer_connect_timeout", with = "human_duration")]
     pub connect_timeout: Duration,
-    /// How long a peer's stream may stall before it is given up (and resumed elsewhere).
-    #[serde(default = "default_read_timeout", with = "human_duration")]
+    /// How long a peer may keep a request or a stream waiting before it is given up (and the
+    /// blob asked of the next replica, or resumed there).
+    #[serde(default = "default_peer_read_timeout", with = "human_duration")]
     pub read_timeout: Duration,
     /// https peers: extra CA certificates (PEM) their certificates are checked against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -478,6 +479,9 @@ fn default_token_ttl() -> Duration {
 }
 fn default_peer_probe_interval() -> Duration {
     Duration::from_secs(2)
+}
+fn default_peer_read_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_peer_connect_timeout() -> Duration {
     Duration::from_secs(1)

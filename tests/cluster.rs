@@ -298,6 +298,12 @@ fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store() {
     }
     // The cost, for BENCHMARKS.md: object-store requests per blob pulled.
     let totals: Vec<String> = replicas.berths.iter().map(admin_metrics).collect();
+    // tests/run.sh checks the dashboard's and the alerts' cluster metrics against this dump
+    // (tests/chart.sh with BERTH_CLUSTER_METRICS_FILE).
+    support::promtool_check(&totals[0]);
+    let dump = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/metrics-cluster.txt");
+    std::fs::create_dir_all(dump.parent().expect("target dir")).expect("mkdir target");
+    std::fs::write(&dump, &totals[0]).unwrap_or_else(|e| panic!("write {}: {e}", dump.display()));
     let requests: f64 = totals
         .iter()
         .map(|t| metric(t, "berth_object_store_requests_total"))
@@ -744,4 +750,49 @@ endpoints = ["{upstream}"]
             r.stop().await;
         }
     });
+}
+
+#[test]
+fn a_frozen_owner_holds_a_pull_for_at_most_the_peer_read_timeout() {
+    let garage = Garage::start();
+    let rt = runtime();
+    let up = rt.block_on(fake_upstream::FakeUpstream::start());
+    let digest = up.add_blob(Bytes::from(vec![1u8; 2 * 1024 * 1024]));
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let replicas = Replicas::start(&up.url(), &garage, &dirs);
+    // Two blobs owned by the same replica, asked through another.
+    let order = replicas.owner_order(&digest);
+    let owner = order[0];
+    let asker = order[2];
+    let second = (0..200u8)
+        .map(|i| up.add_blob(Bytes::from(vec![i; 1024 * 1024])))
+        .find(|d| replicas.owner_order(d)[0] == owner && replicas.owner_order(d)[2] == asker)
+        .expect("another blob with the same owner");
+    let pid = replicas.berths[owner].pid().expect("pid") as i32;
+    // SAFETY: signals to the child this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let get = |d: &str| {
+        let url = format!(
+            "{}/v2/library/frozen/blobs/{d}",
+            replicas.berths[asker].url()
+        );
+        let started = Instant::now();
+        let body = rt.block_on(async {
+            let resp = reqwest::get(&url).await.expect("request");
+            assert_eq!(resp.status(), 200);
+            resp.bytes().await.expect("body")
+        });
+        assert_eq!(sha256(&body), d, "verified");
+        started.elapsed()
+    };
+    // The frozen owner accepts the connection but never answers: the asker gives up after the
+    // peer read_timeout (5 s here) and the next replica in order fetches it.
+    let first = get(&digest);
+    assert!(first < Duration::from_secs(12), "first pull took {first:?}");
+    // Marked down: the next blob it owns does not wait at all.
+    let next = get(&second);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(next < Duration::from_secs(2), "second pull took {next:?}");
+    eprintln!("frozen owner: first pull {first:?}, next pull {next:?}");
 }
