@@ -13,7 +13,11 @@
 #   - the values schema and the templates reject bad values
 #   - the node-config DaemonSet's script writes and removes hosts.toml files (run with /bin/sh)
 #   - every metric the dashboard and the alerts query is in tests/chart/contract-metrics.txt, and
-#     in BERTH_METRICS_FILE (a real berth's /metrics output) when that is set
+#     in BERTH_METRICS_FILE (a real berth's /metrics output) or BERTH_CLUSTER_METRICS_FILE (that of
+#     a clustered replica with an object store, which alone has the cluster and object-store
+#     series) when either is set; a file named there that is missing or empty is a failure
+#   - the alert rules pass `promtool check rules`, and tests/chart/alerts_test.yaml (promtool test
+#     rules): the object-store and cluster alerts fire when they should, never without the feature
 #   - every value in values.yaml is commented and listed in the chart's README
 #
 # Tools, installed on first use into ${XDG_CACHE_HOME:-$HOME/.cache}/berth-test: helm v4 (the
@@ -333,10 +337,41 @@ assert json.loads(dash[0]["data"]["berth.json"]) == json.load(open(sys.argv[2]))
 ' "$rules" "$dashboard"
 run "dashboard and alerts query only contract metrics (tests/chart/contract-metrics.txt)" \
     "$py" tests/chart/metric_names.py "$dashboard" "$rules" tests/chart/contract-metrics.txt
-if [[ -n ${BERTH_METRICS_FILE:-} ]]; then
-    run "dashboard and alerts query only metrics berth exposes ($BERTH_METRICS_FILE)" \
-        "$py" tests/chart/metric_names.py "$dashboard" "$rules" "$BERTH_METRICS_FILE"
+# A metric counts when it is in at least one of the dumps.
+dumps=()
+[[ -n ${BERTH_METRICS_FILE:-} ]] && dumps+=("$BERTH_METRICS_FILE")
+[[ -n ${BERTH_CLUSTER_METRICS_FILE:-} ]] && dumps+=("$BERTH_CLUSTER_METRICS_FILE")
+if ((${#dumps[@]})); then
+    run "dashboard and alerts query only metrics berth exposes (${dumps[*]})" \
+        "$py" tests/chart/metric_names.py "$dashboard" "$rules" "${dumps[@]}"
 fi
+# The alerts' PromQL and templates (promtool check rules), and when the cluster and object-store
+# alerts fire (promtool test rules, tests/chart/alerts_test.yaml; annotations are left out there).
+# promtool is the Debian package prometheus (tests/setup.sh); a missing promtool is a failure.
+alert_rules() {
+    "$py" - "$rules" "$out/alerts" <<'EOF'
+import os, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") == "PrometheusRule"]
+assert len(docs) == 1, f"{len(docs)} PrometheusRules in the render"
+groups = docs[0]["spec"]["groups"]
+os.makedirs(sys.argv[2], exist_ok=True)
+yaml.safe_dump({"groups": groups}, open(os.path.join(sys.argv[2], "rules.yaml"), "w"), sort_keys=False)
+for g in groups:
+    for r in g["rules"]:
+        r.pop("annotations", None)
+yaml.safe_dump({"groups": groups}, open(os.path.join(sys.argv[2], "berth-rules.yaml"), "w"), sort_keys=False)
+EOF
+}
+promtool_rules() {
+    command -v promtool >/dev/null || { echo "promtool is required (Debian package prometheus; tests/setup.sh installs it)"; return 1; }
+    [[ -f $out/alerts/rules.yaml ]] || { echo "no rules extracted from $rules"; return 1; }
+    cp tests/chart/alerts_test.yaml "$out/alerts/" &&
+        promtool check rules "$out/alerts/rules.yaml" &&
+        (cd "$out/alerts" && promtool test rules alerts_test.yaml)
+}
+run "ci/metrics: the PrometheusRule's groups extract" alert_rules
+run "alerts pass promtool check rules; cluster and object-store alerts fire only with the feature on (promtool test rules)" \
+    promtool_rules
 run "every value in values.yaml is commented and in README.md" \
     "$py" tests/chart/values_docs.py "$chart/values.yaml" "$chart/README.md"
 

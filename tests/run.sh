@@ -16,15 +16,19 @@ cargo clippy --all-targets --quiet -- -D warnings
 
 echo "== cargo test"
 mkdir -p target
-# Written by tests/e2e_docker.rs (berth's /metrics after real pulls); checked by the chart tests.
+# Written by tests/e2e_docker.rs (berth's /metrics after real pulls) and tests/cluster.rs (a
+# clustered replica's with an object store); checked by the chart tests.
 metrics_dump=target/metrics-e2e.txt
-rm -f "$metrics_dump"
+cluster_metrics_dump=target/metrics-cluster.txt
+rm -f "$metrics_dump" "$cluster_metrics_dump"
 cargo test 2>&1 | tee target/cargo-test.log
 
 echo "== chart tests"
 cargo build --quiet
 [[ -s $metrics_dump ]] || { echo "run.sh: $metrics_dump is missing: tests/e2e_docker.rs did not write it" >&2; exit 1; }
-BERTH_BIN=target/debug/berth BERTH_METRICS_FILE=$metrics_dump tests/chart.sh 2>&1 | tee target/chart-test.log
+[[ -s $cluster_metrics_dump ]] || { echo "run.sh: $cluster_metrics_dump is missing: tests/cluster.rs did not write it" >&2; exit 1; }
+BERTH_BIN=target/debug/berth BERTH_METRICS_FILE=$metrics_dump BERTH_CLUSTER_METRICS_FILE=$cluster_metrics_dump \
+    tests/chart.sh 2>&1 | tee target/chart-test.log
 
 echo "== fuzz smoke runs"
 tests/fuzz-smoke.sh 2>&1 | tee target/fuzz-test.log

@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """Checks that every metric the Grafana dashboard and the alert rules query exists.
 
-    metric_names.py DASHBOARD_JSON RULES_YAML METRICS_TXT
+    metric_names.py DASHBOARD_JSON RULES_YAML METRICS_TXT [METRICS_TXT...]
 
 DASHBOARD_JSON  a Grafana dashboard (charts/berth/dashboards/berth.json)
 RULES_YAML      YAML holding PrometheusRule objects, e.g. `helm template` output with
                 metrics.prometheusRule.enabled=true (other documents are ignored)
 METRICS_TXT     Prometheus text exposition, e.g. `curl http://127.0.0.1:9090/metrics` of a running
                 berth; a metric counts as present when it has a sample or a `# TYPE`/`# HELP` line
-                (histogram and summary families also provide NAME_bucket, NAME_sum, NAME_count)
+                (histogram and summary families also provide NAME_bucket, NAME_sum, NAME_count).
+                With several files a metric must be present in at least one of them (e.g. the
+                /metrics of an unclustered berth and of a clustered one with an object store, whose
+                cluster and object-store series only such a berth has); every file must exist and
+                hold at least one metric.
 
 Metric names are taken from every PromQL expression (panel targets, template variable queries,
 alert `expr`s): label matchers, ranges, strings, grouping label lists, function names and keywords
@@ -117,15 +121,27 @@ def exposed_names(text):
 
 
 def main(argv):
-    if len(argv) != 4:
+    if len(argv) < 4:
         print(__doc__.strip().splitlines()[2], file=sys.stderr)
         return 2
     with open(argv[1]) as f:
         dashboard = json.load(f)
     with open(argv[2]) as f:
         rules_docs = list(yaml.safe_load_all(f))
-    with open(argv[3]) as f:
-        exposed = exposed_names(f.read())
+    sources = argv[3:]
+    exposed = set()
+    for path in sources:
+        try:
+            with open(path) as f:
+                names = exposed_names(f.read())
+        except OSError as e:
+            print(f"cannot read metrics file {path}: {e}")
+            return 1
+        if not names:
+            print(f"no metrics in {path}")
+            return 1
+        exposed |= names
+    checked = sources[0] if len(sources) == 1 else "every one of " + ", ".join(sources)
 
     queries = dashboard_exprs(dashboard)
     n_dash = len(queries)
@@ -141,7 +157,7 @@ def main(argv):
             used.setdefault(name, []).append(where)
     missing = sorted(set(used) - exposed)
     for name in missing:
-        print(f"missing from {argv[3]}: {name} (queried by {', '.join(sorted(set(used[name])))})")
+        print(f"missing from {checked}: {name} (queried by {', '.join(sorted(set(used[name])))})")
     print(
         f"{n_dash} dashboard queries and {n_rules} alert rules use {len(used)} metric names; "
         f"{len(used) - len(missing)} exposed, {len(missing)} missing"
