@@ -89,6 +89,7 @@ impl Cluster {
         for result in ["ok", "unreachable", "error", "resumed"] {
             metrics.peer_requests.with_label_values(&[result]);
         }
+        metrics.enable_cluster();
         let mut cluster = Cluster {
             id,
             config: config.clone(),

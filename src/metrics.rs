@@ -122,6 +122,11 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     g
 }
 
+/// A gauge registered only when its feature is configured (a 0 would read as "down").
+fn feature_gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"))
+}
+
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels)
         .unwrap_or_else(|e| panic!("metric {name}: {e}"));
@@ -257,8 +262,8 @@ impl Metrics {
                 "Blob bytes read from and written to the shared object store.",
                 &["direction"],
             ),
-            object_store_up: gauge(
-                &r,
+            // Exported only by berths that have the feature (see enable_object_store).
+            object_store_up: feature_gauge(
                 "berth_object_store_up",
                 "1 while the shared object store answers, 0 while it is skipped after failures.",
             ),
@@ -268,8 +273,7 @@ impl Metrics {
                 "Blob requests this replica sent to the blob's owner among its peers.",
                 &["result"],
             ),
-            peers_up: gauge(
-                &r,
+            peers_up: feature_gauge(
                 "berth_cluster_peers_up",
                 "Replicas (this one included) currently answering peer probes.",
             ),
@@ -316,6 +320,18 @@ impl Metrics {
         self.upstream_duration
             .with_label_values(&[registry])
             .observe(seconds);
+    }
+
+    /// Starts exporting `berth_object_store_up` (a berth with `[cache.object_store]`).
+    pub fn enable_object_store(&self) {
+        let _ = self
+            .registry
+            .register(Box::new(self.object_store_up.clone()));
+    }
+
+    /// Starts exporting `berth_cluster_peers_up` (a berth with `[cluster]`).
+    pub fn enable_cluster(&self) {
+        let _ = self.registry.register(Box::new(self.peers_up.clone()));
     }
 
     pub fn record_fill_failure(&self, registry: &str, reason: FillFailure) {

@@ -104,6 +104,7 @@ impl SharedStore {
             .build()
             .map_err(|e| format!("cannot set up the object store {}: {e}", config.url))?;
         let prefix = config.prefix();
+        metrics.enable_object_store();
         metrics.object_store_up.set(1);
         for op in ["get", "head", "put", "multipart", "part", "delete"] {
             for result in ["ok", "not_found", "error"] {
