@@ -106,6 +106,9 @@ impl SharedStore {
         let prefix = config.prefix();
         metrics.enable_object_store();
         metrics.object_store_up.set(1);
+        for direction in ["read", "written"] {
+            metrics.object_store_bytes.with_label_values(&[direction]);
+        }
         for op in ["get", "head", "put", "multipart", "part", "delete"] {
             for result in ["ok", "not_found", "error"] {
                 metrics
