@@ -30,8 +30,12 @@ const PUBLISH_BYTES: usize = 128 * 1024;
 const READ_BYTES: usize = 256 * 1024;
 /// Largest file range handed out at once (sent with sendfile, or read in READ_BYTES pieces).
 const FILE_PIECE_BYTES: u64 = 16 * 1024 * 1024;
-/// Chunks queued for the disk writer.
-const WRITE_QUEUE: usize = 32;
+/// Batches queued for the disk writer.
+const WRITE_QUEUE: usize = 8;
+/// Chunks are handed to the disk writer in batches of about this size: one wake-up of the
+/// writer thread per batch, not per chunk. Readers that keep up read the ring, which holds more
+/// than a batch, so batching delays no one.
+const WRITE_BATCH_BYTES: usize = 1024 * 1024;
 
 /// The bytes of a blob from upstream: its length if known, and the body.
 pub struct Source {
@@ -99,6 +103,21 @@ impl Fill {
     fn update(&self, f: impl FnOnce(&mut Shared)) {
         f(&mut self.lock());
         self.notify.notify_waiters();
+    }
+
+    /// Records how far the temp file is written. Readers are woken only when one may be
+    /// waiting for the file: behind the ring. Readers that keep up read the ring and need no
+    /// wake-up per flushed chunk.
+    fn set_flushed(&self, flushed: u64) {
+        let wake = {
+            let mut s = self.lock();
+            let before = s.flushed;
+            s.flushed = flushed;
+            s.ring.front().is_none_or(|&(first, _)| first > before)
+        };
+        if wake {
+            self.notify.notify_waiters();
+        }
     }
 
     fn fail(&self, err: RegistryError) {
@@ -368,7 +387,7 @@ async fn stream_to_disk(
         s.file = reader;
     });
 
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(WRITE_QUEUE);
     let writer_task = writer.map(|w| {
         let (fill, store, len) = (fill.clone(), store.clone(), source.len);
         tokio::task::spawn_blocking(move || write_loop(w, rx, &fill, &store, len))
@@ -376,6 +395,8 @@ async fn stream_to_disk(
     let mut out = Outlet {
         fill,
         tx: writer_task.as_ref().map(|_| tx),
+        batch: Vec::new(),
+        batch_bytes: 0,
         disk_error: None,
         hasher: Hasher::new(digest.algorithm()),
         received: 0,
@@ -423,6 +444,7 @@ async fn stream_to_disk(
     if !buf.is_empty() {
         out.publish(buf.split().freeze()).await;
     }
+    out.send_batch().await;
     let Outlet {
         tx,
         disk_error,
@@ -486,7 +508,10 @@ async fn stream_to_disk(
 struct Outlet<'a> {
     fill: &'a Fill,
     /// None once the disk writer stopped (or never started): the fill goes on from memory.
-    tx: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    tx: Option<tokio::sync::mpsc::Sender<Vec<Bytes>>>,
+    /// Chunks not yet handed to the writer.
+    batch: Vec<Bytes>,
+    batch_bytes: usize,
     disk_error: Option<String>,
     hasher: Hasher,
     received: u64,
@@ -509,8 +534,24 @@ impl Outlet<'_> {
                 }
             }
         });
+        if self.tx.is_some() {
+            self.batch.push(chunk);
+            self.batch_bytes += len;
+            if self.batch_bytes >= WRITE_BATCH_BYTES {
+                self.send_batch().await;
+            }
+        }
+    }
+
+    /// Hands the chunks gathered so far to the disk writer.
+    async fn send_batch(&mut self) {
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        if batch.is_empty() {
+            return;
+        }
         if let Some(sender) = &self.tx
-            && sender.send(chunk).await.is_err()
+            && sender.send(batch).await.is_err()
         {
             // The writer stopped: the disk failed. Keep streaming from memory, uncached.
             self.tx = None;
@@ -523,27 +564,29 @@ impl Outlet<'_> {
 
 fn write_loop(
     file: File,
-    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<Bytes>>,
     fill: &Fill,
     store: &BlobStore,
     len: Option<u64>,
 ) -> io::Result<()> {
     let mut flushed = 0u64;
-    while let Some(chunk) = rx.blocking_recv() {
-        if let Err(e) = file.write_all_at(&chunk, flushed) {
-            if e.kind() != io::ErrorKind::StorageFull {
-                return Err(e);
+    while let Some(batch) = rx.blocking_recv() {
+        for chunk in batch {
+            if let Err(e) = file.write_all_at(&chunk, flushed) {
+                if e.kind() != io::ErrorKind::StorageFull {
+                    return Err(e);
+                }
+                // Disk full: make room for the rest of this blob by evicting the least
+                // recently used ones, then try once more.
+                let rest = len.map_or(chunk.len() as u64, |l| l.saturating_sub(flushed));
+                if store.make_room(rest.max(chunk.len() as u64)) == 0 {
+                    return Err(e);
+                }
+                file.write_all_at(&chunk, flushed)?;
             }
-            // Disk full: make room for the rest of this blob by evicting the least recently
-            // used ones, then try once more.
-            let rest = len.map_or(chunk.len() as u64, |l| l.saturating_sub(flushed));
-            if store.make_room(rest.max(chunk.len() as u64)) == 0 {
-                return Err(e);
-            }
-            file.write_all_at(&chunk, flushed)?;
+            flushed += chunk.len() as u64;
         }
-        flushed += chunk.len() as u64;
-        fill.update(|s| s.flushed = flushed);
+        fill.set_flushed(flushed);
     }
     file.sync_all()
 }
