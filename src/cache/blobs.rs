@@ -54,6 +54,7 @@ impl BlobStore {
         let tmp = dir.join("tmp");
         std::fs::create_dir_all(&root)?;
         std::fs::create_dir_all(&tmp)?;
+        make_shards(&root)?;
         metrics.cache_max_size_bytes.set(max_size as i64);
         let evict_metrics = metrics.clone();
         // Evicted files are deleted off the async threads (moka runs the listener wherever its
@@ -305,10 +306,16 @@ impl BlobStore {
     /// Moves a verified, synced temp file into place and indexes it. Blocking.
     pub(super) fn commit(&self, digest: &Digest, tmp: &Path, len: u64) -> io::Result<()> {
         let path = blob_path(&self.root, digest);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
+        match std::fs::rename(tmp, &path) {
+            // A digest algorithm without made shards, or a shard removed by hand.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::rename(tmp, &path)?;
+            }
+            renamed => renamed?,
         }
-        std::fs::rename(tmp, &path)?;
         if let Some(parent) = path.parent()
             && let Ok(d) = File::open(parent)
         {
@@ -344,9 +351,66 @@ impl BlobStore {
     }
 }
 
+/// Makes the 256 directories of sha256 blobs (`blobs/sha256/00` … `ff`) once, at start, so
+/// storing a blob needs no mkdir: creating a directory (an inode, a directory block) costs
+/// more than the rest of a small blob's commit, and every new blob would otherwise pay it
+/// until the cache holds a blob under each prefix.
+fn make_shards(root: &Path) -> io::Result<()> {
+    let alg = root.join(crate::oci::DigestAlgorithm::Sha256.as_str());
+    std::fs::create_dir_all(&alg)?;
+    let mut made = false;
+    for prefix in 0..=255u8 {
+        match std::fs::create_dir(alg.join(format!("{prefix:02x}"))) {
+            Ok(()) => made = true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if made {
+        File::open(&alg)?.sync_all()?;
+    }
+    Ok(())
+}
+
 fn blob_path(root: &Path, digest: &Digest) -> PathBuf {
     let hex = digest.hex();
     root.join(digest.algorithm().as_str())
         .join(&hex[..2])
         .join(hex)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_made_at_open_and_remade_when_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), 1 << 30, Arc::new(Metrics::new())).unwrap();
+        let alg = dir.path().join("blobs/sha256");
+        assert_eq!(std::fs::read_dir(&alg).unwrap().count(), 256);
+        for name in ["00", "7f", "ff"] {
+            assert!(alg.join(name).is_dir(), "{name}");
+        }
+
+        let body = b"a blob whose shard was removed by hand";
+        let digest = Digest::sha256_of(body);
+        std::fs::remove_dir(alg.join(&digest.hex()[..2])).unwrap();
+        let tmp = store.temp_path(&digest);
+        std::fs::write(&tmp, body).unwrap();
+        store.commit(&digest, &tmp, body.len() as u64).unwrap();
+        assert_eq!(
+            std::fs::read(blob_path(&store.root, &digest)).unwrap(),
+            body
+        );
+        assert!(store.lookup(&digest).is_some());
+
+        // Opening again keeps what is there.
+        drop(store);
+        BlobStore::open(dir.path(), 1 << 30, Arc::new(Metrics::new())).unwrap();
+        assert_eq!(
+            std::fs::read(blob_path(&dir.path().join("blobs"), &digest)).unwrap(),
+            body
+        );
+    }
 }
