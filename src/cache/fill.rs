@@ -30,8 +30,9 @@ const PUBLISH_BYTES: usize = 128 * 1024;
 const READ_BYTES: usize = 256 * 1024;
 /// Largest file range handed out at once (sent with sendfile, or read in READ_BYTES pieces).
 const FILE_PIECE_BYTES: u64 = 16 * 1024 * 1024;
-/// Batches queued for the disk writer.
-const WRITE_QUEUE: usize = 8;
+/// Batches queued for the disk writer (with WRITE_BATCH_BYTES: at most about 4 MiB held
+/// for a slow disk per fill, as many as the ring).
+const WRITE_QUEUE: usize = 4;
 /// Chunks are handed to the disk writer in batches of about this size: one wake-up of the
 /// writer thread per batch, not per chunk. Readers that keep up read the ring, which holds more
 /// than a batch, so batching delays no one.
