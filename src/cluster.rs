@@ -86,9 +86,6 @@ impl Cluster {
             None => Vec::new(),
         };
         let id = format!("{:032x}", rand::random::<u128>());
-        for result in ["ok", "unreachable", "error", "resumed"] {
-            metrics.peer_requests.with_label_values(&[result]);
-        }
         metrics.enable_cluster();
         let mut cluster = Cluster {
             id,

@@ -115,16 +115,17 @@ fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterV
     c
 }
 
+/// A gauge not yet exported: see [`gauge`], or [`Metrics::enable_object_store`] and
+/// [`Metrics::enable_cluster`] for the gauges of optional features (a 0 would read as "down").
+fn unregistered_gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"))
+}
+
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
-    let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    let g = unregistered_gauge(name, help);
     r.register(Box::new(g.clone()))
         .unwrap_or_else(|e| panic!("metric {name} registered once: {e}"));
     g
-}
-
-/// A gauge registered only when its feature is configured (a 0 would read as "down").
-fn feature_gauge(name: &str, help: &str) -> IntGauge {
-    IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"))
 }
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -262,8 +263,7 @@ impl Metrics {
                 "Blob bytes read from and written to the shared object store.",
                 &["direction"],
             ),
-            // Exported only by berths that have the feature (see enable_object_store).
-            object_store_up: feature_gauge(
+            object_store_up: unregistered_gauge(
                 "berth_object_store_up",
                 "1 while the shared object store answers, 0 while it is skipped after failures.",
             ),
@@ -273,7 +273,7 @@ impl Metrics {
                 "Blob requests this replica sent to the blob's owner among its peers.",
                 &["result"],
             ),
-            peers_up: feature_gauge(
+            peers_up: unregistered_gauge(
                 "berth_cluster_peers_up",
                 "Replicas (this one included) currently answering peer probes.",
             ),
@@ -322,16 +322,35 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// Starts exporting `berth_object_store_up` (a berth with `[cache.object_store]`).
+    /// Starts exporting the object-store metrics (a berth with `[cache.object_store]`): the
+    /// gauge at 1 and every labelled series at 0, so rates and alerts see the first event.
     pub fn enable_object_store(&self) {
-        let _ = self
-            .registry
-            .register(Box::new(self.object_store_up.clone()));
+        self.export(&self.object_store_up);
+        self.object_store_up.set(1);
+        for direction in ["read", "written"] {
+            self.object_store_bytes.with_label_values(&[direction]);
+        }
+        for op in ["get", "head", "put", "multipart", "part", "delete"] {
+            for result in ["ok", "not_found", "error"] {
+                self.object_store_requests.with_label_values(&[op, result]);
+            }
+        }
     }
 
-    /// Starts exporting `berth_cluster_peers_up` (a berth with `[cluster]`).
+    /// Starts exporting the cluster metrics (a berth with `[cluster]`), every series at 0.
     pub fn enable_cluster(&self) {
-        let _ = self.registry.register(Box::new(self.peers_up.clone()));
+        self.export(&self.peers_up);
+        for result in ["ok", "unreachable", "error", "resumed"] {
+            self.peer_requests.with_label_values(&[result]);
+        }
+    }
+
+    /// Registers a feature's gauge; enabling a feature twice is harmless.
+    fn export(&self, gauge: &IntGauge) {
+        match self.registry.register(Box::new(gauge.clone())) {
+            Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot export a feature metric"),
+        }
     }
 
     pub fn record_fill_failure(&self, registry: &str, reason: FillFailure) {
@@ -347,5 +366,47 @@ impl Metrics {
             tracing::warn!(error = %e, "cannot encode metrics");
         }
         buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(m: &Metrics) -> String {
+        String::from_utf8(m.render()).unwrap()
+    }
+
+    #[test]
+    fn feature_metrics_are_exported_only_once_the_feature_is_enabled() {
+        let m = Metrics::new();
+        let before = text(&m);
+        for name in [
+            "berth_object_store_up",
+            "berth_object_store_bytes_total",
+            "berth_object_store_requests_total",
+            "berth_cluster_peers_up",
+            "berth_peer_requests_total",
+        ] {
+            assert!(
+                !before.contains(name),
+                "{name} exported without its feature"
+            );
+        }
+
+        m.enable_object_store();
+        m.enable_object_store();
+        m.enable_cluster();
+        let after = text(&m);
+        assert!(after.contains("\nberth_object_store_up 1\n"), "{after}");
+        assert!(after.contains("berth_object_store_bytes_total{direction=\"written\"} 0"));
+        assert!(after.contains("berth_object_store_bytes_total{direction=\"read\"} 0"));
+        assert!(
+            after.contains(
+                "berth_object_store_requests_total{operation=\"part\",result=\"error\"} 0"
+            )
+        );
+        assert!(after.contains("\nberth_cluster_peers_up 0\n"), "{after}");
+        assert!(after.contains("berth_peer_requests_total{result=\"resumed\"} 0"));
     }
 }

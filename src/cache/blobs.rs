@@ -306,19 +306,16 @@ impl BlobStore {
     /// Moves a verified, synced temp file into place and indexes it. Blocking.
     pub(super) fn commit(&self, digest: &Digest, tmp: &Path, len: u64) -> io::Result<()> {
         let path = blob_path(&self.root, digest);
+        let shard = path.parent().unwrap_or(&self.root);
         match std::fs::rename(tmp, &path) {
             // A digest algorithm without made shards, or a shard removed by hand.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent)?;
-                }
+                std::fs::create_dir_all(shard)?;
                 std::fs::rename(tmp, &path)?;
             }
             renamed => renamed?,
         }
-        if let Some(parent) = path.parent()
-            && let Ok(d) = File::open(parent)
-        {
+        if let Ok(d) = File::open(shard) {
             let _ = d.sync_all();
         }
         self.insert(digest.clone(), len);

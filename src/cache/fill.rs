@@ -573,21 +573,31 @@ fn write_loop(
     let mut flushed = 0u64;
     while let Some(batch) = rx.blocking_recv() {
         for chunk in batch {
-            if let Err(e) = file.write_all_at(&chunk, flushed) {
-                if e.kind() != io::ErrorKind::StorageFull {
-                    return Err(e);
-                }
-                // Disk full: make room for the rest of this blob by evicting the least
-                // recently used ones, then try once more.
-                let rest = len.map_or(chunk.len() as u64, |l| l.saturating_sub(flushed));
-                if store.make_room(rest.max(chunk.len() as u64)) == 0 {
-                    return Err(e);
-                }
-                file.write_all_at(&chunk, flushed)?;
-            }
+            write_chunk(&file, &chunk, flushed, store, len)?;
             flushed += chunk.len() as u64;
         }
         fill.set_flushed(flushed);
     }
     file.sync_all()
+}
+
+/// Writes one chunk at `pos`. When the disk is full, makes room for the rest of this blob by
+/// evicting the least recently used ones, then tries once more.
+fn write_chunk(
+    file: &File,
+    chunk: &[u8],
+    pos: u64,
+    store: &BlobStore,
+    len: Option<u64>,
+) -> io::Result<()> {
+    match file.write_all_at(chunk, pos) {
+        Err(e) if e.kind() == io::ErrorKind::StorageFull => {
+            let rest = len.map_or(chunk.len() as u64, |l| l.saturating_sub(pos));
+            if store.make_room(rest.max(chunk.len() as u64)) == 0 {
+                return Err(e);
+            }
+            file.write_all_at(chunk, pos)
+        }
+        written => written,
+    }
 }

@@ -105,17 +105,6 @@ impl SharedStore {
             .map_err(|e| format!("cannot set up the object store {}: {e}", config.url))?;
         let prefix = config.prefix();
         metrics.enable_object_store();
-        metrics.object_store_up.set(1);
-        for direction in ["read", "written"] {
-            metrics.object_store_bytes.with_label_values(&[direction]);
-        }
-        for op in ["get", "head", "put", "multipart", "part", "delete"] {
-            for result in ["ok", "not_found", "error"] {
-                metrics
-                    .object_store_requests
-                    .with_label_values(&[op, result]);
-            }
-        }
         Ok(SharedStore {
             store: Arc::new(store),
             prefix: if prefix.is_empty() {
