@@ -19,7 +19,7 @@ use http::{HeaderValue, StatusCode, header};
 use sha2::{Digest as _, Sha256};
 
 use crate::config::ClusterConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PeerResult};
 use crate::oci::Digest;
 use crate::route::Target;
 
@@ -209,18 +209,12 @@ impl Cluster {
             }
             Ok(resp) => {
                 self.mark(peer, true);
-                self.metrics
-                    .peer_requests
-                    .with_label_values(&["error"])
-                    .inc();
+                self.metrics.record_peer(PeerResult::Error);
                 Err(PeerError::Status(resp.status()))
             }
             Err(e) => {
                 self.mark(peer, false);
-                self.metrics
-                    .peer_requests
-                    .with_label_values(&["unreachable"])
-                    .inc();
+                self.metrics.record_peer(PeerResult::Unreachable);
                 Err(PeerError::Unreachable(crate::upstream::error_chain(&e)))
             }
         }
@@ -231,11 +225,8 @@ impl Cluster {
         self.mark(peer, false);
     }
 
-    pub fn record(&self, result: &str) {
-        self.metrics
-            .peer_requests
-            .with_label_values(&[result])
-            .inc();
+    pub fn record(&self, result: PeerResult) {
+        self.metrics.record_peer(result);
     }
 
     /// Probes peers now and every `probe_interval` (resolving `dns` again each time).

@@ -33,51 +33,52 @@ pub struct Metrics {
     pub peers_up: IntGauge,
 }
 
-/// What a client's request was about, for the `kind` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequestKind {
-    Ping,
-    Manifest,
-    Blob,
-    Tags,
-    Catalog,
-    Other,
+/// An enum per label: `as_str` is the value exported, `ALL` every value (to create each series
+/// at 0, so rates and alerts see the first event).
+macro_rules! label_values {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $value:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($variant),+
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $value),+
+                }
+            }
+        }
+    };
 }
 
-impl RequestKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RequestKind::Ping => "ping",
-            RequestKind::Manifest => "manifest",
-            RequestKind::Blob => "blob",
-            RequestKind::Tags => "tags",
-            RequestKind::Catalog => "catalog",
-            RequestKind::Other => "other",
-        }
+label_values! {
+    /// What a client's request was about, for the `kind` label.
+    RequestKind {
+        Ping => "ping",
+        Manifest => "manifest",
+        Blob => "blob",
+        Tags => "tags",
+        Catalog => "catalog",
+        Other => "other",
     }
 }
 
-/// How a manifest or blob request was answered, for `berth_cache_requests_total{result}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheResult {
-    Hit,
-    Miss,
-    Coalesced,
-    Stale,
-    Revalidated,
+label_values! {
+    /// How a manifest or blob request was answered, for `berth_cache_requests_total{result}`.
+    CacheResult {
+        Hit => "hit",
+        Miss => "miss",
+        Coalesced => "coalesced",
+        Stale => "stale",
+        Revalidated => "revalidated",
+    }
 }
 
 impl CacheResult {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CacheResult::Hit => "hit",
-            CacheResult::Miss => "miss",
-            CacheResult::Coalesced => "coalesced",
-            CacheResult::Stale => "stale",
-            CacheResult::Revalidated => "revalidated",
-        }
-    }
-
     /// Where the bytes of such an answer come from, for `berth_served_bytes_total{source}`.
     pub fn source(self) -> &'static str {
         match self {
@@ -87,23 +88,55 @@ impl CacheResult {
     }
 }
 
-/// Why a fill did not end in the cache, for `berth_fill_failures_total{reason}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FillFailure {
-    DigestMismatch,
-    UpstreamError,
-    Cancelled,
-    Disk,
+label_values! {
+    /// Why a fill did not end in the cache, for `berth_fill_failures_total{reason}`.
+    FillFailure {
+        DigestMismatch => "digest_mismatch",
+        UpstreamError => "upstream_error",
+        Cancelled => "cancelled",
+        Disk => "disk",
+    }
 }
 
-impl FillFailure {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FillFailure::DigestMismatch => "digest_mismatch",
-            FillFailure::UpstreamError => "upstream_error",
-            FillFailure::Cancelled => "cancelled",
-            FillFailure::Disk => "disk",
-        }
+label_values! {
+    /// A request to the shared object store, for `berth_object_store_requests_total{operation}`
+    /// (`Part`: one part of a multipart upload).
+    StoreOp {
+        Get => "get",
+        Head => "head",
+        Put => "put",
+        Multipart => "multipart",
+        Part => "part",
+        Delete => "delete",
+    }
+}
+
+label_values! {
+    /// How an object-store request ended, for `berth_object_store_requests_total{result}`.
+    StoreResult {
+        Ok => "ok",
+        NotFound => "not_found",
+        Error => "error",
+    }
+}
+
+label_values! {
+    /// Which way blob bytes went, for `berth_object_store_bytes_total{direction}`.
+    StoreDirection {
+        Read => "read",
+        Written => "written",
+    }
+}
+
+label_values! {
+    /// How a blob request to the blob's owner among the peers ended, for
+    /// `berth_peer_requests_total{result}` (`Resumed`: its stream broke and the rest came from
+    /// elsewhere).
+    PeerResult {
+        Ok => "ok",
+        Unreachable => "unreachable",
+        Error => "error",
+        Resumed => "resumed",
     }
 }
 
@@ -327,12 +360,12 @@ impl Metrics {
     pub fn enable_object_store(&self) {
         self.export(&self.object_store_up);
         self.object_store_up.set(1);
-        for direction in ["read", "written"] {
-            self.object_store_bytes.with_label_values(&[direction]);
+        for &direction in StoreDirection::ALL {
+            self.store_bytes(direction);
         }
-        for op in ["get", "head", "put", "multipart", "part", "delete"] {
-            for result in ["ok", "not_found", "error"] {
-                self.object_store_requests.with_label_values(&[op, result]);
+        for &op in StoreOp::ALL {
+            for &result in StoreResult::ALL {
+                self.record_store(op, result, 0);
             }
         }
     }
@@ -340,8 +373,8 @@ impl Metrics {
     /// Starts exporting the cluster metrics (a berth with `[cluster]`), every series at 0.
     pub fn enable_cluster(&self) {
         self.export(&self.peers_up);
-        for result in ["ok", "unreachable", "error", "resumed"] {
-            self.peer_requests.with_label_values(&[result]);
+        for &result in PeerResult::ALL {
+            self.peer_requests.with_label_values(&[result.as_str()]);
         }
     }
 
@@ -351,6 +384,24 @@ impl Metrics {
             Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
             Err(e) => tracing::warn!(error = %e, "cannot export a feature metric"),
         }
+    }
+
+    pub fn record_store(&self, op: StoreOp, result: StoreResult, requests: u64) {
+        self.object_store_requests
+            .with_label_values(&[op.as_str(), result.as_str()])
+            .inc_by(requests);
+    }
+
+    /// The byte counter of one direction (kept by a stream that counts as it goes).
+    pub fn store_bytes(&self, direction: StoreDirection) -> IntCounter {
+        self.object_store_bytes
+            .with_label_values(&[direction.as_str()])
+    }
+
+    pub fn record_peer(&self, result: PeerResult) {
+        self.peer_requests
+            .with_label_values(&[result.as_str()])
+            .inc();
     }
 
     pub fn record_fill_failure(&self, registry: &str, reason: FillFailure) {

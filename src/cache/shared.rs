@@ -32,7 +32,7 @@ use object_store::{
 use super::fill::Fill;
 use super::manifests::{Manifest, TagRecord};
 use crate::config::ObjectStoreConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreDirection, StoreOp, StoreResult};
 use crate::oci::{Digest, Hasher, RepoName, Tag};
 
 /// Blobs up to this size are uploaded with one PUT; larger ones in parts of this size (S3's
@@ -145,16 +145,13 @@ impl SharedStore {
         until == 0 || self.epoch.elapsed().as_millis() as u64 >= until
     }
 
-    fn record(&self, op: &str, result: &Result<(), &object_store::Error>) {
+    fn record(&self, op: StoreOp, result: &Result<(), &object_store::Error>) {
         let label = match result {
-            Ok(()) => "ok",
-            Err(object_store::Error::NotFound { .. }) => "not_found",
-            Err(_) => "error",
+            Ok(()) => StoreResult::Ok,
+            Err(object_store::Error::NotFound { .. }) => StoreResult::NotFound,
+            Err(_) => StoreResult::Error,
         };
-        self.metrics
-            .object_store_requests
-            .with_label_values(&[op, label])
-            .inc();
+        self.metrics.record_store(op, label, 1);
         match result {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {
                 if self.down_until.swap(0, Ordering::Relaxed) != 0 {
@@ -182,9 +179,9 @@ impl SharedStore {
         }
         match self.store.get(&self.path(&Self::blob_key(digest))).await {
             Ok(got) => {
-                self.record("get", &Ok(()));
+                self.record(StoreOp::Get, &Ok(()));
                 let len = got.meta.size;
-                let counter = self.metrics.object_store_bytes.with_label_values(&["read"]);
+                let counter = self.metrics.store_bytes(StoreDirection::Read);
                 let stream = got
                     .into_stream()
                     .map(move |r| {
@@ -194,7 +191,7 @@ impl SharedStore {
                     .boxed();
                 Lookup::Found((len, stream))
             }
-            Err(e) => self.miss("get", &e),
+            Err(e) => self.miss(StoreOp::Get, &e),
         }
     }
 
@@ -205,14 +202,14 @@ impl SharedStore {
         }
         match self.store.head(&self.path(&Self::blob_key(digest))).await {
             Ok(meta) => {
-                self.record("head", &Ok(()));
+                self.record(StoreOp::Head, &Ok(()));
                 Lookup::Found(meta.size)
             }
-            Err(e) => self.miss("head", &e),
+            Err(e) => self.miss(StoreOp::Head, &e),
         }
     }
 
-    fn miss<T>(&self, op: &str, e: &object_store::Error) -> Lookup<T> {
+    fn miss<T>(&self, op: StoreOp, e: &object_store::Error) -> Lookup<T> {
         self.record(op, &Err(e));
         match e {
             object_store::Error::NotFound { .. } => Lookup::Missing,
@@ -227,13 +224,13 @@ impl SharedStore {
         match self.store.get(&self.path(key)).await {
             Ok(got) if got.meta.size <= MAX_SMALL_OBJECT => match got.bytes().await {
                 Ok(b) => {
-                    self.record("get", &Ok(()));
+                    self.record(StoreOp::Get, &Ok(()));
                     Lookup::Found(b)
                 }
-                Err(e) => self.miss("get", &e),
+                Err(e) => self.miss(StoreOp::Get, &e),
             },
             Ok(got) => {
-                self.record("get", &Ok(()));
+                self.record(StoreOp::Get, &Ok(()));
                 tracing::warn!(
                     key,
                     bytes = got.meta.size,
@@ -241,7 +238,7 @@ impl SharedStore {
                 );
                 Lookup::Missing
             }
-            Err(e) => self.miss("get", &e),
+            Err(e) => self.miss(StoreOp::Get, &e),
         }
     }
 
@@ -286,7 +283,7 @@ impl SharedStore {
             .store
             .put(&self.path(&key), PutPayload::from(content))
             .await;
-        self.record("put", &result.as_ref().map(|_| ()));
+        self.record(StoreOp::Put, &result.as_ref().map(|_| ()));
         if let Err(e) = result {
             tracing::warn!(key, error = %e, "cannot store in the object store");
         }
@@ -320,7 +317,7 @@ impl SharedStore {
         let digest = digest.clone();
         tokio::spawn(async move {
             let result = me.store.delete(&path).await;
-            me.record("delete", &result.as_ref().map(|_| ()));
+            me.record(StoreOp::Delete, &result.as_ref().map(|_| ()));
             match result {
                 Ok(()) => {
                     tracing::warn!(digest = %digest, "deleted a damaged blob from the object store")
@@ -358,10 +355,7 @@ impl SharedStore {
         let _permit = self.uploads.acquire().await.map_err(|e| e.to_string())?;
         let path = self.path(&Self::blob_key(&fill.digest));
         let mut reader = fill.reader(0, None);
-        let written = self
-            .metrics
-            .object_store_bytes
-            .with_label_values(&["written"]);
+        let written = self.metrics.store_bytes(StoreDirection::Written);
         if len.is_some_and(|l| l <= PART_BYTES as u64) {
             // Small: one PUT of the whole verified blob (the reader ends only once verified).
             let mut parts = Vec::new();
@@ -372,13 +366,13 @@ impl SharedStore {
                 parts.push(chunk);
             }
             let result = self.store.put(&path, PutPayload::from_iter(parts)).await;
-            self.record("put", &result.as_ref().map(|_| ()));
+            self.record(StoreOp::Put, &result.as_ref().map(|_| ()));
             result.map_err(|e| e.to_string())?;
             written.inc_by(n);
             return Ok(n);
         }
         let upload = self.store.put_multipart(&path).await;
-        self.record("multipart", &upload.as_ref().map(|_| ()));
+        self.record(StoreOp::Multipart, &upload.as_ref().map(|_| ()));
         let mut writer =
             WriteMultipart::new_with_chunk_size(upload.map_err(|e| e.to_string())?, PART_BYTES);
         let mut n = 0u64;
@@ -393,7 +387,7 @@ impl SharedStore {
                 }
             };
             if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
-                self.record("multipart", &Err(&e));
+                self.record(StoreOp::Multipart, &Err(&e));
                 let _ = writer.abort().await;
                 return Err(e.to_string());
             }
@@ -401,13 +395,14 @@ impl SharedStore {
             writer.put(chunk);
         }
         let result = writer.finish().await;
-        self.record("multipart", &result.as_ref().map(|_| ()));
+        self.record(StoreOp::Multipart, &result.as_ref().map(|_| ()));
         result.map_err(|e| e.to_string())?;
         // The parts went out inside the writer: count them as the requests they were.
-        self.metrics
-            .object_store_requests
-            .with_label_values(&["part", "ok"])
-            .inc_by(n.div_ceil(PART_BYTES as u64));
+        self.metrics.record_store(
+            StoreOp::Part,
+            StoreResult::Ok,
+            n.div_ceil(PART_BYTES as u64),
+        );
         written.inc_by(n);
         Ok(n)
     }

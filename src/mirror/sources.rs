@@ -15,7 +15,7 @@ use super::{Kind, upstream_error};
 use crate::cache::{Fill, Lookup, ManifestStore, SharedStore, Source};
 use crate::cluster::{Cluster, Peer, PeerError};
 use crate::error::{ErrorCode, RegistryError};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PeerResult};
 use crate::oci::Digest;
 use crate::route::Target;
 use crate::upstream::{Upstream, Urgency};
@@ -70,7 +70,7 @@ pub(super) async fn open(plan: Arc<Plan>, fill: Arc<Fill>) -> Result<Source, Reg
                 .await
             {
                 Ok(resp) => {
-                    cluster.record("ok");
+                    cluster.record(PeerResult::Ok);
                     let len = resp.content_length();
                     let endpoint = peer.base.clone();
                     let first = body(resp, None);
@@ -225,7 +225,7 @@ async fn resume(st: &mut Resume) -> io::Result<ByteStream> {
     let plan = st.plan.clone();
     if let Some(cluster) = &plan.cluster {
         cluster.failed(&st.current);
-        cluster.record("resumed");
+        cluster.record(PeerResult::Resumed);
         for peer in cluster.owners(&plan.digest) {
             if peer.is_self() {
                 break;
