@@ -358,9 +358,9 @@ impl BlobStore {
 }
 
 /// Makes the 256 directories of sha256 blobs (`blobs/sha256/00` … `ff`) once, at start (on a
-/// thread of its own), so storing a blob needs no mkdir: creating a directory (an inode, a directory block) costs
-/// more than the rest of a small blob's commit, and every new blob would otherwise pay it
-/// until the cache holds a blob under each prefix.
+/// thread of its own), so storing a blob needs no mkdir: creating a directory (an inode, a
+/// directory block) costs more than the rest of a small blob's commit, and every new blob would
+/// otherwise pay it until the cache holds a blob under each prefix.
 fn make_shards(root: &Path) -> io::Result<()> {
     let alg = root.join(crate::oci::DigestAlgorithm::Sha256.as_str());
     std::fs::create_dir_all(&alg)?;
