@@ -79,12 +79,20 @@ label_values! {
 }
 
 impl CacheResult {
-    /// Where the bytes of such an answer come from, for `berth_served_bytes_total{source}`.
-    pub fn source(self) -> &'static str {
+    /// Where the bytes of such an answer come from.
+    pub fn source(self) -> ServedFrom {
         match self {
-            CacheResult::Miss | CacheResult::Coalesced => "upstream",
-            _ => "cache",
+            CacheResult::Miss | CacheResult::Coalesced => ServedFrom::Upstream,
+            _ => ServedFrom::Cache,
         }
+    }
+}
+
+label_values! {
+    /// Where served bytes came from, for `berth_served_bytes_total{source}`.
+    ServedFrom {
+        Cache => "cache",
+        Upstream => "upstream",
     }
 }
 
@@ -326,8 +334,8 @@ impl Metrics {
             .register(Box::new(m.cache_scan_seconds.clone()))
             .unwrap_or_else(|e| panic!("metric registered once: {e}"));
         // Both sources exist from the start, so dashboards see 0 rather than nothing.
-        for source in ["cache", "upstream"] {
-            m.served_bytes.with_label_values(&[source]);
+        for &source in ServedFrom::ALL {
+            m.served_bytes.with_label_values(&[source.as_str()]);
         }
         m
     }

@@ -19,7 +19,7 @@ use crate::cache::{
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::{ErrorCode, RegistryError};
-use crate::metrics::{CacheResult, FillFailure, Metrics};
+use crate::metrics::{CacheResult, FillFailure, Metrics, RequestKind};
 use crate::oci::{
     self, Digest, Hasher, MANIFEST_MEDIA_TYPES, Reference, accepts_media_type, manifest_media_type,
 };
@@ -186,19 +186,16 @@ impl Mirror {
         );
         // Every series dashboards and alerts use exists from the start (at 0), so rates and
         // increase() see the first event.
-        for kind in ["manifest", "blob"] {
-            for result in ["hit", "miss", "coalesced", "stale", "revalidated"] {
-                metrics.cache_requests.with_label_values(&[kind, result]);
+        for kind in [RequestKind::Manifest, RequestKind::Blob] {
+            for &result in CacheResult::ALL {
+                metrics
+                    .cache_requests
+                    .with_label_values(&[kind.as_str(), result.as_str()]);
             }
         }
         let mut upstreams = HashMap::new();
         for r in &config.registries {
-            for reason in [
-                FillFailure::DigestMismatch,
-                FillFailure::UpstreamError,
-                FillFailure::Cancelled,
-                FillFailure::Disk,
-            ] {
+            for &reason in FillFailure::ALL {
                 metrics
                     .fill_failures
                     .with_label_values(&[&r.name, reason.as_str()]);

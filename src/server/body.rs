@@ -166,7 +166,7 @@ impl Drop for Meter {
         {
             self.metrics
                 .served_bytes
-                .with_label_values(&[c.source()])
+                .with_label_values(&[c.source().as_str()])
                 .inc_by(self.bytes);
         }
         let cache = self.cache.map_or("-", CacheResult::as_str);
