@@ -225,10 +225,6 @@ impl Cluster {
         self.mark(peer, false);
     }
 
-    pub fn record(&self, result: PeerResult) {
-        self.metrics.record_peer(result);
-    }
-
     /// Probes peers now and every `probe_interval` (resolving `dns` again each time).
     pub fn spawn_probes(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);

@@ -333,11 +333,26 @@ impl Metrics {
         m.registry
             .register(Box::new(m.cache_scan_seconds.clone()))
             .unwrap_or_else(|e| panic!("metric registered once: {e}"));
-        // Both sources exist from the start, so dashboards see 0 rather than nothing.
+        // Every series dashboards and alerts use exists from the start (at 0), so rates and
+        // increase() see the first event.
         for &source in ServedFrom::ALL {
             m.served_bytes.with_label_values(&[source.as_str()]);
         }
+        for kind in [RequestKind::Manifest, RequestKind::Blob] {
+            for &result in CacheResult::ALL {
+                m.cache_requests
+                    .with_label_values(&[kind.as_str(), result.as_str()]);
+            }
+        }
         m
+    }
+
+    /// Creates a configured registry's fill-failure series at 0.
+    pub fn add_registry(&self, registry: &str) {
+        for &reason in FillFailure::ALL {
+            self.fill_failures
+                .with_label_values(&[registry, reason.as_str()]);
+        }
     }
 
     pub fn record_cache(&self, kind: RequestKind, result: CacheResult) {
@@ -434,6 +449,23 @@ mod tests {
 
     fn text(m: &Metrics) -> String {
         String::from_utf8(m.render()).unwrap()
+    }
+
+    #[test]
+    fn series_dashboards_use_exist_at_zero_from_the_start() {
+        let m = Metrics::new();
+        m.add_registry("docker.io");
+        let t = text(&m);
+        for line in [
+            "berth_served_bytes_total{source=\"cache\"} 0",
+            "berth_served_bytes_total{source=\"upstream\"} 0",
+            "berth_cache_requests_total{kind=\"blob\",result=\"coalesced\"} 0",
+            "berth_cache_requests_total{kind=\"manifest\",result=\"revalidated\"} 0",
+            "berth_fill_failures_total{reason=\"digest_mismatch\",registry=\"docker.io\"} 0",
+            "berth_fill_failures_total{reason=\"disk\",registry=\"docker.io\"} 0",
+        ] {
+            assert!(t.contains(line), "{line} missing from\n{t}");
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::cache::{
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::{ErrorCode, RegistryError};
-use crate::metrics::{CacheResult, FillFailure, Metrics, RequestKind};
+use crate::metrics::{CacheResult, Metrics};
 use crate::oci::{
     self, Digest, Hasher, MANIFEST_MEDIA_TYPES, Reference, accepts_media_type, manifest_media_type,
 };
@@ -184,22 +184,9 @@ impl Mirror {
                 })
                 .collect(),
         );
-        // Every series dashboards and alerts use exists from the start (at 0), so rates and
-        // increase() see the first event.
-        for kind in [RequestKind::Manifest, RequestKind::Blob] {
-            for &result in CacheResult::ALL {
-                metrics
-                    .cache_requests
-                    .with_label_values(&[kind.as_str(), result.as_str()]);
-            }
-        }
         let mut upstreams = HashMap::new();
         for r in &config.registries {
-            for &reason in FillFailure::ALL {
-                metrics
-                    .fill_failures
-                    .with_label_values(&[&r.name, reason.as_str()]);
-            }
+            metrics.add_registry(&r.name);
             let up = Upstream::new(r, metrics.clone(), loopback_allowed.clone())?;
             let up = Arc::new(up);
             up.spawn_probes();

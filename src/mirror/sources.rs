@@ -70,7 +70,7 @@ pub(super) async fn open(plan: Arc<Plan>, fill: Arc<Fill>) -> Result<Source, Reg
                 .await
             {
                 Ok(resp) => {
-                    cluster.record(PeerResult::Ok);
+                    plan.metrics.record_peer(PeerResult::Ok);
                     let len = resp.content_length();
                     let endpoint = peer.base.clone();
                     let first = body(resp, None);
@@ -225,7 +225,7 @@ async fn resume(st: &mut Resume) -> io::Result<ByteStream> {
     let plan = st.plan.clone();
     if let Some(cluster) = &plan.cluster {
         cluster.failed(&st.current);
-        cluster.record(PeerResult::Resumed);
+        plan.metrics.record_peer(PeerResult::Resumed);
         for peer in cluster.owners(&plan.digest) {
             if peer.is_self() {
                 break;
