@@ -210,8 +210,16 @@ pub struct AuthConfig {
     /// The token realm sent in challenges (default: this server's own `/token`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub realm: Option<String>,
+    /// Failed password checks allowed per client address, and per user name, in a minute;
+    /// more are answered 429 before any check runs (0: no limit).
+    #[serde(default = "default_failed_logins")]
+    pub failed_logins_per_minute: u32,
     #[serde(rename = "rule", default)]
     pub rules: Vec<AuthRule>,
+}
+
+fn default_failed_logins() -> u32 {
+    10
 }
 
 /// `[[auth.rule]]`: these users may pull these `registry/repository` globs.

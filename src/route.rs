@@ -35,8 +35,10 @@ pub enum Route {
     },
     /// Push and delete endpoints: 405 UNSUPPORTED.
     Unsupported,
-    /// `GET /token` (only with `[auth]`).
+    /// `/token`, the token endpoint (only with `[auth]`).
     Token,
+    /// `/_berth/peer`, a replica's instance id (only in a cluster).
+    PeerId,
 }
 
 impl Route {
@@ -54,6 +56,8 @@ impl Route {
 pub struct Router {
     registries: Vec<Arc<str>>,
     default: Option<Arc<str>>,
+    token: bool,
+    peer_id: bool,
 }
 
 fn invalid_name(msg: impl Into<String>) -> RegistryError {
@@ -65,7 +69,21 @@ impl Router {
         Router {
             registries,
             default,
+            token: false,
+            peer_id: false,
         }
+    }
+
+    /// Routes `/token` (berth issues tokens: `[auth]` is on).
+    pub fn with_token_endpoint(mut self) -> Router {
+        self.token = true;
+        self
+    }
+
+    /// Routes the peer-id endpoint (berth is a replica of a cluster).
+    pub fn with_peer_id(mut self) -> Router {
+        self.peer_id = true;
+        self
     }
 
     fn configured(&self, name: &str) -> Option<Arc<str>> {
@@ -74,6 +92,12 @@ impl Router {
 
     /// Parses `path` (and the `ns` query parameter) into a route.
     pub fn route(&self, path: &str, ns: Option<&str>) -> Result<Route, RegistryError> {
+        if self.token && path == "/token" {
+            return Ok(Route::Token);
+        }
+        if self.peer_id && path == crate::cluster::ID_PATH {
+            return Ok(Route::PeerId);
+        }
         let rest = path
             .strip_prefix("/v2")
             .ok_or_else(|| RegistryError::new(ErrorCode::NameUnknown, "not a registry API path"))?;
@@ -358,6 +382,15 @@ mod tests {
         }
         let no_default = Router::new(vec!["ghcr.io".into()], None);
         assert!(no_default.route("/v2/a/manifests/1", None).is_err());
+        // The token and peer-id endpoints exist only when configured.
+        assert!(r.route("/token", None).is_err());
+        assert!(r.route(crate::cluster::ID_PATH, None).is_err());
+        let full = router().with_token_endpoint().with_peer_id();
+        assert_eq!(full.route("/token", None).unwrap(), Route::Token);
+        assert_eq!(
+            full.route(crate::cluster::ID_PATH, None).unwrap(),
+            Route::PeerId
+        );
     }
 
     #[test]

@@ -22,26 +22,16 @@ pub struct Manifest {
     pub bytes: Bytes,
     pub content_type: HeaderValue,
     pub digest_header: HeaderValue,
-    pub length_header: HeaderValue,
     pub etag_header: HeaderValue,
-    /// The same headers as HTTP/1.1 text, for the zero-copy path's pre-built responses.
-    pub header_block: Bytes,
 }
 
 impl Manifest {
     /// Builds a manifest from bytes that hash to `digest` (checked by the caller).
     pub fn new(digest: Digest, media_type: String, bytes: Bytes) -> Option<Manifest> {
-        let header_block = Bytes::from(format!(
-            "content-type: {media_type}\r\ndocker-content-digest: {digest}\r\n\
-             content-length: {}\r\netag: \"{digest}\"\r\n",
-            bytes.len()
-        ));
         Some(Manifest {
-            header_block,
             content_type: HeaderValue::from_str(&media_type).ok()?,
             digest_header: HeaderValue::from_str(&digest.to_string()).ok()?,
             etag_header: HeaderValue::from_str(&format!("\"{digest}\"")).ok()?,
-            length_header: HeaderValue::from(bytes.len()),
             digest,
             media_type,
             bytes,

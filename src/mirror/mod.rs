@@ -643,12 +643,11 @@ impl Mirror {
             .map_err(|e| upstream_error(&e, Kind::Tags, &what))
     }
 
-    /// Repositories of a registry that have cached manifests (`n`/`last` pagination).
-    pub fn catalog(&self, registry: &str, n: Option<u32>, last: Option<&str>) -> Vec<String> {
+    /// Repositories of a registry that have cached manifests, after `last` (pagination).
+    pub fn catalog(&self, registry: &str, last: Option<&str>) -> Vec<String> {
         let repos = self.manifests.repositories(registry);
         let start = last.map_or(0, |l| repos.partition_point(|r| r.as_str() <= l));
-        let n = n.map_or(usize::MAX, |n| n as usize);
-        repos.into_iter().skip(start).take(n).collect()
+        repos.into_iter().skip(start).collect()
     }
 }
 

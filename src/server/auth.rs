@@ -6,14 +6,17 @@
 //! registry and repository, so a token's scopes can never reach past them.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
-use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
+use super::request::Credentials;
 use crate::config::AuthConfig;
 use crate::error::{ErrorCode, RegistryError};
 use crate::route::{Router, Target};
@@ -51,6 +54,15 @@ pub struct Auth {
     realm: Option<String>,
     /// Passwords that verified recently (bcrypt is slow on purpose; Basic comes every request).
     verified: moka::sync::Cache<[u8; 32], ()>,
+    /// Failed (and in-flight) password checks per client address and per user name, each
+    /// counted for [`FAILURE_WINDOW`] from the first.
+    failures: moka::sync::Cache<LoginKey, Arc<AtomicU32>>,
+    /// The most failures either may have in a window (0: no limit).
+    max_failures: u32,
+    /// Password checks running at once (bcrypt takes a core for as long as its cost says).
+    checks: tokio::sync::Semaphore,
+    /// What unknown users are checked against.
+    dummy: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -120,7 +132,20 @@ impl Auth {
             Some(path) => read_key(path)?,
             None => rand::random::<[u8; 32]>().to_vec(),
         };
+        let cost = users
+            .values()
+            .filter_map(|h| bcrypt_cost(h))
+            .max()
+            .unwrap_or(bcrypt::DEFAULT_COST);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(Auth {
+            dummy: dummy_hash(cost),
+            checks: tokio::sync::Semaphore::new((cores / 2).max(1)),
+            max_failures: cfg.failed_logins_per_minute,
+            failures: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(FAILURE_WINDOW)
+                .build(),
             users,
             rules: cfg
                 .rules
@@ -159,43 +184,82 @@ impl Auth {
         })
     }
 
-    fn check_password(&self, user: &str, password: &str) -> bool {
-        let Some(hash) = self.users.get(user) else {
-            return false;
+    /// Checks a user's password: from the cache of recently verified credentials, or with
+    /// bcrypt on the blocking pool (at most [`Auth::checks`] at once, never on the async
+    /// workers). Unknown users cost a bcrypt of the same cost as known ones, so user names
+    /// cannot be told by timing. Too many failed checks for one client address or one user
+    /// name within a minute are refused with 429 before any bcrypt runs.
+    pub async fn login(
+        &self,
+        user: &str,
+        password: &str,
+        client: IpAddr,
+    ) -> Result<Identity, Denial> {
+        let hash = self.users.get(user);
+        let key = {
+            let mut h = sha2::Sha256::new();
+            h.update(user.as_bytes());
+            h.update([0]);
+            h.update(password.as_bytes());
+            h.update([0]);
+            h.update(hash.map_or("", String::as_str).as_bytes());
+            let key: [u8; 32] = h.finalize().into();
+            key
         };
-        let mut h = sha2::Sha256::new();
-        h.update(user.as_bytes());
-        h.update([0]);
-        h.update(password.as_bytes());
-        h.update([0]);
-        h.update(hash.as_bytes());
-        let key: [u8; 32] = h.finalize().into();
-        if self.verified.contains_key(&key) {
-            return true;
+        if hash.is_some() && self.verified.contains_key(&key) {
+            return Ok(Identity::User(user.to_owned()));
         }
-        let ok = bcrypt::verify(password, hash).unwrap_or(false);
+        // Attempts in flight count as failures until they succeed, so a burst cannot pass
+        // the limit before the first failure is known.
+        let counters = [
+            self.failures
+                .get_with(LoginKey::Client(client), Default::default),
+            self.failures
+                .get_with(LoginKey::User(user.to_owned()), Default::default),
+        ];
+        let before = counters
+            .each_ref()
+            .map(|c| c.fetch_add(1, Ordering::Relaxed));
+        let over = self.max_failures > 0 && before.iter().any(|&n| n >= self.max_failures);
+        let undo = || {
+            for c in &counters {
+                c.fetch_sub(1, Ordering::Relaxed);
+            }
+        };
+        if over {
+            undo();
+            return Err(Denial::Limited(
+                RegistryError::new(
+                    ErrorCode::TooManyRequests,
+                    "too many failed logins; try again later",
+                )
+                .with_retry_after(FAILURE_WINDOW.as_secs()),
+            ));
+        }
+        let ok = self.verify(password, hash.cloned()).await;
         if ok {
+            undo();
             self.verified.insert(key, ());
-        }
-        ok
-    }
-
-    /// The identity in `Authorization: Basic …`.
-    pub fn basic(&self, value: &str) -> Result<Identity, BadCredentials> {
-        let encoded = value
-            .strip_prefix("Basic ")
-            .or_else(|| value.strip_prefix("basic "))
-            .ok_or(BadCredentials)?;
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(encoded.trim())
-            .map_err(|_| BadCredentials)?;
-        let text = String::from_utf8(decoded).map_err(|_| BadCredentials)?;
-        let (user, password) = text.split_once(':').ok_or(BadCredentials)?;
-        if self.check_password(user, password) {
             Ok(Identity::User(user.to_owned()))
         } else {
-            Err(BadCredentials)
+            Err(Denial::challenge("invalid credentials", None))
         }
+    }
+
+    /// bcrypt on the blocking pool, one of at most `checks` at once.
+    async fn verify(&self, password: &str, hash: Option<String>) -> bool {
+        let Ok(_permit) = self.checks.acquire().await else {
+            return false;
+        };
+        let known = hash.is_some();
+        let hash = hash.unwrap_or_else(|| self.dummy.clone());
+        let password = password.to_owned();
+        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(false);
+        known && ok
     }
 
     /// The `WWW-Authenticate` challenge, for a request that arrived with `host`;
@@ -211,9 +275,13 @@ impl Auth {
             let scheme = if tls { "https" } else { "http" };
             format!("{scheme}://{}/token", host.unwrap_or("localhost"))
         });
-        let mut c = format!("Bearer realm=\"{realm}\",service=\"{SERVICE}\"");
+        let mut c = format!(
+            "Bearer realm={},service={}",
+            quoted(&realm),
+            quoted(SERVICE)
+        );
         if let Some(s) = scope {
-            c.push_str(&format!(",scope=\"{s}\""));
+            c.push_str(&format!(",scope={}", quoted(s)));
         }
         if insufficient {
             c.push_str(",error=\"insufficient_scope\"");
@@ -286,18 +354,19 @@ impl Auth {
 
     /// Authorizes a registry request. `name` is the repository as the URL names it (the scope
     /// a token must carry), `target` where it routed. Returns who it is, or the error to send
-    /// (401 with a challenge, or 403 DENIED).
-    pub fn authorize(
+    /// (401 with a challenge, 403 DENIED, or 429 after too many failed logins).
+    pub async fn authorize(
         &self,
-        authorization: Option<&str>,
+        credentials: Option<&Credentials>,
         name: Option<&str>,
         target: Option<&Target>,
+        client: IpAddr,
     ) -> Result<Identity, Denial> {
         let scope = name.map(|n| format!("repository:{n}:pull"));
-        let who = match authorization {
+        let who = match credentials {
             None => Identity::Anonymous,
-            Some(v) if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") => {
-                let Some(claims) = self.decode(v[7..].trim()) else {
+            Some(Credentials::Bearer(token)) => {
+                let Some(claims) = self.decode(token) else {
                     return Err(Denial::challenge("invalid or expired token", scope));
                 };
                 if let Some(n) = name {
@@ -319,13 +388,23 @@ impl Auth {
                     Identity::User(claims.sub)
                 }
             }
-            Some(v) => self
-                .basic(v)
-                .map_err(|_| Denial::challenge("invalid credentials", scope.clone()))?,
+            Some(Credentials::Basic { user, password }) => {
+                match self.login(user, password, client).await {
+                    Ok(who) => who,
+                    Err(Denial::Challenge(e, _)) => return Err(Denial::Challenge(e, scope)),
+                    Err(other) => return Err(other),
+                }
+            }
+            Some(Credentials::Other(_)) => {
+                return Err(Denial::challenge(
+                    "unsupported authorization scheme (use Basic or Bearer)",
+                    scope,
+                ));
+            }
         };
         match target {
             // /v2/ itself: the client must show it can authenticate (docker login does this).
-            None if who == Identity::Anonymous && authorization.is_none() => {
+            None if who == Identity::Anonymous && credentials.is_none() => {
                 Err(Denial::challenge("authentication required", None))
             }
             None => Ok(who),
@@ -341,23 +420,72 @@ impl Auth {
     }
 }
 
-/// Credentials that are malformed or do not match the htpasswd file.
-#[derive(Debug)]
-pub struct BadCredentials;
+/// A challenge parameter value, quoted and escaped (RFC 9110 §5.6.4).
+fn quoted(s: &str) -> String {
+    let mut q = String::with_capacity(s.len() + 2);
+    q.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            q.push('\\');
+        }
+        q.push(c);
+    }
+    q.push('"');
+    q
+}
+
+/// A fixed, well-formed bcrypt hash of `cost` that no password matches: checking an unknown
+/// user against it costs what checking a known one does.
+fn dummy_hash(cost: u32) -> String {
+    // A cheap hash with a fixed salt, relabelled with the cost: still well-formed, and
+    // verifying against it runs the full cost.
+    let cheap = bcrypt::hash_with_salt("berth-dummy", 4, [7; 16])
+        .map(|h| h.format_for_version(bcrypt::Version::TwoB))
+        .unwrap_or_default();
+    match cheap.strip_prefix("$2b$04$") {
+        Some(rest) => format!("$2b${:02}${rest}", cost.clamp(4, 31)),
+        None => cheap,
+    }
+}
+
+/// The bcrypt cost of an htpasswd entry (`$2y$NN$…`).
+fn bcrypt_cost(hash: &str) -> Option<u32> {
+    hash.get(4..6)?.parse().ok()
+}
 
 /// Why a request was refused.
+#[derive(Debug)]
 pub enum Denial {
     /// 401 with a challenge for this scope.
     Challenge(RegistryError, Option<String>),
     /// 403.
     Forbidden(RegistryError),
+    /// 429: too many failed logins.
+    Limited(RegistryError),
 }
 
 impl Denial {
     fn challenge(msg: &str, scope: Option<String>) -> Denial {
         Denial::Challenge(RegistryError::new(ErrorCode::Unauthorized, msg), scope)
     }
+
+    /// The error to answer with.
+    pub fn into_error(self) -> RegistryError {
+        match self {
+            Denial::Challenge(e, _) | Denial::Forbidden(e) | Denial::Limited(e) => e,
+        }
+    }
 }
+
+/// What failed logins are counted by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum LoginKey {
+    Client(IpAddr),
+    User(String),
+}
+
+/// Failed logins are counted over this window.
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
 fn read_key(path: &Path) -> Result<Vec<u8>, String> {
     let key =
@@ -387,6 +515,7 @@ mod tests {
             token_key_file: None,
             token_ttl: Duration::from_secs(300),
             realm: None,
+            failed_logins_per_minute: 3,
             rules: vec![
                 AuthRule {
                     users: vec!["anonymous".into()],
@@ -416,12 +545,18 @@ mod tests {
         }
     }
 
-    fn basic(user: &str, pass: &str) -> String {
-        format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
-        )
+    fn basic(user: &str, pass: &str) -> Credentials {
+        Credentials::Basic {
+            user: user.into(),
+            password: pass.into(),
+        }
     }
+
+    fn bearer_of(token: &str) -> Credentials {
+        Credentials::Bearer(token.into())
+    }
+
+    const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     #[test]
     fn rules() {
@@ -437,40 +572,47 @@ mod tests {
         assert!(!a.allowed(&bob, &target("private.example", "team/app")));
     }
 
-    #[test]
-    fn basic_and_tokens() {
+    #[tokio::test]
+    async fn basic_and_tokens() {
         let (a, router, _d) = auth();
         let private = target("private.example", "team/app");
         assert!(matches!(
             a.authorize(
                 Some(&basic("ci", "s3cret")),
                 Some("team/app"),
-                Some(&private)
-            ),
+                Some(&private),
+                CLIENT
+            )
+            .await,
             Ok(Identity::User(_))
         ));
         assert!(matches!(
             a.authorize(
                 Some(&basic("ci", "wrong")),
                 Some("team/app"),
-                Some(&private)
-            ),
+                Some(&private),
+                CLIENT
+            )
+            .await,
             Err(Denial::Challenge(..))
         ));
         assert!(matches!(
             a.authorize(
                 Some(&basic("bob", "s3cret")),
                 Some("team/app"),
-                Some(&private)
-            ),
+                Some(&private),
+                CLIENT
+            )
+            .await,
             Err(Denial::Forbidden(_))
         ));
         assert!(matches!(
-            a.authorize(None, Some("team/app"), Some(&private)),
+            a.authorize(None, Some("team/app"), Some(&private), CLIENT)
+                .await,
             Err(Denial::Challenge(..))
         ));
         assert!(matches!(
-            a.authorize(None, None, None),
+            a.authorize(None, None, None, CLIENT).await,
             Err(Denial::Challenge(..))
         ));
 
@@ -485,22 +627,26 @@ mod tests {
                 &router,
             )
             .unwrap();
-        let bearer = format!("Bearer {}", t.token);
+        let bearer = bearer_of(&t.token);
         let prefixed = target("private.example", "team/app");
         assert!(
             a.authorize(
                 Some(&bearer),
                 Some("private.example/team/app"),
-                Some(&prefixed)
+                Some(&prefixed),
+                CLIENT
             )
+            .await
             .is_ok()
         );
         assert!(matches!(
             a.authorize(
                 Some(&bearer),
                 Some("other/app"),
-                Some(&target("docker.io", "other/app"))
-            ),
+                Some(&target("docker.io", "other/app")),
+                CLIENT
+            )
+            .await,
             Err(Denial::Challenge(..))
         ));
         // An anonymous token never gets the private scope.
@@ -511,22 +657,76 @@ mod tests {
                 &router,
             )
             .unwrap();
-        let bearer = format!("Bearer {}", t.token);
+        let bearer = bearer_of(&t.token);
         assert!(
             a.authorize(
                 Some(&bearer),
                 Some("private.example/team/app"),
-                Some(&prefixed)
+                Some(&prefixed),
+                CLIENT
             )
+            .await
             .is_err()
         );
         // Tampered tokens are refused.
         let mut forged = t.token.clone();
         forged.pop();
         assert!(
-            a.authorize(Some(&format!("Bearer {forged}")), None, None)
+            a.authorize(Some(&bearer_of(&forged)), None, None, CLIENT)
+                .await
                 .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn failed_logins_are_limited_and_unknown_users_cost_the_same() {
+        let (a, _, _d) = auth();
+        // The dummy is well-formed (bcrypt runs it in full) and matches nothing.
+        assert_eq!(bcrypt_cost(&a.dummy), Some(4));
+        assert!(matches!(
+            bcrypt::verify("berth-dummy", &dummy_hash(5)),
+            Ok(false)
+        ));
+        assert!(matches!(
+            a.login("nobody", "berth-dummy", IpAddr::from([127, 0, 0, 4]))
+                .await,
+            Err(Denial::Challenge(..))
+        ));
+        assert_eq!(bcrypt_cost(&dummy_hash(14)), Some(14));
+        let other = IpAddr::from([127, 0, 0, 2]);
+        for _ in 0..3 {
+            assert!(matches!(
+                a.login("ci", "wrong", CLIENT).await,
+                Err(Denial::Challenge(..))
+            ));
+        }
+        // The fourth failure from this client, or for this user, is refused before bcrypt.
+        assert!(matches!(
+            a.login("bob", "wrong", CLIENT).await,
+            Err(Denial::Limited(e)) if e.retry_after == Some(60)
+        ));
+        assert!(matches!(
+            a.login("ci", "s3cret", other).await,
+            Err(Denial::Limited(_))
+        ));
+        // Another user from another client is not affected; a success does not count.
+        assert!(a.login("bob", "s3cret", other).await.is_ok());
+        assert!(a.login("bob", "s3cret", other).await.is_ok());
+        assert!(matches!(
+            a.login("nobody", "x", IpAddr::from([127, 0, 0, 3])).await,
+            Err(Denial::Challenge(..))
+        ));
+    }
+
+    #[test]
+    fn challenge_parameters_are_quoted() {
+        let (a, _, _d) = auth();
+        let c = a.challenge(Some("berth:5000"), false, Some("repository:a:pull"), true);
+        assert_eq!(
+            c,
+            r#"Bearer realm="http://berth:5000/token",service="berth",scope="repository:a:pull",error="insufficient_scope""#
+        );
+        assert_eq!(quoted(r#"a"b\c"#), r#""a\"b\\c""#);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Response bodies: small in-memory ones, streams (cached files, fills in flight), and the
-//! meter that records each request's metrics and log line when its body is done.
+//! Response bodies for hyper: small in-memory ones and streams (cached files, fills in
+//! flight), each carrying the request's meter, which records it when the body is done.
 
 use std::fs::File;
 use std::io;
@@ -7,14 +7,13 @@ use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 use http_body::{Frame, SizeHint};
 
-use crate::metrics::{CacheResult, Metrics, RequestKind};
+use super::meter::Meter;
 
 /// Bytes read from a cached file per step.
 const FILE_CHUNK: usize = 512 * 1024;
@@ -108,12 +107,7 @@ impl http_body::Body for Body {
                 }
                 Poll::Ready(Some(Err(e)))
             }
-            Poll::Ready(None) => {
-                if let Some(m) = &mut this.meter {
-                    m.complete = true;
-                }
-                Poll::Ready(None)
-            }
+            Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -126,65 +120,6 @@ impl http_body::Body for Body {
         match &self.inner {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Stream(_) => SizeHint::default(),
-        }
-    }
-}
-
-/// One request's record, written when its body is dropped (sent, failed or abandoned).
-pub struct Meter {
-    pub metrics: Arc<Metrics>,
-    pub started: Instant,
-    pub kind: RequestKind,
-    pub method: http::Method,
-    pub path: String,
-    /// The registry the request routed to, if it named a repository.
-    pub registry: Option<Arc<str>>,
-    /// Who made it, with `[auth]` ("-" without).
-    pub user: Option<String>,
-    pub status: u16,
-    pub cache: Option<CacheResult>,
-    pub bytes: u64,
-    pub complete: bool,
-    pub aborted: Option<String>,
-}
-
-impl Drop for Meter {
-    fn drop(&mut self) {
-        let kind = self.kind.as_str();
-        let status = self.status.to_string();
-        self.metrics
-            .http_requests
-            .with_label_values(&[kind, self.method.as_str(), &status])
-            .inc();
-        let secs = self.started.elapsed().as_secs_f64();
-        self.metrics
-            .http_duration
-            .with_label_values(&[kind])
-            .observe(secs);
-        if let Some(c) = self.cache
-            && self.bytes > 0
-        {
-            self.metrics
-                .served_bytes
-                .with_label_values(&[c.source().as_str()])
-                .inc_by(self.bytes);
-        }
-        let cache = self.cache.map_or("-", CacheResult::as_str);
-        let registry = self.registry.as_deref().unwrap_or("-");
-        let user = self.user.as_deref().unwrap_or("-");
-        let us = self.started.elapsed().as_micros() as u64;
-        match &self.aborted {
-            None => tracing::info!(
-                target: "berth::access",
-                method = %self.method, path = %self.path, registry = %registry, user = %user,
-                status = self.status, bytes = self.bytes, us, cache = %cache, "request"
-            ),
-            Some(e) => tracing::warn!(
-                target: "berth::access",
-                method = %self.method, path = %self.path, registry = %registry, user = %user,
-                status = self.status, bytes = self.bytes, us, cache = %cache, error = %e,
-                "request aborted"
-            ),
         }
     }
 }

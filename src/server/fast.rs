@@ -1,11 +1,12 @@
-//! The zero-copy path for whole-blob GETs on plain HTTP/1.1 connections.
+//! The zero-copy transport for GET and HEAD on plain HTTP/1.x connections.
 //!
 //! A blob GET is the one request that carries real volume, and copying every byte through user
 //! space costs more CPU than everything else berth does. So the registry listener reads each
-//! request head itself: a `GET` of a blob with no body, no `Range` and no `Upgrade` is answered
-//! here with `sendfile(2)` straight from the cached file (or the temp file of a fill in flight);
-//! anything else — and anything unusual, including a head that does not parse — is handed, with
-//! the bytes already read, to hyper, which serves the connection from then on.
+//! request head itself: a `GET` or `HEAD` with no body and no `Upgrade` or `Expect` goes through
+//! the pipeline here, and its reply is written with `sendfile(2)` straight from the cached file
+//! (or the temp file of a fill in flight); anything else — a request with a body, and anything
+//! unusual, including a head that does not parse — is handed, with the bytes already read, to
+//! hyper, which serves the connection from then on. No policy lives here: this is a transport.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -18,14 +19,12 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::body::Meter;
-use super::handlers::App;
-use crate::cache::Piece;
-use crate::error::RegistryError;
-use crate::metrics::RequestKind;
-use crate::mirror::{BlobAnswer, Via};
-use crate::oci::{Digest, Reference};
-use crate::route::{Route, Target, ns_param};
+use super::meter::Meter;
+use super::pipeline::{self, Reply};
+use super::request::{Method, RequestHead};
+use super::response::Payload;
+use crate::app::App;
+use crate::cache::{FillReader, Piece};
 
 /// Request heads larger than this go to hyper (which applies its own limits).
 const MAX_HEAD: usize = 16 * 1024;
@@ -100,36 +99,24 @@ impl AsyncWrite for Prefixed {
     }
 }
 
-/// What a fast-path request asks for.
-enum What {
-    /// `GET` of a whole blob.
-    Blob(Digest),
-    /// `GET` or `HEAD` of a manifest.
-    Manifest { reference: Reference, head: bool },
-}
-
-/// A request head the fast path takes.
-struct FastRequest {
-    what: What,
-    target: Target,
-    path: String,
+/// A request head the zero-copy transport takes: a GET or HEAD on HTTP/1.x with no body.
+struct Taken {
+    head: RequestHead,
     keep_alive: bool,
-    authorization: Option<String>,
-    host: Option<String>,
-    accept: Vec<String>,
-    /// Sent by another replica asking this one as the blob's owner.
-    from_peer: bool,
 }
 
 enum Parsed {
     /// More bytes are needed.
     Partial,
-    Fast(FastRequest, usize),
-    /// Not for the fast path (or not parseable here): hyper decides.
+    Taken(Box<Taken>, usize),
+    /// Framing this transport does not handle (a body, an upgrade, HTTP/2, a head that does
+    /// not parse): hyper decides.
     Other,
 }
 
-fn parse(app: &App, buf: &[u8]) -> Parsed {
+/// Reads one request head. The only decisions here are about framing; what the request means
+/// is the pipeline's.
+fn parse(buf: &[u8], client: std::net::IpAddr) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let n = match req.parse(buf) {
@@ -137,43 +124,23 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
         _ => return Parsed::Other,
     };
-    let head = match req.method {
-        Some("GET") => false,
-        Some("HEAD") => true,
-        _ => return Parsed::Other,
-    };
-    let Some(uri) = req
-        .path
-        .filter(|p| p.starts_with('/') && p.len() <= super::MAX_URI)
-    else {
+    let method = Method::parse(req.method.unwrap_or("").as_bytes());
+    let Some(target) = req.path.filter(|p| p.starts_with('/')) else {
         return Parsed::Other;
     };
-    let version = req.version.unwrap_or(0);
-    let mut keep_alive = version == 1;
-    let (mut authorization, mut host, mut accept) = (None, None, Vec::new());
-    let mut from_peer = false;
+    if !method.is_read() {
+        return Parsed::Other;
+    }
+    let mut keep_alive = req.version == Some(1);
+    let mut head = RequestHead::new(method, target, client);
     for h in req.headers.iter() {
         let name = h.name;
-        if name.eq_ignore_ascii_case("range")
-            || name.eq_ignore_ascii_case("transfer-encoding")
+        if name.eq_ignore_ascii_case("transfer-encoding")
             || name.eq_ignore_ascii_case("upgrade")
             || name.eq_ignore_ascii_case("expect")
             || (name.eq_ignore_ascii_case("content-length") && h.value != b"0")
         {
             return Parsed::Other;
-        }
-        let text = || std::str::from_utf8(h.value).ok().map(str::to_owned);
-        if name.eq_ignore_ascii_case("authorization") {
-            if authorization.is_some() {
-                return Parsed::Other;
-            }
-            authorization = text();
-        } else if name.eq_ignore_ascii_case("host") {
-            host = text();
-        } else if name.eq_ignore_ascii_case("accept") {
-            accept.extend(text());
-        } else if name.eq_ignore_ascii_case(crate::cluster::PEER_HEADER) {
-            from_peer = true;
         }
         if name.eq_ignore_ascii_case("connection") {
             let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
@@ -183,32 +150,12 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
                 keep_alive = true;
             }
         }
+        head.header(name, h.value);
     }
-    let (path, query) = match uri.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (uri, None),
-    };
-    let (what, target) = match app.router.route(path, ns_param(query)) {
-        Ok(Route::Blob { target, digest }) if !head => (What::Blob(digest), target),
-        Ok(Route::Manifest { target, reference }) => (What::Manifest { reference, head }, target),
-        _ => return Parsed::Other,
-    };
-    Parsed::Fast(
-        FastRequest {
-            what,
-            target,
-            path: path.to_owned(),
-            keep_alive,
-            authorization,
-            host,
-            accept,
-            from_peer,
-        },
-        n,
-    )
+    Parsed::Taken(Box::new(Taken { head, keep_alive }), n)
 }
 
-/// Serves blob GETs on `stream` until it closes or a request for hyper arrives.
+/// Serves GET and HEAD requests on `stream` until it closes or a request for hyper arrives.
 pub async fn serve(
     app: Arc<App>,
     mut stream: TcpStream,
@@ -224,7 +171,7 @@ pub async fn serve(
         let deadline = Instant::now() + if first { header_timeout } else { IDLE };
         let parsed = loop {
             if !buf.is_empty() {
-                match parse(&app, &buf) {
+                match parse(&buf, peer) {
                     Parsed::Partial => {}
                     other => break other,
                 }
@@ -240,8 +187,8 @@ pub async fn serve(
             }
         };
         first = false;
-        let (req, n) = match parsed {
-            Parsed::Fast(req, n) => (req, n),
+        let (taken, n) = match parsed {
+            Parsed::Taken(t, n) => (t, n),
             _ => {
                 return Outcome::Handoff(Prefixed {
                     buffered: buf,
@@ -250,137 +197,82 @@ pub async fn serve(
             }
         };
         buf.advance(n);
-        let keep_alive = req.keep_alive;
-        if respond(&app, &mut stream, req, peer).await.is_err() || !keep_alive {
+        let keep_alive = taken.keep_alive;
+        let reply = pipeline::handle(&app, &taken.head).await;
+        if send(&mut stream, reply, keep_alive).await.is_err() || !keep_alive {
             return Outcome::Done;
         }
     }
 }
 
-async fn respond(
-    app: &App,
-    stream: &mut TcpStream,
-    req: FastRequest,
-    peer: std::net::IpAddr,
-) -> io::Result<()> {
-    let (kind, method) = match &req.what {
-        What::Blob(_) => (RequestKind::Blob, http::Method::GET),
-        What::Manifest { head: false, .. } => (RequestKind::Manifest, http::Method::GET),
-        What::Manifest { head: true, .. } => (RequestKind::Manifest, http::Method::HEAD),
-    };
-    let mut meter = Meter {
-        metrics: app.mirror.metrics_arc(),
-        started: Instant::now(),
-        kind,
-        method,
-        path: req.path,
-        registry: Some(req.target.registry.clone()),
-        user: None,
-        status: 200,
-        cache: None,
-        bytes: 0,
-        complete: false,
-        aborted: None,
-    };
-    if let Some(e) = app.over_client_limit(peer) {
-        return write_error(stream, &mut meter, &e, None, req.keep_alive).await;
-    }
-    let auth = app.authorize(
-        req.authorization.as_deref(),
-        req.host.as_deref(),
-        &meter.path,
-        Some(&req.target),
-    );
-    match auth {
-        Ok(who) => meter.user = who.map(|w| w.name().to_owned()),
-        Err((e, challenge)) => {
-            return write_error(stream, &mut meter, &e, challenge.as_deref(), req.keep_alive).await;
-        }
-    }
-    let digest = match req.what {
-        What::Blob(d) => d,
-        What::Manifest { reference, head } => {
-            let accept: Vec<&str> = req.accept.iter().map(String::as_str).collect();
-            return match app.mirror.manifest(&req.target, &reference, &accept).await {
-                Ok((m, result)) => {
-                    app.mirror
-                        .metrics()
-                        .record_cache(RequestKind::Manifest, result);
-                    meter.cache = Some(result);
-                    let mut out = Vec::with_capacity(256 + m.header_block.len() + m.bytes.len());
-                    out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
-                    out.extend_from_slice(&m.header_block);
-                    out.extend_from_slice(common_headers(req.keep_alive).as_bytes());
-                    if !head {
-                        out.extend_from_slice(&m.bytes);
-                        meter.bytes += m.bytes.len() as u64;
-                    }
-                    let sent = stream.write_all(&out).await;
-                    meter.complete = sent.is_ok();
-                    sent
-                }
-                Err(e) => write_error(stream, &mut meter, &e, None, req.keep_alive).await,
-            };
-        }
-    };
-    let via = Via {
-        peer: req.from_peer,
-        authorization: req.authorization.as_deref(),
-    };
-    let answer = app.mirror.blob(&req.target, &digest, false, via).await;
-    let (answer, result) = match answer {
-        Ok(a) => a,
-        Err(e) => return write_error(stream, &mut meter, &e, None, req.keep_alive).await,
-    };
-    app.mirror.metrics().record_cache(RequestKind::Blob, result);
-    meter.cache = Some(result);
-    let sent = match answer {
-        BlobAnswer::Cached(blob) => {
-            write_head(stream, &digest, Some(blob.len), req.keep_alive).await?;
-            send_file(stream, &blob.file, 0, blob.len, &mut meter).await
-        }
-        BlobAnswer::Filling { fill, len } => {
-            write_head(stream, &digest, len, req.keep_alive).await?;
-            let mut reader = fill.reader(0, len);
-            let chunked = len.is_none();
-            let mut result = Ok(());
-            while let Some(piece) = reader.next_piece().await {
-                let step = match piece {
-                    Ok(Piece::Chunk(b)) => frame(
-                        stream,
-                        chunked,
-                        b.len() as u64,
-                        async |s: &mut TcpStream| s.write_all(&b).await,
-                    )
-                    .await
-                    .map(|()| meter.bytes += b.len() as u64),
-                    Ok(Piece::File { file, pos, len }) => {
-                        let r = frame(stream, chunked, len as u64, async |s: &mut TcpStream| {
-                            send_file(s, &file, pos, len as u64, &mut meter).await
-                        })
-                        .await;
-                        reader.advance(len as u64);
-                        r
-                    }
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = step {
-                    result = Err(e);
-                    break;
-                }
+/// Writes a reply: the rendered head, then the payload (in one write when it is small, with
+/// sendfile from the cached file or the fill's temp file otherwise).
+async fn send(stream: &mut TcpStream, reply: Reply, keep_alive: bool) -> io::Result<()> {
+    let Reply {
+        head,
+        payload,
+        mut meter,
+    } = reply;
+    let bodyless = matches!(payload, Payload::Empty);
+    let mut out = Vec::with_capacity(512);
+    head.write_http1(&mut out, keep_alive, bodyless);
+    let sent = match payload {
+        Payload::Empty => stream.write_all(&out).await,
+        Payload::Bytes(b) => {
+            out.extend_from_slice(&b);
+            let r = stream.write_all(&out).await;
+            if r.is_ok() {
+                meter.bytes += b.len() as u64;
             }
-            if result.is_ok() && chunked {
-                result = stream.write_all(b"0\r\n\r\n").await;
-            }
-            result
+            r
         }
-        BlobAnswer::Head { .. } => Err(io::Error::other("HEAD answer to a GET")),
+        Payload::File { file, start, len } => match stream.write_all(&out).await {
+            Ok(()) => send_file(stream, &file, start, len, &mut meter).await,
+            Err(e) => Err(e),
+        },
+        Payload::Fill { fill, start, end } => match stream.write_all(&out).await {
+            Ok(()) => send_fill(stream, fill.reader(start, end), end.is_none(), &mut meter).await,
+            Err(e) => Err(e),
+        },
     };
-    match &sent {
-        Ok(()) => meter.complete = true,
-        Err(e) => meter.aborted = Some(e.to_string()),
+    if let Err(e) = &sent {
+        meter.aborted = Some(e.to_string());
     }
     sent
+}
+
+/// Streams a fill as it arrives, framed as chunks when its length is unknown.
+async fn send_fill(
+    stream: &mut TcpStream,
+    mut reader: FillReader,
+    chunked: bool,
+    meter: &mut Meter,
+) -> io::Result<()> {
+    while let Some(piece) = reader.next_piece().await {
+        match piece? {
+            Piece::Chunk(b) => {
+                frame(
+                    stream,
+                    chunked,
+                    b.len() as u64,
+                    async |s: &mut TcpStream| s.write_all(&b).await,
+                )
+                .await?;
+                meter.bytes += b.len() as u64;
+            }
+            Piece::File { file, pos, len } => {
+                frame(stream, chunked, len as u64, async |s: &mut TcpStream| {
+                    send_file(s, &file, pos, len as u64, meter).await
+                })
+                .await?;
+                reader.advance(len as u64);
+            }
+        }
+    }
+    if chunked {
+        stream.write_all(b"0\r\n\r\n").await?;
+    }
+    Ok(())
 }
 
 /// Writes one body piece, framed as a chunk when the length is unknown.
@@ -395,86 +287,6 @@ where
     if chunked {
         stream.write_all(b"\r\n").await?;
     }
-    Ok(())
-}
-
-/// The headers every fast-path response ends with (and the blank line).
-fn common_headers(keep_alive: bool) -> String {
-    format!(
-        "docker-distribution-api-version: registry/2.0\r\ndate: {}\r\nconnection: {}\r\n\r\n",
-        http_date(),
-        if keep_alive { "keep-alive" } else { "close" }
-    )
-}
-
-/// The current HTTP date, formatted once a second per thread.
-fn http_date() -> String {
-    thread_local! {
-        static CACHED: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
-    }
-    let now = std::time::SystemTime::now();
-    let secs = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    CACHED.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.0 != secs || c.1.is_empty() {
-            *c = (secs, httpdate::fmt_http_date(now));
-        }
-        c.1.clone()
-    })
-}
-
-async fn write_head(
-    stream: &mut TcpStream,
-    digest: &Digest,
-    len: Option<u64>,
-    keep_alive: bool,
-) -> io::Result<()> {
-    let length = match len {
-        Some(n) => format!("content-length: {n}\r\n"),
-        None => "transfer-encoding: chunked\r\n".to_owned(),
-    };
-    let head = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ndocker-content-digest: {digest}\r\n\
-         etag: \"{digest}\"\r\naccept-ranges: bytes\r\n{length}{}",
-        common_headers(keep_alive)
-    );
-    stream.write_all(head.as_bytes()).await
-}
-
-async fn write_error(
-    stream: &mut TcpStream,
-    meter: &mut Meter,
-    e: &RegistryError,
-    challenge: Option<&str>,
-    keep_alive: bool,
-) -> io::Result<()> {
-    let body = e.body();
-    let status = e.status();
-    meter.status = status.as_u16();
-    let mut retry = e
-        .retry_after
-        .map(|s| format!("retry-after: {s}\r\n"))
-        .unwrap_or_default();
-    if let Some(c) = challenge {
-        retry.push_str(&format!("www-authenticate: {c}\r\n"));
-    }
-    let mut out = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}{}",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        body.len(),
-        common_headers(keep_alive)
-    );
-    // A HEAD answer has the body's headers but never the body.
-    if meter.method != http::Method::HEAD {
-        out.push_str(&body);
-        meter.bytes += body.len() as u64;
-    }
-    stream.write_all(out.as_bytes()).await?;
-    meter.complete = true;
     Ok(())
 }
 

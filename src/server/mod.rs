@@ -1,10 +1,18 @@
-//! The listeners: accept loops for the registry API and the admin endpoints, connection limits
-//! and timeouts, and graceful shutdown.
+//! The listeners: [`run`] serves an [`App`] on the registry and admin listeners — accept
+//! loops, connection limits and timeouts, graceful shutdown. A registry request is read by one
+//! of two transports ([`fast`] for GET/HEAD on plain HTTP/1, [`hyper_transport`] for the rest),
+//! which build a [`request::RequestHead`] and run it through [`pipeline`]; the reply's
+//! [`response::ResponseHead`] is rendered by the transport that read the request.
 
+mod admin;
 pub mod auth;
-pub mod body;
-pub mod fast;
-pub mod handlers;
+mod body;
+mod fast;
+mod hyper_transport;
+mod meter;
+pub mod pipeline;
+pub mod request;
+pub mod response;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -13,8 +21,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
+use http::{Request, Response};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -23,18 +30,44 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use body::Body;
-use handlers::App;
 
-use crate::cache::check_writable;
+use crate::app::{App, Limits};
 
-/// What the admin endpoints need to answer.
-pub struct Admin {
-    pub app: Arc<App>,
-    pub cache_dir: std::path::PathBuf,
+/// The two listeners of a berth.
+pub struct Listeners {
+    pub registry: TcpListener,
+    pub admin: TcpListener,
 }
 
-/// Request URIs longer than this are refused with 414.
-pub const MAX_URI: usize = 8 * 1024;
+/// Serves `app` on both listeners until `shutdown` fires, then lets requests in flight finish
+/// (up to the grace period).
+pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: watch::Receiver<bool>) {
+    let limits = app.limits;
+    // The zero-copy transport needs the plain socket; with TLS everything goes through hyper.
+    let fast = app.tls.is_none().then(|| app.clone());
+    let tls = app.tls.clone();
+    let registry_app = app.clone();
+    let registry = serve(
+        listeners.registry,
+        move |req, peer| hyper_transport::handle(registry_app.clone(), req, peer),
+        fast,
+        tls,
+        shutdown.clone(),
+        limits,
+    );
+    let admin = serve(
+        listeners.admin,
+        move |req, _peer| admin::handle(app.clone(), req),
+        None,
+        None,
+        shutdown,
+        Limits {
+            max_connections_per_client: 0,
+            ..limits
+        },
+    );
+    tokio::join!(registry, admin);
+}
 
 /// Open connections per client address, so one client cannot take every socket.
 #[derive(Clone, Default)]
@@ -67,14 +100,6 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// Limits and timeouts of a listener.
-#[derive(Clone, Copy)]
-pub struct Limits {
-    pub header_timeout: Duration,
-    pub grace: Duration,
-    pub max_connections_per_client: usize,
-}
-
 fn builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
@@ -93,7 +118,7 @@ fn builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
 /// Serves connections from `listener` with `handler` until `shutdown` fires, then waits up to
 /// `grace` for requests in flight. With `fast`, whole-blob GETs on plain HTTP/1.1 take the
 /// zero-copy path first (see [`fast`]).
-pub async fn serve<F, Fut>(
+async fn serve<F, Fut>(
     listener: TcpListener,
     handler: F,
     fast: Option<Arc<App>>,
@@ -178,53 +203,5 @@ pub async fn serve<F, Fut>(
     };
     if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!("graceful shutdown timed out; closing remaining connections");
-    }
-}
-
-fn text(status: StatusCode, s: &'static str) -> Response<Body> {
-    let mut r = Response::new(Body::full(Bytes::from_static(s.as_bytes())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
-
-/// `/healthz`, `/readyz` and `/metrics`.
-pub async fn admin(
-    admin: Arc<Admin>,
-    req: Request<hyper::body::Incoming>,
-    _peer: IpAddr,
-) -> Response<Body> {
-    match req.uri().path() {
-        "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" => {
-            let blobs = &admin.app.mirror.blobs;
-            if !blobs.is_ready() {
-                return text(StatusCode::SERVICE_UNAVAILABLE, "cache index loading\n");
-            }
-            if !admin.app.mirror.cluster_ready() {
-                return text(StatusCode::SERVICE_UNAVAILABLE, "probing cluster peers\n");
-            }
-            let dir = admin.cache_dir.join("tmp");
-            match tokio::task::spawn_blocking(move || check_writable(&dir)).await {
-                Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
-                _ => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "cache directory not writable\n",
-                ),
-            }
-        }
-        "/metrics" => {
-            admin.app.mirror.blobs.run_pending();
-            let mut r = Response::new(Body::full(admin.app.mirror.metrics().render()));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            r
-        }
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -1,0 +1,204 @@
+//! Wiring: [`App::open`] builds everything a running berth holds — the cache stores and their
+//! start-up scans, the upstream clients, the shared store and the cluster, auth and TLS — from
+//! a [`Config`]. [`crate::server::run`] then serves it. Nothing else constructs these parts.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cache::{self, BlobStore, ManifestStore, SharedStore};
+use crate::cluster::Cluster;
+use crate::config::Config;
+use crate::error::{ErrorCode, RegistryError};
+use crate::metrics::Metrics;
+use crate::mirror::Mirror;
+use crate::route::Router;
+use crate::server::auth::Auth;
+
+/// Why berth could not start. Each names the part and keeps its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cache directory {} is not writable: {source}", dir.display())]
+    CacheDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the {what} in {}: {source}", dir.display())]
+    Store {
+        what: &'static str,
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot scan cached manifests: {0}")]
+    Scan(std::io::Error),
+    /// A part that reports its own errors as text (its message names the config key).
+    #[error("{0}")]
+    Part(String),
+}
+
+/// Per-listener limits and timeouts.
+#[derive(Clone, Copy)]
+pub struct Limits {
+    pub header_timeout: Duration,
+    pub grace: Duration,
+    pub max_connections_per_client: usize,
+}
+
+type ClientLimiter = governor::DefaultKeyedRateLimiter<IpAddr>;
+
+/// Everything a request needs, built once.
+pub struct App {
+    pub router: Router,
+    pub mirror: Mirror,
+    /// Client authentication and rules (None: everyone may pull everything configured).
+    pub auth: Option<Auth>,
+    /// The registry listener's TLS (None: plain HTTP, and the zero-copy transport).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Per-client request rate on the registry listener (None: unlimited).
+    client_limit: Option<Arc<ClientLimiter>>,
+    pub limits: Limits,
+    pub cache_dir: PathBuf,
+}
+
+impl App {
+    /// Opens the cache (waiting for the manifest index; blobs are indexed in the background),
+    /// the upstream clients, the shared store and cluster, auth and TLS.
+    pub async fn open(config: &Config) -> Result<Arc<App>, StartError> {
+        let dir = config.cache.dir.clone();
+        cache::check_writable(&dir).map_err(|source| StartError::CacheDir {
+            dir: dir.clone(),
+            source,
+        })?;
+        let metrics = Arc::new(Metrics::new());
+        let store_error = |what| {
+            let dir = dir.clone();
+            move |source| StartError::Store { what, dir, source }
+        };
+        let blobs = BlobStore::open(&dir, config.cache.max_size, metrics.clone())
+            .map_err(store_error("blob store"))?;
+        let manifests = Arc::new(ManifestStore::open(&dir).map_err(store_error("manifest store"))?);
+        // The repository index must be complete before blob requests are checked against it.
+        let m = manifests.clone();
+        let n = tokio::task::spawn_blocking(move || m.scan())
+            .await
+            .map_err(|e| StartError::Scan(std::io::Error::other(e)))?
+            .map_err(StartError::Scan)?;
+        tracing::info!(manifests = n, "manifest index loaded");
+        let b = blobs.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = b.scan() {
+                tracing::error!(error = %e, "cannot scan the blob store");
+            }
+        });
+
+        let shared = match &config.cache.object_store {
+            Some(c) => {
+                tracing::info!(url = %c.url, "shared object store behind the local cache");
+                Some(Arc::new(
+                    SharedStore::open(c, metrics.clone()).map_err(StartError::Part)?,
+                ))
+            }
+            None => None,
+        };
+        let cluster = match &config.cluster {
+            Some(c) => {
+                let cluster = Arc::new(Cluster::new(c, metrics.clone()).map_err(StartError::Part)?);
+                cluster.spawn_probes();
+                Some(cluster)
+            }
+            None => None,
+        };
+        let in_cluster = cluster.is_some();
+        let mirror = Mirror::new(config, blobs, manifests, shared, cluster, metrics)
+            .map_err(StartError::Part)?;
+        let auth = match &config.auth {
+            Some(a) => Some(Auth::load(a).map_err(StartError::Part)?),
+            None => None,
+        };
+        let tls = match &config.server.tls {
+            Some(t) => Some(crate::server::tls::acceptor(t).map_err(StartError::Part)?),
+            None => None,
+        };
+        Ok(Arc::new(App {
+            router: router(config, auth.is_some(), in_cluster),
+            mirror,
+            auth,
+            tls,
+            client_limit: client_limit(config),
+            limits: Limits {
+                header_timeout: config.server.header_read_timeout,
+                grace: config.server.shutdown_grace,
+                max_connections_per_client: config.server.max_connections_per_client,
+            },
+            cache_dir: dir,
+        }))
+    }
+
+    /// The 429 a client over its request rate gets, or None.
+    pub fn over_client_limit(&self, client: IpAddr) -> Option<RegistryError> {
+        let limiter = self.client_limit.as_ref()?;
+        // Replicas asking a blob's owner carry many clients' requests.
+        if self.mirror.is_peer(client) {
+            return None;
+        }
+        limiter.check_key(&client).err().map(|_| {
+            RegistryError::new(
+                ErrorCode::TooManyRequests,
+                "too many requests from this client; slow down",
+            )
+            .with_retry_after(1)
+        })
+    }
+}
+
+fn router(config: &Config, token: bool, peer_id: bool) -> Router {
+    let names = config
+        .registries
+        .iter()
+        .map(|r| Arc::<str>::from(r.name.as_str()))
+        .collect();
+    let default = config
+        .registries
+        .iter()
+        .find(|r| r.default)
+        .map(|r| Arc::<str>::from(r.name.as_str()));
+    let mut router = Router::new(names, default);
+    if token {
+        router = router.with_token_endpoint();
+    }
+    if peer_id {
+        router = router.with_peer_id();
+    }
+    router
+}
+
+/// The per-client rate limiter of `[server] client_requests_per_second`, forgetting idle
+/// clients now and then so its table stays bounded.
+fn client_limit(config: &Config) -> Option<Arc<ClientLimiter>> {
+    let rate = NonZeroU32::new(config.server.client_requests_per_second)?;
+    let burst = config
+        .server
+        .client_burst
+        .and_then(NonZeroU32::new)
+        .unwrap_or(rate);
+    let limiter = Arc::new(governor::RateLimiter::keyed(
+        governor::Quota::per_second(rate).allow_burst(burst),
+    ));
+    let weak = Arc::downgrade(&limiter);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            let Some(l) = weak.upgrade() else { return };
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+    });
+    Some(limiter)
+}

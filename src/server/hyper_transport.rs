@@ -1,0 +1,27 @@
+//! The hyper transport: HTTP/2, TLS, requests with bodies and anything the zero-copy transport
+//! hands over. It builds the request head, runs the pipeline, and renders its reply as a hyper
+//! response whose body feeds the request's meter.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::{Request, Response};
+
+use super::body::Body;
+use super::pipeline;
+use super::request::RequestHead;
+use super::response::Payload;
+use crate::app::App;
+
+pub async fn handle<B>(app: Arc<App>, req: Request<B>, client: IpAddr) -> Response<Body> {
+    let (parts, _body) = req.into_parts();
+    let head = RequestHead::from_parts(&parts, client);
+    let reply = pipeline::handle(&app, &head).await;
+    let body = match reply.payload {
+        Payload::Empty => Body::empty(),
+        Payload::Bytes(b) => Body::full(b),
+        Payload::File { file, start, len } => Body::file(file, start, len),
+        Payload::Fill { fill, start, end } => Body::stream(fill.reader(start, end).into_stream()),
+    };
+    reply.head.into_hyper(body.metered(reply.meter))
+}

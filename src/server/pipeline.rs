@@ -1,0 +1,459 @@
+//! Every registry request, whichever transport read it, goes through these phases in order:
+//!
+//! 1. **admit** — a header refused when the head was built (400), the URI length (414), the
+//!    client's request rate (429);
+//! 2. **route** — which operation and which configured registry/repository ([`Router`]),
+//!    and whether the method is one that operation takes;
+//! 3. **authorize** — `[auth]`: who it is and whether they may do this (401 with a challenge,
+//!    or 403);
+//! 4. **answer** — the mirror's [`Answer`]: JSON, a manifest, a blob (cached, filling or
+//!    headers only) or an error;
+//!
+//! and then [`render`] decides the status and headers once ([`ResponseHead`]) and what body
+//! follows ([`Payload`]). The transports only read heads and write what this returns.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+
+use super::auth::{Denial, Identity};
+use super::meter::Meter;
+use super::request::{Credentials, Method, RequestHead};
+use super::response::{Length, Payload, ResponseHead};
+use crate::app::App;
+use crate::cache::{Fill, Manifest};
+use crate::error::{ErrorCode, RegistryError};
+use crate::metrics::{CacheResult, RequestKind};
+use crate::mirror::{BlobAnswer, Via};
+use crate::oci::{ByteRange, Digest, RangeError, parse_range};
+use crate::route::{Route, Target, ns_param, url_name};
+
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+const TEXT: HeaderValue = HeaderValue::from_static("text/plain");
+const OCTET: HeaderValue = HeaderValue::from_static("application/octet-stream");
+const BYTES: HeaderValue = HeaderValue::from_static("bytes");
+
+/// What a request is answered with, before it becomes status, headers and body.
+pub enum Answer {
+    /// A small JSON document (ping, tags, catalog, token).
+    Json(Bytes),
+    /// Plain text (a replica's instance id).
+    Text(Bytes),
+    Manifest(Arc<Manifest>),
+    Blob {
+        digest: Digest,
+        body: BlobBody,
+        /// The blob's length, when known.
+        len: Option<u64>,
+    },
+    Error(Box<Refusal>),
+}
+
+/// Where a blob's bytes come from.
+pub enum BlobBody {
+    Cached(Arc<std::fs::File>),
+    Filling(Arc<Fill>),
+    /// Headers only (a HEAD answered without the bytes at hand).
+    Empty,
+}
+
+/// An error answer with what goes with it.
+pub struct Refusal {
+    pub error: RegistryError,
+    /// `WWW-Authenticate` for a 401.
+    pub challenge: Option<String>,
+    /// The blob length for a 416's `Content-Range: bytes */LEN`.
+    pub range_total: Option<u64>,
+}
+
+impl From<RegistryError> for Answer {
+    fn from(error: RegistryError) -> Answer {
+        Answer::Error(Box::new(Refusal {
+            error,
+            challenge: None,
+            range_total: None,
+        }))
+    }
+}
+
+/// A finished answer: the head to send, the body after it, and the request's meter (which
+/// the transport feeds with the bytes it sends; it records the request when dropped).
+pub struct Reply {
+    pub head: ResponseHead,
+    pub payload: Payload,
+    pub meter: Meter,
+}
+
+/// Runs a request through every phase.
+pub async fn handle(app: &App, req: &RequestHead) -> Reply {
+    let mut meter = Meter::start(app.mirror.metrics_arc(), req);
+    let (answer, cache) = match run(app, req, &mut meter).await {
+        Ok(a) => a,
+        Err(e) => (Answer::from(e), None),
+    };
+    meter.cache = cache;
+    let (head, payload) = render(answer, req);
+    meter.status = head.status.as_u16();
+    Reply {
+        head,
+        payload,
+        meter,
+    }
+}
+
+async fn run(
+    app: &App,
+    req: &RequestHead,
+    meter: &mut Meter,
+) -> Result<(Answer, Option<CacheResult>), RegistryError> {
+    admit(app, req)?;
+    let route = route(app, req)?;
+    meter.kind = kind_of(&route);
+    meter.registry = route.target().map(|t| t.registry.clone());
+    let who = match authorize(app, req, &route).await {
+        Ok(who) => who,
+        Err(refusal) => return Ok((Answer::Error(refusal), None)),
+    };
+    meter.user = who.as_ref().map(|w| w.name().to_owned());
+    answer(app, req, route, who).await
+}
+
+/// Phase 1: what is refused before the request is even routed.
+fn admit(app: &App, req: &RequestHead) -> Result<(), RegistryError> {
+    if let Some(defect) = &req.defect {
+        return Err(defect.clone().into());
+    }
+    if req.target_len > super::request::MAX_URI {
+        return Err(
+            RegistryError::new(ErrorCode::NameInvalid, "request URI too long")
+                .with_status(StatusCode::URI_TOO_LONG),
+        );
+    }
+    match app.over_client_limit(req.client) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Phase 2: the route, and whether it takes this method.
+fn route(app: &App, req: &RequestHead) -> Result<Route, RegistryError> {
+    let route = app
+        .router
+        .route(&req.path, ns_param(req.query.as_deref()))?;
+    if !req.method.is_read() {
+        return Err(RegistryError::new(
+            ErrorCode::Unsupported,
+            "this mirror is read-only: only GET and HEAD are supported",
+        ));
+    }
+    Ok(route)
+}
+
+fn kind_of(route: &Route) -> RequestKind {
+    match route {
+        Route::Ping => RequestKind::Ping,
+        Route::Manifest { .. } => RequestKind::Manifest,
+        Route::Blob { .. } => RequestKind::Blob,
+        Route::Tags { .. } => RequestKind::Tags,
+        Route::Catalog { .. } => RequestKind::Catalog,
+        Route::Token | Route::PeerId | Route::Unsupported => RequestKind::Other,
+    }
+}
+
+/// Phase 3: `[auth]`. Ok(None) when auth is off (or for the token endpoint and the peer id,
+/// which authenticate themselves or need nothing).
+async fn authorize(
+    app: &App,
+    req: &RequestHead,
+    route: &Route,
+) -> Result<Option<Identity>, Box<Refusal>> {
+    let Some(auth) = &app.auth else {
+        return Ok(None);
+    };
+    if matches!(route, Route::Token | Route::PeerId) {
+        return Ok(None);
+    }
+    let credentials = req.authorization.as_ref().map(|a| &a.credentials);
+    match auth
+        .authorize(credentials, url_name(&req.path), route.target(), req.client)
+        .await
+    {
+        Ok(who) => Ok(Some(who)),
+        Err(Denial::Forbidden(error)) => Err(Box::new(Refusal {
+            error,
+            challenge: None,
+            range_total: None,
+        })),
+        Err(Denial::Limited(error)) => Err(Box::new(Refusal {
+            error,
+            challenge: None,
+            range_total: None,
+        })),
+        Err(Denial::Challenge(error, scope)) => {
+            let insufficient = error.code == ErrorCode::Denied;
+            let challenge = auth.challenge(
+                req.host.as_deref(),
+                app.tls.is_some(),
+                scope.as_deref(),
+                insufficient,
+            );
+            Err(Box::new(Refusal {
+                error,
+                challenge: Some(challenge),
+                range_total: None,
+            }))
+        }
+    }
+}
+
+/// Phase 4: the answer, and how the cache answered (for manifests and blobs).
+async fn answer(
+    app: &App,
+    req: &RequestHead,
+    route: Route,
+    who: Option<Identity>,
+) -> Result<(Answer, Option<CacheResult>), RegistryError> {
+    let head = req.method == Method::Head;
+    let json = |b: String| Ok((Answer::Json(Bytes::from(b)), None));
+    match route {
+        Route::Ping => json("{}".into()),
+        Route::PeerId => {
+            let id = app.mirror.cluster_id().unwrap_or_default().to_owned();
+            Ok((Answer::Text(Bytes::from(id)), None))
+        }
+        Route::Token => token(app, req).await.map(|b| (Answer::Json(b), None)),
+        Route::Unsupported => Err(RegistryError::new(
+            ErrorCode::Unsupported,
+            "this mirror is read-only: push is not supported",
+        )),
+        Route::Catalog { registry } => {
+            let n = parse_n(req)?;
+            let mut repos = app.mirror.catalog(&registry, req.query_param("last"));
+            // With [auth], list only what the caller may pull.
+            if let (Some(auth), Some(who)) = (&app.auth, &who) {
+                repos.retain(|r| {
+                    r.parse().is_ok_and(|repo| {
+                        let t = Target {
+                            registry: registry.clone(),
+                            repo,
+                        };
+                        auth.allowed(who, &t)
+                    })
+                });
+            }
+            if let Some(n) = n {
+                repos.truncate(n as usize);
+            }
+            json(serde_json::json!({ "repositories": repos }).to_string())
+        }
+        Route::Tags { target } => {
+            let n = parse_n(req)?;
+            let last = req
+                .query_param("last")
+                .map(|l| {
+                    l.parse::<crate::oci::Tag>()
+                        .map(|_| l)
+                        .map_err(|_| RegistryError::new(ErrorCode::NameInvalid, "invalid last"))
+                })
+                .transpose()?;
+            let body = app.mirror.tags(&target, n, last).await?;
+            Ok((Answer::Json(body), None))
+        }
+        Route::Manifest { target, reference } => {
+            let accept: Vec<&str> = req.accept.iter().map(String::as_str).collect();
+            let (m, result) = app.mirror.manifest(&target, &reference, &accept).await?;
+            app.mirror
+                .metrics()
+                .record_cache(RequestKind::Manifest, result);
+            Ok((Answer::Manifest(m), Some(result)))
+        }
+        Route::Blob { target, digest } => {
+            let via = Via {
+                peer: req.from_peer,
+                authorization: req.raw_authorization(),
+            };
+            let (answer, result) = app.mirror.blob(&target, &digest, head, via).await?;
+            app.mirror.metrics().record_cache(RequestKind::Blob, result);
+            let (body, len) = match answer {
+                BlobAnswer::Cached(blob) => (BlobBody::Cached(blob.file), Some(blob.len)),
+                BlobAnswer::Filling { fill, len } => (BlobBody::Filling(fill), len),
+                BlobAnswer::Head { len } => (BlobBody::Empty, len),
+            };
+            Ok((Answer::Blob { digest, body, len }, Some(result)))
+        }
+    }
+}
+
+/// The token endpoint of `[auth]`: Basic credentials (or none, for anonymous) in, a token for
+/// the allowed `repository:<name>:pull` scopes out.
+async fn token(app: &App, req: &RequestHead) -> Result<Bytes, RegistryError> {
+    let auth = app
+        .auth
+        .as_ref()
+        .ok_or_else(|| RegistryError::new(ErrorCode::NameUnknown, "no token endpoint"))?;
+    let who = match req.authorization.as_ref().map(|a| &a.credentials) {
+        None => Identity::Anonymous,
+        Some(Credentials::Basic { user, password }) => auth
+            .login(user, password, req.client)
+            .await
+            .map_err(|d| d.into_error())?,
+        Some(_) => {
+            return Err(RegistryError::new(
+                ErrorCode::Unauthorized,
+                "invalid credentials",
+            ));
+        }
+    };
+    let scopes: Vec<String> =
+        url::form_urlencoded::parse(req.query.as_deref().unwrap_or("").as_bytes())
+            .filter(|(k, _)| k == "scope")
+            .flat_map(|(_, v)| v.split(' ').map(str::to_owned).collect::<Vec<_>>())
+            .collect();
+    let scopes: Vec<&str> = scopes.iter().map(String::as_str).collect();
+    let answer = auth
+        .issue(&who, &scopes, &app.router)
+        .map_err(|e| RegistryError::new(ErrorCode::Internal, e.to_string()))?;
+    serde_json::to_vec(&answer)
+        .map(Bytes::from)
+        .map_err(|e| RegistryError::new(ErrorCode::Internal, e.to_string()))
+}
+
+fn parse_n(req: &RequestHead) -> Result<Option<u32>, RegistryError> {
+    req.query_param("n")
+        .map(|n| {
+            n.parse::<u32>().map_err(|_| {
+                RegistryError::new(ErrorCode::Unsupported, "n must be a non-negative integer")
+                    .with_status(StatusCode::BAD_REQUEST)
+            })
+        })
+        .transpose()
+}
+
+/// Decides status, headers and body of an answer, once for both transports.
+pub fn render(answer: Answer, req: &RequestHead) -> (ResponseHead, Payload) {
+    let bodyless = req.method == Method::Head;
+    let small = |content_type: HeaderValue, b: Bytes| {
+        let head = ResponseHead::new(StatusCode::OK, Length::Known(b.len() as u64))
+            .header(header::CONTENT_TYPE, content_type);
+        (
+            head,
+            if bodyless {
+                Payload::Empty
+            } else {
+                Payload::Bytes(b)
+            },
+        )
+    };
+    match answer {
+        Answer::Json(b) => small(JSON, b),
+        Answer::Text(b) => small(TEXT, b),
+        Answer::Manifest(m) => {
+            let head = ResponseHead::new(StatusCode::OK, Length::Known(m.bytes.len() as u64))
+                .header(header::CONTENT_TYPE, m.content_type.clone())
+                .header(DIGEST_HEADER, m.digest_header.clone())
+                .header(header::ETAG, m.etag_header.clone());
+            let payload = if bodyless {
+                Payload::Empty
+            } else {
+                Payload::Bytes(m.bytes.clone())
+            };
+            (head, payload)
+        }
+        Answer::Blob { digest, body, len } => blob(&digest, body, len, req),
+        Answer::Error(r) => refusal(*r, bodyless),
+    }
+}
+
+const DIGEST_HEADER: http::HeaderName = http::HeaderName::from_static("docker-content-digest");
+
+fn refusal(r: Refusal, bodyless: bool) -> (ResponseHead, Payload) {
+    let body = Bytes::from(r.error.body());
+    let mut head = ResponseHead::new(r.error.status(), Length::Known(body.len() as u64))
+        .header(header::CONTENT_TYPE, JSON);
+    if let Some(secs) = r.error.retry_after {
+        head = head.header(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if let Some(c) = &r.challenge {
+        head = head.header_str(header::WWW_AUTHENTICATE, c);
+    }
+    if let Some(total) = r.range_total {
+        head = head.header_str(header::CONTENT_RANGE, &format!("bytes */{total}"));
+    }
+    (
+        head,
+        if bodyless {
+            Payload::Empty
+        } else {
+            Payload::Bytes(body)
+        },
+    )
+}
+
+/// A blob response, whole or for a single range.
+fn blob(
+    digest: &Digest,
+    body: BlobBody,
+    len: Option<u64>,
+    req: &RequestHead,
+) -> (ResponseHead, Payload) {
+    let bodyless = req.method == Method::Head || matches!(body, BlobBody::Empty);
+    let range = match (req.range.as_deref(), len) {
+        (Some(r), Some(total)) if !bodyless => match parse_range(r, total) {
+            Ok(br) => Some(br),
+            Err(RangeError::Ignore) => None,
+            Err(RangeError::Unsatisfiable) => {
+                let refused = Refusal {
+                    error: RegistryError::new(
+                        ErrorCode::RangeInvalid,
+                        format!("range {r:?} is outside the blob of {total} bytes"),
+                    ),
+                    challenge: None,
+                    range_total: Some(total),
+                };
+                return refusal(refused, false);
+            }
+        },
+        _ => None,
+    };
+    let (status, start, length) = match (range, len) {
+        (Some(r), Some(_)) => (StatusCode::PARTIAL_CONTENT, r.start, Length::Known(r.len())),
+        (_, Some(total)) => (StatusCode::OK, 0, Length::Known(total)),
+        (_, None) => (StatusCode::OK, 0, Length::Unknown),
+    };
+    let digest_text = digest.to_string();
+    let mut head = ResponseHead::new(status, length)
+        .header(header::CONTENT_TYPE, OCTET)
+        .header(header::ACCEPT_RANGES, BYTES)
+        .header_str(header::ETAG, &format!("\"{digest_text}\""))
+        .header_str(DIGEST_HEADER, &digest_text);
+    if let (Some(ByteRange { start, end }), Some(total)) = (range, len) {
+        head = head.header_str(
+            header::CONTENT_RANGE,
+            &format!("bytes {start}-{end}/{total}"),
+        );
+    }
+    if bodyless {
+        return (head, Payload::Empty);
+    }
+    let payload = match (body, length) {
+        (BlobBody::Cached(file), Length::Known(n)) => Payload::File {
+            file,
+            start,
+            len: n,
+        },
+        (BlobBody::Filling(fill), Length::Known(n)) => Payload::Fill {
+            fill,
+            start,
+            end: Some(start + n),
+        },
+        (BlobBody::Filling(fill), Length::Unknown) => Payload::Fill {
+            fill,
+            start: 0,
+            end: None,
+        },
+        // A cached blob always has a length; no body is the only safe answer otherwise.
+        (BlobBody::Cached(_) | BlobBody::Empty, _) => Payload::Empty,
+    };
+    (head, payload)
+}
