@@ -1,0 +1,288 @@
+//! The request pipeline on both transports: malformed and non-ASCII `Authorization` values,
+//! invented methods, and `Host` values that would break the challenge. Requests go over raw
+//! TCP so the bytes are exactly the hostile ones: a GET or HEAD without a body is read by the
+//! zero-copy transport; the same request with a one-byte body is handed to hyper.
+
+mod fake_upstream;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fake_upstream::FakeUpstream;
+
+/// Panics anywhere in the process (a connection task included) since the hook was set.
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+fn count_panics() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::SeqCst);
+        previous(info);
+    }));
+}
+
+struct Setup {
+    berth: berth::Running,
+    _up: FakeUpstream,
+    _dir: tempfile::TempDir,
+    blob: String,
+}
+
+async fn start(with_auth: bool) -> Setup {
+    let up = FakeUpstream::start().await;
+    let blob = up.add_blob(Bytes::from_static(b"layer bytes"));
+    let cfg = up.add_blob(Bytes::from_static(b"{}"));
+    up.add_image("library/app", "v1", &cfg, std::slice::from_ref(&blob));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth = if with_auth {
+        let htpasswd = dir.path().join("htpasswd");
+        let hash = bcrypt::hash("s3cret", 4).expect("bcrypt");
+        std::fs::write(&htpasswd, format!("ci:{hash}\n")).expect("write htpasswd");
+        format!(
+            r#"
+            [auth]
+            htpasswd = "{}"
+            [[auth.rule]]
+            users = ["anonymous"]
+            allow = ["docker.io/library/*"]
+            "#,
+            htpasswd.display()
+        )
+    } else {
+        String::new()
+    };
+    let text = format!(
+        r#"
+        [server]
+        listen = "127.0.0.1:0"
+        admin_listen = "127.0.0.1:0"
+        shutdown_grace = "1s"
+        header_read_timeout = "2s"
+        [cache]
+        dir = "{}"
+        [[registry]]
+        name = "docker.io"
+        default = true
+        endpoints = ["{}"]
+        probe_interval = "0s"
+        {auth}
+        "#,
+        dir.path().display(),
+        up.url()
+    );
+    let config = berth::config::Config::parse(&text).expect("config");
+    let berth = berth::start(config).await.expect("berth starts");
+    Setup {
+        berth,
+        _up: up,
+        _dir: dir,
+        blob,
+    }
+}
+
+/// One request on a new connection; the whole answer (the server closes after it).
+fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let _ = s.write_all(raw);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status_of(resp: &str) -> u16 {
+    resp.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    /// GET/HEAD without a body: the zero-copy transport.
+    Fast,
+    /// The same with a one-byte body: hyper.
+    Hyper,
+}
+
+fn request(method: &str, path: &str, extra: &[u8], transport: Transport) -> Vec<u8> {
+    let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n").into_bytes();
+    raw.extend_from_slice(extra);
+    match transport {
+        Transport::Fast => raw.extend_from_slice(b"Connection: close\r\n\r\n"),
+        Transport::Hyper => {
+            raw.extend_from_slice(b"Connection: close\r\nContent-Length: 1\r\n\r\nx")
+        }
+    }
+    raw
+}
+
+/// The OCI error JSON of a response (GET only: HEAD answers carry no body).
+fn error_code(resp: &str) -> String {
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("");
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {resp}"));
+    v["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no OCI error code: {resp}"))
+        .to_owned()
+}
+
+const MALFORMED: &[&[u8]] = &[
+    "Basicx\u{e9}".as_bytes(),
+    "Basic \u{e9}".as_bytes(),
+    b"Basicxyz",
+    b"Basic !!!notbase64",
+    b"Basic Zm9v",
+    b"Basic \x80\x81\xfe\xff",
+    b"Bearer \xff\xfe\xfd\xfc",
+    b"Bearerabc",
+    b"Bearer ",
+    "Bearer a\u{200b}b".as_bytes(),
+    "Bearer \u{feff}token".as_bytes(),
+    b"Bearer a b c",
+];
+
+async fn malformed_authorization(with_auth: bool) {
+    count_panics();
+    let s = start(with_auth).await;
+    let addr = s.berth.addr;
+    let blob = format!("/v2/library/app/blobs/{}", s.blob);
+    let manifest = "/v2/library/app/manifests/v1";
+    let cases = tokio::task::spawn_blocking(move || {
+        let mut n = 0;
+        for transport in [Transport::Fast, Transport::Hyper] {
+            for value in MALFORMED {
+                for (method, path) in [
+                    ("GET", blob.as_str()),
+                    ("HEAD", blob.as_str()),
+                    ("GET", manifest),
+                    ("HEAD", manifest),
+                    ("GET", "/v2/"),
+                ] {
+                    let mut header = b"Authorization: ".to_vec();
+                    header.extend_from_slice(value);
+                    header.extend_from_slice(b"\r\n");
+                    let resp = exchange(addr, &request(method, path, &header, transport));
+                    let what = format!(
+                        "{transport:?} {method} {path} with {:?} (auth {with_auth})",
+                        String::from_utf8_lossy(value)
+                    );
+                    let status = status_of(&resp);
+                    assert!(status == 400 || status == 401, "{what}: {resp}");
+                    if method == "GET" {
+                        assert!(
+                            resp.to_ascii_lowercase()
+                                .contains("content-type: application/json"),
+                            "{what}: {resp}"
+                        );
+                        assert_eq!(error_code(&resp), "UNAUTHORIZED", "{what}");
+                    }
+                    // The next request on a new connection is served.
+                    let ok = exchange(addr, &request("GET", manifest, b"", transport));
+                    assert_eq!(status_of(&ok), 200, "after {what}: {ok}");
+                    n += 1;
+                }
+            }
+        }
+        n
+    })
+    .await
+    .expect("requests");
+    assert_eq!(cases, 2 * MALFORMED.len() * 5);
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a request panicked");
+    s.berth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_authorization_without_auth() {
+    malformed_authorization(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_authorization_with_auth() {
+    malformed_authorization(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invented_methods_get_4xx_and_one_label() {
+    let s = start(false).await;
+    let addr = s.berth.addr;
+    tokio::task::spawn_blocking(move || {
+        for i in 0..60 {
+            let method = format!("XMETHOD{i}");
+            let path = if i % 2 == 0 {
+                "/v2/"
+            } else {
+                "/v2/library/app/manifests/v1"
+            };
+            let resp = exchange(addr, &request(&method, path, b"", Transport::Fast));
+            let status = status_of(&resp);
+            assert!((400..500).contains(&status), "{method}: {resp}");
+        }
+    })
+    .await
+    .expect("requests");
+    let metrics = String::from_utf8(s.berth.metrics.render()).expect("utf-8");
+    let mut methods: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("berth_http_requests_total{"))
+        .filter_map(|l| l.split("method=\"").nth(1)?.split('"').next())
+        .collect();
+    methods.sort_unstable();
+    methods.dedup();
+    assert_eq!(methods, ["other"], "{metrics}");
+    let other: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("berth_http_requests_total{") && l.contains("method=\"other\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(other, 60.0, "{metrics}");
+    s.berth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_that_are_not_authorities_get_400() {
+    let s = start(true).await;
+    let addr = s.berth.addr;
+    tokio::task::spawn_blocking(move || {
+        for transport in [Transport::Fast, Transport::Hyper] {
+            for host in [
+                "evil.example/x\",service=\"pwn\",scope=\"",
+                "evil.example x",
+                "user@evil.example",
+                "a\"b",
+            ] {
+                let raw = match transport {
+                    Transport::Fast => format!(
+                        "GET /v2/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                    ),
+                    Transport::Hyper => format!(
+                        "GET /v2/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx"
+                    ),
+                };
+                let resp = exchange(addr, raw.as_bytes());
+                assert_eq!(status_of(&resp), 400, "{transport:?} Host {host:?}: {resp}");
+                assert!(!resp.to_ascii_lowercase().contains("www-authenticate"), "{resp}");
+            }
+            // Two Host headers are refused too (RFC 9112 §3.2).
+            let two = request("GET", "/v2/", b"Host: other\r\n", transport);
+            let resp = exchange(addr, &two);
+            assert_eq!(status_of(&resp), 400, "{transport:?} two Hosts: {resp}");
+            // A valid Host is what the challenge's realm names, quoted.
+            let resp = exchange(addr, &request("GET", "/v2/", b"", transport));
+            assert_eq!(status_of(&resp), 401, "{resp}");
+            assert!(
+                resp.contains(r#"Bearer realm="http://127.0.0.1/token",service="berth""#),
+                "{transport:?}: {resp}"
+            );
+        }
+    })
+    .await
+    .expect("requests");
+    s.berth.stop().await;
+}
