@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::cache::{self, BlobStore, ManifestStore, SharedStore};
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::error::{ErrorCode, RegistryError};
+use crate::error::{ErrorCode, RegistryError, SetupError};
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
 use crate::route::Router;
@@ -38,6 +38,8 @@ pub enum StartError {
     },
     #[error("cannot scan cached manifests: {0}")]
     Scan(std::io::Error),
+    #[error(transparent)]
+    Setup(#[from] SetupError),
     /// A part that reports its own errors as text (its message names the config key).
     #[error("{0}")]
     Part(String),
@@ -101,15 +103,13 @@ impl App {
         let shared = match &config.cache.object_store {
             Some(c) => {
                 tracing::info!(url = %c.url, "shared object store behind the local cache");
-                Some(Arc::new(
-                    SharedStore::open(c, metrics.clone()).map_err(StartError::Part)?,
-                ))
+                Some(Arc::new(SharedStore::open(c, metrics.clone())?))
             }
             None => None,
         };
         let cluster = match &config.cluster {
             Some(c) => {
-                let cluster = Arc::new(Cluster::new(c, metrics.clone()).map_err(StartError::Part)?);
+                let cluster = Arc::new(Cluster::new(c, metrics.clone())?);
                 cluster.spawn_probes();
                 Some(cluster)
             }
@@ -119,11 +119,11 @@ impl App {
         let mirror = Mirror::new(config, blobs, manifests, shared, cluster, metrics)
             .map_err(StartError::Part)?;
         let auth = match &config.auth {
-            Some(a) => Some(Auth::load(a).map_err(StartError::Part)?),
+            Some(a) => Some(Auth::load(a)?),
             None => None,
         };
         let tls = match &config.server.tls {
-            Some(t) => Some(crate::server::tls::acceptor(t).map_err(StartError::Part)?),
+            Some(t) => Some(crate::server::tls::acceptor(t)?),
             None => None,
         };
         Ok(Arc::new(App {

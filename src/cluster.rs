@@ -19,6 +19,7 @@ use http::{HeaderValue, StatusCode, header};
 use sha2::{Digest as _, Sha256};
 
 use crate::config::ClusterConfig;
+use crate::error::SetupError;
 use crate::metrics::{Metrics, PeerResult};
 use crate::oci::Digest;
 use crate::route::Target;
@@ -75,13 +76,13 @@ fn score(peer: &str, digest: &Digest) -> [u8; 32] {
 }
 
 impl Cluster {
-    pub fn new(config: &ClusterConfig, metrics: Arc<Metrics>) -> Result<Cluster, String> {
+    pub fn new(config: &ClusterConfig, metrics: Arc<Metrics>) -> Result<Cluster, SetupError> {
         let roots = match &config.ca_file {
             Some(path) => {
                 let pem = std::fs::read(path)
-                    .map_err(|e| format!("cluster.ca_file {}: {e}", path.display()))?;
+                    .map_err(|e| SetupError::file("cluster.ca_file", path, e))?;
                 reqwest::Certificate::from_pem_bundle(&pem)
-                    .map_err(|e| format!("cluster.ca_file {}: {e}", path.display()))?
+                    .map_err(|e| SetupError::file("cluster.ca_file", path, e))?
             }
             None => Vec::new(),
         };
@@ -100,13 +101,13 @@ impl Cluster {
             .peers
             .iter()
             .map(|u| cluster.new_peer(u.as_str().trim_end_matches('/')))
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         cluster.peers = RwLock::new(peers);
         Ok(cluster)
     }
 
     /// A peer at `base`, with its own client (its TLS name may be pinned to its address).
-    fn new_peer(&self, base: &str) -> Result<Arc<Peer>, String> {
+    fn new_peer(&self, base: &str) -> Result<Arc<Peer>, SetupError> {
         let mut b = reqwest::Client::builder()
             .connect_timeout(self.config.connect_timeout)
             .read_timeout(self.config.read_timeout)
@@ -128,9 +129,7 @@ impl Cluster {
             b = b.resolve(name, std::net::SocketAddr::new(ip, port));
             target = format!("https://{name}:{port}");
         }
-        let client = b
-            .build()
-            .map_err(|e| format!("cannot build the client for peer {base}: {e}"))?;
+        let client = b.build().map_err(|e| SetupError::new("cluster.peers", e))?;
         Ok(Arc::new(Peer {
             base: base.to_owned(),
             target,

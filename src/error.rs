@@ -104,6 +104,43 @@ impl RegistryError {
     }
 }
 
+/// Why a configured part could not be set up at start: the config key it comes from, the file
+/// it read (if any), and the cause, kept as an error (not flattened to text).
+#[derive(Debug, thiserror::Error)]
+#[error("{key}{}: {source}", .path.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
+pub struct SetupError {
+    pub key: &'static str,
+    pub path: Option<std::path::PathBuf>,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl SetupError {
+    pub fn new(
+        key: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> SetupError {
+        SetupError {
+            key,
+            path: None,
+            source: source.into(),
+        }
+    }
+
+    /// A failure reading or using the file that `key` names.
+    pub fn file(
+        key: &'static str,
+        path: &std::path::Path,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> SetupError {
+        SetupError {
+            key,
+            path: Some(path.to_owned()),
+            source: source.into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,5 +154,18 @@ mod tests {
         assert_eq!(e.status(), StatusCode::NOT_FOUND);
         let e = e.with_status(StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn setup_errors_name_the_key_and_keep_the_cause() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        let e = SetupError::file("auth.htpasswd", std::path::Path::new("/x"), io);
+        assert_eq!(e.to_string(), "auth.htpasswd /x: gone");
+        let cause = std::error::Error::source(&e).expect("a cause");
+        assert!(cause.downcast_ref::<std::io::Error>().is_some());
+        assert_eq!(
+            SetupError::new("server.tls", "bad").to_string(),
+            "server.tls: bad"
+        );
     }
 }

@@ -32,6 +32,7 @@ use object_store::{
 use super::fill::Fill;
 use super::manifests::{Manifest, TagRecord};
 use crate::config::ObjectStoreConfig;
+use crate::error::SetupError;
 use crate::metrics::{Metrics, StoreDirection, StoreOp, StoreResult};
 use crate::oci::{Digest, Hasher, RepoName, Tag};
 
@@ -66,7 +67,10 @@ pub struct SharedStore {
 }
 
 impl SharedStore {
-    pub fn open(config: &ObjectStoreConfig, metrics: Arc<Metrics>) -> Result<SharedStore, String> {
+    pub fn open(
+        config: &ObjectStoreConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<SharedStore, SetupError> {
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(config.bucket())
             .with_client_options(
@@ -95,14 +99,17 @@ impl SharedStore {
         if let Some(region) = &config.region {
             builder = builder.with_region(region);
         }
-        if let Some((id, secret)) = config.credentials().map_err(|e| e.to_string())? {
+        if let Some((id, secret)) = config
+            .credentials()
+            .map_err(|e| SetupError::new("cache.object_store", e))?
+        {
             builder = builder
                 .with_access_key_id(id.expose())
                 .with_secret_access_key(secret.expose());
         }
         let store = builder
             .build()
-            .map_err(|e| format!("cannot set up the object store {}: {e}", config.url))?;
+            .map_err(|e| SetupError::new("cache.object_store.url", e))?;
         let prefix = config.prefix();
         metrics.enable_object_store();
         Ok(SharedStore {

@@ -18,7 +18,7 @@ use sha2::Digest as _;
 
 use super::request::Credentials;
 use crate::config::AuthConfig;
-use crate::error::{ErrorCode, RegistryError};
+use crate::error::{ErrorCode, RegistryError, SetupError};
 use crate::route::{Router, Target};
 
 const ISSUER: &str = "berth";
@@ -93,7 +93,7 @@ pub struct TokenAnswer {
     pub issued_at: String,
 }
 
-/// Parses an htpasswd file with bcrypt entries.
+/// Parses an htpasswd file with bcrypt entries (the error names the line).
 pub fn parse_htpasswd(text: &str) -> Result<HashMap<String, String>, String> {
     let mut users = HashMap::new();
     for (n, line) in text.lines().enumerate() {
@@ -123,11 +123,12 @@ fn now() -> u64 {
 }
 
 impl Auth {
-    pub fn load(cfg: &AuthConfig) -> Result<Auth, String> {
-        let text = std::fs::read_to_string(&cfg.htpasswd)
-            .map_err(|e| format!("auth.htpasswd {}: {e}", cfg.htpasswd.display()))?;
-        let users = parse_htpasswd(&text)
-            .map_err(|e| format!("auth.htpasswd {}: {e}", cfg.htpasswd.display()))?;
+    pub fn load(cfg: &AuthConfig) -> Result<Auth, SetupError> {
+        let file_error = |e: Box<dyn std::error::Error + Send + Sync>| {
+            SetupError::file("auth.htpasswd", &cfg.htpasswd, e)
+        };
+        let text = std::fs::read_to_string(&cfg.htpasswd).map_err(|e| file_error(e.into()))?;
+        let users = parse_htpasswd(&text).map_err(|e| file_error(e.into()))?;
         let key = match &cfg.token_key_file {
             Some(path) => read_key(path)?,
             None => rand::random::<[u8; 32]>().to_vec(),
@@ -296,7 +297,7 @@ impl Auth {
         who: &Identity,
         scopes: &[&str],
         router: &Router,
-    ) -> Result<TokenAnswer, String> {
+    ) -> Result<TokenAnswer, jsonwebtoken::errors::Error> {
         let mut access: Vec<Access> = Vec::new();
         for scope in scopes {
             let mut parts = scope.splitn(3, ':');
@@ -332,8 +333,7 @@ impl Auth {
             iat,
             access,
         };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
-            .map_err(|e| format!("cannot sign token: {e}"))?;
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?;
         Ok(TokenAnswer {
             access_token: token.clone(),
             token,
@@ -487,13 +487,13 @@ enum LoginKey {
 /// Failed logins are counted over this window.
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
-fn read_key(path: &Path) -> Result<Vec<u8>, String> {
-    let key =
-        std::fs::read(path).map_err(|e| format!("auth.token_key_file {}: {e}", path.display()))?;
+fn read_key(path: &Path) -> Result<Vec<u8>, SetupError> {
+    let key = std::fs::read(path).map_err(|e| SetupError::file("auth.token_key_file", path, e))?;
     if key.len() < 32 {
-        return Err(format!(
-            "auth.token_key_file {}: needs at least 32 bytes",
-            path.display()
+        return Err(SetupError::file(
+            "auth.token_key_file",
+            path,
+            "needs at least 32 bytes",
         ));
     }
     Ok(key)

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 
 use super::meter::Meter;
 use super::pipeline::{self, Reply};
-use super::request::{Method, RequestHead};
+use super::request::RequestHead;
 use super::response::Payload;
 use crate::app::App;
 use crate::cache::{FillReader, Piece};
@@ -124,15 +124,13 @@ fn parse(buf: &[u8], client: std::net::IpAddr) -> Parsed {
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
         _ => return Parsed::Other,
     };
-    let method = Method::parse(req.method.unwrap_or("").as_bytes());
-    let Some(target) = req.path.filter(|p| p.starts_with('/')) else {
+    let Some(head) = RequestHead::from_httparse(&req, client) else {
         return Parsed::Other;
     };
-    if !method.is_read() {
+    if !head.method.is_read() {
         return Parsed::Other;
     }
     let mut keep_alive = req.version == Some(1);
-    let mut head = RequestHead::new(method, target, client);
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("transfer-encoding")
@@ -150,7 +148,6 @@ fn parse(buf: &[u8], client: std::net::IpAddr) -> Parsed {
                 keep_alive = true;
             }
         }
-        head.header(name, h.value);
     }
     Parsed::Taken(Box::new(Taken { head, keep_alive }), n)
 }

@@ -313,7 +313,7 @@ async fn token(app: &App, req: &RequestHead) -> Result<Bytes, RegistryError> {
     let scopes: Vec<&str> = scopes.iter().map(String::as_str).collect();
     let answer = auth
         .issue(&who, &scopes, &app.router)
-        .map_err(|e| RegistryError::new(ErrorCode::Internal, e.to_string()))?;
+        .map_err(|e| RegistryError::new(ErrorCode::Internal, format!("cannot sign token: {e}")))?;
     serde_json::to_vec(&answer)
         .map(Bytes::from)
         .map_err(|e| RegistryError::new(ErrorCode::Internal, e.to_string()))

@@ -212,7 +212,7 @@ fn parse_host(value: &[u8]) -> Result<String, BadHeader> {
 }
 
 /// What the pipeline knows of a request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHead {
     pub method: Method,
     pub path: String,
@@ -307,6 +307,18 @@ impl RequestHead {
             head.header("host", a.as_str().as_bytes());
         }
         head
+    }
+
+    /// The head of a request `httparse` read (the zero-copy transport's parser); None when
+    /// the request line is incomplete or its target is not a path.
+    pub fn from_httparse(req: &httparse::Request<'_, '_>, client: IpAddr) -> Option<RequestHead> {
+        let method = Method::parse(req.method?.as_bytes());
+        let target = req.path.filter(|p| p.starts_with('/'))?;
+        let mut head = RequestHead::new(method, target, client);
+        for h in req.headers.iter() {
+            head.header(h.name, h.value);
+        }
+        Some(head)
     }
 
     /// The `Authorization` value as sent, for passing on to a peer.

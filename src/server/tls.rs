@@ -13,6 +13,7 @@ use rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
+use crate::error::SetupError;
 
 /// How often the certificate files are checked for changes.
 const POLL: Duration = Duration::from_secs(2);
@@ -35,21 +36,27 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, SetupError> {
+    let cert_error = |e| SetupError::file("server.tls.cert", cert, e);
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("server.tls.cert {}: {e}", cert.display()))?
+        .map_err(cert_error)?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("server.tls.cert {}: {e}", cert.display()))?;
+        .map_err(cert_error)?;
     if certs.is_empty() {
-        return Err(format!(
-            "server.tls.cert {}: no certificate in the file",
-            cert.display()
+        return Err(SetupError::file(
+            "server.tls.cert",
+            cert,
+            "no certificate in the file",
         ));
     }
     let key_der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("server.tls.key {}: {e}", key.display()))?;
-    CertifiedKey::from_der(certs, key_der, &provider())
-        .map_err(|e| format!("server.tls: certificate and key do not fit together: {e}"))
+        .map_err(|e| SetupError::file("server.tls.key", key, e))?;
+    CertifiedKey::from_der(certs, key_der, &provider()).map_err(|e| {
+        SetupError::new(
+            "server.tls",
+            format!("certificate and key do not fit together: {e}"),
+        )
+    })
 }
 
 fn stamp(cert: &Path, key: &Path) -> Option<(SystemTime, SystemTime)> {
@@ -74,7 +81,7 @@ impl Reloading {
 }
 
 /// Builds the acceptor and starts watching the certificate files.
-pub fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, String> {
+pub fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, SetupError> {
     let resolver = Arc::new(Reloading {
         current: RwLock::new(Arc::new(load(&cfg.cert, &cfg.key)?)),
         stamp: RwLock::new(stamp(&cfg.cert, &cfg.key)),
@@ -83,21 +90,20 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, String> {
     });
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("server.tls: {e}"))?;
+        .map_err(|e| SetupError::new("server.tls", e))?;
     let builder = match &cfg.client_ca {
         Some(ca) => {
+            let ca_error = |e: Box<dyn std::error::Error + Send + Sync>| {
+                SetupError::file("server.tls.client_ca", ca, e)
+            };
             let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(ca)
-                .map_err(|e| format!("server.tls.client_ca {}: {e}", ca.display()))?
-            {
-                let c = c.map_err(|e| format!("server.tls.client_ca {}: {e}", ca.display()))?;
-                roots
-                    .add(c)
-                    .map_err(|e| format!("server.tls.client_ca {}: {e}", ca.display()))?;
+            for c in CertificateDer::pem_file_iter(ca).map_err(|e| ca_error(e.into()))? {
+                let c = c.map_err(|e| ca_error(e.into()))?;
+                roots.add(c).map_err(|e| ca_error(e.into()))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
                 .build()
-                .map_err(|e| format!("server.tls.client_ca: {e}"))?;
+                .map_err(|e| ca_error(e.into()))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
