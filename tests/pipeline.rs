@@ -31,16 +31,17 @@ struct Setup {
     blob: String,
 }
 
-async fn start(with_auth: bool) -> Setup {
+/// berth in front of a fake upstream holding `library/app:v1`; with `[auth]` when
+/// `htpasswd` is given (anonymous may pull `docker.io/library/*`).
+async fn start(htpasswd: Option<String>) -> Setup {
     let up = FakeUpstream::start().await;
     let blob = up.add_blob(Bytes::from_static(b"layer bytes"));
     let cfg = up.add_blob(Bytes::from_static(b"{}"));
     up.add_image("library/app", "v1", &cfg, std::slice::from_ref(&blob));
     let dir = tempfile::tempdir().expect("tempdir");
-    let auth = if with_auth {
+    let auth = if let Some(entries) = htpasswd {
         let htpasswd = dir.path().join("htpasswd");
-        let hash = bcrypt::hash("s3cret", 4).expect("bcrypt");
-        std::fs::write(&htpasswd, format!("ci:{hash}\n")).expect("write htpasswd");
+        std::fs::write(&htpasswd, entries).expect("write htpasswd");
         format!(
             r#"
             [auth]
@@ -147,9 +148,13 @@ const MALFORMED: &[&[u8]] = &[
     b"Bearer a b c",
 ];
 
+fn ci_user() -> String {
+    format!("ci:{}\n", bcrypt::hash("s3cret", 4).expect("bcrypt"))
+}
+
 async fn malformed_authorization(with_auth: bool) {
     count_panics();
-    let s = start(with_auth).await;
+    let s = start(with_auth.then(ci_user)).await;
     let addr = s.berth.addr;
     let blob = format!("/v2/library/app/blobs/{}", s.blob);
     let manifest = "/v2/library/app/manifests/v1";
@@ -210,7 +215,7 @@ async fn malformed_authorization_with_auth() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invented_methods_get_4xx_and_one_label() {
-    let s = start(false).await;
+    let s = start(None).await;
     let addr = s.berth.addr;
     tokio::task::spawn_blocking(move || {
         for i in 0..60 {
@@ -247,7 +252,7 @@ async fn invented_methods_get_4xx_and_one_label() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hosts_that_are_not_authorities_get_400() {
-    let s = start(true).await;
+    let s = start(Some(ci_user())).await;
     let addr = s.berth.addr;
     tokio::task::spawn_blocking(move || {
         for transport in [Transport::Fast, Transport::Hyper] {
