@@ -342,6 +342,7 @@ mod tests {
             http://0177.0.0.1/                     127.0.0.1        loopback
             http://017700000001/                   127.0.0.1        loopback
             http://127.0.0.1./                     127.0.0.1        loopback
+            http://127.0.0.1../                    127.0.0.1        loopback
             http://127.8.9.10/                     127.8.9.10       loopback
             http://%31%32%37.0.0.1/                127.0.0.1        loopback
             http://\u{ff11}\u{ff12}\u{ff17}.0.0.1/ 127.0.0.1        loopback
@@ -393,7 +394,7 @@ mod tests {
             assert_eq!(got, kind, "{u}");
             n += 1;
         }
-        assert_eq!(n, 47);
+        assert_eq!(n, 48);
     }
 
     #[test]
