@@ -468,12 +468,7 @@ fn inproc_config(
 ) -> berth::config::Config {
     berth::config::Config::parse(&format!(
         r#"
-        [server]
-        listen = "127.0.0.1:0"
-        admin_listen = "127.0.0.1:0"
-        shutdown_grace = "1s"
-        [cache]
-        dir = "{}"
+        {}
         max_size = "{max_size}"
         tag_ttl = "{tag_ttl}"
         [[registry]]
@@ -483,7 +478,7 @@ fn inproc_config(
         connect_timeout = "1s"
         read_timeout = "{read_timeout}"
         "#,
-        cache.display()
+        fake_upstream::server_toml(cache)
     ))
     .expect("drill config is valid")
 }

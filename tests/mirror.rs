@@ -12,12 +12,7 @@ use fake_upstream::{Behaviour, FakeUpstream, sha256};
 fn config(upstream: &str, dir: &Path, tag_ttl: &str) -> berth::config::Config {
     berth::config::Config::parse(&format!(
         r#"
-        [server]
-        listen = "127.0.0.1:0"
-        admin_listen = "127.0.0.1:0"
-        shutdown_grace = "1s"
-        [cache]
-        dir = "{}"
+        {}
         max_size = "1GiB"
         tag_ttl = "{tag_ttl}"
         [[registry]]
@@ -27,7 +22,7 @@ fn config(upstream: &str, dir: &Path, tag_ttl: &str) -> berth::config::Config {
         connect_timeout = "1s"
         read_timeout = "2s"
         "#,
-        dir.display()
+        fake_upstream::server_toml(dir)
     ))
     .expect("test config is valid")
 }
@@ -37,17 +32,7 @@ async fn start(upstream: &str, dir: &Path, tag_ttl: &str) -> berth::Running {
         .await
         .expect("berth starts");
     // Wait for the start-up scan, so tests see a settled index.
-    let client = reqwest::Client::new();
-    for _ in 0..100 {
-        let r = client
-            .get(format!("http://{}/readyz", running.admin_addr))
-            .send()
-            .await;
-        if r.is_ok_and(|r| r.status() == 200) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    fake_upstream::wait_ready(running.admin_addr).await;
     running
 }
 

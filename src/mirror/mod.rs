@@ -24,6 +24,7 @@ use crate::oci::{
     self, Digest, Hasher, MANIFEST_MEDIA_TYPES, Reference, accepts_media_type, manifest_media_type,
 };
 use crate::route::Target;
+use crate::upstream::policy::OutboundPolicy;
 use crate::upstream::{Upstream, UpstreamError, Urgency, read_limited};
 
 /// Registries refuse manifests larger than this; so does berth.
@@ -173,21 +174,12 @@ impl Mirror {
         cluster: Option<Arc<Cluster>>,
         metrics: Arc<Metrics>,
     ) -> Result<Mirror, String> {
-        // Redirects may reach loopback only at hosts that are configured endpoints.
-        let loopback_allowed: Arc<Vec<(String, u16)>> = Arc::new(
-            config
-                .registries
-                .iter()
-                .flat_map(|r| r.endpoints.iter())
-                .filter_map(|e| {
-                    Some((e.url.host_str()?.to_owned(), e.url.port_or_known_default()?))
-                })
-                .collect(),
-        );
+        // Redirects and token realms may reach local addresses only at configured endpoints.
+        let outbound = Arc::new(OutboundPolicy::from_config(config));
         let mut upstreams = HashMap::new();
         for r in &config.registries {
             metrics.add_registry(&r.name);
-            let up = Upstream::new(r, metrics.clone(), loopback_allowed.clone())?;
+            let up = Upstream::new(r, metrics.clone(), outbound.clone())?;
             let up = Arc::new(up);
             up.spawn_probes();
             upstreams.insert(Arc::<str>::from(r.name.as_str()), up);

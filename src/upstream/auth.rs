@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::policy::Host;
+
 /// A parsed `WWW-Authenticate` challenge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Challenge {
@@ -116,6 +118,32 @@ pub fn realm_may_get_credentials(registry_host: &str, realm_host: &str) -> bool 
     match (parent(registry_host), parent(realm_host)) {
         (Some(a), Some(b)) => a == b,
         _ => false,
+    }
+}
+
+/// Whether the registry's credentials may go with a token request to `realm`, for the
+/// endpoint at `endpoint_base`: over the endpoint's own scheme (never https → http), in its
+/// domain ([`realm_may_get_credentials`]); an endpoint named by an IP address or a local name
+/// only to that same host and port.
+pub fn realm_gets_credentials(endpoint_base: &str, realm: &url::Url) -> bool {
+    let Ok(endpoint) = url::Url::parse(endpoint_base) else {
+        return false;
+    };
+    let (Some(ep_host), Some(realm_host)) = (endpoint.host(), realm.host()) else {
+        return false;
+    };
+    if endpoint.scheme() != realm.scheme() {
+        return false;
+    }
+    let (ep_host, realm_host) = (Host::from_url(&ep_host), Host::from_url(&realm_host));
+    match (&ep_host, &realm_host) {
+        (Host::Name(e), Host::Name(r)) if ep_host.local_kind().is_none() => {
+            realm_may_get_credentials(e, r)
+        }
+        _ => {
+            ep_host == realm_host
+                && endpoint.port_or_known_default() == realm.port_or_known_default()
+        }
     }
 }
 
@@ -236,6 +264,42 @@ mod tests {
         ));
         assert!(realm_may_get_credentials("127.0.0.1", "127.0.0.1"));
         assert!(!realm_may_get_credentials("127.0.0.1", "0.0.1"));
+    }
+
+    #[test]
+    fn credential_realms() {
+        // Endpoint, realm, whether the realm gets the registry's credentials.
+        let table = "
+            https://registry-1.docker.io  https://auth.docker.io/token          yes
+            https://registry-1.docker.io  http://auth.docker.io/token           no
+            https://registry-1.docker.io  https://evil.io/token                 no
+            https://ghcr.io               https://ghcr.io:8443/token            yes
+            https://registry.example.com  https://registry.example.com./t       yes
+            https://example.com           https://127.0.0.1/t                   no
+            http://127.0.0.1:5001         http://127.0.0.1:5001/token           yes
+            http://127.0.0.1:5001         http://[::ffff:127.0.0.1]:5001/t      yes
+            http://127.0.0.1:5001         http://127.0.0.1:6379/token           no
+            http://127.0.0.1:5001         https://127.0.0.1:5001/token          no
+            http://127.0.0.1:5001         http://localhost:5001/token           no
+            http://10.0.0.1:5000          http://10.0.0.1:5000/token            yes
+            http://10.0.0.1:5000          http://10.0.0.2:5000/token            no
+            http://localhost:5001         http://localhost:5002/t               no
+            http://localhost:5001         http://LOCALHOST.:5001/t              yes
+        ";
+        let mut n = 0;
+        for line in table.lines().filter(|l| !l.trim().is_empty()) {
+            let [ep, realm, want] = line.split_whitespace().collect::<Vec<_>>()[..] else {
+                panic!("bad table line {line:?}");
+            };
+            let realm = url::Url::parse(realm).unwrap();
+            assert_eq!(
+                realm_gets_credentials(ep, &realm),
+                want == "yes",
+                "{ep} → {realm}"
+            );
+            n += 1;
+        }
+        assert_eq!(n, 15);
     }
 
     #[test]

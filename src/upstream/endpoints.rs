@@ -17,7 +17,6 @@ pub struct Endpoint {
     pub base: String,
     /// Another berth: requests carry `?ns=<registry>`.
     pub mirror: bool,
-    pub host: String,
     pub client: reqwest::Client,
     down_until: Mutex<Option<Instant>>,
     in_flight: AtomicUsize,
@@ -29,7 +28,6 @@ impl Endpoint {
         Endpoint {
             base: cfg.url.as_str().trim_end_matches('/').to_owned(),
             mirror: cfg.mirror,
-            host: cfg.url.host_str().unwrap_or_default().to_owned(),
             client,
             down_until: Mutex::new(None),
             in_flight: AtomicUsize::new(0),

@@ -4,6 +4,7 @@
 
 pub mod auth;
 mod endpoints;
+pub mod policy;
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -16,8 +17,9 @@ use reqwest::Url;
 use crate::config::{EndpointConfig, RegistryConfig, Secret};
 use crate::metrics::Metrics;
 use crate::oci::RepoName;
-use auth::{Challenge, TokenCache, TokenResponse, parse_challenge, realm_may_get_credentials};
+use auth::{Challenge, TokenCache, TokenResponse, parse_challenge, realm_gets_credentials};
 use endpoints::{Endpoint, Endpoints};
+use policy::{GuardedResolver, OutboundPolicy};
 
 /// The pause before the one retry of a request no endpoint answered.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
@@ -99,18 +101,20 @@ pub struct Upstream {
     /// Revalidation is paused until then, because `ratelimit-remaining` fell below the floor.
     paused_until: Mutex<Option<Instant>>,
     probe_interval: Duration,
+    /// Where an upstream may send berth (redirects, token realms).
+    outbound: Arc<OutboundPolicy>,
 }
 
 impl Upstream {
     pub fn new(
         cfg: &RegistryConfig,
         metrics: Arc<Metrics>,
-        loopback_allowed: Arc<Vec<(String, u16)>>,
+        outbound: Arc<OutboundPolicy>,
     ) -> Result<Upstream, String> {
         let password = cfg.password().map_err(|e| e.to_string())?;
         let policy = || {
-            let allowed = loopback_allowed.clone();
-            reqwest::redirect::Policy::custom(move |attempt| redirect(attempt, &allowed))
+            let outbound = outbound.clone();
+            reqwest::redirect::Policy::custom(move |attempt| redirect(attempt, &outbound))
         };
         let extra_roots = match &cfg.ca_file {
             Some(path) => {
@@ -130,6 +134,7 @@ impl Upstream {
                 .connect_timeout(e.connect_timeout.unwrap_or(cfg.connect_timeout))
                 .read_timeout(e.read_timeout.unwrap_or(cfg.read_timeout))
                 .redirect(policy())
+                .dns_resolver(GuardedResolver(outbound.clone()))
                 .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
                 .pool_idle_timeout(Duration::from_secs(60))
                 .danger_accept_invalid_certs(cfg.insecure);
@@ -170,6 +175,7 @@ impl Upstream {
             ratelimit_pause: cfg.ratelimit_pause,
             paused_until: Mutex::new(None),
             probe_interval: cfg.probe_interval,
+            outbound,
         })
     }
 
@@ -483,11 +489,6 @@ impl Upstream {
     ) -> Result<(String, Duration), UpstreamError> {
         let mut url = Url::parse(realm)
             .map_err(|e| UpstreamError::Invalid(format!("token realm {realm:?}: {e}")))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(UpstreamError::Invalid(format!(
-                "token realm {realm:?} is not http(s)"
-            )));
-        }
         {
             let mut q = url.query_pairs_mut();
             if let Some(s) = service {
@@ -497,14 +498,19 @@ impl Upstream {
                 q.append_pair("scope", scope);
             }
         }
+        if let Err(e) = self.outbound.check_url(&url) {
+            tracing::warn!(registry = %self.name, endpoint = %ep.base, realm, error = %e, "token realm refused");
+            return Err(UpstreamError::Invalid(format!(
+                "token realm {realm:?} refused: {e}"
+            )));
+        }
         let mut req = ep.client.get(url.clone());
-        let realm_host = url.host_str().unwrap_or_default();
-        if realm_may_get_credentials(&ep.host, realm_host) {
+        if realm_gets_credentials(&ep.base, &url) {
             if let Some(v) = self.basic_value() {
                 req = req.header(header::AUTHORIZATION, v);
             }
         } else if self.username.is_some() {
-            tracing::warn!(registry = %self.name, realm, "token realm is outside the registry's domain: asking for an anonymous token");
+            tracing::warn!(registry = %self.name, realm, "token realm is outside the registry's domain or scheme: asking for an anonymous token");
         }
         let started = Instant::now();
         let resp = req.send().await.map_err(|e| {
@@ -601,67 +607,17 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// The redirect policy: a few hops, http(s) only, no local targets that are not endpoints.
+/// The redirect policy: a few hops, to places the outbound policy allows.
 fn redirect(
     attempt: reqwest::redirect::Attempt,
-    allowed: &[(String, u16)],
+    outbound: &OutboundPolicy,
 ) -> reqwest::redirect::Action {
     if attempt.previous().len() >= MAX_REDIRECTS {
         return attempt.error("too many redirects");
     }
-    let url = attempt.url();
-    if !matches!(url.scheme(), "http" | "https") {
-        return attempt.error("redirect to a non-http(s) URL");
-    }
-    if redirect_target_forbidden(url, allowed) {
-        return attempt.error("redirect to a local address that is not a configured endpoint");
-    }
-    // reqwest drops Authorization when a redirect leaves the original host.
-    attempt.follow()
-}
-
-/// A redirect may not lead to a loopback, unspecified or link-local address unless that
-/// host:port is itself a configured endpoint (so the mirror cannot be pointed at local
-/// services by an upstream it trusts).
-fn redirect_target_forbidden(url: &Url, allowed: &[(String, u16)]) -> bool {
-    let Some(host) = url.host() else {
-        return true;
-    };
-    let local = match host {
-        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost") || d.ends_with(".localhost"),
-        url::Host::Ipv4(ip) => ip.is_loopback() || ip.is_unspecified() || ip.is_link_local(),
-        url::Host::Ipv6(ip) => ip.is_loopback() || ip.is_unspecified(),
-    };
-    if !local {
-        return false;
-    }
-    let port = url.port_or_known_default().unwrap_or(0);
-    let host = url.host_str().unwrap_or_default();
-    !allowed.iter().any(|(h, p)| h == host && *p == port)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redirect_targets() {
-        let allowed = vec![("127.0.0.1".to_owned(), 5001)];
-        let cases = [
-            ("https://cdn.example.com/blob", false),
-            ("http://127.0.0.1:5001/x", false),
-            ("http://127.0.0.1:6379/x", true),
-            ("http://localhost:5001/x", true),
-            ("http://[::1]:5001/x", true),
-            ("http://0.0.0.0:5001/x", true),
-            ("http://169.254.169.254/latest/meta-data", true),
-        ];
-        for (u, forbidden) in cases {
-            assert_eq!(
-                redirect_target_forbidden(&Url::parse(u).unwrap(), &allowed),
-                forbidden,
-                "{u}"
-            );
-        }
+    match outbound.check_url(attempt.url()) {
+        // reqwest drops Authorization when a redirect leaves the original scheme/host/port.
+        Ok(()) => attempt.follow(),
+        Err(e) => attempt.error(e),
     }
 }

@@ -63,6 +63,8 @@ pub struct State {
     pub authorized: Mutex<Vec<String>>,
     /// When set, registry requests need `Authorization: Bearer <token>`, issued by /token.
     pub token: Mutex<Option<String>>,
+    /// The realm the token challenge names (default: this server's `/token`).
+    pub realm: Mutex<Option<String>>,
     /// Repositories whose blobs are hidden (404), as a private repository would be.
     pub hidden_repos: Mutex<Vec<String>>,
     /// Blob GETs seen (what `Behaviour::Flaky` counts).
@@ -80,6 +82,33 @@ pub struct FakeUpstream {
 impl Drop for FakeUpstream {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// The `[server]` and `[cache]` sections of an in-process berth config on 127.0.0.1:0.
+pub fn server_toml(cache_dir: &std::path::Path) -> String {
+    format!(
+        r#"
+        [server]
+        listen = "127.0.0.1:0"
+        admin_listen = "127.0.0.1:0"
+        shutdown_grace = "1s"
+        [cache]
+        dir = "{}"
+        "#,
+        cache_dir.display()
+    )
+}
+
+/// Waits (at most 2 s) until berth's admin listener answers `/readyz` with 200.
+pub async fn wait_ready(admin: SocketAddr) {
+    let client = reqwest::Client::new();
+    for _ in 0..100 {
+        let r = client.get(format!("http://{admin}/readyz")).send().await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -324,7 +353,9 @@ async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response
                 StatusCode::UNAUTHORIZED,
                 r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#,
             );
-            let v = format!(r#"Bearer realm="http://{host}/token",service="fake""#);
+            let realm = st.realm.lock().expect("lock").clone();
+            let realm = realm.unwrap_or_else(|| format!("http://{host}/token"));
+            let v = format!(r#"Bearer realm="{realm}",service="fake""#);
             r.headers_mut()
                 .insert("www-authenticate", v.parse().expect("header"));
             return r;
