@@ -588,14 +588,12 @@ impl Mirror {
             cluster: self.cluster.clone().filter(|_| !via.peer),
             authorization: via.authorization.map(str::to_owned),
         };
-        let (fill, joined) = self
-            .blobs
-            .fill(digest, &t.registry, t.repo.as_str(), |fill| {
-                sources::open(Arc::new(plan), fill.clone()).boxed()
-            });
+        let (fill, joined) = self.blobs.fill(digest, t, |fill| {
+            sources::open(Arc::new(plan), fill.clone()).boxed()
+        });
         // A joiner from another repository must first show that its repository holds the blob
         // too; one from the same repository shares the fill's own upstream answer.
-        let same_repo = fill.origin == format!("{}/{}", t.registry, t.repo);
+        let same_repo = fill.origin == *t;
         if joined && !same_repo && !self.manifests.is_member(&t.registry, &t.repo, digest) {
             self.confirm_member(t, digest).await?;
         }
