@@ -15,7 +15,7 @@ use reqwest::Url;
 
 use crate::config::{EndpointConfig, RegistryConfig, Secret};
 use crate::metrics::Metrics;
-use crate::oci::{Digest, Reference, RepoName, Tag};
+use crate::oci::{Digest, RepoName, Tag};
 use auth::{Challenge, TokenCache, TokenResponse, parse_challenge, realm_may_get_credentials};
 use endpoints::{Endpoint, Endpoints};
 
@@ -88,15 +88,6 @@ pub enum UpstreamPath<'a> {
         n: Option<u32>,
         last: Option<&'a str>,
     },
-}
-
-impl<'a> From<&'a Reference> for UpstreamPath<'a> {
-    fn from(r: &'a Reference) -> Self {
-        match r {
-            Reference::Tag(t) => UpstreamPath::ManifestTag(t),
-            Reference::Digest(d) => UpstreamPath::ManifestDigest(d),
-        }
-    }
 }
 
 impl UpstreamPath<'_> {
