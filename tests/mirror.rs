@@ -146,6 +146,15 @@ impl Setup {
     /// The metrics once berth has settled: a request is recorded when its response has been
     /// handed to the socket (just after the client may have read it) and a fill commits just
     /// after its last byte, so wait until no fill is in flight and berth's figures stop moving.
+    /// Manifest requests answered stale, once berth has settled.
+    async fn stale_answers(&self) -> f64 {
+        let m = self.metrics().await;
+        sample(
+            &m,
+            r#"berth_cache_requests_total{kind="manifest",result="stale"}"#,
+        )
+    }
+
     async fn metrics(&self) -> String {
         let berth_lines = |m: &str| {
             m.lines()
@@ -166,6 +175,12 @@ impl Setup {
         }
         last
     }
+}
+
+/// The OCI error code of an error answer.
+async fn error_code(r: reqwest::Response) -> serde_json::Value {
+    let v: serde_json::Value = r.json().await.expect("json error");
+    v["errors"][0]["code"].clone()
 }
 
 /// The value of one sample line, e.g. `berth_cache_requests_total{kind="blob",result="hit"}`.
@@ -295,19 +310,48 @@ async fn stale_manifest_served_when_upstream_fails() {
     let r = s.get("/v2/library/other/manifests/v1").await;
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "7");
-    let v: serde_json::Value = r.json().await.expect("json error");
-    assert_eq!(v["errors"][0]["code"], "TOOMANYREQUESTS");
+    assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
     s.up.set(Behaviour::Status(503));
     let r = s.get("/v2/library/other/manifests/v1").await;
     assert_eq!(r.status(), 503);
-    let m = s.metrics().await;
-    assert_eq!(
-        sample(
-            &m,
-            r#"berth_cache_requests_total{kind="manifest",result="stale"}"#
-        ),
-        3.0
-    );
+    assert_eq!(s.stale_answers().await, 3.0);
+}
+
+/// One rule for serving a cached tag when upstream fails, whichever request failed: stale on
+/// anything but a 404 (the tag gone upstream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_tag_is_served_on_any_upstream_failure_but_404() {
+    let s = Setup::new(1, 1000, "0s").await;
+    let path = "/v2/library/app/manifests/v1";
+    assert_eq!(s.get(path).await.status(), 200);
+    let served = |r: &reqwest::Response| {
+        r.headers()
+            .get("docker-content-digest")
+            .map(|v| v.to_str().expect("ascii").to_owned())
+    };
+    // The revalidating HEAD is denied.
+    s.up.set(Behaviour::Status(403));
+    let r = s.get(path).await;
+    assert_eq!(r.status(), 200, "HEAD 403: stale answer expected");
+    assert_eq!(served(&r).as_deref(), Some(s.manifest.as_str()));
+    // The tag moved (the HEAD says so), and the GET of its new manifest is denied.
+    s.up.add_image("library/app", "v1", &s.config, &[]);
+    s.up.set(Behaviour::ManifestGetStatus(403));
+    let r = s.get(path).await;
+    assert_eq!(r.status(), 200, "GET 403: stale answer expected");
+    assert_eq!(served(&r).as_deref(), Some(s.manifest.as_str()));
+    assert_eq!(s.up.count("GET /v2/library/app/manifests/v1"), 2);
+    // The tag is gone upstream: a 404, not the cached answer.
+    s.up.set(Behaviour::Normal);
+    s.up.state
+        .manifests
+        .lock()
+        .expect("lock")
+        .remove(&("library/app".to_owned(), "v1".to_owned()));
+    let r = s.get(path).await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
+    assert_eq!(s.stale_answers().await, 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,9 +15,10 @@ use std::time::{Instant, SystemTime};
 use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
 
-use super::fill::{self, Fill, SourceFuture};
-use crate::metrics::Metrics;
+use super::fill::{self, Fill, FillOutcome, SourceFuture};
+use crate::metrics::{FillFailure, Metrics};
 use crate::oci::{Digest, DigestAlgorithm};
+use crate::route::Target;
 
 /// A verified blob on disk, opened: reading from the handle works even if it is evicted now.
 pub struct CachedBlob {
@@ -264,45 +265,29 @@ impl BlobStore {
     pub fn fill(
         self: &Arc<Self>,
         digest: &Digest,
-        registry: &str,
-        repo: &str,
+        origin: &Target,
         source: impl FnOnce(&Arc<Fill>) -> SourceFuture,
     ) -> (Arc<Fill>, bool) {
         let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = fills.get(digest) {
             return (f.clone(), true);
         }
-        let f = Arc::new(Fill::new(digest.clone(), format!("{registry}/{repo}")));
+        let f = Arc::new(Fill::new(digest.clone(), origin.clone()));
         fills.insert(digest.clone(), f.clone());
         drop(fills);
-        let store = self.clone();
-        let fut = source(&f);
-        let (registry, repo) = (registry.to_owned(), repo.to_owned());
-        let fill = f.clone();
         self.metrics.fills_in_flight.inc();
+        // From here on the guard owns the fill's place in the table: however the task ends
+        // (or if it never runs), the fill leaves the table and its readers hear of it.
+        let mut guard = FillGuard {
+            store: self.clone(),
+            fill: f.clone(),
+            started: Instant::now(),
+            outcome: None,
+        };
+        let fut = source(&f);
         tokio::spawn(async move {
-            let started = Instant::now();
-            let outcome = fill::run(fill.clone(), store.clone(), fut).await;
-            store
-                .fills
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&fill.digest);
-            store.metrics.fills_in_flight.dec();
-            let seconds = started.elapsed().as_secs_f64();
-            match &outcome.failure {
-                None => tracing::info!(
-                    registry, repository = repo, digest = %fill.digest, bytes = outcome.bytes,
-                    seconds, endpoint = outcome.endpoint, outcome = "cached", "fill"
-                ),
-                Some((reason, msg)) => {
-                    store.metrics.record_fill_failure(&registry, *reason);
-                    tracing::warn!(
-                        registry, repository = repo, digest = %fill.digest, bytes = outcome.bytes,
-                        seconds, endpoint = outcome.endpoint, outcome = reason.as_str(), error = %msg, "fill"
-                    );
-                }
-            }
+            let outcome = fill::run(guard.fill.clone(), guard.store.clone(), fut).await;
+            guard.ran(outcome);
         });
         (f, false)
     }
@@ -357,6 +342,71 @@ impl BlobStore {
     }
 }
 
+/// The task that drives one fill, as far as the in-flight table is concerned. Dropped when the
+/// task ends — it finished, panicked, or was cancelled (its future dropped, as at runtime
+/// shutdown) — it removes the fill from the table, so the next request starts a fresh fill,
+/// and fails a fill left unfinished (pingora calls such a lock "dangling"), so no reader or
+/// waiter of it waits forever. Then it logs and counts the outcome.
+struct FillGuard {
+    store: Arc<BlobStore>,
+    fill: Arc<Fill>,
+    started: Instant,
+    /// What `fill::run` returned, once it did.
+    outcome: Option<FillOutcome>,
+}
+
+impl FillGuard {
+    fn ran(&mut self, outcome: FillOutcome) {
+        self.outcome = Some(outcome);
+    }
+}
+
+impl Drop for FillGuard {
+    fn drop(&mut self) {
+        let (store, fill) = (&self.store, &self.fill);
+        {
+            let mut fills = store.fills.lock().unwrap_or_else(|p| p.into_inner());
+            if fills
+                .get(&fill.digest)
+                .is_some_and(|f| Arc::ptr_eq(f, fill))
+            {
+                fills.remove(&fill.digest);
+            }
+        }
+        store.metrics.fills_in_flight.dec();
+        let why = if std::thread::panicking() {
+            "its task panicked"
+        } else {
+            "its task ended before the fill did"
+        };
+        let unfinished = fill.abandon(why);
+        let outcome = match self.outcome.take() {
+            Some(outcome) if !unfinished => outcome,
+            // Unfinished (now failed), or verified but never stored.
+            _ => FillOutcome {
+                bytes: fill.received(),
+                endpoint: String::new(),
+                failure: Some((FillFailure::Cancelled, why.to_owned())),
+            },
+        };
+        let (registry, repo) = (&*fill.origin.registry, fill.origin.repo.as_str());
+        let seconds = self.started.elapsed().as_secs_f64();
+        match &outcome.failure {
+            None => tracing::info!(
+                registry, repository = repo, digest = %fill.digest, bytes = outcome.bytes,
+                seconds, endpoint = outcome.endpoint, outcome = "cached", "fill"
+            ),
+            Some((reason, msg)) => {
+                store.metrics.record_fill_failure(registry, *reason);
+                tracing::warn!(
+                    registry, repository = repo, digest = %fill.digest, bytes = outcome.bytes,
+                    seconds, endpoint = outcome.endpoint, outcome = reason.as_str(), error = %msg, "fill"
+                );
+            }
+        }
+    }
+}
+
 /// Makes the 256 directories of sha256 blobs (`blobs/sha256/00` … `ff`) once, at start (on a
 /// thread of its own), so storing a blob needs no mkdir: creating a directory (an inode, a
 /// directory block) costs more than the rest of a small blob's commit, and every new blob would
@@ -387,7 +437,181 @@ fn blob_path(root: &Path, digest: &Digest) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    use std::task::Poll;
+    use std::time::Duration;
+
+    use std::os::unix::fs::FileExt;
+
+    use bytes::Bytes;
+    use futures_util::stream::BoxStream;
+    use futures_util::{FutureExt, StreamExt};
+
     use super::*;
+    use crate::cache::Source;
+
+    /// How long a reader may wait before the test calls it left waiting forever.
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    fn origin() -> Target {
+        Target {
+            registry: "docker.io".into(),
+            repo: "library/app".parse().unwrap(),
+        }
+    }
+
+    fn blob(len: usize) -> Bytes {
+        (0..len).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    fn source(len: usize, stream: BoxStream<'static, io::Result<Bytes>>) -> SourceFuture {
+        let source = Source {
+            len: Some(len as u64),
+            stream,
+            endpoint: "test".into(),
+            on_corrupt: None,
+        };
+        futures_util::future::ready(Ok(source)).boxed()
+    }
+
+    /// A source that sends `data` whole.
+    fn whole(data: &Bytes) -> SourceFuture {
+        let stream = futures_util::stream::iter([Ok(data.clone())]).boxed();
+        source(data.len(), stream)
+    }
+
+    /// A source that sends the first `sent` bytes of `data`, then panics (a bug in a source).
+    fn panicking(data: &Bytes, sent: usize) -> SourceFuture {
+        let head = futures_util::stream::iter([Ok(data.slice(..sent))]);
+        let panic = futures_util::stream::poll_fn(|_| -> Poll<Option<io::Result<Bytes>>> {
+            panic!("a source that panics mid-body (expected by this test)")
+        });
+        source(data.len(), head.chain(panic).boxed())
+    }
+
+    async fn read_all(fill: &Arc<Fill>) -> io::Result<Vec<u8>> {
+        let mut reader = fill.reader(0, None);
+        let mut out = Vec::new();
+        while let Some(chunk) = reader.next().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+
+    /// Checks what must follow a fill whose task ended early: every reader and waiter has an
+    /// error, the failure is counted as `cancelled`, and the next request for the digest starts
+    /// a fresh fill that serves — and caches — the verified bytes.
+    async fn assert_recovers(store: &Arc<BlobStore>, broken: &Arc<Fill>, data: &Bytes) {
+        let digest = Digest::sha256_of(data);
+        let read = tokio::time::timeout(PATIENCE, read_all(broken)).await;
+        let err = read.expect("the reader is not left waiting").unwrap_err();
+        assert!(err.to_string().contains("abandoned"), "{err}");
+        let waited = tokio::time::timeout(PATIENCE, broken.wait_started()).await;
+        let err = waited.expect("the waiter is not left waiting").unwrap_err();
+        assert!(err.message.contains("abandoned"), "{}", err.message);
+        assert_eq!(
+            store
+                .metrics
+                .fill_failures
+                .with_label_values(&["docker.io", "cancelled"])
+                .get(),
+            1
+        );
+
+        let (fresh, joined) = store.fill(&digest, &origin(), |_| whole(data));
+        assert!(!joined, "the next request starts a fill of its own");
+        assert!(!Arc::ptr_eq(&fresh, broken));
+        let got = tokio::time::timeout(PATIENCE, read_all(&fresh)).await;
+        assert_eq!(got.unwrap().unwrap(), &data[..]);
+        for _ in 0..500 {
+            if store.lookup(&digest).is_some() && store.metrics.fills_in_flight.get() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let cached = store
+            .lookup(&digest)
+            .expect("the fresh fill reached the cache");
+        let mut on_disk = vec![0; cached.len as usize];
+        cached.file.read_exact_at(&mut on_disk, 0).unwrap();
+        assert_eq!(on_disk, &data[..]);
+        assert_eq!(store.metrics.fills_in_flight.get(), 0);
+        assert_eq!(
+            std::fs::read_dir(&store.tmp).unwrap().count(),
+            0,
+            "no temp file is left behind"
+        );
+    }
+
+    /// A fresh store, and a blob of `len` bytes with its digest.
+    fn setup(len: usize) -> (tempfile::TempDir, Arc<BlobStore>, Bytes, Digest) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), 1 << 30, Arc::new(Metrics::new())).unwrap();
+        let data = blob(len);
+        let digest = Digest::sha256_of(&data);
+        (dir, store, data, digest)
+    }
+
+    #[tokio::test]
+    async fn a_fill_whose_task_panics_fails_its_readers_and_the_next_request_fills_again() {
+        let (_dir, store, data, digest) = setup(300 * 1024);
+        let (broken, joined) = store.fill(&digest, &origin(), |_| panicking(&data, 200 * 1024));
+        assert!(!joined);
+        let (same, joined) = store.fill(&digest, &origin(), |_| whole(&data));
+        assert!(joined && Arc::ptr_eq(&same, &broken));
+        assert_recovers(&store, &broken, &data).await;
+    }
+
+    #[tokio::test]
+    async fn a_fill_whose_source_panics_fails_its_waiters_and_the_next_request_fills_again() {
+        let (_dir, store, data, digest) = setup(1000);
+        let (broken, _) = store.fill(&digest, &origin(), |_| {
+            async { panic!("a source that panics before it answers (expected by this test)") }
+                .boxed()
+        });
+        assert_recovers(&store, &broken, &data).await;
+    }
+
+    #[tokio::test]
+    async fn a_fill_whose_task_is_cancelled_fails_its_waiters_and_the_next_request_fills_again() {
+        let (_dir, store, data, digest) = setup(1000);
+        // The fill runs on a runtime of its own, waiting for a source that never answers;
+        // dropping that runtime drops (cancels) the fill's task.
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (cancel_tx, cancel_rx) = std::sync::mpsc::channel::<()>();
+        let (s, d) = (store.clone(), digest.clone());
+        let driver = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (fill, _) = s.fill(&d, &origin(), |_| futures_util::future::pending().boxed());
+                // Let the fill's task start and wait on its source.
+                tokio::task::yield_now().await;
+                let _ = started_tx.send(fill);
+            });
+            let _ = cancel_rx.recv_timeout(PATIENCE);
+            drop(rt);
+        });
+        let broken = tokio::time::timeout(PATIENCE, started_rx)
+            .await
+            .unwrap()
+            .unwrap();
+        let waiter = tokio::spawn({
+            let broken = broken.clone();
+            async move { tokio::time::timeout(PATIENCE, broken.wait_started()).await }
+        });
+        let (same, joined) = store.fill(&digest, &origin(), |_| whole(&data));
+        assert!(joined && Arc::ptr_eq(&same, &broken));
+        cancel_tx.send(()).unwrap();
+        driver.join().unwrap();
+        let waited = waiter
+            .await
+            .unwrap()
+            .expect("the waiter is not left waiting");
+        assert!(waited.is_err());
+        assert_recovers(&store, &broken, &data).await;
+    }
 
     #[test]
     fn shards_are_made_at_open_and_remade_when_removed() {

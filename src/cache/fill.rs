@@ -21,6 +21,7 @@ use super::blobs::BlobStore;
 use crate::error::{ErrorCode, RegistryError};
 use crate::metrics::FillFailure;
 use crate::oci::{Digest, Hasher};
+use crate::route::Target;
 
 /// Bytes of recent chunks kept in memory per fill.
 const RING_BYTES: usize = 4 * 1024 * 1024;
@@ -69,16 +70,24 @@ struct Shared {
     file: Option<Arc<File>>,
 }
 
+impl Shared {
+    fn set_failed(&mut self, err: RegistryError) {
+        self.phase = Phase::Failed(err);
+        self.ring.clear();
+        self.ring_bytes = 0;
+    }
+}
+
 pub struct Fill {
     pub digest: Digest,
-    /// `registry/repository` of the request that started it (whose upstream answer it is).
-    pub origin: String,
+    /// The repository of the request that started it (whose upstream answer it is).
+    pub origin: Target,
     shared: Mutex<Shared>,
     notify: Notify,
 }
 
 impl Fill {
-    pub(super) fn new(digest: Digest, origin: String) -> Fill {
+    pub(super) fn new(digest: Digest, origin: Target) -> Fill {
         Fill {
             digest,
             origin,
@@ -122,11 +131,29 @@ impl Fill {
     }
 
     fn fail(&self, err: RegistryError) {
+        self.update(|s| s.set_failed(err));
+    }
+
+    /// Fails the fill if it has neither completed nor failed: its task ended without finishing
+    /// it (panicked, was cancelled, or returned early), so every reader and waiter gets an
+    /// error instead of waiting forever. Returns whether it was unfinished.
+    pub(super) fn abandon(&self, why: &str) -> bool {
+        let mut unfinished = false;
         self.update(|s| {
-            s.phase = Phase::Failed(err);
-            s.ring.clear();
-            s.ring_bytes = 0;
+            if matches!(s.phase, Phase::Starting | Phase::Streaming) {
+                unfinished = true;
+                s.set_failed(RegistryError::new(
+                    ErrorCode::Unavailable,
+                    format!("fill of blob {} abandoned: {why}", self.digest),
+                ));
+            }
         });
+        unfinished
+    }
+
+    /// Bytes received from the source so far.
+    pub(super) fn received(&self) -> u64 {
+        self.lock().received
     }
 
     /// Whether the blob arrived whole and verified (it may still be on its way to the cache).
@@ -323,13 +350,15 @@ pub(super) async fn run(
     };
     let endpoint = source.endpoint.clone();
     let on_corrupt = source.on_corrupt.take();
-    let tmp_path = store.temp_path(&fill.digest);
-    let result = stream_to_disk(&fill, &store, source, &tmp_path).await;
-    if result.is_err() {
-        // Nothing of a failed fill stays: the temp file goes now, not at the next start.
-        let _ = std::fs::remove_file(&tmp_path);
-    }
-    let bytes = fill.lock().received;
+    let mut tmp = TempFile {
+        path: store.temp_path(&fill.digest),
+        keep: false,
+    };
+    let result = stream_to_disk(&fill, &store, source, &tmp.path).await;
+    // Committed: the temp file is the blob's file now. Otherwise it goes when `tmp` drops.
+    tmp.keep = matches!(result, Ok(true));
+    drop(tmp);
+    let bytes = fill.received();
     let failure = match result {
         Ok(true) => None,
         Ok(false) => Some((FillFailure::Disk, "verified but not stored".to_owned())),
@@ -349,6 +378,23 @@ pub(super) async fn run(
         bytes,
         endpoint,
         failure,
+    }
+}
+
+/// A fill's temp file. Nothing of a fill that did not reach the cache stays — whether it failed
+/// or its task ended early (the future dropped mid-stream) — the file goes now, not at the next
+/// start.
+struct TempFile {
+    path: std::path::PathBuf,
+    /// Set once the file was committed (renamed into the cache).
+    keep: bool,
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -497,8 +543,8 @@ async fn stream_to_disk(
         Ok(()) => Ok(true),
         Err(e) => {
             tracing::warn!(digest = %digest, error = %e, "blob verified but not cached (disk)");
-            let _ = std::fs::remove_file(tmp_path);
-            // Readers still waiting for bytes from the temp file will not get them.
+            // The temp file goes when `run` drops it. Readers still waiting for bytes from the
+            // temp file will not get them.
             fill.update(|s| s.file = None);
             Ok(false)
         }

@@ -21,11 +21,12 @@ use crate::config::Config;
 use crate::error::{ErrorCode, RegistryError};
 use crate::metrics::{CacheResult, Metrics};
 use crate::oci::{
-    self, Digest, Hasher, MANIFEST_MEDIA_TYPES, Reference, accepts_media_type, manifest_media_type,
+    self, Digest, Hasher, MANIFEST_MEDIA_TYPES, Reference, Tag, accepts_media_type,
+    manifest_media_type,
 };
 use crate::route::Target;
 use crate::upstream::policy::OutboundPolicy;
-use crate::upstream::{Upstream, UpstreamError, Urgency, read_limited};
+use crate::upstream::{Upstream, UpstreamError, UpstreamPath, Urgency, read_limited};
 
 /// Registries refuse manifests larger than this; so does berth.
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
@@ -57,9 +58,30 @@ pub struct Mirror {
     pub manifests: Arc<ManifestStore>,
     metrics: Arc<Metrics>,
     tag_ttl: Duration,
-    locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+    locks: Mutex<HashMap<LockKey, Weak<tokio::sync::Mutex<()>>>>,
     shared: Option<Arc<SharedStore>>,
     cluster: Option<Arc<Cluster>>,
+}
+
+/// A manifest and how it was found, or the client's error.
+type ManifestAnswer = Result<(Arc<Manifest>, CacheResult), RegistryError>;
+
+/// What one of the mirror's locks serializes: the revalidation of a tag, or the fetch of a
+/// manifest by digest.
+#[derive(PartialEq, Eq, Hash)]
+enum LockKey {
+    Tag(Target, Tag),
+    Digest(Target, Digest),
+}
+
+/// What the cache knows of a tag at one step of [`Mirror::manifest_by_tag`].
+enum TagState {
+    /// Checked upstream within the tag TTL.
+    Fresh(Arc<Manifest>),
+    /// Checked longer ago: to be revalidated, or served when upstream fails.
+    Stale(Arc<TagRecord>, Arc<Manifest>),
+    /// Nothing cached that the client accepts.
+    Unknown,
 }
 
 #[derive(Clone, Copy)]
@@ -220,7 +242,7 @@ impl Mirror {
     }
 
     /// Stores a tag record here and in the shared store.
-    fn record_tag(&self, t: &Target, tag: &crate::oci::Tag, rec: TagRecord) {
+    fn record_tag(&self, t: &Target, tag: &Tag, rec: TagRecord) {
         if let Some(shared) = &self.shared {
             shared.put_tag(&t.registry, &t.repo, tag, &rec);
         }
@@ -235,31 +257,6 @@ impl Mirror {
         Some(m)
     }
 
-    /// A tag record another replica stored more recently than `than`, with its manifest.
-    async fn shared_tag(
-        &self,
-        t: &Target,
-        tag: &crate::oci::Tag,
-        accept: &[&str],
-        than: Option<&TagRecord>,
-    ) -> Option<(Arc<TagRecord>, Arc<Manifest>)> {
-        let shared = self.shared.as_ref()?;
-        let rec = shared.get_tag(&t.registry, &t.repo, tag).await?;
-        if than.is_some_and(|old| old.checked >= rec.checked) {
-            return None;
-        }
-        let m = match self.manifests.get(&t.registry, &t.repo, &rec.digest) {
-            Some(m) => m,
-            None => self.shared_manifest(t, &rec.digest).await?,
-        };
-        if !accepts_media_type(accept, &m.media_type) {
-            return None;
-        }
-        self.manifests
-            .put_tag(&t.registry, &t.repo, tag, rec.clone());
-        Some((Arc::new(rec), m))
-    }
-
     fn upstream(&self, registry: &str) -> Result<&Arc<Upstream>, RegistryError> {
         self.upstreams
             .get(registry)
@@ -267,7 +264,7 @@ impl Mirror {
     }
 
     /// Serializes work on one key (a tag revalidation, a manifest fetch).
-    async fn lock(&self, key: String) -> tokio::sync::OwnedMutexGuard<()> {
+    async fn lock(&self, key: LockKey) -> tokio::sync::OwnedMutexGuard<()> {
         let m = {
             let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
             if locks.len() > 1024 {
@@ -291,119 +288,201 @@ impl Mirror {
         t: &Target,
         reference: &Reference,
         accept: &[&str],
-    ) -> Result<(Arc<Manifest>, CacheResult), RegistryError> {
+    ) -> ManifestAnswer {
         match reference {
-            Reference::Digest(d) => {
-                if let Some(m) = self.manifests.get(&t.registry, &t.repo, d) {
-                    return Ok((m, CacheResult::Hit));
-                }
-                let _guard = self.lock(format!("{}/{}@{d}", t.registry, t.repo)).await;
-                if let Some(m) = self.manifests.get(&t.registry, &t.repo, d) {
-                    return Ok((m, CacheResult::Coalesced));
-                }
-                if let Some(m) = self.shared_manifest(t, d).await {
-                    return Ok((m, CacheResult::Hit));
-                }
-                let m = self
-                    .fetch_manifest(t, &d.to_string(), accept, Some(d))
-                    .await
-                    .map_err(|e| upstream_error(&e, Kind::Manifest, &format!("manifest {d}")))?;
-                Ok((m, CacheResult::Miss))
-            }
-            Reference::Tag(tag) => {
-                let cached = || {
-                    let rec = self.manifests.get_tag(&t.registry, &t.repo, tag)?;
-                    let m = self.manifests.get(&t.registry, &t.repo, &rec.digest)?;
-                    accepts_media_type(accept, &m.media_type).then_some((rec, m))
-                };
-                if let Some((rec, m)) = cached()
-                    && rec.age() < self.tag_ttl
-                {
-                    return Ok((m, CacheResult::Hit));
-                }
-                let _guard = self.lock(format!("{}/{}:{tag}", t.registry, t.repo)).await;
-                let stale = match cached() {
-                    Some((rec, m)) if rec.age() < self.tag_ttl => {
-                        // Someone revalidated while this request waited.
-                        return Ok((m, CacheResult::Hit));
-                    }
-                    other => other,
-                };
-                // Another replica may have checked the tag more recently.
-                let stale = match self
-                    .shared_tag(t, tag, accept, stale.as_ref().map(|(r, _)| &**r))
-                    .await
-                {
-                    Some((rec, m)) if rec.age() < self.tag_ttl => {
-                        return Ok((m, CacheResult::Hit));
-                    }
-                    Some(newer) => Some(newer),
-                    None => stale,
-                };
-                let what = format!("manifest {}:{tag}", t.repo);
-                if let Some((_, m)) = &stale {
-                    match self.revalidate(t, tag.as_str(), accept, m).await {
-                        Ok(true) => return Ok((m.clone(), CacheResult::Revalidated)),
-                        Ok(false) => {}
-                        Err(e)
-                            if e.is_transient()
-                                || !matches!(
-                                    e,
-                                    UpstreamError::Status {
-                                        status: StatusCode::NOT_FOUND,
-                                        ..
-                                    }
-                                ) =>
-                        {
-                            tracing::warn!(registry = %t.registry, repository = %t.repo, tag = %tag, error = %e, "upstream failed: serving the cached manifest (stale)");
-                            return Ok((m.clone(), CacheResult::Stale));
-                        }
-                        Err(e) => return Err(upstream_error(&e, Kind::Manifest, &what)),
-                    }
-                }
-                match self.fetch_manifest(t, tag.as_str(), accept, None).await {
-                    Ok(m) => {
-                        if accepts_all(accept) {
-                            self.record_tag(t, tag, TagRecord::now(&m.digest, &m.media_type));
-                        }
-                        Ok((m, CacheResult::Miss))
-                    }
-                    Err(e) if e.is_transient() && stale.is_some() => {
-                        tracing::warn!(registry = %t.registry, repository = %t.repo, tag = %tag, error = %e, "upstream failed: serving the cached manifest (stale)");
-                        let (_, m) =
-                            stale.ok_or_else(|| upstream_error(&e, Kind::Manifest, &what))?;
-                        Ok((m, CacheResult::Stale))
-                    }
-                    Err(e) => Err(upstream_error(&e, Kind::Manifest, &what)),
-                }
-            }
+            Reference::Digest(d) => self.manifest_by_digest(t, d, accept).await,
+            Reference::Tag(tag) => self.manifest_by_tag(t, tag, accept).await,
         }
     }
 
-    /// Checks a cached tag upstream with a HEAD (which Docker Hub does not count as a pull).
-    /// Ok(true): unchanged, and the record is renewed.
-    async fn revalidate(
+    /// A manifest by digest: cached here, fetched by a request this one waited for, in the
+    /// shared store, or fetched now. Never stale: a digest's manifest never changes.
+    async fn manifest_by_digest(&self, t: &Target, d: &Digest, accept: &[&str]) -> ManifestAnswer {
+        if let Some(m) = self.manifests.get(&t.registry, &t.repo, d) {
+            return Ok((m, CacheResult::Hit));
+        }
+        let _guard = self.lock(LockKey::Digest(t.clone(), d.clone())).await;
+        if let Some(m) = self.manifests.get(&t.registry, &t.repo, d) {
+            return Ok((m, CacheResult::Coalesced));
+        }
+        if let Some(m) = self.shared_manifest(t, d).await {
+            return Ok((m, CacheResult::Hit));
+        }
+        let m = self
+            .fetch_manifest(t, UpstreamPath::ManifestDigest(d), accept)
+            .await
+            .map_err(|e| upstream_error(&e, Kind::Manifest, &format!("manifest {d}")))?;
+        Ok((m, CacheResult::Miss))
+    }
+
+    /// A manifest by tag: a small state machine, one step per function. A fresh cached answer
+    /// is served at once; otherwise, holding the tag's lock (so one request per tag asks
+    /// upstream and the others wait for its answer), the cached state is read again — another
+    /// request may have revalidated it meanwhile — and then, unless fresh, checked against the
+    /// shared store, where another replica may have checked the tag more recently
+    /// ([`newer_shared_tag`]). A stale answer is revalidated upstream ([`revalidate_tag`]);
+    /// with none, or when the tag changed, it is fetched ([`fetch_tag`]). Whether an upstream
+    /// failure is answered with the stale answer or an error is [`stale_or_error`]'s rule.
+    ///
+    /// [`newer_shared_tag`]: Mirror::newer_shared_tag
+    /// [`revalidate_tag`]: Mirror::revalidate_tag
+    /// [`fetch_tag`]: Mirror::fetch_tag
+    /// [`stale_or_error`]: Mirror::stale_or_error
+    async fn manifest_by_tag(&self, t: &Target, tag: &Tag, accept: &[&str]) -> ManifestAnswer {
+        if let TagState::Fresh(m) = self.tag_state(t, tag, accept) {
+            return Ok((m, CacheResult::Hit));
+        }
+        let _guard = self.lock(LockKey::Tag(t.clone(), tag.clone())).await;
+        let state = self.tag_state(t, tag, accept);
+        match self.newer_shared_tag(t, tag, accept, state).await {
+            TagState::Fresh(m) => Ok((m, CacheResult::Hit)),
+            TagState::Stale(_, m) => self.revalidate_tag(t, tag, accept, m).await,
+            TagState::Unknown => self.fetch_tag(t, tag, accept, None).await,
+        }
+    }
+
+    /// What this replica's cache knows of a tag, for a client that accepts `accept`.
+    fn tag_state(&self, t: &Target, tag: &Tag, accept: &[&str]) -> TagState {
+        let cached = || {
+            let rec = self.manifests.get_tag(&t.registry, &t.repo, tag)?;
+            let m = self.manifests.get(&t.registry, &t.repo, &rec.digest)?;
+            accepts_media_type(accept, &m.media_type).then_some((rec, m))
+        };
+        match cached() {
+            Some((rec, m)) => self.by_age(rec, m),
+            None => TagState::Unknown,
+        }
+    }
+
+    /// Fresh or stale, by when the tag was last checked upstream.
+    fn by_age(&self, rec: Arc<TagRecord>, m: Arc<Manifest>) -> TagState {
+        if rec.age() < self.tag_ttl {
+            TagState::Fresh(m)
+        } else {
+            TagState::Stale(rec, m)
+        }
+    }
+
+    /// The tag as the shared store has it, when another replica checked it more recently than
+    /// `state` says (its manifest kept here too); else `state`. A fresh state is kept as is.
+    async fn newer_shared_tag(
         &self,
         t: &Target,
-        tag: &str,
+        tag: &Tag,
         accept: &[&str],
-        cached: &Manifest,
-    ) -> Result<bool, UpstreamError> {
-        let resp = self
-            .manifest_request(t, Method::HEAD, tag, accept, Urgency::Revalidate)
-            .await?;
+        state: TagState,
+    ) -> TagState {
+        let than = match &state {
+            TagState::Fresh(_) => return state,
+            TagState::Stale(rec, _) => Some(rec.checked),
+            TagState::Unknown => None,
+        };
+        let newer = async {
+            let shared = self.shared.as_ref()?;
+            let rec = shared.get_tag(&t.registry, &t.repo, tag).await?;
+            if than.is_some_and(|checked| checked >= rec.checked) {
+                return None;
+            }
+            let m = match self.manifests.get(&t.registry, &t.repo, &rec.digest) {
+                Some(m) => m,
+                None => self.shared_manifest(t, &rec.digest).await?,
+            };
+            if !accepts_media_type(accept, &m.media_type) {
+                return None;
+            }
+            self.manifests
+                .put_tag(&t.registry, &t.repo, tag, rec.clone());
+            Some((Arc::new(rec), m))
+        };
+        match newer.await {
+            Some((rec, m)) => self.by_age(rec, m),
+            None => state,
+        }
+    }
+
+    /// A stale answer, checked upstream with a HEAD (which Docker Hub does not count as a
+    /// pull): unchanged, it is renewed and served; changed, the tag is fetched.
+    async fn revalidate_tag(
+        &self,
+        t: &Target,
+        tag: &Tag,
+        accept: &[&str],
+        stale: Arc<Manifest>,
+    ) -> ManifestAnswer {
+        let path = UpstreamPath::ManifestTag(tag);
+        let resp = match self
+            .manifest_request(t, Method::HEAD, path, accept, Urgency::Revalidate)
+            .await
+        {
+            Ok(resp) => resp,
+            Err(e) => return self.stale_or_error(t, tag, &e, Some(stale)),
+        };
         let digest = resp
             .headers()
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<Digest>().ok());
-        if digest.as_ref() == Some(&cached.digest) {
-            if let Ok(tag) = tag.parse() {
-                self.record_tag(t, &tag, TagRecord::now(&cached.digest, &cached.media_type));
-            }
-            return Ok(true);
+        if digest.as_ref() == Some(&stale.digest) {
+            self.record_tag(t, tag, TagRecord::now(&stale.digest, &stale.media_type));
+            return Ok((stale, CacheResult::Revalidated));
         }
-        Ok(false)
+        self.fetch_tag(t, tag, accept, Some(stale)).await
+    }
+
+    /// Fetches the tag's manifest; recorded as the tag's answer when the client accepts every
+    /// manifest type. `stale` is what may be served if upstream fails.
+    async fn fetch_tag(
+        &self,
+        t: &Target,
+        tag: &Tag,
+        accept: &[&str],
+        stale: Option<Arc<Manifest>>,
+    ) -> ManifestAnswer {
+        match self
+            .fetch_manifest(t, UpstreamPath::ManifestTag(tag), accept)
+            .await
+        {
+            Ok(m) => {
+                if accepts_all(accept) {
+                    self.record_tag(t, tag, TagRecord::now(&m.digest, &m.media_type));
+                }
+                Ok((m, CacheResult::Miss))
+            }
+            Err(e) => self.stale_or_error(t, tag, &e, stale),
+        }
+    }
+
+    /// The one rule for when a cached tag answer is served instead of an error: upstream failed
+    /// (`e`), and a stale answer is at hand. It is served — marked stale — on any failure
+    /// except an authoritative 404, the tag gone upstream: unreachable, 5xx, 429, the request
+    /// budget spent or revalidation paused, an invalid answer (a manifest that does not match
+    /// its digest), and also a denial or any other 4xx, which say more about the upstream's
+    /// state than about the tag. With nothing cached, or on a 404, the client gets the
+    /// upstream error. The same rule holds whether the revalidating HEAD or the GET failed.
+    fn stale_or_error(
+        &self,
+        t: &Target,
+        tag: &Tag,
+        e: &UpstreamError,
+        stale: Option<Arc<Manifest>>,
+    ) -> ManifestAnswer {
+        let gone = matches!(
+            e,
+            UpstreamError::Status {
+                status: StatusCode::NOT_FOUND,
+                ..
+            }
+        );
+        match stale {
+            Some(m) if !gone => {
+                tracing::warn!(registry = %t.registry, repository = %t.repo, tag = %tag, error = %e, "upstream failed: serving the cached manifest (stale)");
+                Ok((m, CacheResult::Stale))
+            }
+            _ => {
+                let what = format!("manifest {}:{tag}", t.repo);
+                Err(upstream_error(e, Kind::Manifest, &what))
+            }
+        }
     }
 
     /// Sends a manifest request upstream with the Accept list the client's implies.
@@ -411,7 +490,7 @@ impl Mirror {
         &self,
         t: &Target,
         method: Method,
-        reference: &str,
+        path: UpstreamPath<'_>,
         accept: &[&str],
         urgency: Urgency,
     ) -> Result<reqwest::Response, UpstreamError> {
@@ -420,8 +499,8 @@ impl Mirror {
             .map_err(|e| UpstreamError::Invalid(e.message))?;
         up.send(
             method,
-            Some(&t.repo),
-            &format!("manifests/{reference}"),
+            &t.repo,
+            path,
             Some(&upstream_accept(accept)),
             urgency,
         )
@@ -432,12 +511,15 @@ impl Mirror {
     async fn fetch_manifest(
         &self,
         t: &Target,
-        reference: &str,
+        path: UpstreamPath<'_>,
         accept: &[&str],
-        expected: Option<&Digest>,
     ) -> Result<Arc<Manifest>, UpstreamError> {
+        let expected = match path {
+            UpstreamPath::ManifestDigest(d) => Some(d),
+            _ => None,
+        };
         let resp = self
-            .manifest_request(t, Method::GET, reference, accept, Urgency::Fetch)
+            .manifest_request(t, Method::GET, path, accept, Urgency::Fetch)
             .await?;
         let header_type = resp
             .headers()
@@ -463,7 +545,7 @@ impl Mirror {
         let digest = hasher.finish();
         for claimed in [expected, header_digest.as_ref()].into_iter().flatten() {
             if *claimed != digest {
-                tracing::error!(registry = %t.registry, repository = %t.repo, reference, claimed = %claimed, actual = %digest, "upstream manifest does not match its digest; discarded");
+                tracing::error!(registry = %t.registry, repository = %t.repo, reference = ?path, claimed = %claimed, actual = %digest, "upstream manifest does not match its digest; discarded");
                 return Err(UpstreamError::Invalid(format!(
                     "manifest bytes hash to {digest}, not {claimed}"
                 )));
@@ -503,8 +585,8 @@ impl Mirror {
         let answer = up
             .send(
                 Method::HEAD,
-                Some(&t.repo),
-                &format!("blobs/{digest}"),
+                &t.repo,
+                UpstreamPath::Blob(digest),
                 None,
                 Urgency::Fetch,
             )
@@ -554,8 +636,8 @@ impl Mirror {
             let resp = up
                 .send(
                     Method::HEAD,
-                    Some(&t.repo),
-                    &format!("blobs/{digest}"),
+                    &t.repo,
+                    UpstreamPath::Blob(digest),
                     None,
                     Urgency::Fetch,
                 )
@@ -580,14 +662,12 @@ impl Mirror {
             cluster: self.cluster.clone().filter(|_| !via.peer),
             authorization: via.authorization.map(str::to_owned),
         };
-        let (fill, joined) = self
-            .blobs
-            .fill(digest, &t.registry, t.repo.as_str(), |fill| {
-                sources::open(Arc::new(plan), fill.clone()).boxed()
-            });
+        let (fill, joined) = self.blobs.fill(digest, t, |fill| {
+            sources::open(Arc::new(plan), fill.clone()).boxed()
+        });
         // A joiner from another repository must first show that its repository holds the blob
         // too; one from the same repository shares the fill's own upstream answer.
-        let same_repo = fill.origin == format!("{}/{}", t.registry, t.repo);
+        let same_repo = fill.origin == *t;
         if joined && !same_repo && !self.manifests.is_member(&t.registry, &t.repo, digest) {
             self.confirm_member(t, digest).await?;
         }
@@ -610,21 +690,12 @@ impl Mirror {
         last: Option<&str>,
     ) -> Result<Bytes, RegistryError> {
         let up = self.upstream(&t.registry)?;
-        let mut suffix = String::from("tags/list");
-        let mut sep = '?';
-        if let Some(n) = n {
-            suffix.push_str(&format!("{sep}n={n}"));
-            sep = '&';
-        }
-        if let Some(last) = last {
-            suffix.push_str(&format!("{sep}last={last}"));
-        }
         let what = format!("tags of {}", t.repo);
         let resp = up
             .send(
                 Method::GET,
-                Some(&t.repo),
-                &suffix,
+                &t.repo,
+                UpstreamPath::Tags { n, last },
                 Some("application/json"),
                 Urgency::Fetch,
             )

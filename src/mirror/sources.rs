@@ -18,7 +18,7 @@ use crate::error::{ErrorCode, RegistryError};
 use crate::metrics::{Metrics, PeerResult};
 use crate::oci::Digest;
 use crate::route::Target;
-use crate::upstream::{Upstream, Urgency};
+use crate::upstream::{Upstream, UpstreamPath, Urgency};
 
 /// Resumes of one fill's peer stream before it gives up.
 const MAX_RESUMES: usize = 4;
@@ -141,8 +141,8 @@ async fn from_upstream(plan: &Plan, fill: &Arc<Fill>, from: u64) -> Result<Sourc
         .upstream
         .send_from(
             Method::GET,
-            Some(&t.repo),
-            &format!("blobs/{digest}"),
+            &t.repo,
+            UpstreamPath::Blob(digest),
             None,
             from,
             Urgency::Fetch,

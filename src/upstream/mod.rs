@@ -16,7 +16,7 @@ use reqwest::Url;
 
 use crate::config::{EndpointConfig, RegistryConfig, Secret};
 use crate::metrics::Metrics;
-use crate::oci::RepoName;
+use crate::oci::{Digest, RepoName, Tag};
 use auth::{Challenge, TokenCache, TokenResponse, parse_challenge, realm_gets_credentials};
 use endpoints::{Endpoint, Endpoints};
 use policy::{GuardedResolver, OutboundPolicy};
@@ -72,6 +72,116 @@ impl UpstreamError {
             UpstreamError::Unreachable(_)
             | UpstreamError::Invalid(_)
             | UpstreamError::Budget { .. } => true,
+        }
+    }
+}
+
+/// What a request asks of a repository upstream (the path under `/v2/<repository>/`).
+#[derive(Debug, Clone, Copy)]
+pub enum UpstreamPath<'a> {
+    /// `manifests/<tag>`
+    ManifestTag(&'a Tag),
+    /// `manifests/<digest>`
+    ManifestDigest(&'a Digest),
+    /// `blobs/<digest>`
+    Blob(&'a Digest),
+    /// `tags/list`, with the client's `n` and `last` passed on.
+    Tags {
+        n: Option<u32>,
+        last: Option<&'a str>,
+    },
+}
+
+impl UpstreamPath<'_> {
+    /// The URL at endpoint `base` for `repo`; `ns` (a pull-through mirror endpoint's
+    /// namespace) is added to the query.
+    fn url(self, base: &str, repo: &RepoName, ns: Option<&str>) -> String {
+        let mut url = match self {
+            UpstreamPath::ManifestTag(t) => format!("{base}/v2/{repo}/manifests/{t}"),
+            UpstreamPath::ManifestDigest(d) => format!("{base}/v2/{repo}/manifests/{d}"),
+            UpstreamPath::Blob(d) => format!("{base}/v2/{repo}/blobs/{d}"),
+            UpstreamPath::Tags { .. } => format!("{base}/v2/{repo}/tags/list"),
+        };
+        let (n, last) = match self {
+            UpstreamPath::Tags { n, last } => (n, last),
+            _ => (None, None),
+        };
+        let query = [
+            ("n", n.map(|n| n.to_string())),
+            ("last", last.map(str::to_owned)),
+            ("ns", ns.map(str::to_owned)),
+        ];
+        let mut sep = '?';
+        for (key, value) in query {
+            if let Some(value) = value {
+                url.push(sep);
+                url.push_str(key);
+                url.push('=');
+                url.push_str(&value);
+                sep = '&';
+            }
+        }
+        url
+    }
+}
+
+#[cfg(test)]
+mod path_tests {
+    use super::*;
+
+    #[test]
+    fn upstream_urls() {
+        let repo: RepoName = "library/app".parse().unwrap();
+        let tag: Tag = "v1.2".parse().unwrap();
+        let digest = Digest::sha256_of(b"x");
+        let base = "http://127.0.0.1:5000";
+        let url = |p: UpstreamPath<'_>, ns| p.url(base, &repo, ns);
+        let cases = [
+            (
+                url(UpstreamPath::ManifestTag(&tag), None),
+                format!("{base}/v2/library/app/manifests/v1.2"),
+            ),
+            (
+                url(UpstreamPath::ManifestDigest(&digest), Some("docker.io")),
+                format!("{base}/v2/library/app/manifests/{digest}?ns=docker.io"),
+            ),
+            (
+                url(UpstreamPath::Blob(&digest), None),
+                format!("{base}/v2/library/app/blobs/{digest}"),
+            ),
+            (
+                url(
+                    UpstreamPath::Tags {
+                        n: None,
+                        last: None,
+                    },
+                    None,
+                ),
+                format!("{base}/v2/library/app/tags/list"),
+            ),
+            (
+                url(
+                    UpstreamPath::Tags {
+                        n: Some(10),
+                        last: Some("v1"),
+                    },
+                    Some("docker.io"),
+                ),
+                format!("{base}/v2/library/app/tags/list?n=10&last=v1&ns=docker.io"),
+            ),
+            (
+                url(
+                    UpstreamPath::Tags {
+                        n: None,
+                        last: Some("v1"),
+                    },
+                    None,
+                ),
+                format!("{base}/v2/library/app/tags/list?last=v1"),
+            ),
+        ];
+        for (got, want) in cases {
+            assert_eq!(got, want);
         }
     }
 }
@@ -248,19 +358,18 @@ impl Upstream {
         }
     }
 
-    /// Sends `method /v2/<repo>/<suffix>` (suffix like `manifests/latest` or
-    /// `tags/list?n=10`) and returns a success response, trying endpoints in the order the
-    /// registry's balancing and health give, failing over on connection errors and 5xx.
+    /// Sends `method` for `path` of `repo` and returns a success response, trying endpoints in
+    /// the order the registry's balancing and health give, failing over on connection errors
+    /// and 5xx.
     pub async fn send(
         &self,
         method: Method,
-        repo: Option<&RepoName>,
-        suffix: &str,
+        repo: &RepoName,
+        path: UpstreamPath<'_>,
         accept: Option<&str>,
         urgency: Urgency,
     ) -> Result<reqwest::Response, UpstreamError> {
-        self.send_from(method, repo, suffix, accept, 0, urgency)
-            .await
+        self.send_from(method, repo, path, accept, 0, urgency).await
     }
 
     /// Like [`send`](Upstream::send), asking for the body from byte `from` on (a `Range`
@@ -268,23 +377,20 @@ impl Upstream {
     pub async fn send_from(
         &self,
         method: Method,
-        repo: Option<&RepoName>,
-        suffix: &str,
+        repo: &RepoName,
+        path: UpstreamPath<'_>,
         accept: Option<&str>,
         from: u64,
         urgency: Urgency,
     ) -> Result<reqwest::Response, UpstreamError> {
         self.take_budget(urgency).await?;
-        let path = match repo {
-            Some(r) => format!("/v2/{r}/{suffix}"),
-            None => format!("/v2/{suffix}"),
-        };
-        let scope = repo.map(|r| format!("repository:{r}:pull"));
+        let scope = format!("repository:{repo}:pull");
         // Hash blobs on their digest, everything else on the repository.
-        let key = suffix
-            .strip_prefix("blobs/")
-            .or(repo.map(RepoName::as_str))
-            .unwrap_or(suffix);
+        let blob_key = match path {
+            UpstreamPath::Blob(d) => Some(d.to_string()),
+            _ => None,
+        };
+        let key = blob_key.as_deref().unwrap_or(repo.as_str());
         let mut last_err = UpstreamError::Unreachable("no endpoint".into());
         // Every endpoint once; when they all failed to connect, once more after a short pause
         // (a restarting registry, a dropped connection from the pool).
@@ -295,10 +401,13 @@ impl Upstream {
                 }
                 tokio::time::sleep(RETRY_PAUSE).await;
             }
-            for ep in self.endpoints.order(repo.map(RepoName::as_str), key) {
+            for ep in self.endpoints.order(Some(repo.as_str()), key) {
                 let _in_flight = ep.start();
+                // A pull-through mirror endpoint serves several registries: `ns` names ours.
+                let ns = ep.mirror.then_some(self.name.as_str());
+                let url = path.url(&ep.base, repo, ns);
                 match self
-                    .send_to(ep, &method, &path, scope.as_deref(), accept, from)
+                    .send_to(ep, &method, &url, Some(&scope), accept, from)
                     .await
                 {
                     Ok(resp) => return Ok(resp),
@@ -316,21 +425,15 @@ impl Upstream {
         &self,
         ep: &Endpoint,
         method: &Method,
-        path: &str,
+        url: &str,
         scope: Option<&str>,
         accept: Option<&str>,
         from: u64,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let mut url = format!("{}{}", ep.base, path);
-        if ep.mirror {
-            url.push(if url.contains('?') { '&' } else { '?' });
-            url.push_str("ns=");
-            url.push_str(&self.name);
-        }
         let label = ep.base.as_str();
         let mut authorized_retry = false;
         loop {
-            let mut req = ep.client.request(method.clone(), &url);
+            let mut req = ep.client.request(method.clone(), url);
             if let Some(a) = accept {
                 req = req.header(header::ACCEPT, a);
             }

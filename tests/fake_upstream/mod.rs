@@ -49,6 +49,8 @@ pub enum Behaviour {
     StallMidway(Duration),
     /// Every new connection is reset (RST) at once, before its request is read.
     Reset,
+    /// Manifest GETs answer this status; manifest HEADs are answered as usual.
+    ManifestGetStatus(u16),
 }
 
 #[derive(Default)]
@@ -406,6 +408,14 @@ async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response
             .cloned();
         if behaviour == Behaviour::HugeManifest && !head {
             return huge_manifest();
+        }
+        if let Behaviour::ManifestGetStatus(s) = behaviour
+            && !head
+        {
+            return full(
+                StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                r#"{"errors":[{"code":"DENIED"}]}"#,
+            );
         }
         return match found {
             Some((mt, bytes)) => {
