@@ -20,7 +20,6 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use support::*;
 
 const CI_PASS: &str = "ci-pass-Qx7";
@@ -148,17 +147,6 @@ impl Setup {
             .filter(|e| e.path != "/v2/" && e.path != "/v2")
             .collect()
     }
-}
-
-fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
-    let start = Instant::now();
-    let v = f();
-    eprintln!("[timing] {what}: {:.2?}", start.elapsed());
-    v
-}
-
-fn json(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
 /// What a client sent, one request a line: method, URI, and the *scheme* of its
@@ -303,33 +291,6 @@ fn token(work: &Path, base: &str, user: Option<(&str, &str)>, scope: &str) -> St
 fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     let needle = &needle[..needle.len().min(64)];
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-// ---------------------------------------------------------------------------------------------
-// skopeo
-
-/// `skopeo ARGS` with an empty private registries.conf and auth file, and the dead proxy.
-fn skopeo_isolated(dir: &Path, args: &[&str]) -> Result<String, String> {
-    let conf = dir.join("registries.conf");
-    std::fs::write(&conf, "unqualified-search-registries = []\n").expect("write registries.conf");
-    std::fs::write(dir.join("auth.json"), "{\"auths\":{}}\n").expect("write auth.json");
-    let mut cmd = Command::new(require_program("skopeo"));
-    for var in [
-        "http_proxy",
-        "https_proxy",
-        "no_proxy",
-        "all_proxy",
-        "ALL_PROXY",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("CONTAINERS_REGISTRIES_CONF", &conf)
-        .env("REGISTRY_AUTH_FILE", dir.join("auth.json"))
-        .env("HTTP_PROXY", "http://127.0.0.1:9")
-        .env("HTTPS_PROXY", "http://127.0.0.1:9")
-        .env("NO_PROXY", "127.0.0.0/8,localhost")
-        .args(args);
-    run(&mut cmd, Duration::from_secs(60))?.into_result()
 }
 
 // ---------------------------------------------------------------------------------------------
