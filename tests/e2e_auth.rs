@@ -78,15 +78,18 @@ fn setup() -> Setup {
     .expect("write htpasswd");
     let password_file = dir.path().join("upstream-password");
     std::fs::write(&password_file, format!("{UPSTREAM_PASS}\n")).expect("write password file");
+    let registries = [
+        ("docker.io", public.url(), true),
+        ("private.example", private.url(), false),
+    ];
+    let registries: Vec<(&str, &str, bool)> = registries
+        .iter()
+        .map(|(n, u, d)| (*n, u.as_str(), *d))
+        .collect();
+    // The last [[registry]] table is private.example's: its credentials follow it.
     let config = format!(
-        r#"[server]
-listen = "{listen}"
-admin_listen = "{admin}"
-
-[cache]
-dir = "{cache}"
-max_size = "1GiB"
-tag_ttl = "10m"
+        r#"{registries}username = "{UPSTREAM_USER}"
+password_file = "{password}"
 
 [auth]
 htpasswd = "{htpasswd}"
@@ -98,24 +101,9 @@ allow = ["docker.io/library/*"]
 [[auth.rule]]
 users = ["ci"]
 allow = ["*"]
-
-[[registry]]
-name = "docker.io"
-default = true
-endpoints = ["{public}"]
-
-[[registry]]
-name = "private.example"
-endpoints = ["{private}"]
-username = "{UPSTREAM_USER}"
-password_file = "{password}"
 "#,
-        listen = free_addr(),
-        admin = free_addr(),
-        cache = dir.path().join("cache").display(),
+        registries = berth_multi_config(&registries, &dir.path().join("cache")),
         htpasswd = htpasswd.display(),
-        public = public.url(),
-        private = private.url(),
         password = password_file.display(),
     );
     let berth = Berth::start(&config);
