@@ -10,6 +10,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use fake_upstream::sha256;
 use sha2::{Digest as _, Sha256};
 use support::{Berth, Garage, Image, Registry, free_addr, seed_blob_image};
 
@@ -18,10 +19,6 @@ const ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, \
                       application/vnd.docker.distribution.manifest.list.v2+json, \
                       application/vnd.oci.image.manifest.v1+json, \
                       application/vnd.oci.image.index.v1+json";
-
-fn sha256(b: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(b)))
-}
 
 /// Three replicas' configs: same peers, same bucket, each its own cache dir and ports.
 struct Replicas {
@@ -656,13 +653,8 @@ fn tls_replicas_verify_each_other_by_server_name_and_fetch_once() {
             &config_blob,
             std::slice::from_ref(&layer),
         );
-        let listeners: Vec<tokio::net::TcpListener> = futures_util::future::join_all(
-            (0..3).map(|_| tokio::net::TcpListener::bind("127.0.0.1:0")),
-        )
-        .await
-        .into_iter()
-        .map(|l| l.expect("bind"))
-        .collect();
+        let listeners =
+            futures_util::future::join_all((0..3).map(|_| support::loopback_listener())).await;
         let addrs: Vec<_> = listeners
             .iter()
             .map(|l| l.local_addr().expect("addr"))
@@ -670,10 +662,11 @@ fn tls_replicas_verify_each_other_by_server_name_and_fetch_once() {
         let peers: Vec<String> = addrs.iter().map(|a| format!("\"https://{a}\"")).collect();
         let mut replicas = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
+            let admin = support::loopback_listener().await;
             let text = format!(
                 r#"[server]
 listen = "{listen}"
-admin_listen = "127.0.0.1:0"
+admin_listen = "{admin}"
 shutdown_grace = "1s"
 [server.tls]
 cert = "{cert}"
@@ -691,6 +684,7 @@ default = true
 endpoints = ["{upstream}"]
 "#,
                 listen = addrs[i],
+                admin = admin.local_addr().expect("addr"),
                 cert = cert_path.display(),
                 key = key_path.display(),
                 cache = dir.path().join(format!("c{i}")).display(),
@@ -698,19 +692,14 @@ endpoints = ["{upstream}"]
                 ca = ca_path.display(),
                 upstream = up.url(),
             );
-            let config = berth::config::Config::parse(&text).expect("config");
-            let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            replicas.push(
-                berth::start_on(config, listener, admin)
-                    .await
-                    .expect("start"),
-            );
+            replicas.push(support::InProc::start_on(&text, listener, admin).await);
         }
         // Every replica verifies the other two (and finds itself) despite connecting by IP.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while replicas.iter().any(|r| r.metrics.peers_up.get() != 3) {
+        while replicas
+            .iter()
+            .any(|r| r.running().metrics.peers_up.get() != 3)
+        {
             assert!(
                 Instant::now() < deadline,
                 "TLS peers never verified each other"
@@ -743,7 +732,13 @@ endpoints = ["{upstream}"]
         );
         let asked: u64 = replicas
             .iter()
-            .map(|r| r.metrics.peer_requests.with_label_values(&["ok"]).get())
+            .map(|r| {
+                r.running()
+                    .metrics
+                    .peer_requests
+                    .with_label_values(&["ok"])
+                    .get()
+            })
             .sum();
         assert!(asked >= 1, "non-owners asked the owner over TLS");
         for r in replicas {

@@ -20,7 +20,6 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use support::*;
 
 const CI_PASS: &str = "ci-pass-Qx7";
@@ -79,15 +78,18 @@ fn setup() -> Setup {
     .expect("write htpasswd");
     let password_file = dir.path().join("upstream-password");
     std::fs::write(&password_file, format!("{UPSTREAM_PASS}\n")).expect("write password file");
+    let registries = [
+        ("docker.io", public.url(), true),
+        ("private.example", private.url(), false),
+    ];
+    let registries: Vec<(&str, &str, bool)> = registries
+        .iter()
+        .map(|(n, u, d)| (*n, u.as_str(), *d))
+        .collect();
+    // The last [[registry]] table is private.example's: its credentials follow it.
     let config = format!(
-        r#"[server]
-listen = "{listen}"
-admin_listen = "{admin}"
-
-[cache]
-dir = "{cache}"
-max_size = "1GiB"
-tag_ttl = "10m"
+        r#"{registries}username = "{UPSTREAM_USER}"
+password_file = "{password}"
 
 [auth]
 htpasswd = "{htpasswd}"
@@ -99,24 +101,9 @@ allow = ["docker.io/library/*"]
 [[auth.rule]]
 users = ["ci"]
 allow = ["*"]
-
-[[registry]]
-name = "docker.io"
-default = true
-endpoints = ["{public}"]
-
-[[registry]]
-name = "private.example"
-endpoints = ["{private}"]
-username = "{UPSTREAM_USER}"
-password_file = "{password}"
 "#,
-        listen = free_addr(),
-        admin = free_addr(),
-        cache = dir.path().join("cache").display(),
+        registries = berth_multi_config(&registries, &dir.path().join("cache")),
         htpasswd = htpasswd.display(),
-        public = public.url(),
-        private = private.url(),
         password = password_file.display(),
     );
     let berth = Berth::start(&config);
@@ -148,17 +135,6 @@ impl Setup {
             .filter(|e| e.path != "/v2/" && e.path != "/v2")
             .collect()
     }
-}
-
-fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
-    let start = Instant::now();
-    let v = f();
-    eprintln!("[timing] {what}: {:.2?}", start.elapsed());
-    v
-}
-
-fn json(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
 /// What a client sent, one request a line: method, URI, and the *scheme* of its
@@ -303,33 +279,6 @@ fn token(work: &Path, base: &str, user: Option<(&str, &str)>, scope: &str) -> St
 fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     let needle = &needle[..needle.len().min(64)];
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-// ---------------------------------------------------------------------------------------------
-// skopeo
-
-/// `skopeo ARGS` with an empty private registries.conf and auth file, and the dead proxy.
-fn skopeo_isolated(dir: &Path, args: &[&str]) -> Result<String, String> {
-    let conf = dir.join("registries.conf");
-    std::fs::write(&conf, "unqualified-search-registries = []\n").expect("write registries.conf");
-    std::fs::write(dir.join("auth.json"), "{\"auths\":{}}\n").expect("write auth.json");
-    let mut cmd = Command::new(require_program("skopeo"));
-    for var in [
-        "http_proxy",
-        "https_proxy",
-        "no_proxy",
-        "all_proxy",
-        "ALL_PROXY",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("CONTAINERS_REGISTRIES_CONF", &conf)
-        .env("REGISTRY_AUTH_FILE", dir.join("auth.json"))
-        .env("HTTP_PROXY", "http://127.0.0.1:9")
-        .env("HTTPS_PROXY", "http://127.0.0.1:9")
-        .env("NO_PROXY", "127.0.0.0/8,localhost")
-        .args(args);
-    run(&mut cmd, Duration::from_secs(60))?.into_result()
 }
 
 // ---------------------------------------------------------------------------------------------

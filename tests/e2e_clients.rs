@@ -17,7 +17,6 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use support::*;
 
 /// Two upstreams with one image each, and one berth mirroring both.
@@ -161,25 +160,9 @@ impl TwoRegistries {
     }
 }
 
-/// Every file under `dir`, recursively.
+/// Every file under `dir`, recursively, sorted.
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
+    files_under(dir).into_iter().map(|(p, _)| p).collect()
 }
 
 /// `walk` as text relative to `dir`, for failure messages.
@@ -189,10 +172,6 @@ fn tree(dir: &Path) -> String {
         .map(|p| p.strip_prefix(dir).unwrap_or(p).display().to_string())
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-fn json(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
 /// Registry API requests other than the `/v2/` ping.
@@ -209,13 +188,6 @@ fn user_agents(rec: &Recorder) -> std::collections::BTreeSet<String> {
         .iter()
         .filter_map(|r| r.header("user-agent").map(str::to_owned))
         .collect()
-}
-
-fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
-    let start = Instant::now();
-    let v = f();
-    eprintln!("[timing] {what}: {:.2?}", start.elapsed());
-    v
 }
 
 #[test]
@@ -452,30 +424,6 @@ fn podman_pulls_two_registries_through_one_berth_by_path_prefix() {
         err.contains("proxyconnect") && err.contains("127.0.0.1:9"),
         "the fallback to the real registry was not stopped by the dead proxy: {err}"
     );
-}
-
-/// `skopeo` with an empty private registries.conf and the dead proxy.
-fn skopeo_isolated(dir: &Path, args: &[&str]) -> Result<String, String> {
-    let conf = dir.join("registries.conf");
-    std::fs::write(&conf, "unqualified-search-registries = []\n").expect("write registries.conf");
-    std::fs::write(dir.join("auth.json"), "{\"auths\":{}}\n").expect("write auth.json");
-    let mut cmd = std::process::Command::new(require_program("skopeo"));
-    for var in [
-        "http_proxy",
-        "https_proxy",
-        "no_proxy",
-        "all_proxy",
-        "ALL_PROXY",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("CONTAINERS_REGISTRIES_CONF", &conf)
-        .env("REGISTRY_AUTH_FILE", dir.join("auth.json"))
-        .env("HTTP_PROXY", "http://127.0.0.1:9")
-        .env("HTTPS_PROXY", "http://127.0.0.1:9")
-        .env("NO_PROXY", "127.0.0.0/8,localhost")
-        .args(args);
-    run(&mut cmd, Duration::from_secs(60))?.into_result()
 }
 
 #[test]

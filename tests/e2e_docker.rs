@@ -122,10 +122,3 @@ fn berth_starts_and_serves_with_upstream_unreachable() {
     let status = http_status(berth.addr(), "/v2/library/app/manifests/v1").expect("manifest");
     assert_eq!(status, 502);
 }
-
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
-}

@@ -232,17 +232,6 @@ fn status_field<'a>(status: &'a str, field: &str) -> Vec<&'a str> {
         .unwrap_or_default()
 }
 
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .filter(|rest| rest.starts_with(' '))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(f64::NAN)
-}
-
 /// A container on `docker`, removed (`docker rm -f -v`) on drop; its log is printed then if
 /// the test is failing.
 struct Container<'a> {

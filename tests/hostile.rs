@@ -3,6 +3,7 @@
 //! connection), and checks that berth keeps serving others.
 
 mod fake_upstream;
+mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -10,36 +11,18 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fake_upstream::FakeUpstream;
+use support::{InProc, InProcConfig};
 
-async fn start(extra: &str) -> (berth::Running, FakeUpstream, tempfile::TempDir) {
+/// berth before an upstream with `library/app:v1`; `extra` goes into `[server]`.
+async fn start(extra: &str) -> (InProc, FakeUpstream) {
     let up = FakeUpstream::start().await;
     let layer = up.add_blob(Bytes::from_static(b"layer"));
     let cfg = up.add_blob(Bytes::from_static(b"{}"));
     up.add_image("library/app", "v1", &cfg, &[layer]);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let text = format!(
-        r#"
-        [server]
-        listen = "127.0.0.1:0"
-        admin_listen = "127.0.0.1:0"
-        shutdown_grace = "1s"
-        header_read_timeout = "1s"
-        {extra}
-        [cache]
-        dir = "{}"
-        [[registry]]
-        name = "docker.io"
-        default = true
-        endpoints = ["{}"]
-        probe_interval = "0s"
-        "#,
-        dir.path().display(),
-        up.url()
-    );
-    let b = berth::start(berth::config::Config::parse(&text).expect("config"))
-        .await
-        .expect("start");
-    (b, up, dir)
+    let config = InProcConfig::mirror_of(&up.url(), "probe_interval = \"0s\"")
+        .server("header_read_timeout = \"1s\"")
+        .server(extra);
+    (InProc::start(&config).await, up)
 }
 
 /// Sends raw bytes and returns what came back until the server closed or 3 s passed.
@@ -76,8 +59,8 @@ fn blocking<F: FnOnce() + Send + 'static>(f: F) -> tokio::task::JoinHandle<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_malformed_heads_are_refused() {
-    let (b, up, _d) = start("").await;
-    let addr = b.addr;
+    let (b, up) = start("").await;
+    let addr = b.addr();
     blocking(move || {
         let big = format!(
             "GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
@@ -148,8 +131,8 @@ async fn oversized_and_malformed_heads_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_off_and_others_are_served() {
-    let (b, _up, _d) = start("").await;
-    let addr = b.addr;
+    let (b, _up) = start("").await;
+    let addr = b.addr();
     blocking(move || {
         // A head that never completes: closed after header_read_timeout (1 s).
         let started = Instant::now();
@@ -204,8 +187,8 @@ async fn slowloris_is_cut_off_and_others_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_per_client_are_capped() {
-    let (b, _up, _d) = start("max_connections_per_client = 4").await;
-    let addr = b.addr;
+    let (b, _up) = start("max_connections_per_client = 4").await;
+    let addr = b.addr();
     blocking(move || {
         // Four open keep-alive connections, each having made a request.
         let mut open: Vec<TcpStream> = (0..4)

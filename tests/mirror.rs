@@ -2,56 +2,27 @@
 //! stale serving, restarts, token auth, repository scoping, ranges and exact metrics.
 
 mod fake_upstream;
+mod support;
 
 use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
 use fake_upstream::{Behaviour, FakeUpstream, sha256};
+use support::{InProc, InProcConfig, files_under, sample, seeded_bytes};
 
-fn config(upstream: &str, dir: &Path, tag_ttl: &str) -> berth::config::Config {
-    berth::config::Config::parse(&format!(
-        r#"
-        {}
-        max_size = "1GiB"
-        tag_ttl = "{tag_ttl}"
-        [[registry]]
-        name = "docker.io"
-        default = true
-        endpoints = ["{upstream}"]
-        connect_timeout = "1s"
-        read_timeout = "2s"
-        "#,
-        fake_upstream::server_toml(dir)
-    ))
-    .expect("test config is valid")
-}
-
-async fn start(upstream: &str, dir: &Path, tag_ttl: &str) -> berth::Running {
-    let running = berth::start(config(upstream, dir, tag_ttl))
-        .await
-        .expect("berth starts");
-    // Wait for the start-up scan, so tests see a settled index.
-    fake_upstream::wait_ready(running.admin_addr).await;
-    running
+/// A mirror of `upstream` with short upstream timeouts and the given tag TTL.
+fn config(upstream: &str, tag_ttl: &str) -> InProcConfig {
+    InProcConfig::mirror_of(upstream, "connect_timeout = \"1s\"\nread_timeout = \"2s\"")
+        .cache(&format!("max_size = \"1GiB\"\ntag_ttl = \"{tag_ttl}\""))
 }
 
 fn random_bytes(n: usize, seed: u8) -> Bytes {
-    // Deterministic and incompressible enough for tests.
-    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed);
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect::<Vec<u8>>()
-        .into()
+    Bytes::from(seeded_bytes(n, seed))
 }
 
 fn blob_files(dir: &Path) -> usize {
-    walk(&dir.join("blobs"))
+    files_under(&dir.join("blobs")).len()
 }
 
 /// Waits (at most 5 s) until `n` blobs are on disk: a verified blob is committed to the cache
@@ -66,26 +37,10 @@ async fn wait_blob_files(dir: &Path, n: usize) -> usize {
     blob_files(dir)
 }
 
-fn walk(p: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(p) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                walk(&e.path())
-            } else {
-                1
-            }
-        })
-        .sum()
-}
-
 struct Setup {
     up: FakeUpstream,
     dir: tempfile::TempDir,
-    berth: berth::Running,
+    berth: InProc,
     client: reqwest::Client,
     layers: Vec<(String, Bytes)>,
     config: String,
@@ -108,12 +63,12 @@ impl Setup {
         let digests: Vec<String> = layers.iter().map(|(d, _)| d.clone()).collect();
         let (manifest, _) = up.add_image("library/app", "v1", &config, &digests);
         let dir = tempfile::tempdir().expect("tempdir");
-        let berth = start(&up.url(), dir.path(), tag_ttl).await;
+        let berth = InProc::start_in(&self::config(&up.url(), tag_ttl), dir.path()).await;
         Setup {
             up,
             dir,
+            client: berth.client().clone(),
             berth,
-            client: reqwest::Client::new(),
             layers,
             config,
             manifest,
@@ -121,26 +76,11 @@ impl Setup {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.berth.addr)
+        format!("{}{path}", self.berth.url())
     }
 
     async fn get(&self, path: &str) -> reqwest::Response {
-        self.client
-            .get(self.url(path))
-            .send()
-            .await
-            .expect("request to berth")
-    }
-
-    async fn scrape(&self) -> String {
-        self.client
-            .get(format!("http://{}/metrics", self.berth.admin_addr))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text")
+        self.berth.get(path).await
     }
 
     /// The metrics once berth has settled: a request is recorded when its response has been
@@ -162,10 +102,10 @@ impl Setup {
                 .collect::<Vec<_>>()
                 .join("\n")
         };
-        let mut last = self.scrape().await;
+        let mut last = self.berth.metrics_text().await;
         for _ in 0..100 {
             tokio::time::sleep(Duration::from_millis(30)).await;
-            let now = self.scrape().await;
+            let now = self.berth.metrics_text().await;
             if berth_lines(&now) == berth_lines(&last)
                 && sample(&now, "berth_fills_in_flight") == 0.0
             {
@@ -181,14 +121,6 @@ impl Setup {
 async fn error_code(r: reqwest::Response) -> serde_json::Value {
     let v: serde_json::Value = r.json().await.expect("json error");
     v["errors"][0]["code"].clone()
-}
-
-/// The value of one sample line, e.g. `berth_cache_requests_total{kind="blob",result="hit"}`.
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,14 +338,9 @@ async fn restart_serves_the_cache_with_upstream_down() {
     s.berth.stop().await;
     let upstream_url = s.up.url();
     drop(s.up); // upstream gone
-    let berth = start(&upstream_url, dir.path(), "10m").await;
-    let client = reqwest::Client::new();
+    let berth = InProc::start_in(&config(&upstream_url, "10m"), dir.path()).await;
     for p in &paths {
-        let r = client
-            .get(format!("http://{}{p}", berth.addr))
-            .send()
-            .await
-            .expect("send");
+        let r = berth.get(p).await;
         assert_eq!(r.status(), 200, "{p} after restart");
         let body = r.bytes().await.expect("body");
         if let Some(d) = p.rsplit('/').next().filter(|d| d.starts_with("sha256:")) {
@@ -421,14 +348,7 @@ async fn restart_serves_the_cache_with_upstream_down() {
         }
     }
     // Something never cached, with upstream down: a clean 5xx OCI error.
-    let r = client
-        .get(format!(
-            "http://{}/v2/library/nope/manifests/v1",
-            berth.addr
-        ))
-        .send()
-        .await
-        .expect("send");
+    let r = berth.get("/v2/library/nope/manifests/v1").await;
     assert_eq!(r.status(), 502);
     let v: serde_json::Value = r.json().await.expect("json");
     assert!(
@@ -770,46 +690,13 @@ async fn blob_redirects_are_followed_without_forwarding_credentials() {
         "http://{}/cdn/{{digest}}",
         cdn.addr
     )));
-    let dir = tempfile::tempdir().expect("tempdir");
     // The CDN is on loopback, so it must be a configured endpoint for the redirect to be
     // followed (a redirect to any other local address is refused).
-    let text = format!(
-        r#"
-        [server]
-        listen = "127.0.0.1:0"
-        admin_listen = "127.0.0.1:0"
-        [cache]
-        dir = "{}"
-        [[registry]]
-        name = "docker.io"
-        default = true
-        endpoints = ["{}"]
-        [[registry]]
-        name = "cdn.local"
-        endpoints = ["{}"]
-        "#,
-        dir.path().display(),
-        up.url(),
-        cdn.url()
-    );
-    let b = berth::start(berth::config::Config::parse(&text).expect("config"))
-        .await
-        .expect("start");
-    let c = reqwest::Client::new();
-    let base = format!("http://{}", b.addr);
-    assert_eq!(
-        c.get(format!("{base}/v2/library/app/manifests/v1"))
-            .send()
-            .await
-            .expect("manifest")
-            .status(),
-        200
-    );
-    let r = c
-        .get(format!("{base}/v2/library/app/blobs/{digest}"))
-        .send()
-        .await
-        .expect("blob");
+    let config =
+        InProcConfig::mirror_of(&up.url(), "").registry("cdn.local", false, &[&cdn.url()], "");
+    let b = InProc::start(&config).await;
+    assert_eq!(b.get("/v2/library/app/manifests/v1").await.status(), 200);
+    let r = b.get(&format!("/v2/library/app/blobs/{digest}")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.expect("body"), data);
     let blob_get = format!("GET /v2/library/app/blobs/{digest}");

@@ -2,6 +2,7 @@
 //! repository scoping of private content — berth in-process against fake upstreams.
 
 mod fake_upstream;
+mod support;
 
 use std::path::Path;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use fake_upstream::FakeUpstream;
+use support::{InProc, InProcConfig};
 
 const PASSWORD: &str = "s3cret-pass";
 
@@ -46,34 +48,19 @@ async fn start(
     tables: &str,
     public: &str,
     private: &str,
-) -> berth::Running {
-    let text = format!(
-        r#"
-        [server]
-        listen = "127.0.0.1:0"
-        admin_listen = "127.0.0.1:0"
-        shutdown_grace = "1s"
-        {server_extra}
-        [cache]
-        dir = "{cache}"
-        max_size = "1GiB"
-        tag_ttl = "10m"
-        {tables}
-        [[registry]]
-        name = "docker.io"
-        default = true
-        endpoints = ["{public}"]
-        probe_interval = "0s"
-        [[registry]]
-        name = "private.example"
-        endpoints = ["{private}"]
-        probe_interval = "0s"
-        "#,
-        cache = dir.join("cache").display(),
-    );
-    berth::start(berth::config::Config::parse(&text).expect("config"))
-        .await
-        .expect("berth starts")
+) -> InProc {
+    let config = InProcConfig::new()
+        .server(server_extra)
+        .cache("max_size = \"1GiB\"\ntag_ttl = \"10m\"")
+        .table(tables)
+        .registry("docker.io", true, &[public], "probe_interval = \"0s\"")
+        .registry(
+            "private.example",
+            false,
+            &[private],
+            "probe_interval = \"0s\"",
+        );
+    InProc::start_in(&config, &dir.join("cache")).await
 }
 
 fn auth_section(htpasswd: &Path) -> String {
@@ -108,8 +95,8 @@ async fn token_protocol_rules_and_private_content() {
         &private.url(),
     )
     .await;
-    let base = format!("http://{}", b.addr);
-    let c = reqwest::Client::new();
+    let base = b.url();
+    let c = support::client();
 
     // /v2/ without credentials: the challenge naming berth's realm.
     let r = c.get(format!("{base}/v2/")).send().await.expect("send");
@@ -120,7 +107,10 @@ async fn token_protocol_rules_and_private_content() {
         .to_owned();
     assert_eq!(
         challenge,
-        format!(r#"Bearer realm="http://{}/token",service="berth""#, b.addr)
+        format!(
+            r#"Bearer realm="http://{}/token",service="berth""#,
+            b.addr()
+        )
     );
     // docker login: Basic to the realm yields a token; /v2/ with it answers 200.
     let r = c
@@ -355,8 +345,8 @@ async fn tls_with_http2_reload_and_client_certificates() {
         key.display()
     );
     let b = start(dir.path(), &tls, "", &public.url(), &private.url()).await;
-    let url = format!("https://localhost:{}", b.addr.port());
-    let c = https_client(&first.ca_pem, b.addr, None);
+    let url = format!("https://localhost:{}", b.addr().port());
+    let c = https_client(&first.ca_pem, b.addr(), None);
     let r = c
         .get(format!("{url}/v2/library/app/manifests/v1"))
         .send()
@@ -372,7 +362,7 @@ async fn tls_with_http2_reload_and_client_certificates() {
     assert_eq!(r.bytes().await.expect("body"), &b"public layer bytes"[..]);
     // Plain HTTP on the TLS port is refused.
     assert!(
-        reqwest::get(format!("http://{}/v2/", b.addr))
+        reqwest::get(format!("http://{}/v2/", b.addr()))
             .await
             .is_err()
     );
@@ -381,7 +371,7 @@ async fn tls_with_http2_reload_and_client_certificates() {
     let second = pki("second");
     std::fs::write(&cert, &second.server_cert).expect("write");
     std::fs::write(&key, &second.server_key).expect("write");
-    let c2 = https_client(&second.ca_pem, b.addr, None);
+    let c2 = https_client(&second.ca_pem, b.addr(), None);
     let mut reloaded = false;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -398,7 +388,7 @@ async fn tls_with_http2_reload_and_client_certificates() {
         .expect("old connection still works");
     assert_eq!(r.status(), 200);
     assert!(
-        https_client(&first.ca_pem, b.addr, None)
+        https_client(&first.ca_pem, b.addr(), None)
             .get(format!("{url}/v2/"))
             .send()
             .await
@@ -412,16 +402,16 @@ async fn tls_with_http2_reload_and_client_certificates() {
     std::fs::write(&ca_file, &second.ca_pem).expect("write");
     let tls = format!("{tls}client_ca = \"{}\"\n", ca_file.display());
     let b = start(dir.path(), &tls, "", &public.url(), &private.url()).await;
-    let url = format!("https://localhost:{}", b.addr.port());
+    let url = format!("https://localhost:{}", b.addr().port());
     assert!(
-        https_client(&second.ca_pem, b.addr, None)
+        https_client(&second.ca_pem, b.addr(), None)
             .get(format!("{url}/v2/"))
             .send()
             .await
             .is_err(),
         "no client certificate: refused"
     );
-    let r = https_client(&second.ca_pem, b.addr, Some(&second))
+    let r = https_client(&second.ca_pem, b.addr(), Some(&second))
         .get(format!("{url}/v2/"))
         .send()
         .await

@@ -2,73 +2,26 @@
 //! in-process in front of fake upstreams on 127.0.0.1:0.
 
 mod fake_upstream;
+mod support;
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use fake_upstream::{Behaviour, FakeUpstream, sha256};
+use support::{InProc, InProcConfig, sample, seeded_bytes, try_sample};
 
-struct Berth {
-    running: berth::Running,
-    _dir: tempfile::TempDir,
-}
-
-impl Berth {
-    /// A berth whose config is `registries` (TOML `[[registry]]` tables) plus `extra`
-    /// (`[server]` keys).
-    async fn start(registries: &str, server_extra: &str, tag_ttl: &str) -> Berth {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let text = format!(
-            r#"
-            [server]
-            listen = "127.0.0.1:0"
-            admin_listen = "127.0.0.1:0"
-            shutdown_grace = "1s"
-            {server_extra}
-            [cache]
-            dir = "{}"
-            max_size = "1GiB"
-            tag_ttl = "{tag_ttl}"
-            {registries}
-            "#,
-            dir.path().display()
-        );
-        let config = berth::config::Config::parse(&text).expect("valid test config");
-        let running = berth::start(config).await.expect("berth starts");
-        Berth { running, _dir: dir }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.running.addr)
-    }
-
-    async fn get(&self, path: &str) -> reqwest::Response {
-        reqwest::get(format!("{}{path}", self.url()))
-            .await
-            .expect("request to berth")
-    }
-
-    async fn metrics(&self) -> String {
-        reqwest::get(format!("http://{}/metrics", self.running.admin_addr))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text")
-    }
+/// A berth whose config is `registries` (TOML `[[registry]]` tables) plus `server_extra`
+/// (`[server]` keys).
+async fn start(registries: &str, server_extra: &str, tag_ttl: &str) -> InProc {
+    let config = InProcConfig::new()
+        .server(server_extra)
+        .cache(&format!("max_size = \"1GiB\"\ntag_ttl = \"{tag_ttl}\""))
+        .table(registries);
+    InProc::start(&config).await
 }
 
 fn random_bytes(n: usize, seed: u8) -> Bytes {
-    let mut state = 0x2545_f491_4f6c_dd1du64 ^ (u64::from(seed) << 32 | 1);
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect::<Vec<u8>>()
-        .into()
+    Bytes::from(seeded_bytes(n, seed))
 }
 
 /// An upstream holding `library/app:v1` with `n` layers; returns the layer digests.
@@ -105,7 +58,7 @@ fn mirror(url: &str) -> String {
 }
 
 /// Pulls `library/app:v1` (manifest, then every layer), checking every body.
-async fn pull(b: &Berth, layers: &[(String, Bytes)]) {
+async fn pull(b: &InProc, layers: &[(String, Bytes)]) {
     let r = b.get("/v2/library/app/manifests/v1").await;
     assert_eq!(r.status(), 200, "manifest via {}", b.url());
     for (d, data) in layers {
@@ -123,10 +76,10 @@ async fn three_tier_chain_fetches_each_blob_once() {
     let layers = seed(&up, 3, 2 * 1024 * 1024);
     // Slow enough that the two edges' pulls overlap at the regional tier.
     up.set(Behaviour::Slow(Duration::from_millis(3)));
-    let regional = Berth::start(&registry(&format!("\"{}\"", up.url()), ""), "", "10m").await;
+    let regional = start(&registry(&format!("\"{}\"", up.url()), ""), "", "10m").await;
     let edge_cfg = registry(&mirror(&regional.url()), "");
-    let edge1 = Berth::start(&edge_cfg, "", "10m").await;
-    let edge2 = Berth::start(&edge_cfg, "", "10m").await;
+    let edge1 = start(&edge_cfg, "", "10m").await;
+    let edge2 = start(&edge_cfg, "", "10m").await;
     tokio::join!(pull(&edge1, &layers), pull(&edge2, &layers));
     for (d, _) in &layers {
         assert_eq!(
@@ -137,11 +90,8 @@ async fn three_tier_chain_fetches_each_blob_once() {
     }
     // Upstream bytes: each layer once (the regional's counter of bytes from upstream).
     let total: usize = layers.iter().map(|(_, b)| b.len()).sum::<usize>();
-    let m = regional.metrics().await;
-    let bytes = m
-        .lines()
-        .find_map(|l| l.strip_prefix(r#"berth_upstream_bytes_total{registry="docker.io"} "#))
-        .and_then(|v| v.parse::<f64>().ok())
+    let m = regional.metrics_text().await;
+    let bytes = try_sample(&m, r#"berth_upstream_bytes_total{registry="docker.io"}"#)
         .expect("regional upstream bytes");
     let manifest_len = up
         .state
@@ -161,12 +111,12 @@ async fn consistent_hash_tier_shares_one_logical_cache() {
     let up = FakeUpstream::start().await;
     let layers = seed(&up, 12, 64 * 1024);
     let origin = format!("\"{}\"", up.url());
-    let p1 = Berth::start(&registry(&origin, ""), "", "10m").await;
-    let p2 = Berth::start(&registry(&origin, ""), "", "10m").await;
+    let p1 = start(&registry(&origin, ""), "", "10m").await;
+    let p2 = start(&registry(&origin, ""), "", "10m").await;
     let parents = format!("{}, {}", mirror(&p1.url()), mirror(&p2.url()));
     let edge_cfg = registry(&parents, r#"balance = "consistent-hash""#);
-    let e1 = Berth::start(&edge_cfg, "", "10m").await;
-    let e2 = Berth::start(&edge_cfg, "", "10m").await;
+    let e1 = start(&edge_cfg, "", "10m").await;
+    let e2 = start(&edge_cfg, "", "10m").await;
     pull(&e1, &layers).await;
     pull(&e2, &layers).await;
     // The same blob always went to the same parent: one upstream fetch per blob.
@@ -179,12 +129,8 @@ async fn consistent_hash_tier_shares_one_logical_cache() {
     }
     // And both parents hold a share of the cache.
     for p in [&p1, &p2] {
-        let m = p.metrics().await;
-        let blobs = m
-            .lines()
-            .find_map(|l| l.strip_prefix("berth_cache_blobs "))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let m = p.metrics_text().await;
+        let blobs = sample(&m, "berth_cache_blobs");
         assert!(blobs >= 1.0, "parent {} holds no blob", p.url());
     }
 }
@@ -202,7 +148,7 @@ async fn failover_and_fallback_only_when_primaries_are_down() {
         drop(l);
         format!("http://{a}")
     };
-    let b = Berth::start(
+    let b = start(
         &registry(
             &format!("\"{dead}\", \"{}\"", up.url()),
             &format!("fallback = [\"{}\"]", backup.url()),
@@ -216,7 +162,7 @@ async fn failover_and_fallback_only_when_primaries_are_down() {
         backup.requests().is_empty(),
         "fallback used while a primary was up"
     );
-    let m = b.metrics().await;
+    let m = b.metrics_text().await;
     assert!(
         m.contains(&format!(
             r#"berth_upstream_up{{endpoint="{dead}",registry="docker.io"}} 0"#
@@ -238,7 +184,7 @@ async fn budget_and_rate_limit_floor_stop_revalidation() {
     seed(&up, 1, 1000);
     // A budget of one request per second: the first fetch spends it; the revalidation right
     // after is skipped and the cached manifest served.
-    let b = Berth::start(
+    let b = start(
         &registry(
             &format!("\"{}\"", up.url()),
             "max_requests_per_second = 1\nburst = 1",
@@ -251,7 +197,7 @@ async fn budget_and_rate_limit_floor_stop_revalidation() {
     assert_eq!(b.get("/v2/library/app/manifests/v1").await.status(), 200);
     assert_eq!(up.count("HEAD /v2/library/app/manifests/v1"), 0);
     assert!(
-        b.metrics()
+        b.metrics_text()
             .await
             .contains(r#"berth_cache_requests_total{kind="manifest",result="stale"} 1"#)
     );
@@ -259,7 +205,7 @@ async fn budget_and_rate_limit_floor_stop_revalidation() {
     // The fake upstream reports 42 pulls remaining; a floor of 50 pauses revalidation.
     let up2 = FakeUpstream::start().await;
     seed(&up2, 1, 1000);
-    let b2 = Berth::start(
+    let b2 = start(
         &registry(&format!("\"{}\"", up2.url()), "ratelimit_floor = 50"),
         "",
         "0s",
@@ -270,7 +216,7 @@ async fn budget_and_rate_limit_floor_stop_revalidation() {
     }
     assert_eq!(up2.count("GET /v2/library/app/manifests/v1"), 1);
     assert_eq!(up2.count("HEAD /v2/library/app/manifests/v1"), 0);
-    let m = b2.metrics().await;
+    let m = b2.metrics_text().await;
     assert!(
         m.contains(r#"berth_upstream_ratelimit_remaining{registry="docker.io"} 42"#),
         "{m}"
@@ -281,7 +227,7 @@ async fn budget_and_rate_limit_floor_stop_revalidation() {
 async fn per_client_limit_answers_429() {
     let up = FakeUpstream::start().await;
     let layers = seed(&up, 1, 1000);
-    let b = Berth::start(
+    let b = start(
         &registry(&format!("\"{}\"", up.url()), ""),
         "client_requests_per_second = 2\nclient_burst = 2",
         "10m",
@@ -315,7 +261,7 @@ async fn route_rules_pick_endpoints_per_repository() {
         private.add_image("myorg/app", "v1", &config, std::slice::from_ref(&d));
         vec![(d, b)]
     };
-    let b = Berth::start(
+    let b = start(
         &registry(
             &format!("\"{}\"", public.url()),
             &format!(
@@ -357,7 +303,7 @@ async fn active_probes_mark_endpoints_down_and_up_again() {
         a.url(),
         b.url()
     );
-    let berth = Berth::start(&cfg, "", "10m").await;
+    let berth = start(&cfg, "", "10m").await;
     let up_line = |url: &str, v: u8| {
         format!(r#"berth_upstream_up{{endpoint="{url}",registry="docker.io"}} {v}"#)
     };
@@ -365,7 +311,7 @@ async fn active_probes_mark_endpoints_down_and_up_again() {
         let berth = &berth;
         async move {
             for _ in 0..50 {
-                if berth.metrics().await.contains(&line) {
+                if berth.metrics_text().await.contains(&line) {
                     return true;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -385,7 +331,7 @@ async fn active_probes_mark_endpoints_down_and_up_again() {
         wait_for(up_line(&a.url(), 1)).await,
         "A not marked up again by the probes"
     );
-    assert!(berth.metrics().await.contains(&up_line(&b.url(), 1)));
+    assert!(berth.metrics_text().await.contains(&up_line(&b.url(), 1)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,7 +341,7 @@ async fn fetches_queue_for_the_budget_then_get_429() {
     for i in 0..10 {
         up.add_image(&format!("library/app{i}"), "v1", &config, &[]);
     }
-    let b = Berth::start(
+    let b = start(
         &registry(
             &format!("\"{}\"", up.url()),
             "max_requests_per_second = 1\nburst = 1",
@@ -408,8 +354,9 @@ async fn fetches_queue_for_the_budget_then_get_429() {
     let mut tasks = Vec::new();
     for i in 0..10 {
         let url = format!("{}/v2/library/app{i}/manifests/v1", b.url());
+        let client = b.client().clone();
         tasks.push(tokio::spawn(async move {
-            let r = reqwest::get(url).await.expect("send");
+            let r = client.get(url).send().await.expect("send");
             (
                 r.status().as_u16(),
                 r.headers().get("retry-after").is_some(),

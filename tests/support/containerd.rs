@@ -25,14 +25,14 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use super::process::{Daemon, Probe, require_program, run, short_tempdir, wait_for};
+use super::process::{
+    Daemon, Probe, require_program, run, short_tempdir, use_dead_proxy, wait_for,
+};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `ctr images pull` may take before it is killed.
 pub const CTR_PULL_TIMEOUT: Duration = Duration::from_secs(120);
 const CTR_TIMEOUT: Duration = Duration::from_secs(60);
-/// A loopback port nothing listens on (discard): the "proxy" to the real internet.
-const DEAD_PROXY: &str = "http://127.0.0.1:9";
 /// `ctr --namespace`
 const NAMESPACE: &str = "berth-tests";
 
@@ -164,22 +164,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     /// a dead loopback port (see the module docs).
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(&self.ctr);
-        for var in [
-            "CONTAINERD_ADDRESS",
-            "CONTAINERD_NAMESPACE",
-            "CONTAINERD_SNAPSHOTTER",
-            "http_proxy",
-            "https_proxy",
-            "no_proxy",
-            "all_proxy",
-            "ALL_PROXY",
-        ] {
-            cmd.env_remove(var);
-        }
-        cmd.env("HTTP_PROXY", DEAD_PROXY)
-            .env("HTTPS_PROXY", DEAD_PROXY)
-            .env("NO_PROXY", "127.0.0.0/8,localhost")
-            .arg("--address")
+        use_dead_proxy(
+            &mut cmd,
+            &[
+                "CONTAINERD_ADDRESS",
+                "CONTAINERD_NAMESPACE",
+                "CONTAINERD_SNAPSHOTTER",
+            ],
+        );
+        cmd.arg("--address")
             .arg(&self.socket)
             .arg("--namespace")
             .arg(NAMESPACE);

@@ -21,15 +21,14 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use super::process::{
-    Daemon, Probe, find_program, require_program, run, short_tempdir, unix_http_status, wait_for,
+    Daemon, Probe, find_program, require_program, run, short_tempdir, unix_http_status,
+    use_dead_proxy, wait_for,
 };
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `docker pull` may take before it is killed.
 pub const PULL_TIMEOUT: Duration = Duration::from_secs(180);
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
-/// A loopback port nothing listens on (discard): the Docker Hub "proxy".
-const DEAD_PROXY: &str = "http://127.0.0.1:9";
 
 /// What to start dockerd with, beyond the fixed isolation flags.
 #[derive(Debug, Clone, Default)]
@@ -156,18 +155,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             cmd.arg("--insecure-registry").arg(insecure);
         }
         cmd.args(&options.extra_args);
-        for var in [
-            "http_proxy",
-            "https_proxy",
-            "no_proxy",
-            "all_proxy",
-            "ALL_PROXY",
-        ] {
-            cmd.env_remove(var);
-        }
-        cmd.env("HTTP_PROXY", DEAD_PROXY)
-            .env("HTTPS_PROXY", DEAD_PROXY)
-            .env("NO_PROXY", "127.0.0.0/8,localhost");
+        use_dead_proxy(&mut cmd, &[]);
         let log = root.join("dockerd.log");
         let mut dockerd = Daemon::spawn("dockerd", &mut cmd, &log, &log, Duration::from_secs(20));
         let ready = wait_for("dockerd /_ping", READY_TIMEOUT, || {

@@ -8,6 +8,8 @@
 //!   (gzip'd tar layers, config, manifest, OCI index) pushed with the registry v2 API.
 //! - [`Dockerd`]: a private `dockerd` + `containerd` pair, with `docker` CLI helpers.
 //! - [`Berth`]: the berth binary under test (`berth serve --config FILE`).
+//! - [`InProc`]: berth in-process (`berth::start_on` on 127.0.0.1:0 listeners), its config
+//!   built by [`InProcConfig`], its log captured; [`sample`] reads a metric from `/metrics`.
 //! - [`Containerd`]: a private `containerd` for `ctr images pull --hosts-dir` (hosts.toml).
 //! - [`Podman`]: `podman` with private storage, config and `registries.conf` mirrors.
 //! - [`Recorder`]: a loopback TCP relay recording the HTTP requests a client sends.
@@ -34,6 +36,8 @@ mod berth;
 mod containerd;
 mod dockerd;
 mod garage;
+mod inproc;
+mod metrics;
 mod podman;
 mod process;
 mod recorder;
@@ -44,27 +48,78 @@ pub use self::berth::{Berth, berth_config, berth_config_with, berth_multi_config
 pub use self::containerd::{CTR_PULL_TIMEOUT, Containerd, default_server};
 pub use self::dockerd::{Dockerd, DockerdOptions, PULL_TIMEOUT};
 pub use self::garage::{Garage, garage_program};
+pub use self::inproc::{InProc, InProcConfig, client, error_chain, loopback_listener};
+pub use self::metrics::{sample, try_sample};
 pub use self::podman::{PODMAN_PULL_TIMEOUT, Podman};
 pub use self::process::{
-    CmdOutput, Probe, find_program, free_addr, free_port, http_get_text, http_status,
-    require_program, run, wait_for,
+    CmdOutput, DEAD_PROXY, Probe, find_program, free_addr, free_port, http_get_text, http_status,
+    require_program, run, use_dead_proxy, wait_for,
 };
 pub use self::recorder::{RecordedRequest, Recorder};
 pub use self::registry::{AccessEntry, Registry};
 pub use self::seed::{
     DOCKER_CONFIG, DOCKER_LAYER, DOCKER_MANIFEST, Format, Image, Index, Layer, OCI_CONFIG,
     OCI_INDEX, OCI_LAYER, OCI_MANIFEST, Pusher, block_on, build_image, digest_of, gzip,
-    random_bytes, seed_blob_image, seed_image, seed_image_with, seed_index, tar,
+    random_bytes, seed_blob_image, seed_image, seed_image_with, seed_index, seeded_bytes, tar,
 };
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Runs `f`, printing how long it took (`[timing] what: …`) to stderr.
+pub fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    let start = Instant::now();
+    let v = f();
+    eprintln!("[timing] {what}: {:.2?}", start.elapsed());
+    v
+}
+
+/// `text` parsed as JSON; panics with the text if it is not JSON.
+pub fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// Regular files under `dir`, recursively, with their sizes, sorted by path (none if `dir`
+/// does not exist).
+pub fn files_under(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(d) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => dirs.push(e.path()),
+                Ok(_) => out.push((e.path(), e.metadata().map_or(0, |m| m.len()))),
+                Err(_) => {}
+            }
+        }
+    }
+    out.sort();
+    out
+}
 
 /// Runs `skopeo ARGS` (bounded to 60 s); `Ok(stdout)` on success, `Err` with stderr otherwise.
 pub fn skopeo(args: &[&str]) -> Result<String, String> {
     let bin = require_program("skopeo");
     let mut cmd = Command::new(bin);
     cmd.args(args);
+    run(&mut cmd, Duration::from_secs(60))?.into_result()
+}
+
+/// `skopeo ARGS` (bounded to 60 s) with an empty private registries.conf and auth file (in
+/// `dir`), and `HTTP(S)_PROXY` at a closed loopback port, so nothing reaches a real registry.
+pub fn skopeo_isolated(dir: &Path, args: &[&str]) -> Result<String, String> {
+    let conf = dir.join("registries.conf");
+    std::fs::write(&conf, "unqualified-search-registries = []\n").expect("write registries.conf");
+    std::fs::write(dir.join("auth.json"), "{\"auths\":{}}\n").expect("write auth.json");
+    let mut cmd = Command::new(require_program("skopeo"));
+    use_dead_proxy(&mut cmd, &[]);
+    cmd.env("CONTAINERS_REGISTRIES_CONF", &conf)
+        .env("REGISTRY_AUTH_FILE", dir.join("auth.json"))
+        .args(args);
     run(&mut cmd, Duration::from_secs(60))?.into_result()
 }
 

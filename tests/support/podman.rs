@@ -36,12 +36,11 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use super::process::{require_program, run, short_tempdir};
+use super::process::{require_program, run, short_tempdir, use_dead_proxy};
 
 /// How long `podman pull` may take before it is killed.
 pub const PODMAN_PULL_TIMEOUT: Duration = Duration::from_secs(120);
 const PODMAN_TIMEOUT: Duration = Duration::from_secs(60);
-const DEAD_PROXY: &str = "http://127.0.0.1:9";
 
 /// One `[[registry]]` of registries.conf with its insecure mirrors.
 #[derive(Debug)]
@@ -153,27 +152,20 @@ impl Podman {
     pub fn command(&self) -> Command {
         let d = self.dir.path();
         let mut cmd = Command::new(&self.podman);
-        for var in [
-            "CONTAINER_HOST",
-            "CONTAINER_CONNECTION",
-            "REGISTRIES_CONFIG_PATH",
-            "http_proxy",
-            "https_proxy",
-            "no_proxy",
-            "all_proxy",
-            "ALL_PROXY",
-        ] {
-            cmd.env_remove(var);
-        }
+        use_dead_proxy(
+            &mut cmd,
+            &[
+                "CONTAINER_HOST",
+                "CONTAINER_CONNECTION",
+                "REGISTRIES_CONFIG_PATH",
+            ],
+        );
         cmd.env("CONTAINERS_CONF", d.join("containers.conf"))
             .env("CONTAINERS_STORAGE_CONF", d.join("storage.conf"))
             .env("CONTAINERS_REGISTRIES_CONF", self.registries_conf())
             .env("REGISTRY_AUTH_FILE", d.join("auth.json"))
             .env("DOCKER_CONFIG", d.join("docker-config"))
             .env("TMPDIR", d.join("tmp"))
-            .env("HTTP_PROXY", DEAD_PROXY)
-            .env("HTTPS_PROXY", DEAD_PROXY)
-            .env("NO_PROXY", "127.0.0.0/8,localhost")
             .arg("--root")
             .arg(d.join("root"))
             .arg("--runroot")

@@ -21,6 +21,28 @@ const EXTRA_DIRS: &[&str] = &[
     "/bin",
 ];
 
+/// The proxy client programs are pointed at: a closed loopback port, so a request meant for
+/// a real registry fails at once instead of leaving the machine.
+pub const DEAD_PROXY: &str = "http://127.0.0.1:9";
+
+/// Removes the proxy variables and `unset` from `cmd`'s environment, then points
+/// `HTTP(S)_PROXY` at [`DEAD_PROXY`], loopback excepted (`NO_PROXY`).
+pub fn use_dead_proxy(cmd: &mut Command, unset: &[&str]) {
+    let proxies = [
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+        "all_proxy",
+        "ALL_PROXY",
+    ];
+    for var in unset.iter().chain(&proxies) {
+        cmd.env_remove(var);
+    }
+    cmd.env("HTTP_PROXY", DEAD_PROXY)
+        .env("HTTPS_PROXY", DEAD_PROXY)
+        .env("NO_PROXY", "127.0.0.0/8,localhost");
+}
+
 /// The path of executable `name` from `$PATH` or the usual system dirs.
 pub fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();

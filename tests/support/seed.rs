@@ -40,6 +40,20 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
     buf
 }
 
+/// `n` bytes of a xorshift stream started from `seed`: incompressible enough for tests, and
+/// the same for the same `(n, seed)`.
+pub fn seeded_bytes(n: usize, seed: u8) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed);
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
 /// A ustar archive of regular files (mode 0644, owner root); parent directories get their
 /// own entries (0755). Paths are relative (`berth/a.txt`) and shorter than 100 bytes.
 pub fn tar(files: &[(String, Vec<u8>)]) -> Vec<u8> {
