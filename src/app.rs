@@ -57,16 +57,16 @@ type ClientLimiter = governor::DefaultKeyedRateLimiter<IpAddr>;
 
 /// Everything a request needs, built once.
 pub struct App {
-    pub router: Router,
-    pub mirror: Mirror,
+    pub(crate) router: Router,
+    pub(crate) mirror: Mirror,
     /// Client authentication and rules (None: everyone may pull everything configured).
-    pub auth: Option<Auth>,
+    pub(crate) auth: Option<Auth>,
     /// The registry listener's TLS (None: plain HTTP, and the zero-copy transport).
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     /// Per-client request rate on the registry listener (None: unlimited).
     client_limit: Option<Arc<ClientLimiter>>,
-    pub limits: Limits,
-    pub cache_dir: PathBuf,
+    pub(crate) limits: Limits,
+    pub(crate) cache_dir: PathBuf,
 }
 
 impl App {

@@ -6,18 +6,20 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod app;
-pub mod cache;
-pub mod cluster;
+// Public: what the binary, the tests, the benches and the fuzz targets use.
 pub mod config;
-pub mod error;
 pub mod logwriter;
-pub mod metrics;
-pub mod mirror;
 pub mod oci;
 pub mod route;
 pub mod server;
 pub mod upstream;
+
+pub(crate) mod app;
+pub(crate) mod cache;
+pub(crate) mod cluster;
+pub(crate) mod error;
+pub(crate) mod metrics;
+pub(crate) mod mirror;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,7 +29,7 @@ use tokio::sync::watch;
 
 pub use app::{App, StartError};
 use config::Config;
-use metrics::Metrics;
+pub use metrics::Metrics;
 
 /// A running berth: its addresses, and the handle that stops it.
 pub struct Running {

@@ -120,10 +120,6 @@ impl BlobStore {
         Ok(store)
     }
 
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }

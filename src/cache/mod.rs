@@ -9,7 +9,7 @@ mod manifests;
 mod shared;
 
 pub use blobs::{BlobStore, CachedBlob};
-pub use fill::{Fill, FillReader, Piece, Source, SourceFuture};
+pub use fill::{Fill, FillReader, Piece, Source};
 pub use manifests::{Manifest, ManifestStore, TagRecord};
 pub use shared::{Lookup, SharedStore};
 

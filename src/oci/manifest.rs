@@ -18,10 +18,6 @@ pub const MANIFEST_MEDIA_TYPES: [&str; 4] = [
     DOCKER_MANIFEST_V2,
 ];
 
-pub fn is_index_media_type(media_type: &str) -> bool {
-    media_type == OCI_INDEX || media_type == DOCKER_MANIFEST_LIST
-}
-
 #[derive(Deserialize)]
 struct Descriptor {
     digest: Option<String>,

@@ -26,13 +26,13 @@ const SERVICE: &str = "berth";
 
 /// Who a request is from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Identity {
+pub(crate) enum Identity {
     Anonymous,
     User(String),
 }
 
 impl Identity {
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         match self {
             Identity::Anonymous => "anonymous",
             Identity::User(u) => u,
@@ -45,7 +45,7 @@ struct Rule {
     allow: Vec<wildmatch::WildMatch>,
 }
 
-pub struct Auth {
+pub(crate) struct Auth {
     users: HashMap<String, String>,
     rules: Vec<Rule>,
     encoding: EncodingKey,
@@ -86,7 +86,7 @@ struct Access {
 
 /// The JSON the token endpoint answers with.
 #[derive(Serialize)]
-pub struct TokenAnswer {
+pub(crate) struct TokenAnswer {
     pub token: String,
     pub access_token: String,
     pub expires_in: u64,
@@ -94,7 +94,7 @@ pub struct TokenAnswer {
 }
 
 /// Parses an htpasswd file with bcrypt entries (the error names the line).
-pub fn parse_htpasswd(text: &str) -> Result<HashMap<String, String>, String> {
+pub(crate) fn parse_htpasswd(text: &str) -> Result<HashMap<String, String>, String> {
     let mut users = HashMap::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -123,7 +123,7 @@ fn now() -> u64 {
 }
 
 impl Auth {
-    pub fn load(cfg: &AuthConfig) -> Result<Auth, SetupError> {
+    pub(crate) fn load(cfg: &AuthConfig) -> Result<Auth, SetupError> {
         let file_error = |e: Box<dyn std::error::Error + Send + Sync>| {
             SetupError::file("auth.htpasswd", &cfg.htpasswd, e)
         };
@@ -172,7 +172,7 @@ impl Auth {
     }
 
     /// Whether `who` may pull `target` (`registry/repository`).
-    pub fn allowed(&self, who: &Identity, target: &Target) -> bool {
+    pub(crate) fn allowed(&self, who: &Identity, target: &Target) -> bool {
         let full = format!("{}/{}", target.registry, target.repo);
         self.rules.iter().any(|r| {
             r.users.iter().any(|u| match (u.as_str(), who) {
@@ -190,7 +190,7 @@ impl Auth {
     /// workers). Unknown users cost a bcrypt of the same cost as known ones, so user names
     /// cannot be told by timing. Too many failed checks for one client address or one user
     /// name within a minute are refused with 429 before any bcrypt runs.
-    pub async fn login(
+    pub(crate) async fn login(
         &self,
         user: &str,
         password: &str,
@@ -265,7 +265,7 @@ impl Auth {
 
     /// The `WWW-Authenticate` challenge, for a request that arrived with `host`;
     /// `insufficient` when a valid token lacked the scope.
-    pub fn challenge(
+    pub(crate) fn challenge(
         &self,
         host: Option<&str>,
         tls: bool,
@@ -292,7 +292,7 @@ impl Auth {
 
     /// Issues a token for `who` with the requested scopes the rules allow (others are left
     /// out, as Docker's token servers do).
-    pub fn issue(
+    pub(crate) fn issue(
         &self,
         who: &Identity,
         scopes: &[&str],
@@ -355,7 +355,7 @@ impl Auth {
     /// Authorizes a registry request. `name` is the repository as the URL names it (the scope
     /// a token must carry), `target` where it routed. Returns who it is, or the error to send
     /// (401 with a challenge, 403 DENIED, or 429 after too many failed logins).
-    pub async fn authorize(
+    pub(crate) async fn authorize(
         &self,
         credentials: Option<&Credentials>,
         name: Option<&str>,
@@ -455,7 +455,7 @@ fn bcrypt_cost(hash: &str) -> Option<u32> {
 
 /// Why a request was refused.
 #[derive(Debug)]
-pub enum Denial {
+pub(crate) enum Denial {
     /// 401 with a challenge for this scope.
     Challenge(RegistryError, Option<String>),
     /// 403.
@@ -470,7 +470,7 @@ impl Denial {
     }
 
     /// The error to answer with.
-    pub fn into_error(self) -> RegistryError {
+    pub(crate) fn into_error(self) -> RegistryError {
         match self {
             Denial::Challenge(e, _) | Denial::Forbidden(e) | Denial::Limited(e) => e,
         }

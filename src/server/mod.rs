@@ -5,15 +5,15 @@
 //! [`response::ResponseHead`] is rendered by the transport that read the request.
 
 mod admin;
-pub mod auth;
+pub(crate) mod auth;
 mod body;
 mod fast;
 mod hyper_transport;
 mod meter;
-pub mod pipeline;
+mod pipeline;
 pub mod request;
-pub mod response;
-pub mod tls;
+mod response;
+pub(crate) mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -125,14 +125,6 @@ impl ResponseHead {
         );
         out.extend_from_slice(line.as_bytes());
     }
-
-    #[cfg(test)]
-    pub fn get(&self, name: &str) -> Option<&HeaderValue> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.as_str() == name)
-            .map(|(_, v)| v)
-    }
 }
 
 /// The current HTTP date, formatted once a second per thread.

@@ -81,7 +81,7 @@ impl Reloading {
 }
 
 /// Builds the acceptor and starts watching the certificate files.
-pub fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, SetupError> {
+pub(crate) fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, SetupError> {
     let resolver = Arc::new(Reloading {
         current: RwLock::new(Arc::new(load(&cfg.cert, &cfg.key)?)),
         stamp: RwLock::new(stamp(&cfg.cert, &cfg.key)),

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use crate::config::{Balance, EndpointConfig, RegistryConfig};
 
 /// How long an endpoint that failed is skipped before it is tried again.
-pub const COOL_DOWN: Duration = Duration::from_secs(10);
+pub(crate) const COOL_DOWN: Duration = Duration::from_secs(10);
 
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     /// Base URL without a trailing slash; the API root is `<base>/v2/`.
     pub base: String,
     /// Another berth: requests carry `?ns=<registry>`.
@@ -24,7 +24,7 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn new(cfg: &EndpointConfig, client: reqwest::Client) -> Endpoint {
+    pub(crate) fn new(cfg: &EndpointConfig, client: reqwest::Client) -> Endpoint {
         Endpoint {
             base: cfg.url.as_str().trim_end_matches('/').to_owned(),
             mirror: cfg.mirror,
@@ -35,7 +35,7 @@ impl Endpoint {
         }
     }
 
-    pub fn is_down(&self) -> bool {
+    pub(crate) fn is_down(&self) -> bool {
         self.down_until
             .lock()
             .map(|d| d.is_some_and(|t| Instant::now() < t))
@@ -43,7 +43,7 @@ impl Endpoint {
     }
 
     /// Records the outcome of a request or probe. Returns whether the state changed.
-    pub fn mark(&self, healthy: bool) -> bool {
+    pub(crate) fn mark(&self, healthy: bool) -> bool {
         let Ok(mut d) = self.down_until.lock() else {
             return false;
         };
@@ -53,13 +53,13 @@ impl Endpoint {
     }
 
     /// Counts a request in flight until the guard drops (for least-requests).
-    pub fn start(&self) -> InFlight<'_> {
+    pub(crate) fn start(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self)
     }
 }
 
-pub struct InFlight<'a>(&'a Endpoint);
+pub(crate) struct InFlight<'a>(&'a Endpoint);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
@@ -68,7 +68,7 @@ impl Drop for InFlight<'_> {
 }
 
 /// The endpoints for a set of repositories.
-pub struct Pool {
+pub(crate) struct Pool {
     /// None: the registry's own endpoints (every repository).
     pattern: Option<wildmatch::WildMatch>,
     primary: Vec<usize>,
@@ -78,13 +78,13 @@ pub struct Pool {
 }
 
 /// All endpoints of a registry, and the pools that choose among them.
-pub struct Endpoints {
+pub(crate) struct Endpoints {
     pub all: Vec<Endpoint>,
     pools: Vec<Pool>,
 }
 
 impl Endpoints {
-    pub fn new(
+    pub(crate) fn new(
         cfg: &RegistryConfig,
         client_for: impl Fn(&EndpointConfig) -> Result<reqwest::Client, String>,
     ) -> Result<Endpoints, String> {
@@ -140,7 +140,7 @@ impl Endpoints {
     /// The order in which to try endpoints for a request about `repo`, hashing on `key`
     /// (the blob digest, else the repository): healthy primaries as balanced, then healthy
     /// fallbacks, then the ones cooling down (better a retry than a certain failure).
-    pub fn order(&self, repo: Option<&str>, key: &str) -> Vec<&Endpoint> {
+    pub(crate) fn order(&self, repo: Option<&str>, key: &str) -> Vec<&Endpoint> {
         let pool = self
             .pools
             .iter()

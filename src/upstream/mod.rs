@@ -31,7 +31,7 @@ const MAX_REDIRECTS: usize = 5;
 const MAX_TOKEN_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum UpstreamError {
+pub(crate) enum UpstreamError {
     /// Upstream answered, but not with success.
     #[error("upstream answered {status}")]
     Status {
@@ -52,33 +52,16 @@ pub enum UpstreamError {
 
 /// Whether a request may wait for the upstream budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Urgency {
+pub(crate) enum Urgency {
     /// Fetching something not cached: wait a little for the budget, then give up (429).
     Fetch,
     /// Revalidating a cached tag: only when budget and rate limit allow; else serve cached.
     Revalidate,
 }
 
-impl UpstreamError {
-    /// True when serving a stale cached answer is the right response (the upstream is away,
-    /// overloaded or rate-limiting), as opposed to a definite answer such as 404.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            UpstreamError::Status { status, .. } => {
-                *status == StatusCode::TOO_MANY_REQUESTS
-                    || *status == StatusCode::REQUEST_TIMEOUT
-                    || status.is_server_error()
-            }
-            UpstreamError::Unreachable(_)
-            | UpstreamError::Invalid(_)
-            | UpstreamError::Budget { .. } => true,
-        }
-    }
-}
-
 /// What a request asks of a repository upstream (the path under `/v2/<repository>/`).
 #[derive(Debug, Clone, Copy)]
-pub enum UpstreamPath<'a> {
+pub(crate) enum UpstreamPath<'a> {
     /// `manifests/<tag>`
     ManifestTag(&'a Tag),
     /// `manifests/<digest>`
@@ -197,7 +180,7 @@ enum AuthMode {
     },
 }
 
-pub struct Upstream {
+pub(crate) struct Upstream {
     pub name: String,
     endpoints: Endpoints,
     username: Option<String>,
@@ -216,7 +199,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(
+    pub(crate) fn new(
         cfg: &RegistryConfig,
         metrics: Arc<Metrics>,
         outbound: Arc<OutboundPolicy>,
@@ -291,7 +274,7 @@ impl Upstream {
 
     /// Probes each endpoint's `/v2/` every `probe_interval`, so a dead endpoint is skipped
     /// before a request has to fail on it, and a recovered one is used again.
-    pub fn spawn_probes(self: &Arc<Self>) {
+    pub(crate) fn spawn_probes(self: &Arc<Self>) {
         if self.probe_interval.is_zero() {
             return;
         }
@@ -320,12 +303,6 @@ impl Upstream {
                 }
             }
         });
-    }
-
-    /// The last `ratelimit-remaining` upstream sent, if any.
-    pub fn ratelimit_remaining(&self) -> Option<i64> {
-        let v = self.ratelimit_remaining.load(Ordering::Relaxed);
-        (v >= 0).then_some(v)
     }
 
     /// Whether a revalidation may be sent now: not while Docker Hub's remaining pulls are
@@ -361,7 +338,7 @@ impl Upstream {
     /// Sends `method` for `path` of `repo` and returns a success response, trying endpoints in
     /// the order the registry's balancing and health give, failing over on connection errors
     /// and 5xx.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         method: Method,
         repo: &RepoName,
@@ -374,7 +351,7 @@ impl Upstream {
 
     /// Like [`send`](Upstream::send), asking for the body from byte `from` on (a `Range`
     /// request when `from > 0`; the answer may still be the whole body, status 200).
-    pub async fn send_from(
+    pub(crate) async fn send_from(
         &self,
         method: Method,
         repo: &RepoName,
@@ -671,7 +648,7 @@ impl Upstream {
 }
 
 /// Reads a whole (small) body, refusing more than `limit` bytes whatever Content-Length says.
-pub async fn read_limited(
+pub(crate) async fn read_limited(
     mut resp: reqwest::Response,
     limit: usize,
 ) -> Result<bytes::Bytes, UpstreamError> {
@@ -699,7 +676,7 @@ pub async fn read_limited(
 }
 
 /// The error with its causes, for logs ("error sending request: connection refused").
-pub fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(cause) = src {
