@@ -12,8 +12,10 @@
 
 use std::collections::HashSet;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+
+use parking_lot::RwLock;
 
 use http::{HeaderValue, StatusCode, header};
 use sha2::{Digest as _, Sha256};
@@ -145,7 +147,7 @@ impl Cluster {
     }
 
     fn snapshot(&self) -> Vec<Arc<Peer>> {
-        self.peers.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.peers.read().clone()
     }
 
     /// The replicas in the order they should be asked for `digest`: the owner first. Only
@@ -253,7 +255,7 @@ impl Cluster {
         let mut bases: Vec<String> = found.map(|a| format!("{}://{a}", dns.scheme())).collect();
         bases.sort();
         bases.dedup();
-        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        let mut peers = self.peers.write();
         let kept: Vec<Arc<Peer>> = bases
             .iter()
             .filter_map(|b| match peers.iter().find(|p| &p.base == b) {
@@ -275,10 +277,7 @@ impl Cluster {
 
     /// Whether a connection comes from one of the peers.
     pub fn is_peer(&self, ip: IpAddr) -> bool {
-        self.peer_ips
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&ip)
+        self.peer_ips.read().contains(&ip)
     }
 
     async fn probe_all(&self) {
@@ -304,7 +303,7 @@ impl Cluster {
                 }
             }
         }
-        *self.peer_ips.write().unwrap_or_else(|p| p.into_inner()) = ips;
+        *self.peer_ips.write() = ips;
         let probes = peers.iter().map(|p| self.probe(p));
         futures_util::future::join_all(probes).await;
         if !self.probed.swap(true, Ordering::Relaxed) {

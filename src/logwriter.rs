@@ -5,7 +5,9 @@
 //! thread writes the buffer itself, which slows requests rather than growing memory.
 
 use std::io::{self, Write};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
 use std::time::Duration;
 
 const FLUSH_EVERY: Duration = Duration::from_millis(20);
@@ -39,11 +41,8 @@ impl BatchWriter {
                 let mut out = Vec::new();
                 loop {
                     let stop = {
-                        let guard = s.buf.lock().unwrap_or_else(|p| p.into_inner());
-                        let (mut guard, _) = s
-                            .wake
-                            .wait_timeout(guard, FLUSH_EVERY)
-                            .unwrap_or_else(|p| p.into_inner());
+                        let mut guard = s.buf.lock();
+                        s.wake.wait_for(&mut guard, FLUSH_EVERY);
                         std::mem::swap(&mut guard.0, &mut out);
                         guard.1
                     };
@@ -68,7 +67,8 @@ impl BatchWriter {
 
 impl Drop for FlushGuard {
     fn drop(&mut self) {
-        if let Ok(mut g) = self.shared.buf.lock() {
+        {
+            let mut g = self.shared.buf.lock();
             g.1 = true;
         }
         self.shared.wake.notify_one();
@@ -80,7 +80,7 @@ impl Drop for FlushGuard {
 
 impl Write for BatchWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let mut g = self.shared.buf.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.shared.buf.lock();
         if g.0.len() + data.len() > MAX_PENDING {
             // The writer thread cannot keep up (or is gone): write it out here.
             let mut out = io::stdout().lock();

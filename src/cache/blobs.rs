@@ -8,8 +8,10 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::{Instant, SystemTime};
 
 use moka::notification::RemovalCause;
@@ -264,7 +266,7 @@ impl BlobStore {
         origin: &Target,
         source: impl FnOnce(&Arc<Fill>) -> SourceFuture,
     ) -> (Arc<Fill>, bool) {
-        let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fills = self.fills.lock();
         if let Some(f) = fills.get(digest) {
             return (f.clone(), true);
         }
@@ -319,12 +321,7 @@ impl BlobStore {
     pub async fn wait_idle(&self, limit: std::time::Duration) {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
-            if self
-                .fills
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_empty()
-            {
+            if self.fills.lock().is_empty() {
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -361,7 +358,7 @@ impl Drop for FillGuard {
     fn drop(&mut self) {
         let (store, fill) = (&self.store, &self.fill);
         {
-            let mut fills = store.fills.lock().unwrap_or_else(|p| p.into_inner());
+            let mut fills = store.fills.lock();
             if fills
                 .get(&fill.digest)
                 .is_some_and(|f| Arc::ptr_eq(f, fill))

@@ -8,7 +8,9 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -107,7 +109,7 @@ impl Fill {
     fn lock(&self) -> MutexGuard<'_, Shared> {
         // A poisoned lock means a panic elsewhere; the state itself is still consistent
         // because every critical section only assigns plain fields.
-        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.lock()
     }
 
     fn update(&self, f: impl FnOnce(&mut Shared)) {

@@ -7,7 +7,9 @@
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -212,7 +214,7 @@ impl ManifestStore {
 
     fn add_members(&self, registry: &Arc<str>, repo: &RepoName, bytes: &[u8], own: &Digest) {
         let refs = referenced_digests(bytes);
-        let mut members = self.members.write().unwrap_or_else(|p| p.into_inner());
+        let mut members = self.members.write();
         let set = members.entry((registry.clone(), repo.clone())).or_default();
         set.insert(own.clone());
         set.extend(refs);
@@ -220,7 +222,7 @@ impl ManifestStore {
 
     /// Records that upstream confirmed `digest` exists in the repository.
     pub fn add_member(&self, registry: &Arc<str>, repo: &RepoName, digest: &Digest) {
-        let mut members = self.members.write().unwrap_or_else(|p| p.into_inner());
+        let mut members = self.members.write();
         members
             .entry((registry.clone(), repo.clone()))
             .or_default()
@@ -244,7 +246,7 @@ impl ManifestStore {
     }
 
     pub fn is_member(&self, registry: &Arc<str>, repo: &RepoName, digest: &Digest) -> bool {
-        let members = self.members.read().unwrap_or_else(|p| p.into_inner());
+        let members = self.members.read();
         members
             .get(&(registry.clone(), repo.clone()))
             .is_some_and(|s| s.contains(digest))

@@ -5,7 +5,9 @@
 mod sources;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -266,7 +268,7 @@ impl Mirror {
     /// Serializes work on one key (a tag revalidation, a manifest fetch).
     async fn lock(&self, key: LockKey) -> tokio::sync::OwnedMutexGuard<()> {
         let m = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            let mut locks = self.locks.lock();
             if locks.len() > 1024 {
                 locks.retain(|_, w| w.strong_count() > 0);
             }

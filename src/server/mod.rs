@@ -71,14 +71,14 @@ pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: watch::Receiver<
 
 /// Open connections per client address, so one client cannot take every socket.
 #[derive(Clone, Default)]
-pub struct ConnectionCounts(Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>);
+pub struct ConnectionCounts(Arc<parking_lot::Mutex<std::collections::HashMap<IpAddr, usize>>>);
 
 pub struct ConnectionSlot(ConnectionCounts, IpAddr);
 
 impl ConnectionCounts {
     /// A slot for one more connection from `ip`, or None when it holds `max` already.
     pub fn open(&self, ip: IpAddr, max: usize) -> Option<ConnectionSlot> {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.0.lock();
         let n = m.entry(ip).or_insert(0);
         if max > 0 && *n >= max {
             return None;
@@ -90,7 +90,7 @@ impl ConnectionCounts {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        let mut m = (self.0).0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = (self.0).0.lock();
         if let Some(n) = m.get_mut(&self.1) {
             *n -= 1;
             if *n == 0 {

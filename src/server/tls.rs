@@ -3,7 +3,9 @@
 //! new handshakes get the new certificate, open connections are not dropped.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::RwLock;
 use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::pem::PemObject;
@@ -28,7 +30,7 @@ struct Reloading {
 
 impl ResolvesServerCert for Reloading {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current.read().ok().map(|c| c.clone())
+        Some(self.current.read().clone())
     }
 }
 
@@ -68,7 +70,8 @@ impl Reloading {
     fn reload(&self, why: &str) {
         match load(&self.cert, &self.key) {
             Ok(ck) => {
-                if let Ok(mut c) = self.current.write() {
+                {
+                    let mut c = self.current.write();
                     *c = Arc::new(ck);
                 }
                 tracing::info!(cert = %self.cert.display(), why, "TLS certificate reloaded");
@@ -121,9 +124,10 @@ fn watch(resolver: Weak<Reloading>) {
             tokio::time::sleep(POLL).await;
             let Some(r) = weak.upgrade() else { return };
             let now = stamp(&r.cert, &r.key);
-            let changed = r.stamp.read().map(|s| *s != now).unwrap_or(false);
+            let changed = *r.stamp.read() != now;
             if changed && now.is_some() {
-                if let Ok(mut s) = r.stamp.write() {
+                {
+                    let mut s = r.stamp.write();
                     *s = now;
                 }
                 r.reload("files changed");

@@ -1,8 +1,8 @@
 //! Upstream authentication: the `WWW-Authenticate` challenge, the bearer-token flow and a token
 //! cache per (realm, service, scope) kept until expiry.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::policy::Host;
@@ -176,7 +176,7 @@ impl TokenCache {
 
     pub fn get(&self, realm: &str, service: Option<&str>, scope: &str) -> Option<String> {
         let key = Self::key(realm, service, scope);
-        let tokens = self.tokens.lock().ok()?;
+        let tokens = self.tokens.lock();
         tokens
             .get(&key)
             .filter(|(_, until)| Instant::now() < *until)
@@ -193,7 +193,8 @@ impl TokenCache {
     ) {
         // Renew a little early so a token never expires between use and arrival.
         let until = Instant::now() + ttl.saturating_sub(Duration::from_secs(10));
-        if let Ok(mut tokens) = self.tokens.lock() {
+        {
+            let mut tokens = self.tokens.lock();
             tokens.retain(|_, (_, u)| Instant::now() < *u);
             tokens.insert(Self::key(realm, service, scope), (token, until));
         }

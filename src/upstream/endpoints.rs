@@ -2,8 +2,8 @@
 //! least-requests, rendezvous hashing), passive health with a cool-down, active `/v2/`
 //! probes, and fallbacks used only when every primary endpoint is down.
 
+use parking_lot::Mutex;
 use std::hash::{Hash, Hasher};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -36,17 +36,12 @@ impl Endpoint {
     }
 
     pub(crate) fn is_down(&self) -> bool {
-        self.down_until
-            .lock()
-            .map(|d| d.is_some_and(|t| Instant::now() < t))
-            .unwrap_or(false)
+        self.down_until.lock().is_some_and(|t| Instant::now() < t)
     }
 
     /// Records the outcome of a request or probe. Returns whether the state changed.
     pub(crate) fn mark(&self, healthy: bool) -> bool {
-        let Ok(mut d) = self.down_until.lock() else {
-            return false;
-        };
+        let mut d = self.down_until.lock();
         let was_down = d.is_some_and(|t| Instant::now() < t);
         *d = (!healthy).then(|| Instant::now() + COOL_DOWN);
         was_down == healthy

@@ -8,7 +8,9 @@ pub mod policy;
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -310,8 +312,7 @@ impl Upstream {
     fn revalidation_paused(&self) -> bool {
         self.paused_until
             .lock()
-            .map(|p| p.is_some_and(|t| Instant::now() < t))
-            .unwrap_or(false)
+            .is_some_and(|t| Instant::now() < t)
     }
 
     /// Takes one request from the budget: a fetch waits a little, a revalidation does not.
@@ -507,7 +508,7 @@ impl Upstream {
     }
 
     fn auth_header(&self, ep: &Endpoint, scope: Option<&str>) -> Option<HeaderValue> {
-        let mode = ep.auth.lock().ok()?.clone();
+        let mode = ep.auth.lock().clone();
         match mode {
             AuthMode::None => None,
             AuthMode::Basic => self.basic_value(),
@@ -532,7 +533,8 @@ impl Upstream {
     ) -> Result<bool, UpstreamError> {
         match challenge {
             Some(Challenge::Basic) => {
-                if let Ok(mut m) = ep.auth.lock() {
+                {
+                    let mut m = ep.auth.lock();
                     *m = AuthMode::Basic;
                 }
                 Ok(self.basic_value().is_some())
@@ -551,7 +553,8 @@ impl Upstream {
                     .await?;
                 self.tokens
                     .put(&realm, service.as_deref(), &scope, token.0, token.1);
-                if let Ok(mut m) = ep.auth.lock() {
+                {
+                    let mut m = ep.auth.lock();
                     *m = AuthMode::Bearer { realm, service };
                 }
                 Ok(true)
@@ -632,7 +635,7 @@ impl Upstream {
             self.ratelimit_remaining.store(n.max(0), Ordering::Relaxed);
             if let Some(floor) = self.ratelimit_floor
                 && n < floor as i64
-                && let Ok(mut p) = self.paused_until.lock()
+                && let mut p = self.paused_until.lock()
                 && p.is_none_or(|t| Instant::now() >= t)
             {
                 tracing::warn!(registry = %self.name, remaining = n, floor, pause = ?self.ratelimit_pause,

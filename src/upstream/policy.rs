@@ -15,7 +15,9 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use reqwest::Url;
 
@@ -285,14 +287,15 @@ static DNS_OVERRIDES: RwLock<Option<HashMap<String, Vec<IpAddr>>>> = RwLock::new
 /// Makes every [`GuardedResolver`] answer `ips` for `name` (for tests).
 #[doc(hidden)]
 pub fn override_dns(name: &str, ips: Vec<IpAddr>) {
-    if let Ok(mut map) = DNS_OVERRIDES.write() {
+    {
+        let mut map = DNS_OVERRIDES.write();
         map.get_or_insert_with(HashMap::new)
             .insert(name.to_ascii_lowercase(), ips);
     }
 }
 
 fn dns_override(name: &str) -> Option<Vec<IpAddr>> {
-    let map = DNS_OVERRIDES.read().ok()?;
+    let map = DNS_OVERRIDES.read();
     map.as_ref()?.get(&name.to_ascii_lowercase()).cloned()
 }
 
