@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fake_upstream::FakeUpstream;
-use support::{InProc, InProcConfig};
+use support::{InProc, InProcConfig, exchange, status_of};
 
 /// berth before an upstream with `library/app:v1`; `extra` goes into `[server]`.
 async fn start(extra: &str) -> (InProc, FakeUpstream) {
@@ -23,25 +23,6 @@ async fn start(extra: &str) -> (InProc, FakeUpstream) {
         .server("header_read_timeout = \"1s\"")
         .server(extra);
     (InProc::start(&config).await, up)
-}
-
-/// Sends raw bytes and returns what came back until the server closed or 3 s passed.
-fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(3)))
-        .expect("timeout");
-    // The server may close before reading everything; that is an answer too.
-    let _ = s.write_all(raw);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn status_of(resp: &str) -> u16 {
-    resp.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
 }
 
 /// berth still answers an ordinary request.

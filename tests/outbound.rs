@@ -5,6 +5,7 @@
 //! registry's credentials still do not go to it.
 
 mod fake_upstream;
+mod support;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fake_upstream::{Behaviour, FakeUpstream};
+use support::{InProc, InProcConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -85,18 +87,18 @@ impl Canary {
 }
 
 /// A canary, an upstream with `library/app:v1` (one layer) and berth in front of it (registry
-/// docker.io, with upstream credentials), plus `extra` registries.
+/// docker.io, with upstream credentials), plus what `extra` adds to the config (given the
+/// canary's port).
 struct Setup {
     canary: Canary,
     up: FakeUpstream,
     layer: String,
-    berth: berth::Running,
-    client: reqwest::Client,
+    berth: InProc,
     _dir: tempfile::TempDir,
 }
 
 impl Setup {
-    async fn new(extra: impl FnOnce(u16) -> String) -> Setup {
+    async fn new(extra: impl FnOnce(InProcConfig, u16) -> InProcConfig) -> Setup {
         let canary = Canary::start().await;
         let up = FakeUpstream::start().await;
         let layer = up.add_blob(Bytes::from_static(b"layer bytes"));
@@ -105,49 +107,32 @@ impl Setup {
         let dir = tempfile::tempdir().expect("tempdir");
         let password_file = dir.path().join("upstream-password");
         std::fs::write(&password_file, PASSWORD).expect("password file");
-        let text = format!(
+        let keys = format!(
             r#"
-            {}
-            [[registry]]
-            name = "docker.io"
-            default = true
-            endpoints = ["{}"]
             username = "{USER}"
             password_file = "{}"
             connect_timeout = "1s"
             read_timeout = "2s"
-            {}
             "#,
-            fake_upstream::server_toml(&dir.path().join("cache")),
-            up.url(),
             password_file.display(),
-            extra(canary.port),
         );
-        let config = berth::config::Config::parse(&text).expect("test config is valid");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
-        let berth = berth::start_on(config, listener, admin)
-            .await
-            .expect("berth starts");
-        fake_upstream::wait_ready(berth.admin_addr).await;
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .expect("client");
+        let config = extra(InProcConfig::mirror_of(&up.url(), &keys), canary.port);
+        let berth = InProc::start(&config).await;
         Setup {
             canary,
             up,
             layer,
             berth,
-            client,
             _dir: dir,
         }
     }
 
-    /// The status berth answers `GET path` with.
+    /// The status berth answers `GET path` with (within 10 s).
     async fn get(&self, path: &str) -> reqwest::StatusCode {
-        self.client
-            .get(format!("http://{}{path}", self.berth.addr))
+        self.berth
+            .client()
+            .get(format!("{}{path}", self.berth.url()))
+            .timeout(Duration::from_secs(10))
             .send()
             .await
             .expect("berth answers")
@@ -200,7 +185,7 @@ fn local_forms(port: u16, path: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirects_to_local_addresses_are_refused() {
-    let s = Setup::new(|_| String::new()).await;
+    let s = Setup::new(|config, _| config).await;
     assert_eq!(s.get("/v2/library/app/manifests/v1").await, 200);
     let forms = local_forms(s.canary.port, "/cdn/{digest}");
     let blob = format!("/v2/library/app/blobs/{}", s.layer);
@@ -212,12 +197,12 @@ async fn redirects_to_local_addresses_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_realms_at_local_addresses_are_refused() {
-    let s = Setup::new(|_| String::new()).await;
+    let s = Setup::new(|config, _| config).await;
     *s.up.state.token.lock().expect("lock") = Some("upstream-token".into());
     // The first form is also "the upstream's address, another port".
     let mut forms = local_forms(s.canary.port, "/token");
     // berth's own admin listener.
-    let admin = s.berth.admin_addr;
+    let admin = s.berth.admin_addr();
     forms.push(format!("http://{admin}/metrics"));
     forms.push(format!(
         "http://[::ffff:127.0.0.1]:{}/metrics",
@@ -232,15 +217,7 @@ async fn token_realms_at_local_addresses_are_refused() {
         authorized.is_empty(),
         "a token or credentials went upstream: {authorized:?}"
     );
-    let metrics = s
-        .client
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = s.berth.metrics_text().await;
     let token_series = |l: &&str| {
         l.starts_with("berth_upstream_requests_total") && l.contains(r#"endpoint="token""#)
     };
@@ -255,14 +232,16 @@ async fn a_configured_local_endpoint_is_reachable_but_gets_no_credentials() {
     // The canary is an endpoint of another registry, by address and by a name that resolves
     // to 127.0.0.1: an upstream may send berth there, without this registry's credentials.
     berth::upstream::policy::override_dns("canary-ok.test", vec![IpAddr::from([127, 0, 0, 1])]);
-    let s = Setup::new(|p| {
-        format!(
-            r#"
-            [[registry]]
-            name = "canary.local"
-            endpoints = ["http://127.0.0.1:{p}", "http://canary-ok.test:{p}"]
-            probe_interval = "0s"
-            "#
+    let s = Setup::new(|config, p| {
+        let endpoints = [
+            format!("http://127.0.0.1:{p}"),
+            format!("http://canary-ok.test:{p}"),
+        ];
+        config.registry(
+            "canary.local",
+            false,
+            &[&endpoints[0], &endpoints[1]],
+            r#"probe_interval = "0s""#,
         )
     })
     .await;

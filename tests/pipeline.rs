@@ -4,14 +4,13 @@
 //! zero-copy transport; the same request with a one-byte body is handed to hyper.
 
 mod fake_upstream;
+mod support;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 use fake_upstream::FakeUpstream;
+use support::{InProc, InProcConfig, exchange, status_of};
 
 /// Panics anywhere in the process (a connection task included) since the hook was set.
 static PANICS: AtomicUsize = AtomicUsize::new(0);
@@ -25,8 +24,9 @@ fn count_panics() {
 }
 
 struct Setup {
-    berth: berth::Running,
+    berth: InProc,
     _up: FakeUpstream,
+    /// Holds the htpasswd file.
     _dir: tempfile::TempDir,
     blob: String,
 }
@@ -39,10 +39,12 @@ async fn start(htpasswd: Option<String>) -> Setup {
     let cfg = up.add_blob(Bytes::from_static(b"{}"));
     up.add_image("library/app", "v1", &cfg, std::slice::from_ref(&blob));
     let dir = tempfile::tempdir().expect("tempdir");
-    let auth = if let Some(entries) = htpasswd {
+    let mut config = InProcConfig::mirror_of(&up.url(), r#"probe_interval = "0s""#)
+        .server(r#"header_read_timeout = "2s""#);
+    if let Some(entries) = htpasswd {
         let htpasswd = dir.path().join("htpasswd");
         std::fs::write(&htpasswd, entries).expect("write htpasswd");
-        format!(
+        config = config.table(&format!(
             r#"
             [auth]
             htpasswd = "{}"
@@ -51,55 +53,15 @@ async fn start(htpasswd: Option<String>) -> Setup {
             allow = ["docker.io/library/*"]
             "#,
             htpasswd.display()
-        )
-    } else {
-        String::new()
-    };
-    let text = format!(
-        r#"
-        [server]
-        listen = "127.0.0.1:0"
-        admin_listen = "127.0.0.1:0"
-        shutdown_grace = "1s"
-        header_read_timeout = "2s"
-        [cache]
-        dir = "{}"
-        [[registry]]
-        name = "docker.io"
-        default = true
-        endpoints = ["{}"]
-        probe_interval = "0s"
-        {auth}
-        "#,
-        dir.path().display(),
-        up.url()
-    );
-    let config = berth::config::Config::parse(&text).expect("config");
-    let berth = berth::start(config).await.expect("berth starts");
+        ));
+    }
+    let berth = InProc::start(&config).await;
     Setup {
         berth,
         _up: up,
         _dir: dir,
         blob,
     }
-}
-
-/// One request on a new connection; the whole answer (the server closes after it).
-fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    let _ = s.write_all(raw);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn status_of(resp: &str) -> u16 {
-    resp.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -155,7 +117,7 @@ fn ci_user() -> String {
 async fn malformed_authorization(with_auth: bool) {
     count_panics();
     let s = start(with_auth.then(ci_user)).await;
-    let addr = s.berth.addr;
+    let addr = s.berth.addr();
     let blob = format!("/v2/library/app/blobs/{}", s.blob);
     let manifest = "/v2/library/app/manifests/v1";
     let cases = tokio::task::spawn_blocking(move || {
@@ -216,7 +178,7 @@ async fn malformed_authorization_with_auth() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invented_methods_get_4xx_and_one_label() {
     let s = start(None).await;
-    let addr = s.berth.addr;
+    let addr = s.berth.addr();
     tokio::task::spawn_blocking(move || {
         for i in 0..60 {
             let method = format!("XMETHOD{i}");
@@ -232,7 +194,7 @@ async fn invented_methods_get_4xx_and_one_label() {
     })
     .await
     .expect("requests");
-    let metrics = String::from_utf8(s.berth.metrics.render()).expect("utf-8");
+    let metrics = s.berth.render_metrics();
     let mut methods: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("berth_http_requests_total{"))
@@ -253,7 +215,7 @@ async fn invented_methods_get_4xx_and_one_label() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hosts_that_are_not_authorities_get_400() {
     let s = start(Some(ci_user())).await;
-    let addr = s.berth.addr;
+    let addr = s.berth.addr();
     tokio::task::spawn_blocking(move || {
         for transport in [Transport::Fast, Transport::Hyper] {
             for host in [

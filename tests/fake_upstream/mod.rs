@@ -87,33 +87,6 @@ impl Drop for FakeUpstream {
     }
 }
 
-/// The `[server]` and `[cache]` sections of an in-process berth config on 127.0.0.1:0.
-pub fn server_toml(cache_dir: &std::path::Path) -> String {
-    format!(
-        r#"
-        [server]
-        listen = "127.0.0.1:0"
-        admin_listen = "127.0.0.1:0"
-        shutdown_grace = "1s"
-        [cache]
-        dir = "{}"
-        "#,
-        cache_dir.display()
-    )
-}
-
-/// Waits (at most 2 s) until berth's admin listener answers `/readyz` with 200.
-pub async fn wait_ready(admin: SocketAddr) {
-    let client = reqwest::Client::new();
-    for _ in 0..100 {
-        let r = client.get(format!("http://{admin}/readyz")).send().await;
-        if r.is_ok_and(|r| r.status() == 200) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 pub fn sha256(b: &[u8]) -> String {
     let mut h = Sha256Hasher::new();
     h.update(b);

@@ -257,9 +257,10 @@ impl InProc {
         r.text().await.expect("metrics text")
     }
 
-    /// The metrics as berth renders them now (no request; for use in blocking code).
+    /// The metrics as berth renders them now (no request; for use in blocking code); panics
+    /// if they are not UTF-8.
     pub fn render_metrics(&self) -> String {
-        String::from_utf8_lossy(&self.running().metrics.render()).into_owned()
+        String::from_utf8(self.running().metrics.render()).expect("metrics are UTF-8")
     }
 
     /// berth's log lines since it started (with tests running at once, other in-process

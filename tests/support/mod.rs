@@ -8,7 +8,7 @@
 //!   (gzip'd tar layers, config, manifest, OCI index) pushed with the registry v2 API.
 //! - [`Dockerd`]: a private `dockerd` + `containerd` pair, with `docker` CLI helpers.
 //! - [`Berth`]: the berth binary under test (`berth serve --config FILE`).
-//! - [`InProc`]: berth in-process (`berth::start_on` on 127.0.0.1:0 listeners), its config
+//! - [`InProc`]: berth in-process (started on 127.0.0.1:0 listeners), its config
 //!   built by [`InProcConfig`], its log captured; [`sample`] reads a metric from `/metrics`.
 //! - [`Containerd`]: a private `containerd` for `ctr images pull --hosts-dir` (hosts.toml).
 //! - [`Podman`]: `podman` with private storage, config and `registries.conf` mirrors.
@@ -52,8 +52,8 @@ pub use self::inproc::{InProc, InProcConfig, client, error_chain, loopback_liste
 pub use self::metrics::{sample, try_sample};
 pub use self::podman::{PODMAN_PULL_TIMEOUT, Podman};
 pub use self::process::{
-    CmdOutput, DEAD_PROXY, Probe, find_program, free_addr, free_port, http_get_text, http_status,
-    require_program, run, use_dead_proxy, wait_for,
+    CmdOutput, DEAD_PROXY, Probe, exchange, find_program, free_addr, free_port, http_get_text,
+    http_status, require_program, run, status_of, use_dead_proxy, wait_for,
 };
 pub use self::recorder::{RecordedRequest, Recorder};
 pub use self::registry::{AccessEntry, Registry};

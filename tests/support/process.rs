@@ -106,6 +106,27 @@ pub fn wait_for<T>(
     }
 }
 
+/// Sends `raw` on a new connection to `addr` and returns what came back until the server
+/// closed or 5 s passed (lossy UTF-8). The server may close before reading everything; what
+/// it sent is the answer then too.
+pub fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let _ = s.write_all(raw);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status code of a raw HTTP response (its second word), 0 if there is none.
+pub fn status_of(resp: &str) -> u16 {
+    resp.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Status code of `GET path` on `addr` over a fresh HTTP/1.1 connection (2 s timeouts).
 pub fn http_status(addr: SocketAddr, path: &str) -> io::Result<u16> {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
