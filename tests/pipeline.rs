@@ -253,3 +253,122 @@ async fn hosts_that_are_not_authorities_get_400() {
     .expect("requests");
     s.berth.stop().await;
 }
+
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!("Basic {b64}")
+}
+
+/// A client whose connections come from `ip` (a loopback address: 127.0.0.0/8).
+fn client_from(ip: [u8; 4]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from(ip))
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .expect("client")
+}
+
+/// The time one login attempt takes to be refused, and its status.
+async fn refused_in(client: &reqwest::Client, url: &str, user: &str) -> (u16, f64) {
+    let t = std::time::Instant::now();
+    let r = client
+        .get(format!("{url}/v2/"))
+        .header("authorization", basic(user, "wrong"))
+        .send()
+        .await
+        .expect("login attempt");
+    (r.status().as_u16(), t.elapsed().as_secs_f64())
+}
+
+/// bcrypt at cost 14 (what `htpasswd -B -C 14` writes) takes about a second per check. 40
+/// concurrent wrong passwords must not stall anyone else: the checks run off the request
+/// threads, at most `failed_logins_per_minute` (10) of them, the rest get 429 at once; and
+/// an unknown user is refused in about the time a known one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_passwords_never_stall_other_requests() {
+    let strong = bcrypt::hash("s3cret", 14).expect("bcrypt");
+    let weak = bcrypt::hash("s3cret", 4).expect("bcrypt");
+    let s = start(Some(format!("ci:{strong}\ndana:{strong}\nbob:{weak}\n"))).await;
+    let url = s.berth.url();
+    let manifest = format!("{url}/v2/library/app/manifests/v1");
+    let local = client_from([127, 0, 0, 1]);
+    assert_eq!(
+        local.get(&manifest).send().await.expect("warm").status(),
+        200
+    );
+    let bob = basic("bob", "s3cret");
+    let r = local
+        .get(format!("{url}/v2/"))
+        .header("authorization", &bob);
+    assert_eq!(r.send().await.expect("bob logs in").status(), 200);
+
+    let storm: Vec<_> = (0..40)
+        .map(|i| {
+            let (client, url) = (local.clone(), url.clone());
+            tokio::spawn(async move {
+                let r = client
+                    .get(format!("{url}/v2/"))
+                    .header("authorization", basic("ci", &format!("wrong{i}")))
+                    .send()
+                    .await
+                    .expect("wrong password request");
+                r.status().as_u16()
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Meanwhile: anonymous /v2/, a cached manifest, an anonymous token, a user logged in.
+    let mut slowest: f64 = 0.0;
+    for _ in 0..5 {
+        let checks = [
+            (local.get(format!("{url}/v2/")), 401),
+            (local.get(&manifest), 200),
+            (
+                local.get(format!("{url}/token?scope=repository:library/app:pull")),
+                200,
+            ),
+            (
+                local
+                    .get(format!("{url}/v2/"))
+                    .header("authorization", &bob),
+                200,
+            ),
+        ];
+        for (request, want) in checks {
+            let t = std::time::Instant::now();
+            let status = request.send().await.expect("request").status();
+            slowest = slowest.max(t.elapsed().as_secs_f64());
+            assert_eq!(status, want);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    let mut statuses = Vec::new();
+    for t in storm {
+        statuses.push(t.await.expect("storm task"));
+    }
+    let limited = statuses.iter().filter(|&&s| s == 429).count();
+    let refused = statuses.iter().filter(|&&s| s == 401).count();
+    assert_eq!(limited + refused, 40, "{statuses:?}");
+    assert!(
+        (1..=10).contains(&refused),
+        "at most 10 checked: {statuses:?}"
+    );
+    eprintln!(
+        "40 wrong passwords: {refused} checked (401), {limited} limited (429); slowest other request {slowest:.3} s"
+    );
+    assert!(slowest < 1.0, "another request waited {slowest:.3} s");
+
+    // A known and an unknown user, each from an address of its own, cost the same.
+    let (known, t_known) = refused_in(&client_from([127, 0, 0, 3]), &url, "dana").await;
+    let (unknown, t_unknown) = refused_in(&client_from([127, 0, 0, 4]), &url, "nobody").await;
+    eprintln!("refused: known user {t_known:.3} s, unknown user {t_unknown:.3} s");
+    assert_eq!((known, unknown), (401, 401));
+    let ratio = t_unknown / t_known;
+    assert!(
+        (0.5..2.0).contains(&ratio),
+        "known {t_known:.3} s vs unknown {t_unknown:.3} s"
+    );
+    s.berth.stop().await;
+}

@@ -310,9 +310,7 @@ impl Upstream {
     /// Whether a revalidation may be sent now: not while Docker Hub's remaining pulls are
     /// under the configured floor (until the pause passes).
     fn revalidation_paused(&self) -> bool {
-        self.paused_until
-            .lock()
-            .is_some_and(|t| Instant::now() < t)
+        self.paused_until.lock().is_some_and(|t| Instant::now() < t)
     }
 
     /// Takes one request from the budget: a fetch waits a little, a revalidation does not.
