@@ -40,9 +40,6 @@ pub enum StartError {
     Scan(std::io::Error),
     #[error(transparent)]
     Setup(#[from] SetupError),
-    /// A part that reports its own errors as text (its message names the config key).
-    #[error("{0}")]
-    Part(String),
 }
 
 /// Per-listener limits and timeouts.
@@ -116,8 +113,7 @@ impl App {
             None => None,
         };
         let in_cluster = cluster.is_some();
-        let mirror = Mirror::new(config, blobs, manifests, shared, cluster, metrics)
-            .map_err(StartError::Part)?;
+        let mirror = Mirror::new(config, blobs, manifests, shared, cluster, metrics)?;
         let auth = match &config.auth {
             Some(a) => Some(Auth::load(a)?),
             None => None,

@@ -32,7 +32,7 @@ use object_store::{
 use super::fill::Fill;
 use super::manifests::{Manifest, TagRecord};
 use crate::config::ObjectStoreConfig;
-use crate::error::SetupError;
+use crate::error::{RegistryError, SetupError};
 use crate::metrics::{Metrics, StoreDirection, StoreOp, StoreResult};
 use crate::oci::{Digest, Hasher, RepoName, Tag};
 
@@ -64,6 +64,19 @@ pub struct SharedStore {
     epoch: Instant,
     metrics: Arc<Metrics>,
     uploads: tokio::sync::Semaphore,
+}
+
+/// Why a verified fill did not reach the object store.
+#[derive(Debug, thiserror::Error)]
+enum UploadError {
+    #[error("the fill failed before it started: {0}")]
+    Start(#[from] RegistryError),
+    #[error("fill failed: {0}")]
+    Fill(std::io::Error),
+    #[error(transparent)]
+    Store(#[from] object_store::Error),
+    #[error("berth is shutting down")]
+    Closed,
 }
 
 impl SharedStore {
@@ -357,9 +370,13 @@ impl SharedStore {
         });
     }
 
-    async fn upload_fill(&self, fill: Arc<Fill>) -> Result<u64, String> {
-        let len = fill.wait_started().await.map_err(|e| e.message)?;
-        let _permit = self.uploads.acquire().await.map_err(|e| e.to_string())?;
+    async fn upload_fill(&self, fill: Arc<Fill>) -> Result<u64, UploadError> {
+        let len = fill.wait_started().await?;
+        let _permit = self
+            .uploads
+            .acquire()
+            .await
+            .map_err(|_| UploadError::Closed)?;
         let path = self.path(&Self::blob_key(&fill.digest));
         let mut reader = fill.reader(0, None);
         let written = self.metrics.store_bytes(StoreDirection::Written);
@@ -368,20 +385,19 @@ impl SharedStore {
             let mut parts = Vec::new();
             let mut n = 0u64;
             while let Some(chunk) = reader.next().await {
-                let chunk = chunk.map_err(|e| e.to_string())?;
+                let chunk = chunk.map_err(UploadError::Fill)?;
                 n += chunk.len() as u64;
                 parts.push(chunk);
             }
             let result = self.store.put(&path, PutPayload::from_iter(parts)).await;
             self.record(StoreOp::Put, &result.as_ref().map(|_| ()));
-            result.map_err(|e| e.to_string())?;
+            result?;
             written.inc_by(n);
             return Ok(n);
         }
         let upload = self.store.put_multipart(&path).await;
         self.record(StoreOp::Multipart, &upload.as_ref().map(|_| ()));
-        let mut writer =
-            WriteMultipart::new_with_chunk_size(upload.map_err(|e| e.to_string())?, PART_BYTES);
+        let mut writer = WriteMultipart::new_with_chunk_size(upload?, PART_BYTES);
         let mut n = 0u64;
         loop {
             let chunk = match reader.next().await {
@@ -390,20 +406,20 @@ impl SharedStore {
                 Some(Err(e)) => {
                     // Cut or wrong bytes: the parts sent so far are discarded, never visible.
                     let _ = writer.abort().await;
-                    return Err(format!("fill failed: {e}"));
+                    return Err(UploadError::Fill(e));
                 }
             };
             if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
                 self.record(StoreOp::Multipart, &Err(&e));
                 let _ = writer.abort().await;
-                return Err(e.to_string());
+                return Err(e.into());
             }
             n += chunk.len() as u64;
             writer.put(chunk);
         }
         let result = writer.finish().await;
         self.record(StoreOp::Multipart, &result.as_ref().map(|_| ()));
-        result.map_err(|e| e.to_string())?;
+        result?;
         // The parts went out inside the writer: count them as the requests they were.
         self.metrics.record_store(
             StoreOp::Part,

@@ -20,7 +20,7 @@ use crate::cache::{
 };
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::error::{ErrorCode, RegistryError};
+use crate::error::{ErrorCode, RegistryError, SetupError};
 use crate::metrics::{CacheResult, Metrics};
 use crate::oci::{
     self, Digest, Hasher, MANIFEST_MEDIA_TYPES, Reference, Tag, accepts_media_type,
@@ -197,7 +197,7 @@ impl Mirror {
         shared: Option<Arc<SharedStore>>,
         cluster: Option<Arc<Cluster>>,
         metrics: Arc<Metrics>,
-    ) -> Result<Mirror, String> {
+    ) -> Result<Mirror, SetupError> {
         // Redirects and token realms may reach local addresses only at configured endpoints.
         let outbound = Arc::new(OutboundPolicy::from_config(config));
         let mut upstreams = HashMap::new();

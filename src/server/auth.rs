@@ -93,8 +93,17 @@ pub(crate) struct TokenAnswer {
     pub issued_at: String,
 }
 
-/// Parses an htpasswd file with bcrypt entries (the error names the line).
-pub(crate) fn parse_htpasswd(text: &str) -> Result<HashMap<String, String>, String> {
+/// A line of an htpasswd file berth cannot use.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HtpasswdError {
+    #[error("line {0}: not user:hash")]
+    NotUserHash(usize),
+    #[error("line {line}: user {user:?} has no bcrypt hash (use htpasswd -B)")]
+    NotBcrypt { line: usize, user: String },
+}
+
+/// Parses an htpasswd file with bcrypt entries.
+pub(crate) fn parse_htpasswd(text: &str) -> Result<HashMap<String, String>, HtpasswdError> {
     let mut users = HashMap::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -103,12 +112,12 @@ pub(crate) fn parse_htpasswd(text: &str) -> Result<HashMap<String, String>, Stri
         }
         let (user, hash) = line
             .split_once(':')
-            .ok_or_else(|| format!("line {}: not user:hash", n + 1))?;
+            .ok_or(HtpasswdError::NotUserHash(n + 1))?;
         if !["$2y$", "$2a$", "$2b$"].iter().any(|p| hash.starts_with(p)) {
-            return Err(format!(
-                "line {}: user {user:?} has no bcrypt hash (use htpasswd -B)",
-                n + 1
-            ));
+            return Err(HtpasswdError::NotBcrypt {
+                line: n + 1,
+                user: user.to_owned(),
+            });
         }
         users.insert(user.to_owned(), hash.to_owned());
     }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::{Balance, EndpointConfig, RegistryConfig};
+use crate::error::SetupError;
 
 /// How long an endpoint that failed is skipped before it is tried again.
 pub(crate) const COOL_DOWN: Duration = Duration::from_secs(10);
@@ -81,11 +82,11 @@ pub(crate) struct Endpoints {
 impl Endpoints {
     pub(crate) fn new(
         cfg: &RegistryConfig,
-        client_for: impl Fn(&EndpointConfig) -> Result<reqwest::Client, String>,
-    ) -> Result<Endpoints, String> {
+        client_for: impl Fn(&EndpointConfig) -> Result<reqwest::Client, SetupError>,
+    ) -> Result<Endpoints, SetupError> {
         let mut all: Vec<Endpoint> = Vec::new();
         // Endpoints named in several places are one endpoint (one health state, one client).
-        let mut index_of = |e: &EndpointConfig| -> Result<usize, String> {
+        let mut index_of = |e: &EndpointConfig| -> Result<usize, SetupError> {
             let base = e.url.as_str().trim_end_matches('/');
             if let Some(i) = all
                 .iter()

@@ -17,6 +17,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use reqwest::Url;
 
 use crate::config::{EndpointConfig, RegistryConfig, Secret};
+use crate::error::SetupError;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName, Tag};
 use auth::{Challenge, TokenCache, TokenResponse, parse_challenge, realm_gets_credentials};
@@ -205,19 +206,25 @@ impl Upstream {
         cfg: &RegistryConfig,
         metrics: Arc<Metrics>,
         outbound: Arc<OutboundPolicy>,
-    ) -> Result<Upstream, String> {
-        let password = cfg.password().map_err(|e| e.to_string())?;
+    ) -> Result<Upstream, SetupError> {
+        let password = cfg
+            .password()
+            .map_err(|e| SetupError::new("registry.password", e))?;
         let policy = || {
             let outbound = outbound.clone();
             reqwest::redirect::Policy::custom(move |attempt| redirect(attempt, &outbound))
         };
         let extra_roots = match &cfg.ca_file {
             Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    format!("registry {}.ca_file {}: {e}", cfg.name, path.display())
-                })?;
-                reqwest::Certificate::from_pem_bundle(&pem)
-                    .map_err(|e| format!("registry {}.ca_file {}: {e}", cfg.name, path.display()))?
+                let ca_error = |e: Box<dyn std::error::Error + Send + Sync>| {
+                    SetupError::file(
+                        "registry.ca_file",
+                        path,
+                        format!("registry {}: {e}", cfg.name),
+                    )
+                };
+                let pem = std::fs::read(path).map_err(|e| ca_error(e.into()))?;
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_error(e.into()))?
             }
             None => Vec::new(),
         };
@@ -237,7 +244,7 @@ impl Upstream {
                 b = b.add_root_certificate(c.clone());
             }
             b.build()
-                .map_err(|err| format!("registry {}: cannot build HTTP client: {err}", cfg.name))
+                .map_err(|e| SetupError::new("registry.endpoints", e))
         };
         let endpoints = Endpoints::new(cfg, client_for)?;
         for e in &endpoints.all {
