@@ -185,18 +185,21 @@ async fn connections_per_client_are_capped() {
                 s
             })
             .collect();
-        // The fifth is closed at once.
+        // The fifth is told 503 with Retry-After and closed at once, unserved.
         let mut fifth = TcpStream::connect(addr).expect("connect");
         fifth
             .set_read_timeout(Some(Duration::from_secs(3)))
             .expect("timeout");
         let _ = fifth.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n");
-        let mut buf = [0u8; 64];
-        assert_eq!(
-            fifth.read(&mut buf).unwrap_or(0),
-            0,
-            "fifth connection was served"
+        let mut answer = Vec::new();
+        let _ = fifth.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 503 ") && answer.contains("retry-after: 1\r\n"),
+            "fifth connection: {answer}"
         );
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+        assert!(answer.contains("UNAVAILABLE"), "{answer}");
         // Closing one frees a slot.
         drop(open.pop());
         std::thread::sleep(Duration::from_millis(200));

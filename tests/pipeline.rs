@@ -372,3 +372,158 @@ async fn wrong_passwords_never_stall_other_requests() {
     );
     s.berth.stop().await;
 }
+
+/// The whole answer to a raw request on `transport`, with `extra` header lines.
+fn answer(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    extra: &str,
+    t: Transport,
+) -> String {
+    exchange(addr, &request(method, path, extra.as_bytes(), t))
+}
+
+fn header<'a>(resp: &'a str, name: &str) -> Option<&'a str> {
+    let head = resp.split("\r\n\r\n").next().unwrap_or("");
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+fn body_of(resp: &str) -> &str {
+    resp.split_once("\r\n\r\n").map_or("", |(_, b)| b)
+}
+
+/// Conditional requests, ranges at the edges of u64, Host rules and HEAD of the catalog,
+/// on both transports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_requests_ranges_and_host_rules() {
+    let s = start(None).await;
+    let addr = s.berth.addr();
+    let blob = format!("/v2/library/app/blobs/{}", s.blob);
+    let blob_etag = format!("\"{}\"", s.blob);
+    tokio::task::spawn_blocking(move || {
+        let manifest = "/v2/library/app/manifests/v1";
+        for t in [Transport::Fast, Transport::Hyper] {
+            let first = answer(addr, "GET", manifest, "", t);
+            assert_eq!(status_of(&first), 200, "{first}");
+            let etag = header(&first, "etag").expect("manifest etag").to_owned();
+            for (inm, want) in [
+                (etag.clone(), 304),
+                (format!("\"other\", W/{etag}"), 304),
+                ("*".to_owned(), 304),
+                ("\"other\"".to_owned(), 200),
+            ] {
+                let r = answer(
+                    addr,
+                    "GET",
+                    manifest,
+                    &format!("If-None-Match: {inm}\r\n"),
+                    t,
+                );
+                assert_eq!(status_of(&r), want, "{t:?} If-None-Match {inm}: {r}");
+                if want == 304 {
+                    assert_eq!(header(&r, "etag"), Some(etag.as_str()), "{r}");
+                    assert_eq!(body_of(&r), "", "a 304 has no body: {r}");
+                }
+            }
+            // Blobs: the digest is the entity tag.
+            assert_eq!(status_of(&answer(addr, "GET", &blob, "", t)), 200);
+            let r = answer(
+                addr,
+                "GET",
+                &blob,
+                &format!("If-None-Match: {blob_etag}\r\n"),
+                t,
+            );
+            assert_eq!(status_of(&r), 304, "{t:?}: {r}");
+            assert_eq!(body_of(&r), "", "{r}");
+            // If-Range: the range only while the entity tag matches.
+            let range = "Range: bytes=0-4\r\n";
+            let r = answer(
+                addr,
+                "GET",
+                &blob,
+                &format!("{range}If-Range: {blob_etag}\r\n"),
+                t,
+            );
+            assert_eq!((status_of(&r), body_of(&r)), (206, "layer"), "{t:?}: {r}");
+            let r = answer(
+                addr,
+                "GET",
+                &blob,
+                &format!("{range}If-Range: \"sha256:x\"\r\n"),
+                t,
+            );
+            assert_eq!(
+                (status_of(&r), body_of(&r)),
+                (200, "layer bytes"),
+                "{t:?}: {r}"
+            );
+            // Positions past u64: clamped at the end, unsatisfiable at the start.
+            let r = answer(
+                addr,
+                "GET",
+                &blob,
+                "Range: bytes=6-99999999999999999999\r\n",
+                t,
+            );
+            assert_eq!((status_of(&r), body_of(&r)), (206, "bytes"), "{t:?}: {r}");
+            assert_eq!(header(&r, "content-range"), Some("bytes 6-10/11"), "{r}");
+            let r = answer(
+                addr,
+                "GET",
+                &blob,
+                "Range: bytes=99999999999999999999-\r\n",
+                t,
+            );
+            assert_eq!(status_of(&r), 416, "{t:?}: {r}");
+            assert_eq!(header(&r, "content-range"), Some("bytes */11"), "{r}");
+            // HEAD of the catalog has the length of the GET's body, and no body.
+            let get = answer(addr, "GET", "/v2/_catalog", "", t);
+            let head = answer(addr, "HEAD", "/v2/_catalog", "", t);
+            let len = body_of(&get).len().to_string();
+            assert_eq!(
+                header(&head, "content-length"),
+                Some(len.as_str()),
+                "{t:?}: {head}"
+            );
+            assert_eq!(body_of(&head), "", "{head}");
+        }
+        // HTTP/1.1 needs a Host; HTTP/1.0 does not.
+        for (req, want) in [
+            ("GET /v2/ HTTP/1.1\r\nConnection: close\r\n\r\n", 400),
+            (
+                "GET /v2/ HTTP/1.1\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx",
+                400,
+            ),
+            ("GET /v2/ HTTP/1.0\r\n\r\n", 200),
+        ] {
+            let r = exchange(addr, req.as_bytes());
+            assert_eq!(status_of(&r), want, "{req:?}: {r}");
+        }
+    })
+    .await
+    .expect("requests");
+    // HTTP/2 (hyper only): more than 100 header fields get 431, as on HTTP/1.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .no_proxy()
+        .build()
+        .expect("h2 client");
+    let mut r = h2.get(format!("{}/v2/", s.berth.url()));
+    for i in 0..101 {
+        r = r.header(format!("x-filler-{i}"), "1");
+    }
+    let r = r.send().await.expect("h2 request");
+    assert_eq!(r.status(), 431);
+    let ok = h2
+        .get(format!("{}/v2/", s.berth.url()))
+        .send()
+        .await
+        .expect("h2");
+    assert_eq!(ok.status(), 200);
+    s.berth.stop().await;
+}

@@ -57,7 +57,15 @@ fuzz_target!(|data: &[u8]| {
     let (Some(method), Some(path)) = (req.method, req.path) else {
         return;
     };
-    let mut b = http::Request::builder().method(method).uri(path);
+    let version = if req.version == Some(1) {
+        http::Version::HTTP_11
+    } else {
+        http::Version::HTTP_10
+    };
+    let mut b = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .version(version);
     for h in req.headers.iter() {
         b = b.header(h.name, h.value);
     }

@@ -41,7 +41,9 @@ pub fn parse_range(value: &str, len: u64) -> Result<ByteRange, RangeError> {
         if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
             return Err(RangeError::Ignore);
         }
-        s.parse::<u64>().map_err(|_| RangeError::Ignore)
+        // Digits beyond u64 are a position past any body: the largest one stands for them
+        // (a last position is clamped, a first one is unsatisfiable), never "no range".
+        Ok(s.parse::<u64>().unwrap_or(u64::MAX))
     };
     if first.is_empty() {
         // Suffix range: the last N bytes.
@@ -98,7 +100,13 @@ mod tests {
             ("bytes=+1-2", 100, Err(RangeError::Ignore)),
             ("bytes=-", 100, Err(RangeError::Ignore)),
             ("bytes=", 100, Err(RangeError::Ignore)),
-            ("bytes=99999999999999999999-", 100, Err(RangeError::Ignore)),
+            (
+                "bytes=99999999999999999999-",
+                100,
+                Err(RangeError::Unsatisfiable),
+            ),
+            ("bytes=0-99999999999999999999", 100, r(0, 99)),
+            ("bytes=-99999999999999999999", 100, r(0, 99)),
         ];
         for (value, len, want) in table {
             assert_eq!(parse_range(value, *len), *want, "{value:?} len {len}");

@@ -194,8 +194,8 @@ pub async fn serve(
             }
         };
         buf.advance(n);
-        let keep_alive = taken.keep_alive;
-        let reply = pipeline::handle(&app, &taken.head).await;
+        let Taken { head, keep_alive } = *taken;
+        let reply = pipeline::handle(&app, head).await;
         if send(&mut stream, reply, keep_alive).await.is_err() || !keep_alive {
             return Outcome::Done;
         }

@@ -16,7 +16,7 @@ use crate::app::App;
 pub async fn handle<B>(app: Arc<App>, req: Request<B>, client: IpAddr) -> Response<Body> {
     let (parts, _body) = req.into_parts();
     let head = RequestHead::from_parts(&parts, client);
-    let reply = pipeline::handle(&app, &head).await;
+    let reply = pipeline::handle(&app, head).await;
     let body = match reply.payload {
         Payload::Empty => Body::empty(),
         Payload::Bytes(b) => Body::full(b),

@@ -12,7 +12,8 @@ pub struct Meter {
     metrics: Arc<Metrics>,
     started: Instant,
     method: Method,
-    path: String,
+    /// The request path (for the log line), set when the request is done with it.
+    pub path: String,
     pub kind: RequestKind,
     /// The registry the request routed to, if it named a repository.
     pub registry: Option<Arc<str>>,
@@ -30,7 +31,7 @@ impl Meter {
             metrics,
             started: Instant::now(),
             method: req.method,
-            path: req.path.clone(),
+            path: String::new(),
             kind: RequestKind::Other,
             registry: None,
             user: None,

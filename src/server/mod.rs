@@ -152,6 +152,11 @@ async fn serve<F, Fut>(
                 };
                 let Some(slot) = counts.open(peer.ip(), max_connections_per_client) else {
                     tracing::warn!(%peer, limit = max_connections_per_client, "too many connections from one client: closing");
+                    // On plain HTTP the client is told why (one non-blocking write: a
+                    // flood of refused connections holds nothing open).
+                    if tls.is_none() {
+                        let _ = stream.try_write(pipeline::too_many_connections());
+                    }
                     continue;
                 };
                 let _ = stream.set_nodelay(true);

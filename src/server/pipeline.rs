@@ -86,15 +86,16 @@ pub struct Reply {
 }
 
 /// Runs a request through every phase.
-pub async fn handle(app: &App, req: &RequestHead) -> Reply {
-    let mut meter = Meter::start(app.mirror.metrics_arc(), req);
-    let (answer, cache) = match run(app, req, &mut meter).await {
+pub async fn handle(app: &App, req: RequestHead) -> Reply {
+    let mut meter = Meter::start(app.mirror.metrics_arc(), &req);
+    let (answer, cache) = match run(app, &req, &mut meter).await {
         Ok(a) => a,
         Err(e) => (Answer::from(e), None),
     };
     meter.cache = cache;
-    let (head, payload) = render(answer, req);
+    let (head, payload) = render(answer, &req);
     meter.status = head.status.as_u16();
+    meter.path = req.path;
     Reply {
         head,
         payload,
@@ -330,6 +331,34 @@ fn parse_n(req: &RequestHead) -> Result<Option<u32>, RegistryError> {
         .transpose()
 }
 
+/// The whole HTTP/1 answer to a connection over `max_connections_per_client`: 503 with
+/// `Retry-After`, then the connection closes.
+pub fn too_many_connections() -> &'static [u8] {
+    static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BYTES.get_or_init(|| {
+        let error = RegistryError::new(
+            ErrorCode::Unavailable,
+            "too many connections from this client; retry later",
+        )
+        .with_status(StatusCode::SERVICE_UNAVAILABLE)
+        .with_retry_after(1);
+        let (head, payload) = refusal(
+            Refusal {
+                error,
+                challenge: None,
+                range_total: None,
+            },
+            false,
+        );
+        let mut out = Vec::new();
+        head.write_http1(&mut out, false, false);
+        if let Payload::Bytes(b) = payload {
+            out.extend_from_slice(&b);
+        }
+        out
+    })
+}
+
 /// Decides status, headers and body of an answer, once for both transports.
 pub fn render(answer: Answer, req: &RequestHead) -> (ResponseHead, Payload) {
     let bodyless = req.method == Method::Head;
@@ -348,6 +377,12 @@ pub fn render(answer: Answer, req: &RequestHead) -> (ResponseHead, Payload) {
     match answer {
         Answer::Json(b) => small(JSON, b),
         Answer::Text(b) => small(TEXT, b),
+        Answer::Manifest(m) if req.has_etag(|| etag_of(&m.digest)) => {
+            let head = ResponseHead::new(StatusCode::NOT_MODIFIED, Length::Unknown)
+                .header(DIGEST_HEADER, m.digest_header.clone())
+                .header(header::ETAG, m.etag_header.clone());
+            (head, Payload::Empty)
+        }
         Answer::Manifest(m) => {
             let head = ResponseHead::new(StatusCode::OK, Length::Known(m.bytes.len() as u64))
                 .header(header::CONTENT_TYPE, m.content_type.clone())
@@ -366,6 +401,11 @@ pub fn render(answer: Answer, req: &RequestHead) -> (ResponseHead, Payload) {
 }
 
 const DIGEST_HEADER: http::HeaderName = http::HeaderName::from_static("docker-content-digest");
+
+/// The entity tag of a manifest or blob: its digest, quoted.
+fn etag_of(digest: &Digest) -> String {
+    format!("\"{digest}\"")
+}
 
 fn refusal(r: Refusal, bodyless: bool) -> (ResponseHead, Payload) {
     let body = Bytes::from(r.error.body());
@@ -397,8 +437,17 @@ fn blob(
     len: Option<u64>,
     req: &RequestHead,
 ) -> (ResponseHead, Payload) {
+    let digest_text = digest.to_string();
+    let etag = etag_of(digest);
+    if req.has_etag(|| etag.clone()) {
+        let head = ResponseHead::new(StatusCode::NOT_MODIFIED, Length::Unknown)
+            .header_str(header::ETAG, &etag)
+            .header_str(DIGEST_HEADER, &digest_text);
+        return (head, Payload::Empty);
+    }
     let bodyless = req.method == Method::Head || matches!(body, BlobBody::Empty);
-    let range = match (req.range.as_deref(), len) {
+    let wanted = req.range.as_deref().filter(|_| req.range_applies(&etag));
+    let range = match (wanted, len) {
         (Some(r), Some(total)) if !bodyless => match parse_range(r, total) {
             Ok(br) => Some(br),
             Err(RangeError::Ignore) => None,
@@ -421,11 +470,10 @@ fn blob(
         (_, Some(total)) => (StatusCode::OK, 0, Length::Known(total)),
         (_, None) => (StatusCode::OK, 0, Length::Unknown),
     };
-    let digest_text = digest.to_string();
     let mut head = ResponseHead::new(status, length)
         .header(header::CONTENT_TYPE, OCTET)
         .header(header::ACCEPT_RANGES, BYTES)
-        .header_str(header::ETAG, &format!("\"{digest_text}\""))
+        .header_str(header::ETAG, &etag)
         .header_str(DIGEST_HEADER, &digest_text);
     if let (Some(ByteRange { start, end }), Some(total)) = (range, len) {
         head = head.header_str(

@@ -89,7 +89,14 @@ pub enum BadHeader {
     Host,
     #[error("more than one {0} header")]
     Repeated(&'static str),
+    #[error("an HTTP/1.1 request needs a Host header")]
+    NoHost,
+    #[error("more than {MAX_HEADERS} headers")]
+    TooMany,
 }
+
+/// The most header fields a request may have (HTTP/1 heads over this never parse).
+pub const MAX_HEADERS: usize = 100;
 
 impl From<BadHeader> for RegistryError {
     fn from(e: BadHeader) -> RegistryError {
@@ -98,7 +105,11 @@ impl From<BadHeader> for RegistryError {
             BadHeader::NotAscii("authorization") => ErrorCode::Unauthorized,
             _ => ErrorCode::Unsupported,
         };
-        RegistryError::new(code, e.to_string()).with_status(StatusCode::BAD_REQUEST)
+        let status = match e {
+            BadHeader::TooMany => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        RegistryError::new(code, e.to_string()).with_status(status)
     }
 }
 
@@ -224,6 +235,10 @@ pub struct RequestHead {
     /// Every `Accept` value, in order.
     pub accept: Vec<String>,
     pub range: Option<String>,
+    /// `If-None-Match`: the entity tags a client already has.
+    pub if_none_match: Option<String>,
+    /// `If-Range`: send the range only if the representation still has this entity tag.
+    pub if_range: Option<String>,
     /// Sent by another replica asking this one as a blob's owner (`x-berth-peer`).
     pub from_peer: bool,
     /// The client's address.
@@ -248,6 +263,8 @@ impl RequestHead {
             host: None,
             accept: Vec::new(),
             range: None,
+            if_none_match: None,
+            if_range: None,
             from_peer: false,
             client,
             defect: None,
@@ -285,6 +302,10 @@ impl RequestHead {
                 return Err(BadHeader::Repeated("Range"));
             }
             self.range = Some(ascii("range")?);
+        } else if name.eq_ignore_ascii_case("if-none-match") {
+            self.if_none_match = Some(ascii("if-none-match")?);
+        } else if name.eq_ignore_ascii_case("if-range") {
+            self.if_range = Some(ascii("if-range")?);
         } else if name.eq_ignore_ascii_case(crate::cluster::PEER_HEADER) {
             self.from_peer = true;
         }
@@ -298,6 +319,9 @@ impl RequestHead {
         let method = Method::parse(parts.method.as_str().as_bytes());
         let mut head = RequestHead::new(method, target, client);
         head.target_len += parts.uri.authority().map_or(0, |a| a.as_str().len());
+        if parts.headers.len() > MAX_HEADERS {
+            head.defect = Some(BadHeader::TooMany);
+        }
         for (name, value) in &parts.headers {
             head.header(name.as_str(), value.as_bytes());
         }
@@ -306,6 +330,7 @@ impl RequestHead {
         {
             head.header("host", a.as_str().as_bytes());
         }
+        head.require_host(parts.version == http::Version::HTTP_11);
         head
     }
 
@@ -318,7 +343,31 @@ impl RequestHead {
         for h in req.headers.iter() {
             head.header(h.name, h.value);
         }
+        head.require_host(req.version == Some(1));
         Some(head)
+    }
+
+    /// An HTTP/1.1 request without a Host is refused (RFC 9112 §3.2).
+    fn require_host(&mut self, http11: bool) {
+        if http11 && self.host.is_none() {
+            self.defect.get_or_insert(BadHeader::NoHost);
+        }
+    }
+
+    /// Whether `If-None-Match` names `etag` (or is `*`): the client has it already (304).
+    pub fn has_etag(&self, etag: impl FnOnce() -> String) -> bool {
+        self.if_none_match.as_deref().is_some_and(|v| {
+            let etag = etag();
+            v.split(',')
+                .map(str::trim)
+                .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag.as_str())
+        })
+    }
+
+    /// Whether a `Range` may be honoured: no `If-Range`, or one naming `etag` exactly (a date,
+    /// or another tag, means the client's copy may differ: send everything).
+    pub fn range_applies(&self, etag: &str) -> bool {
+        self.if_range.as_deref().is_none_or(|v| v.trim() == etag)
     }
 
     /// The `Authorization` value as sent, for passing on to a peer.

@@ -2,7 +2,6 @@
 //! renderers — a hyper `Response`, and HTTP/1.1 bytes for the zero-copy transport — and the
 //! body to send after it.
 
-use std::fmt::Write as _;
 use std::fs::File;
 use std::sync::Arc;
 
@@ -53,10 +52,12 @@ pub enum Payload {
 
 impl ResponseHead {
     pub fn new(status: StatusCode, length: Length) -> ResponseHead {
+        let mut headers = Vec::with_capacity(8);
+        headers.push(API_VERSION);
         ResponseHead {
             status,
             length,
-            headers: vec![API_VERSION],
+            headers,
         }
     }
 
@@ -95,40 +96,40 @@ impl ResponseHead {
     /// Renders as HTTP/1.1 bytes, ending with the blank line. `bodyless` for answers that have
     /// the headers of a body but never the body (HEAD).
     pub fn write_http1(&self, out: &mut Vec<u8>, keep_alive: bool, bodyless: bool) {
-        let mut line = String::with_capacity(64);
-        let _ = write!(
-            line,
-            "HTTP/1.1 {} {}\r\n",
-            self.status.as_u16(),
-            self.status.canonical_reason().unwrap_or("")
-        );
-        out.extend_from_slice(line.as_bytes());
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(self.status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
         for (name, value) in &self.headers {
             out.extend_from_slice(name.as_str().as_bytes());
             out.extend_from_slice(b": ");
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        line.clear();
         match self.length {
             Length::Known(n) => {
-                let _ = write!(line, "content-length: {n}\r\n");
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                out.extend_from_slice(b"\r\n");
             }
-            Length::Unknown if !bodyless => line.push_str("transfer-encoding: chunked\r\n"),
+            Length::Unknown if !bodyless => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n")
+            }
             Length::Unknown => {}
         }
-        let _ = write!(
-            line,
-            "date: {}\r\nconnection: {}\r\n\r\n",
-            http_date(),
-            if keep_alive { "keep-alive" } else { "close" }
-        );
-        out.extend_from_slice(line.as_bytes());
+        out.extend_from_slice(b"date: ");
+        with_http_date(|d| out.extend_from_slice(d.as_bytes()));
+        out.extend_from_slice(if keep_alive {
+            b"\r\nconnection: keep-alive\r\n\r\n"
+        } else {
+            b"\r\nconnection: close\r\n\r\n"
+        });
     }
 }
 
-/// The current HTTP date, formatted once a second per thread.
-fn http_date() -> String {
+/// Calls `f` with the current HTTP date, formatted once a second per thread.
+fn with_http_date(f: impl FnOnce(&str)) {
     thread_local! {
         static CACHED: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
     }
@@ -142,7 +143,7 @@ fn http_date() -> String {
         if c.0 != secs || c.1.is_empty() {
             *c = (secs, httpdate::fmt_http_date(now));
         }
-        c.1.clone()
+        f(&c.1);
     })
 }
 
