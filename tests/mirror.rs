@@ -741,3 +741,128 @@ async fn a_fill_survives_its_first_client_going_away() {
         1
     );
 }
+
+/// Issue #20, item 4: a cached, fresh tag asked for with an Accept header that names no
+/// manifest type (garbage, `text/html`, wildcards) is answered from the cache, and one naming
+/// only types berth cannot serve for the tag is answered 404 from what upstream said the first
+/// time — one upstream GET per tag and set of types per tag TTL, not one per request (on
+/// Docker Hub, each a counted pull), and no ERROR line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_accept_headers_cost_one_upstream_get_per_tag_ttl() {
+    const REPO: &str = "library/negotiate";
+    const SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+    const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    let up = FakeUpstream::start().await;
+    let layer = up.add_blob(random_bytes(1000, 7));
+    let config_blob = up.add_blob(Bytes::from_static(br#"{"os":"linux"}"#));
+    let (image, image_bytes) = up.add_image(REPO, "v1", &config_blob, &[layer]);
+    let index = Bytes::from(
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [{"mediaType": OCI_MANIFEST, "digest": image, "size": image_bytes.len(),
+                           "platform": {"architecture": "amd64", "os": "linux"}}],
+        }))
+        .expect("json"),
+    );
+    up.add_manifest(REPO, "multi", OCI_INDEX, index.clone());
+    let berth = InProc::start(&config(&up.url(), "10m")).await;
+    let get = |tag: &'static str, accept: Option<&'static str>| {
+        let mut req = berth
+            .client()
+            .get(format!("{}/v2/{REPO}/manifests/{tag}", berth.url()));
+        if let Some(a) = accept {
+            req = req.header("accept", a);
+        }
+        async move { req.send().await.expect("manifest request") }
+    };
+    let gets = |tag: &str| up.count(&format!("GET /v2/{REPO}/manifests/{tag}"));
+    // A client accepting everything caches both tags.
+    assert_eq!(get("v1", None).await.status(), 200);
+    assert_eq!(get("multi", None).await.status(), 200);
+    assert_eq!((gets("v1"), gets("multi")), (1, 1));
+    // From now on upstream negotiates as Docker Hub does: a lone schema-1 type (or, for the
+    // old code, any Accept naming no type it has) gets a signed schema-1 manifest, whose digest
+    // is not the hash of its bytes; an index is sent whatever the Accept says.
+    up.set(Behaviour::Negotiate);
+
+    // (tag, Accept, status, upstream GETs expected for the class).
+    let classes: [(&str, &str, u16, usize); 6] = [
+        ("v1", "text/html", 200, 0),
+        ("v1", "x", 200, 0),
+        ("v1", "*/*;q=0.1", 200, 0),
+        ("v1", "text/html, text/*;q=0.1", 200, 0),
+        ("v1", SCHEMA1, 404, 1),
+        ("multi", OCI_MANIFEST, 404, 1),
+    ];
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let (tag, accept, status, _) = classes[i % classes.len()];
+        let r = get(tag, Some(accept));
+        tasks.push(tokio::spawn(async move {
+            let r = r.await;
+            let digest = r
+                .headers()
+                .get("docker-content-digest")
+                .map(|v| v.to_str().expect("ascii").to_owned());
+            let got = r.status().as_u16();
+            let body = r.bytes().await.expect("body");
+            (tag, accept, status, got, digest, body)
+        }));
+    }
+    for t in tasks {
+        let (tag, accept, want, got, digest, body) = t.await.expect("request task");
+        assert_eq!(got, want, "{tag} with Accept {accept}: {body:?}");
+        if want == 200 {
+            assert_eq!(digest.as_deref(), Some(image.as_str()), "{tag} {accept}");
+            assert_eq!(body, image_bytes, "{tag} {accept}");
+        } else {
+            let v: serde_json::Value = serde_json::from_slice(&body).expect("json error");
+            assert_eq!(v["errors"][0]["code"], "MANIFEST_UNKNOWN", "{tag} {accept}");
+        }
+    }
+    let per_tag = |tag: &str| {
+        classes
+            .iter()
+            .filter(|c| c.0 == tag)
+            .map(|c| c.3)
+            .sum::<usize>()
+    };
+    assert_eq!(gets("v1"), 1 + per_tag("v1"), "{:?}", up.requests());
+    assert_eq!(gets("multi"), 1 + per_tag("multi"), "{:?}", up.requests());
+
+    // Clients naming a type the cache has still get it, from the cache.
+    let r = get("v1", Some("application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json")).await;
+    assert_eq!(r.status(), 200);
+    let r = get("multi", Some(OCI_INDEX)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.expect("body"), index);
+    assert_eq!((gets("v1"), gets("multi")), (2, 2));
+
+    // Nothing the client caused is an ERROR; the 404s are explained at info.
+    let logs = berth.logs();
+    let mine: Vec<&str> = logs.lines().filter(|l| l.contains(REPO)).collect();
+    let errors: Vec<&&str> = mine.iter().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    let explained = mine
+        .iter()
+        .filter(|l| l.contains(" INFO ") && l.contains("no manifest of a type the client accepts"))
+        .count();
+    assert_eq!(explained, 2, "{mine:#?}");
+
+    // The 404 is remembered for the tag TTL only: past it, upstream is asked again, once.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let short = InProc::start_in(&config(&up.url(), "1s"), dir.path()).await;
+    let url = format!("{}/v2/{REPO}/manifests/v1", short.url());
+    let schema1 = |c: &reqwest::Client| c.get(&url).header("accept", SCHEMA1).send();
+    let before = gets("v1");
+    for round in 1..=2 {
+        for _ in 0..3 {
+            let r = schema1(short.client()).await.expect("send");
+            assert_eq!(r.status(), 404);
+        }
+        assert_eq!(gets("v1"), before + round, "round {round}");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+}

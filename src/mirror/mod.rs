@@ -24,7 +24,7 @@ use crate::error::{ErrorCode, RegistryError, SetupError};
 use crate::metrics::{CacheResult, Metrics};
 use crate::oci::{
     self, Digest, Hasher, MANIFEST_MEDIA_TYPES, Reference, Tag, accepts_media_type,
-    manifest_media_type,
+    manifest_media_type, named_manifest_types,
 };
 use crate::route::Target;
 use crate::upstream::policy::OutboundPolicy;
@@ -61,8 +61,30 @@ pub struct Mirror {
     metrics: Arc<Metrics>,
     tag_ttl: Duration,
     locks: Mutex<HashMap<LockKey, Weak<tokio::sync::Mutex<()>>>>,
+    /// What upstream answered for a tag to clients that accept only some manifest types (by
+    /// [`named_manifest_types`]) not including the tag's cached one: kept for the tag TTL, so
+    /// such clients cost one upstream GET per tag and set of types per TTL, not one each.
+    negotiated: moka::sync::Cache<(Target, Tag, u8), Arc<Negotiated>>,
     shared: Option<Arc<SharedStore>>,
     cluster: Option<Arc<Cluster>>,
+}
+
+/// Upstream's answer for a tag to clients accepting only some manifest types.
+struct Negotiated {
+    /// The digest of the tag's own record when upstream was asked: the answer is kept while
+    /// the tag does not move.
+    base: Option<Digest>,
+    /// The manifest such clients get, or None: none of a type they accept (404).
+    answer: Option<Digest>,
+}
+
+/// Why a manifest GET gave nothing to serve.
+enum FetchError {
+    /// Upstream failed, or sent something broken.
+    Upstream(UpstreamError),
+    /// Upstream sent a manifest of a type berth does not serve (signed schema 1, whose digest
+    /// is not the hash of its bytes) — what a client asking for that type gets.
+    Unservable(String),
 }
 
 /// A manifest and how it was found, or the client's error.
@@ -181,6 +203,17 @@ fn upstream_accept(accept: &[&str]) -> String {
     }
 }
 
+/// The client-facing error for a tag with no manifest of a type the client accepts.
+fn not_acceptable(t: &Target, tag: &Tag) -> RegistryError {
+    RegistryError::new(
+        ErrorCode::ManifestUnknown,
+        format!(
+            "manifest {}:{tag}: none of a type the Accept header names (berth does not serve schema 1)",
+            t.repo
+        ),
+    )
+}
+
 /// Whether the client accepts every manifest type, so a tag answer fetched for it is the one
 /// every client should get (and can be cached as the tag's answer).
 fn accepts_all(accept: &[&str]) -> bool {
@@ -215,6 +248,16 @@ impl Mirror {
             metrics,
             tag_ttl: config.cache.tag_ttl,
             locks: Mutex::new(HashMap::new()),
+            negotiated: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                // moka refuses more than 1000 years.
+                .time_to_live(
+                    config
+                        .cache
+                        .tag_ttl
+                        .min(Duration::from_secs(100 * 365 * 86_400)),
+                )
+                .build(),
             shared,
             cluster,
         })
@@ -284,13 +327,19 @@ impl Mirror {
         m.lock_owned().await
     }
 
-    /// A manifest by tag or digest.
+    /// A manifest by tag or digest. An `Accept` header that names no manifest type (garbage,
+    /// `text/html`, wildcards) is taken as accepting them all.
     pub async fn manifest(
         &self,
         t: &Target,
         reference: &Reference,
         accept: &[&str],
     ) -> ManifestAnswer {
+        let accept = if named_manifest_types(accept) == 0 {
+            &[]
+        } else {
+            accept
+        };
         match reference {
             Reference::Digest(d) => self.manifest_by_digest(t, d, accept).await,
             Reference::Tag(tag) => self.manifest_by_tag(t, tag, accept).await,
@@ -313,7 +362,15 @@ impl Mirror {
         let m = self
             .fetch_manifest(t, UpstreamPath::ManifestDigest(d), accept)
             .await
-            .map_err(|e| upstream_error(&e, Kind::Manifest, &format!("manifest {d}")))?;
+            .map_err(|e| match e {
+                FetchError::Upstream(e) => {
+                    upstream_error(&e, Kind::Manifest, &format!("manifest {d}"))
+                }
+                FetchError::Unservable(mt) => RegistryError::new(
+                    ErrorCode::ManifestUnknown,
+                    format!("manifest {d} is of type {mt}, which berth does not serve"),
+                ),
+            })?;
         Ok((m, CacheResult::Miss))
     }
 
@@ -330,12 +387,25 @@ impl Mirror {
     /// [`revalidate_tag`]: Mirror::revalidate_tag
     /// [`fetch_tag`]: Mirror::fetch_tag
     /// [`stale_or_error`]: Mirror::stale_or_error
+    ///
+    /// A client that accepts only manifest types other than the cached one's gets what upstream
+    /// answered the last such client within the tag TTL ([`negotiated`]), if any.
+    ///
+    /// [`negotiated`]: Mirror::negotiated
     async fn manifest_by_tag(&self, t: &Target, tag: &Tag, accept: &[&str]) -> ManifestAnswer {
         if let TagState::Fresh(m) = self.tag_state(t, tag, accept) {
             return Ok((m, CacheResult::Hit));
         }
+        if let Some(answer) = self.negotiated(t, tag, accept) {
+            return answer;
+        }
         let _guard = self.lock(LockKey::Tag(t.clone(), tag.clone())).await;
         let state = self.tag_state(t, tag, accept);
+        if !matches!(state, TagState::Fresh(_))
+            && let Some(answer) = self.negotiated(t, tag, accept)
+        {
+            return answer;
+        }
         match self.newer_shared_tag(t, tag, accept, state).await {
             TagState::Fresh(m) => Ok((m, CacheResult::Hit)),
             TagState::Stale(_, m) => self.revalidate_tag(t, tag, accept, m).await,
@@ -354,6 +424,43 @@ impl Mirror {
             Some((rec, m)) => self.by_age(rec, m),
             None => TagState::Unknown,
         }
+    }
+
+    /// The remembered answer for a client that does not accept every manifest type, while the
+    /// tag has not moved since (and within the tag TTL).
+    fn negotiated(&self, t: &Target, tag: &Tag, accept: &[&str]) -> Option<ManifestAnswer> {
+        if accepts_all(accept) {
+            return None;
+        }
+        let types = named_manifest_types(accept);
+        let n = self.negotiated.get(&(t.clone(), tag.clone(), types))?;
+        if n.base != self.tag_digest(t, tag) {
+            return None;
+        }
+        match &n.answer {
+            Some(d) => {
+                let m = self.manifests.get(&t.registry, &t.repo, d)?;
+                Some(Ok((m, CacheResult::Hit)))
+            }
+            None => {
+                tracing::debug!(registry = %t.registry, repository = %t.repo, tag = %tag, types, "no manifest of a type the client accepts (remembered)");
+                Some(Err(not_acceptable(t, tag)))
+            }
+        }
+    }
+
+    /// The digest of the tag's record, if any.
+    fn tag_digest(&self, t: &Target, tag: &Tag) -> Option<Digest> {
+        let rec = self.manifests.get_tag(&t.registry, &t.repo, tag)?;
+        Some(rec.digest.clone())
+    }
+
+    /// Remembers upstream's answer for clients accepting the types `accept` names.
+    fn remember_negotiated(&self, t: &Target, tag: &Tag, accept: &[&str], answer: Option<Digest>) {
+        let base = self.tag_digest(t, tag);
+        let key = (t.clone(), tag.clone(), named_manifest_types(accept));
+        self.negotiated
+            .insert(key, Arc::new(Negotiated { base, answer }));
     }
 
     /// Fresh or stale, by when the tag was last checked upstream.
@@ -432,7 +539,10 @@ impl Mirror {
     }
 
     /// Fetches the tag's manifest; recorded as the tag's answer when the client accepts every
-    /// manifest type. `stale` is what may be served if upstream fails.
+    /// manifest type, else remembered for clients accepting the same types
+    /// ([`negotiated`](Mirror::negotiated)), as is the lack of one: upstream answering a type
+    /// the client does not accept (an index to a client of single-platform types), one berth
+    /// does not serve (schema 1), or 404. `stale` is what may be served if upstream fails.
     async fn fetch_tag(
         &self,
         t: &Target,
@@ -440,17 +550,49 @@ impl Mirror {
         accept: &[&str],
         stale: Option<Arc<Manifest>>,
     ) -> ManifestAnswer {
+        let all = accepts_all(accept);
+        let unacceptable = |what: &str| {
+            tracing::info!(registry = %t.registry, repository = %t.repo, tag = %tag, answer = what, accept = ?accept, "no manifest of a type the client accepts: answered 404 for the tag TTL");
+            Err(not_acceptable(t, tag))
+        };
         match self
             .fetch_manifest(t, UpstreamPath::ManifestTag(tag), accept)
             .await
         {
-            Ok(m) => {
-                if accepts_all(accept) {
-                    self.record_tag(t, tag, TagRecord::now(&m.digest, &m.media_type));
-                }
+            Ok(m) if all => {
+                self.record_tag(t, tag, TagRecord::now(&m.digest, &m.media_type));
                 Ok((m, CacheResult::Miss))
             }
-            Err(e) => self.stale_or_error(t, tag, &e, stale),
+            Ok(m) if accepts_media_type(accept, &m.media_type) => {
+                self.remember_negotiated(t, tag, accept, Some(m.digest.clone()));
+                Ok((m, CacheResult::Miss))
+            }
+            Ok(m) => {
+                self.remember_negotiated(t, tag, accept, None);
+                unacceptable(&m.media_type)
+            }
+            Err(FetchError::Unservable(mt)) if !all => {
+                self.remember_negotiated(t, tag, accept, None);
+                unacceptable(&mt)
+            }
+            Err(FetchError::Unservable(mt)) => {
+                let e = UpstreamError::Invalid(format!("a manifest of type {mt}"));
+                self.stale_or_error(t, tag, &e, stale)
+            }
+            Err(FetchError::Upstream(e)) => {
+                if !all
+                    && matches!(
+                        e,
+                        UpstreamError::Status {
+                            status: StatusCode::NOT_FOUND,
+                            ..
+                        }
+                    )
+                {
+                    self.remember_negotiated(t, tag, accept, None);
+                }
+                self.stale_or_error(t, tag, &e, stale)
+            }
         }
     }
 
@@ -515,14 +657,15 @@ impl Mirror {
         t: &Target,
         path: UpstreamPath<'_>,
         accept: &[&str],
-    ) -> Result<Arc<Manifest>, UpstreamError> {
+    ) -> Result<Arc<Manifest>, FetchError> {
         let expected = match path {
             UpstreamPath::ManifestDigest(d) => Some(d),
             _ => None,
         };
         let resp = self
             .manifest_request(t, Method::GET, path, accept, Urgency::Fetch)
-            .await?;
+            .await
+            .map_err(FetchError::Upstream)?;
         let header_type = resp
             .headers()
             .get(header::CONTENT_TYPE)
@@ -534,7 +677,9 @@ impl Mirror {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<Digest>().ok());
-        let body = read_limited(resp, MAX_MANIFEST_BYTES).await?;
+        let body = read_limited(resp, MAX_MANIFEST_BYTES)
+            .await
+            .map_err(FetchError::Upstream)?;
         self.metrics
             .upstream_bytes
             .with_label_values(&[&t.registry])
@@ -545,22 +690,32 @@ impl Mirror {
         let mut hasher = Hasher::new(algorithm);
         hasher.update(&body);
         let digest = hasher.finish();
+        let media_type = manifest_media_type(&body).or(header_type);
         for claimed in [expected, header_digest.as_ref()].into_iter().flatten() {
             if *claimed != digest {
+                // A signed schema-1 manifest's digest is that of its bytes without the
+                // signatures: what a client asking for schema 1 gets, not an upstream fault.
+                if let Some(mt) = media_type.as_deref()
+                    && !MANIFEST_MEDIA_TYPES.contains(&mt)
+                {
+                    tracing::info!(registry = %t.registry, repository = %t.repo, reference = ?path, media_type = mt, "upstream answered a manifest type berth does not serve; discarded");
+                    return Err(FetchError::Unservable(mt.to_owned()));
+                }
                 tracing::error!(registry = %t.registry, repository = %t.repo, reference = ?path, claimed = %claimed, actual = %digest, "upstream manifest does not match its digest; discarded");
-                return Err(UpstreamError::Invalid(format!(
+                return Err(FetchError::Upstream(UpstreamError::Invalid(format!(
                     "manifest bytes hash to {digest}, not {claimed}"
-                )));
+                ))));
             }
         }
-        let media_type = match manifest_media_type(&body) {
-            Some(mt) => mt,
-            None => header_type.ok_or_else(|| {
-                UpstreamError::Invalid("manifest is not JSON and has no media type".into())
-            })?,
-        };
+        let media_type = media_type.ok_or_else(|| {
+            FetchError::Upstream(UpstreamError::Invalid(
+                "manifest is not JSON and has no media type".into(),
+            ))
+        })?;
         let m = Arc::new(Manifest::new(digest, media_type, body).ok_or_else(|| {
-            UpstreamError::Invalid("manifest media type is not a valid header".into())
+            FetchError::Upstream(UpstreamError::Invalid(
+                "manifest media type is not a valid header".into(),
+            ))
         })?);
         self.manifests.put(&t.registry, &t.repo, m.clone());
         if let Some(shared) = &self.shared {

@@ -18,6 +18,22 @@ pub const MANIFEST_MEDIA_TYPES: [&str; 4] = [
     DOCKER_MANIFEST_V2,
 ];
 
+/// Docker's schema-1 manifest, unsigned and signed: berth recognises these in an Accept header
+/// but does not serve them (a signed one's digest is not the hash of its bytes).
+pub const DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+json";
+pub const DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+
+/// Every manifest media type berth recognises in an Accept header: those it serves, then
+/// schema 1.
+pub const KNOWN_MANIFEST_MEDIA_TYPES: [&str; 6] = [
+    OCI_INDEX,
+    DOCKER_MANIFEST_LIST,
+    OCI_MANIFEST,
+    DOCKER_MANIFEST_V2,
+    DOCKER_SCHEMA1,
+    DOCKER_SCHEMA1_SIGNED,
+];
+
 #[derive(Deserialize)]
 struct Descriptor {
     digest: Option<String>,
@@ -97,6 +113,20 @@ pub fn accepts_media_type(accept: &[&str], media_type: &str) -> bool {
     })
 }
 
+/// Which of [`KNOWN_MANIFEST_MEDIA_TYPES`] a client's `Accept` header names, as a bit set (bit
+/// `i` for the `i`-th type). 0 when it names none: no header, only wildcards, `text/html`,
+/// garbage — no manifest preference, so berth treats it as accepting every manifest type.
+pub fn named_manifest_types(accept: &[&str]) -> u8 {
+    accept
+        .iter()
+        .flat_map(|v| v.split(','))
+        .filter_map(|item| {
+            let mt = item.split(';').next().unwrap_or("").trim();
+            KNOWN_MANIFEST_MEDIA_TYPES.iter().position(|k| *k == mt)
+        })
+        .fold(0, |set, i| set | (1 << i))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +180,29 @@ mod tests {
             &[DOCKER_MANIFEST_V2, OCI_INDEX],
             OCI_INDEX
         ));
+    }
+
+    #[test]
+    fn named_types() {
+        for none in [
+            &[][..],
+            &["*/*"],
+            &["text/html"],
+            &["x"],
+            &["*/*;q=0.1"],
+            &["text/html,application/xhtml+xml,*/*;q=0.8"],
+        ] {
+            assert_eq!(named_manifest_types(none), 0, "{none:?}");
+        }
+        assert_eq!(named_manifest_types(&[OCI_INDEX]), 1);
+        assert_eq!(named_manifest_types(&[DOCKER_SCHEMA1_SIGNED]), 1 << 5);
+        assert_eq!(
+            named_manifest_types(&[&format!("x, {OCI_MANIFEST};q=0.9"), DOCKER_MANIFEST_V2]),
+            (1 << 2) | (1 << 3)
+        );
+        assert_eq!(
+            named_manifest_types(&[&KNOWN_MANIFEST_MEDIA_TYPES.join(",")]),
+            0b11_1111
+        );
     }
 }

@@ -51,6 +51,41 @@ pub enum Behaviour {
     Reset,
     /// Manifest GETs answer this status; manifest HEADs are answered as usual.
     ManifestGetStatus(u16),
+    /// Manifest requests honour Accept as Docker Hub does: a manifest of a type the Accept
+    /// header names (or `*/*`, or with no Accept) is sent as it is, an index is sent anyway,
+    /// and otherwise the answer is a signed schema-1 manifest (whose Docker-Content-Digest is
+    /// the hash of its payload, not of its bytes).
+    Negotiate,
+}
+
+/// The signed schema-1 manifest [`Behaviour::Negotiate`] answers, and its claimed digest.
+pub fn schema1(repo: &str, reference: &str) -> (Bytes, String) {
+    let payload = serde_json::json!({
+        "schemaVersion": 1,
+        "name": repo,
+        "tag": reference,
+        "architecture": "amd64",
+        "fsLayers": [],
+        "history": [],
+    });
+    let mut signed = payload.clone();
+    signed["signatures"] = serde_json::json!([{"header": {"alg": "ES256"}, "signature": "c2ln", "protected": "cHJvdA"}]);
+    let payload = serde_json::to_vec_pretty(&payload).expect("json");
+    let signed = serde_json::to_vec_pretty(&signed).expect("json");
+    (Bytes::from(signed), sha256(&payload))
+}
+
+/// Whether a request's Accept headers admit `media_type` (no header, `*/*`, or named).
+fn accepts(req: &Request<hyper::body::Incoming>, media_type: &str) -> bool {
+    let mut items = req
+        .headers()
+        .get_all("accept")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|i| i.split(';').next().unwrap_or("").trim().to_owned())
+        .peekable();
+    items.peek().is_none() || items.any(|mt| mt == media_type || mt == "*/*")
 }
 
 #[derive(Default)]
@@ -390,6 +425,27 @@ async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response
                 r#"{"errors":[{"code":"DENIED"}]}"#,
             );
         }
+        let index = |mt: &str| mt.contains("index") || mt.contains("list");
+        let found = match found {
+            Some((mt, _))
+                if behaviour == Behaviour::Negotiate && !index(&mt) && !accepts(&req, &mt) =>
+            {
+                let (bytes, digest) = schema1(repo, reference);
+                let len = bytes.len();
+                let mut r = full(StatusCode::OK, if head { Bytes::new() } else { bytes });
+                let h = r.headers_mut();
+                h.insert(
+                    "content-type",
+                    "application/vnd.docker.distribution.manifest.v1+prettyjws"
+                        .parse()
+                        .expect("header"),
+                );
+                h.insert("docker-content-digest", digest.parse().expect("header"));
+                h.insert("content-length", len.into());
+                return r;
+            }
+            found => found,
+        };
         return match found {
             Some((mt, bytes)) => {
                 let len = bytes.len();
