@@ -105,10 +105,13 @@ struct Taken {
     keep_alive: bool,
 }
 
+// A temporary of `parse`, returned once per request: boxing the large variant would cost an
+// allocation per request for nothing.
+#[allow(clippy::large_enum_variant)]
 enum Parsed {
     /// More bytes are needed.
     Partial,
-    Taken(Box<Taken>, usize),
+    Taken(Taken, usize),
     /// Framing this transport does not handle (a body, an upgrade, HTTP/2, a head that does
     /// not parse): hyper decides.
     Other,
@@ -149,7 +152,7 @@ fn parse(buf: &[u8], client: std::net::IpAddr) -> Parsed {
             }
         }
     }
-    Parsed::Taken(Box::new(Taken { head, keep_alive }), n)
+    Parsed::Taken(Taken { head, keep_alive }, n)
 }
 
 /// Serves GET and HEAD requests on `stream` until it closes or a request for hyper arrives.
@@ -194,7 +197,7 @@ pub async fn serve(
             }
         };
         buf.advance(n);
-        let Taken { head, keep_alive } = *taken;
+        let Taken { head, keep_alive } = taken;
         let reply = pipeline::handle(&app, head).await;
         if send(&mut stream, reply, keep_alive).await.is_err() || !keep_alive {
             return Outcome::Done;
@@ -211,7 +214,12 @@ async fn send(stream: &mut TcpStream, reply: Reply, keep_alive: bool) -> io::Res
         mut meter,
     } = reply;
     let bodyless = matches!(payload, Payload::Empty);
-    let mut out = Vec::with_capacity(512);
+    let small = match &payload {
+        Payload::Bytes(b) => b.len(),
+        _ => 0,
+    };
+    // One allocation for the head and a small body, sent with one write.
+    let mut out = Vec::with_capacity(512 + small);
     head.write_http1(&mut out, keep_alive, bodyless);
     let sent = match payload {
         Payload::Empty => stream.write_all(&out).await,
