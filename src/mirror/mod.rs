@@ -335,6 +335,12 @@ impl Mirror {
         reference: &Reference,
         accept: &[&str],
     ) -> ManifestAnswer {
+        // The warm path: a fresh tag of a type the client accepts (one pass over the list).
+        if let Reference::Tag(tag) = reference
+            && let TagState::Fresh(m) = self.tag_state(t, tag, accept)
+        {
+            return Ok((m, CacheResult::Hit));
+        }
         let accept = if named_manifest_types(accept) == 0 {
             &[]
         } else {
