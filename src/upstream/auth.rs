@@ -163,19 +163,33 @@ impl TokenResponse {
     }
 }
 
+/// What a bearer token was issued for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TokenKey {
+    realm: String,
+    service: Option<String>,
+    scope: String,
+}
+
+impl TokenKey {
+    fn new(realm: &str, service: Option<&str>, scope: &str) -> TokenKey {
+        TokenKey {
+            realm: realm.to_owned(),
+            service: service.map(str::to_owned),
+            scope: scope.to_owned(),
+        }
+    }
+}
+
 /// Bearer tokens by (realm, service, scope), each kept until shortly before it expires.
 #[derive(Default)]
 pub struct TokenCache {
-    tokens: Mutex<HashMap<String, (String, Instant)>>,
+    tokens: Mutex<HashMap<TokenKey, (String, Instant)>>,
 }
 
 impl TokenCache {
-    fn key(realm: &str, service: Option<&str>, scope: &str) -> String {
-        format!("{realm}\n{}\n{scope}", service.unwrap_or(""))
-    }
-
     pub fn get(&self, realm: &str, service: Option<&str>, scope: &str) -> Option<String> {
-        let key = Self::key(realm, service, scope);
+        let key = TokenKey::new(realm, service, scope);
         let tokens = self.tokens.lock();
         tokens
             .get(&key)
@@ -196,7 +210,7 @@ impl TokenCache {
         {
             let mut tokens = self.tokens.lock();
             tokens.retain(|_, (_, u)| Instant::now() < *u);
-            tokens.insert(Self::key(realm, service, scope), (token, until));
+            tokens.insert(TokenKey::new(realm, service, scope), (token, until));
         }
     }
 }
