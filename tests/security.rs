@@ -97,7 +97,17 @@ async fn token_protocol_rules_and_private_content() {
     .await;
     let base = b.url();
     let c = support::client();
+    login_and_challenge(&c, &b).await;
+    let anon_token = anonymous_public_pull(&c, &base, &pub_layer).await;
+    private_needs_an_allowed_user(&c, &base, &priv_layer).await;
+    private_content_stays_scoped(&c, &base, &priv_layer, &anon_token).await;
+    drop(private);
+}
 
+/// The `/v2/` challenge names berth's realm; `docker login` (Basic to the realm) yields a
+/// token that opens `/v2/`; a wrong password is refused.
+async fn login_and_challenge(c: &reqwest::Client, b: &InProc) {
+    let base = b.url();
     // /v2/ without credentials: the challenge naming berth's realm.
     let r = c.get(format!("{base}/v2/")).send().await.expect("send");
     assert_eq!(r.status(), 401);
@@ -139,7 +149,11 @@ async fn token_protocol_rules_and_private_content() {
         .await
         .expect("send");
     assert_eq!(r.status(), 401);
+}
 
+/// The anonymous token flow for an allowed public repository, manifest and blob; returns
+/// the anonymous token.
+async fn anonymous_public_pull(c: &reqwest::Client, base: &str, pub_layer: &str) -> String {
     // Anonymous token flow for an allowed public repository.
     let r = c
         .get(format!(
@@ -166,7 +180,12 @@ async fn token_protocol_rules_and_private_content() {
         .expect("send");
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.expect("body"), &b"public layer bytes"[..]);
+    anon_token
+}
 
+/// The private registry: anonymous gets the challenge, an anonymous token never carries
+/// the private scope, bob (authenticated, not allowed) is denied, ci pulls.
+async fn private_needs_an_allowed_user(c: &reqwest::Client, base: &str, priv_layer: &str) {
     // The private registry: anonymous gets the challenge with the scope, on both paths.
     for path in [
         "/v2/private.example/team/app/manifests/v1".to_owned(),
@@ -231,11 +250,20 @@ async fn token_protocol_rules_and_private_content() {
         r.bytes().await.expect("body"),
         &b"private layer: secret bytes"[..]
     );
+}
 
+/// With the private blob cached: not served under a public or another private repository
+/// name; the catalog lists only what the caller may pull.
+async fn private_content_stays_scoped(
+    c: &reqwest::Client,
+    base: &str,
+    priv_layer: &str,
+    anon_token: &str,
+) {
     // Now cached, the private blob is still not served under a public repository name.
     let r = c
         .get(format!("{base}/v2/library/app/blobs/{priv_layer}"))
-        .bearer_auth(&anon_token)
+        .bearer_auth(anon_token)
         .send()
         .await
         .expect("send");
@@ -277,7 +305,6 @@ async fn token_protocol_rules_and_private_content() {
         .expect("send");
     let v: serde_json::Value = r.json().await.expect("json");
     assert_eq!(v["repositories"], serde_json::json!(["team/app"]));
-    drop(private);
 }
 
 struct Pki {
