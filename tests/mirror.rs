@@ -482,17 +482,7 @@ async fn ranges_on_cached_and_filling_blobs() {
 async fn exact_metrics_for_a_cold_then_warm_pull() {
     const N: usize = 3;
     let s = Setup::new(N, 200_000, "10m").await;
-    let pull = || async {
-        let r = s.get("/v2/library/app/manifests/v1").await;
-        assert_eq!(r.status(), 200);
-        r.bytes().await.expect("manifest");
-        for (d, _) in &s.layers {
-            let r = s.get(&format!("/v2/library/app/blobs/{d}")).await;
-            assert_eq!(r.status(), 200);
-            r.bytes().await.expect("blob");
-        }
-    };
-    pull().await;
+    pull_whole_image(&s).await;
     let m = s.metrics().await;
     assert_eq!(
         sample(
@@ -508,8 +498,25 @@ async fn exact_metrics_for_a_cold_then_warm_pull() {
         ),
         0.0
     );
-    pull().await;
+    pull_whole_image(&s).await;
     let m = s.metrics().await;
+    assert_warm_pull_metrics(&s, &m, N).await;
+}
+
+/// GETs `library/app:v1` and each of its layers, each answered 200, bodies read.
+async fn pull_whole_image(s: &Setup) {
+    let r = s.get("/v2/library/app/manifests/v1").await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.expect("manifest");
+    for (d, _) in &s.layers {
+        let r = s.get(&format!("/v2/library/app/blobs/{d}")).await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.expect("blob");
+    }
+}
+
+/// The exact figures `m` shows after a cold then a warm pull of the image's `n` layers.
+async fn assert_warm_pull_metrics(s: &Setup, m: &str, n: usize) {
     let layer_bytes: usize = s.layers.iter().map(|(_, b)| b.len()).sum();
     let manifest_len = s
         .get(&format!("/v2/library/app/manifests/{}", s.manifest))
@@ -520,38 +527,35 @@ async fn exact_metrics_for_a_cold_then_warm_pull() {
         .len();
     assert_eq!(
         sample(
-            &m,
+            m,
             r#"berth_cache_requests_total{kind="blob",result="miss"}"#
         ),
-        N as f64
+        n as f64
+    );
+    assert_eq!(
+        sample(m, r#"berth_cache_requests_total{kind="blob",result="hit"}"#),
+        n as f64
     );
     assert_eq!(
         sample(
-            &m,
-            r#"berth_cache_requests_total{kind="blob",result="hit"}"#
-        ),
-        N as f64
-    );
-    assert_eq!(
-        sample(
-            &m,
+            m,
             r#"berth_cache_requests_total{kind="manifest",result="miss"}"#
         ),
         1.0
     );
     assert_eq!(
         sample(
-            &m,
+            m,
             r#"berth_cache_requests_total{kind="manifest",result="hit"}"#
         ),
         1.0
     );
     assert_eq!(
-        sample(&m, r#"berth_served_bytes_total{source="upstream"}"#),
+        sample(m, r#"berth_served_bytes_total{source="upstream"}"#),
         (layer_bytes + manifest_len) as f64
     );
     assert_eq!(
-        sample(&m, r#"berth_served_bytes_total{source="cache"}"#),
+        sample(m, r#"berth_served_bytes_total{source="cache"}"#),
         (layer_bytes + manifest_len) as f64
     );
     for (d, _) in &s.layers {
@@ -560,29 +564,29 @@ async fn exact_metrics_for_a_cold_then_warm_pull() {
     let endpoint = s.up.url();
     assert_eq!(
         sample(
-            &m,
+            m,
             &format!(
                 r#"berth_upstream_requests_total{{endpoint="{endpoint}",method="GET",registry="docker.io",status="200"}}"#
             )
         ),
-        (N + 1) as f64
+        (n + 1) as f64
     );
     assert_eq!(
         sample(
-            &m,
+            m,
             r#"berth_upstream_ratelimit_remaining{registry="docker.io"}"#
         ),
         42.0
     );
-    assert_eq!(sample(&m, "berth_cache_blobs"), N as f64);
-    assert_eq!(sample(&m, "berth_cache_size_bytes"), layer_bytes as f64);
-    assert_eq!(sample(&m, "berth_fills_in_flight"), 0.0);
+    assert_eq!(sample(m, "berth_cache_blobs"), n as f64);
+    assert_eq!(sample(m, "berth_cache_size_bytes"), layer_bytes as f64);
+    assert_eq!(sample(m, "berth_fills_in_flight"), 0.0);
     assert_eq!(
         sample(
-            &m,
+            m,
             r#"berth_http_requests_total{kind="blob",method="GET",status="200"}"#
         ),
-        (2 * N) as f64
+        (2 * n) as f64
     );
 }
 
@@ -749,14 +753,53 @@ async fn a_fill_survives_its_first_client_going_away() {
 /// Docker Hub, each a counted pull), and no ERROR line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_accept_headers_cost_one_upstream_get_per_tag_ttl() {
-    const REPO: &str = "library/negotiate";
-    const SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
-    const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-    const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    let (up, image, image_bytes, index) = negotiating_upstream().await;
+    let berth = InProc::start(&config(&up.url(), "10m")).await;
+    let gets = |tag: &str| up.count(&format!("GET /v2/{NEG_REPO}/manifests/{tag}"));
+    // A client accepting everything caches both tags.
+    assert_eq!(manifest_get(&berth, "v1", None).await.status(), 200);
+    assert_eq!(manifest_get(&berth, "multi", None).await.status(), 200);
+    assert_eq!((gets("v1"), gets("multi")), (1, 1));
+    // From now on upstream negotiates as Docker Hub does: a lone schema-1 type (or, for the
+    // old code, any Accept naming no type it has) gets a signed schema-1 manifest, whose digest
+    // is not the hash of its bytes; an index is sent whatever the Accept says.
+    up.set(Behaviour::Negotiate);
+    odd_accepts_concurrently(&berth, &up, &image, &image_bytes).await;
+
+    // Clients naming a type the cache has still get it, from the cache.
+    let r = manifest_get(&berth, "v1", Some("application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json")).await;
+    assert_eq!(r.status(), 200);
+    let r = manifest_get(&berth, "multi", Some(OCI_INDEX)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.expect("body"), index);
+    assert_eq!((gets("v1"), gets("multi")), (2, 2));
+
+    // Nothing the client caused is an ERROR; the 404s are explained at info.
+    let logs = berth.logs();
+    let mine: Vec<&str> = logs.lines().filter(|l| l.contains(NEG_REPO)).collect();
+    let errors: Vec<&&str> = mine.iter().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    let explained = mine
+        .iter()
+        .filter(|l| l.contains(" INFO ") && l.contains("no manifest of a type the client accepts"))
+        .count();
+    assert_eq!(explained, 2, "{mine:#?}");
+
+    not_found_is_remembered_for_the_tag_ttl_only(&up).await;
+}
+
+const NEG_REPO: &str = "library/negotiate";
+const SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// An upstream with `NEG_REPO:v1` (an image) and `NEG_REPO:multi` (an OCI index of it);
+/// returns it with the image's digest and bytes and the index's bytes.
+async fn negotiating_upstream() -> (FakeUpstream, String, Bytes, Bytes) {
     let up = FakeUpstream::start().await;
     let layer = up.add_blob(random_bytes(1000, 7));
     let config_blob = up.add_blob(Bytes::from_static(br#"{"os":"linux"}"#));
-    let (image, image_bytes) = up.add_image(REPO, "v1", &config_blob, &[layer]);
+    let (image, image_bytes) = up.add_image(NEG_REPO, "v1", &config_blob, &[layer]);
     let index = Bytes::from(
         serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
@@ -766,27 +809,34 @@ async fn odd_accept_headers_cost_one_upstream_get_per_tag_ttl() {
         }))
         .expect("json"),
     );
-    up.add_manifest(REPO, "multi", OCI_INDEX, index.clone());
-    let berth = InProc::start(&config(&up.url(), "10m")).await;
-    let get = |tag: &'static str, accept: Option<&'static str>| {
-        let mut req = berth
-            .client()
-            .get(format!("{}/v2/{REPO}/manifests/{tag}", berth.url()));
-        if let Some(a) = accept {
-            req = req.header("accept", a);
-        }
-        async move { req.send().await.expect("manifest request") }
-    };
-    let gets = |tag: &str| up.count(&format!("GET /v2/{REPO}/manifests/{tag}"));
-    // A client accepting everything caches both tags.
-    assert_eq!(get("v1", None).await.status(), 200);
-    assert_eq!(get("multi", None).await.status(), 200);
-    assert_eq!((gets("v1"), gets("multi")), (1, 1));
-    // From now on upstream negotiates as Docker Hub does: a lone schema-1 type (or, for the
-    // old code, any Accept naming no type it has) gets a signed schema-1 manifest, whose digest
-    // is not the hash of its bytes; an index is sent whatever the Accept says.
-    up.set(Behaviour::Negotiate);
+    up.add_manifest(NEG_REPO, "multi", OCI_INDEX, index.clone());
+    (up, image, image_bytes, index)
+}
 
+/// A GET of `NEG_REPO`'s manifest `tag` through `berth`, with `accept` if given.
+fn manifest_get(
+    berth: &InProc,
+    tag: &str,
+    accept: Option<&str>,
+) -> impl std::future::Future<Output = reqwest::Response> + Send + 'static {
+    let mut req = berth
+        .client()
+        .get(format!("{}/v2/{NEG_REPO}/manifests/{tag}", berth.url()));
+    if let Some(a) = accept {
+        req = req.header("accept", a);
+    }
+    async move { req.send().await.expect("manifest request") }
+}
+
+/// 30 concurrent GETs with Accept headers naming no type berth has for the tag: those naming
+/// no manifest type at all get the cached image, the others 404 — one upstream GET per class.
+async fn odd_accepts_concurrently(
+    berth: &InProc,
+    up: &FakeUpstream,
+    image: &str,
+    image_bytes: &Bytes,
+) {
+    let gets = |tag: &str| up.count(&format!("GET /v2/{NEG_REPO}/manifests/{tag}"));
     // (tag, Accept, status, upstream GETs expected for the class).
     let classes: [(&str, &str, u16, usize); 6] = [
         ("v1", "text/html", 200, 0),
@@ -799,7 +849,7 @@ async fn odd_accept_headers_cost_one_upstream_get_per_tag_ttl() {
     let mut tasks = Vec::new();
     for i in 0..30 {
         let (tag, accept, status, _) = classes[i % classes.len()];
-        let r = get(tag, Some(accept));
+        let r = manifest_get(berth, tag, Some(accept));
         tasks.push(tokio::spawn(async move {
             let r = r.await;
             let digest = r
@@ -815,8 +865,8 @@ async fn odd_accept_headers_cost_one_upstream_get_per_tag_ttl() {
         let (tag, accept, want, got, digest, body) = t.await.expect("request task");
         assert_eq!(got, want, "{tag} with Accept {accept}: {body:?}");
         if want == 200 {
-            assert_eq!(digest.as_deref(), Some(image.as_str()), "{tag} {accept}");
-            assert_eq!(body, image_bytes, "{tag} {accept}");
+            assert_eq!(digest.as_deref(), Some(image), "{tag} {accept}");
+            assert_eq!(&body, image_bytes, "{tag} {accept}");
         } else {
             let v: serde_json::Value = serde_json::from_slice(&body).expect("json error");
             assert_eq!(v["errors"][0]["code"], "MANIFEST_UNKNOWN", "{tag} {accept}");
@@ -831,30 +881,14 @@ async fn odd_accept_headers_cost_one_upstream_get_per_tag_ttl() {
     };
     assert_eq!(gets("v1"), 1 + per_tag("v1"), "{:?}", up.requests());
     assert_eq!(gets("multi"), 1 + per_tag("multi"), "{:?}", up.requests());
+}
 
-    // Clients naming a type the cache has still get it, from the cache.
-    let r = get("v1", Some("application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json")).await;
-    assert_eq!(r.status(), 200);
-    let r = get("multi", Some(OCI_INDEX)).await;
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.bytes().await.expect("body"), index);
-    assert_eq!((gets("v1"), gets("multi")), (2, 2));
-
-    // Nothing the client caused is an ERROR; the 404s are explained at info.
-    let logs = berth.logs();
-    let mine: Vec<&str> = logs.lines().filter(|l| l.contains(REPO)).collect();
-    let errors: Vec<&&str> = mine.iter().filter(|l| l.contains(" ERROR ")).collect();
-    assert!(errors.is_empty(), "{errors:#?}");
-    let explained = mine
-        .iter()
-        .filter(|l| l.contains(" INFO ") && l.contains("no manifest of a type the client accepts"))
-        .count();
-    assert_eq!(explained, 2, "{mine:#?}");
-
-    // The 404 is remembered for the tag TTL only: past it, upstream is asked again, once.
+/// The 404 is remembered for the tag TTL only: past it, upstream is asked again, once.
+async fn not_found_is_remembered_for_the_tag_ttl_only(up: &FakeUpstream) {
+    let gets = |tag: &str| up.count(&format!("GET /v2/{NEG_REPO}/manifests/{tag}"));
     let dir = tempfile::tempdir().expect("tempdir");
     let short = InProc::start_in(&config(&up.url(), "1s"), dir.path()).await;
-    let url = format!("{}/v2/{REPO}/manifests/v1", short.url());
+    let url = format!("{}/v2/{NEG_REPO}/manifests/v1", short.url());
     let schema1 = |c: &reqwest::Client| c.get(&url).header("accept", SCHEMA1).send();
     let before = gets("v1");
     for round in 1..=2 {
