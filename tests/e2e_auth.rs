@@ -496,12 +496,39 @@ fn dockerd_pulls_anonymously_as_mirror_and_privately_after_login() {
     let rec = Recorder::start(s.berth.addr());
     let docker = timed("dockerd start", || Dockerd::start(&rec.url()));
     let work = s.dir.path();
-
     // 2. Anonymous pull through berth as the registry mirror: dockerd does the token dance.
+    anonymous_mirror_pull(&s, &rec, &docker);
+
+    // 3. docker login to berth as a registry (plain http on loopback: insecure by default).
+    let host = rec.host();
+    let private_ref = format!("{host}/private.example/team/app:v1");
+    login_ci_and_pull_private(&s, &rec, &docker, &host, &private_ref);
+
+    // 6. The private blobs are cached now: no other repository name reaches them.
+    timed("leak probes", || assert_no_leak(&s, work));
+
+    logged_out_and_bob_are_refused(&rec, &docker, &host, &private_ref);
+
+    // Nothing reached the private upstream after ci's pull but berth's own (none: cached).
+    for (d, _) in s.team.blobs() {
+        assert_eq!(
+            s.private.blob_gets("team/app", d),
+            1,
+            "private upstream GETs of {d}"
+        );
+    }
+    s.assert_berth_no_errors();
+    eprintln!("[timing] whole test: {:.2?}", started.elapsed());
+}
+
+/// dockerd pulls `library/app:v1` through berth as its registry mirror, anonymously: one
+/// upstream GET per blob, the image's files intact, the token fetched without credentials
+/// and the API calls carrying it; the private upstream is not asked.
+fn anonymous_mirror_pull(s: &Setup, rec: &Recorder, docker: &Dockerd) {
     timed("docker pull library/app:v1 (mirror, anonymous)", || {
         docker.pull("library/app:v1")
     })
-    .unwrap_or_else(|e| panic!("{e}\nsent:\n{}", auth_summary(&rec)));
+    .unwrap_or_else(|e| panic!("{e}\nsent:\n{}", auth_summary(rec)));
     for (d, _) in s.app.blobs() {
         assert_eq!(
             s.public.blob_gets("library/app", d),
@@ -516,62 +543,67 @@ fn dockerd_pulls_anonymously_as_mirror_and_privately_after_login() {
             .expect("read a file of the public image"),
         file.1
     );
-    eprintln!("dockerd (mirror, anonymous) sent:\n{}", auth_summary(&rec));
+    eprintln!("dockerd (mirror, anonymous) sent:\n{}", auth_summary(rec));
     // The challenge sent it to /token without credentials; the API calls carried the token.
-    let tokens = auth_schemes(&rec, "/token");
+    let tokens = auth_schemes(rec, "/token");
     assert!(
         !tokens.is_empty(),
         "no /token request:\n{}",
-        auth_summary(&rec)
+        auth_summary(rec)
     );
     assert!(tokens.iter().all(Option::is_none), "{tokens:?}");
-    let manifest = auth_schemes(&rec, "/v2/library/app/manifests/v1");
+    let manifest = auth_schemes(rec, "/v2/library/app/manifests/v1");
     assert!(
         !manifest.is_empty() && manifest.iter().all(|a| a.as_deref() == Some("Bearer")),
         "manifest requests: {manifest:?}\n{}",
-        auth_summary(&rec)
+        auth_summary(rec)
     );
     assert_eq!(s.private_api_requests(), vec![], "private upstream");
+}
 
-    // 3. docker login to berth as a registry (plain http on loopback: insecure by default).
-    let host = rec.host();
-    let private_ref = format!("{host}/private.example/team/app:v1");
+/// `docker login` to berth: refused with a wrong password, accepted for ci (Basic to
+/// `/token`); then ci pulls the private image, one private upstream GET per blob, with a
+/// token scoped to it.
+fn login_ci_and_pull_private(
+    s: &Setup,
+    rec: &Recorder,
+    docker: &Dockerd,
+    host: &str,
+    private_ref: &str,
+) {
     rec.clear();
-    let wrong = docker.docker(&["login", &host, "-u", "ci", "-p", "not-the-password"]);
+    let wrong = docker.docker(&["login", host, "-u", "ci", "-p", "not-the-password"]);
     let err = wrong.expect_err("docker login with a wrong password must fail");
     assert!(
         err.contains("unauthorized") || err.contains("invalid credentials"),
         "{err}"
     );
-    eprintln!(
-        "docker login (wrong password) sent:\n{}",
-        auth_summary(&rec)
-    );
+    eprintln!("docker login (wrong password) sent:\n{}", auth_summary(rec));
     rec.clear();
     let ok = timed("docker login ci", || {
-        docker.docker(&["login", &host, "-u", "ci", "-p", CI_PASS])
+        docker.docker(&["login", host, "-u", "ci", "-p", CI_PASS])
     })
-    .unwrap_or_else(|e| panic!("docker login ci: {e}\n{}", auth_summary(&rec)));
+    .unwrap_or_else(|e| panic!("docker login ci: {e}\n{}", auth_summary(rec)));
     assert!(ok.contains("Login Succeeded"), "{ok}");
-    eprintln!("docker login (ci) sent:\n{}", auth_summary(&rec));
+    eprintln!("docker login (ci) sent:\n{}", auth_summary(rec));
     assert!(
-        auth_schemes(&rec, "/token")
+        auth_schemes(rec, "/token")
             .iter()
             .any(|a| a.as_deref() == Some("Basic")),
         "login did not send Basic credentials to /token:\n{}",
-        auth_summary(&rec)
+        auth_summary(rec)
     );
 
     rec.clear();
     timed("docker pull private.example/team/app:v1 (ci)", || {
-        docker.pull(&private_ref)
+        docker.pull(private_ref)
     })
-    .unwrap_or_else(|e| panic!("{e}\nsent:\n{}", auth_summary(&rec)));
-    eprintln!("dockerd (registry, ci) sent:\n{}", auth_summary(&rec));
+    .unwrap_or_else(|e| panic!("{e}\nsent:\n{}", auth_summary(rec)));
+    eprintln!("dockerd (registry, ci) sent:\n{}", auth_summary(rec));
     let file = &s.team.layers[0].files[0];
     assert_eq!(
         docker
-            .read_file(&private_ref, &format!("/{}", file.0))
+            .read_file(private_ref, &format!("/{}", file.0))
             .expect("read a file of the private image"),
         file.1
     );
@@ -593,16 +625,17 @@ fn dockerd_pulls_anonymously_as_mirror_and_privately_after_login() {
         "{}",
         token_req.uri
     );
+}
 
-    // 6. The private blobs are cached now: no other repository name reaches them.
-    timed("leak probes", || assert_no_leak(&s, work));
-
+/// Logged out (anonymous), and logged in as bob (a valid user no rule allows), the pull of
+/// the private image fails and leaves no image.
+fn logged_out_and_bob_are_refused(rec: &Recorder, docker: &Dockerd, host: &str, private_ref: &str) {
     // Logged out (anonymous): the private pull fails.
-    docker.rmi(&private_ref).expect("rmi private image");
-    docker.docker(&["logout", &host]).expect("docker logout");
+    docker.rmi(private_ref).expect("rmi private image");
+    docker.docker(&["logout", host]).expect("docker logout");
     rec.clear();
     let err = docker
-        .pull(&private_ref)
+        .pull(private_ref)
         .expect_err("an anonymous pull of the private image must fail");
     eprintln!(
         "docker pull (anonymous) failed as expected: {}",
@@ -614,37 +647,26 @@ fn dockerd_pulls_anonymously_as_mirror_and_privately_after_login() {
             || err.contains("authentication required"),
         "{err}"
     );
-    assert!(!docker.has_image(&private_ref));
+    assert!(!docker.has_image(private_ref));
 
     // Logged in as bob (valid user, no rule for private.example): the pull fails.
     docker
-        .docker(&["login", &host, "-u", "bob", "-p", BOB_PASS])
+        .docker(&["login", host, "-u", "bob", "-p", BOB_PASS])
         .expect("docker login bob (valid credentials)");
     rec.clear();
     let err = docker
-        .pull(&private_ref)
+        .pull(private_ref)
         .expect_err("bob's pull of the private image must fail");
     eprintln!(
         "docker pull (bob) failed as expected: {}",
         err.lines().find(|l| l.contains("Error")).unwrap_or(&err)
     );
-    eprintln!("dockerd (registry, bob) sent:\n{}", auth_summary(&rec));
+    eprintln!("dockerd (registry, bob) sent:\n{}", auth_summary(rec));
     assert!(
         err.contains("unauthorized") || err.contains("denied"),
         "{err}"
     );
-    assert!(!docker.has_image(&private_ref));
-
-    // Nothing reached the private upstream after ci's pull but berth's own (none: cached).
-    for (d, _) in s.team.blobs() {
-        assert_eq!(
-            s.private.blob_gets("team/app", d),
-            1,
-            "private upstream GETs of {d}"
-        );
-    }
-    s.assert_berth_no_errors();
-    eprintln!("[timing] whole test: {:.2?}", started.elapsed());
+    assert!(!docker.has_image(private_ref));
 }
 
 #[test]
@@ -659,25 +681,46 @@ fn skopeo_and_curl_authenticate_and_nothing_private_leaks() {
     let skopeo_dir = work.join("skopeo");
     std::fs::create_dir_all(&skopeo_dir).expect("mkdir skopeo");
     let private_ref = format!("docker://{}/private.example/team/app:v1", rec.host());
-    let ci_creds = format!("ci:{CI_PASS}");
-
     // 4. skopeo inspect with credentials works; without, it fails.
+    skopeo_inspect_needs_allowed_credentials(&s, &rec, &skopeo_dir, &private_ref);
+    skopeo_copies_public_anonymously_and_private_as_ci(&s, &rec, &skopeo_dir, &private_ref);
+    // 5. curl.
+    curl_basic_and_challenges(&s, work);
+    token_protocol_by_hand(&s, work);
+
+    // 6. No leak through another repository name (the private blobs are cached).
+    timed("leak probes", || assert_no_leak(&s, work));
+    no_leak_through_a_fill_in_flight(&s, work);
+
+    s.assert_berth_no_errors();
+    eprintln!("[timing] whole test: {:.2?}", started.elapsed());
+}
+
+/// skopeo inspect of the private image: with ci's credentials it works (Basic to `/token`);
+/// anonymously and as bob it fails.
+fn skopeo_inspect_needs_allowed_credentials(
+    s: &Setup,
+    rec: &Recorder,
+    skopeo_dir: &Path,
+    private_ref: &str,
+) {
+    let ci_creds = format!("ci:{CI_PASS}");
     let inspect = json(
         &timed("skopeo inspect --creds ci (private)", || {
             skopeo_isolated(
-                &skopeo_dir,
+                skopeo_dir,
                 &[
                     "inspect",
                     "--tls-verify=false",
                     "--creds",
                     &ci_creds,
-                    &private_ref,
+                    private_ref,
                 ],
             )
         })
-        .unwrap_or_else(|e| panic!("{e}\nsent:\n{}", auth_summary(&rec))),
+        .unwrap_or_else(|e| panic!("{e}\nsent:\n{}", auth_summary(rec))),
     );
-    eprintln!("skopeo inspect (ci) sent:\n{}", auth_summary(&rec));
+    eprintln!("skopeo inspect (ci) sent:\n{}", auth_summary(rec));
     assert_eq!(
         inspect["Digest"],
         s.team.manifest_digest.as_str(),
@@ -698,24 +741,21 @@ fn skopeo_and_curl_authenticate_and_nothing_private_leaks() {
     );
 
     rec.clear();
-    let err = skopeo_isolated(
-        &skopeo_dir,
-        &["inspect", "--tls-verify=false", &private_ref],
-    )
-    .expect_err("skopeo inspect without credentials must fail");
-    eprintln!("skopeo inspect (anonymous) sent:\n{}", auth_summary(&rec));
+    let err = skopeo_isolated(skopeo_dir, &["inspect", "--tls-verify=false", private_ref])
+        .expect_err("skopeo inspect without credentials must fail");
+    eprintln!("skopeo inspect (anonymous) sent:\n{}", auth_summary(rec));
     assert!(
         err.contains("unauthorized") || err.contains("authentication required"),
         "{err}"
     );
     let err = skopeo_isolated(
-        &skopeo_dir,
+        skopeo_dir,
         &[
             "inspect",
             "--tls-verify=false",
             "--creds",
             &format!("bob:{BOB_PASS}"),
-            &private_ref,
+            private_ref,
         ],
     )
     .expect_err("skopeo inspect as bob must fail");
@@ -723,13 +763,24 @@ fn skopeo_and_curl_authenticate_and_nothing_private_leaks() {
         err.contains("unauthorized") || err.contains("denied"),
         "{err}"
     );
+}
 
+/// skopeo copy of the public image anonymously and of the private one as ci: the bytes
+/// intact, one upstream GET per blob; the private blobs are in berth's cache afterwards.
+fn skopeo_copies_public_anonymously_and_private_as_ci(
+    s: &Setup,
+    rec: &Recorder,
+    skopeo_dir: &Path,
+    private_ref: &str,
+) {
+    let work = s.dir.path();
+    let ci_creds = format!("ci:{CI_PASS}");
     // skopeo copy of the public image, anonymously.
     rec.clear();
     let out = work.join("app-copy");
     timed("skopeo copy library/app:v1 (anonymous)", || {
         skopeo_isolated(
-            &skopeo_dir,
+            skopeo_dir,
             &[
                 "copy",
                 "--insecure-policy",
@@ -739,8 +790,8 @@ fn skopeo_and_curl_authenticate_and_nothing_private_leaks() {
             ],
         )
     })
-    .unwrap_or_else(|e| panic!("{e}\nsent:\n{}", auth_summary(&rec)));
-    eprintln!("skopeo copy (anonymous) sent:\n{}", auth_summary(&rec));
+    .unwrap_or_else(|e| panic!("{e}\nsent:\n{}", auth_summary(rec)));
+    eprintln!("skopeo copy (anonymous) sent:\n{}", auth_summary(rec));
     for (d, bytes) in s.app.blobs() {
         let copied = std::fs::read(out.join(d.trim_start_matches("sha256:"))).expect("copied blob");
         assert!(copied == bytes, "blob {d} differs");
@@ -759,14 +810,14 @@ fn skopeo_and_curl_authenticate_and_nothing_private_leaks() {
     let out = work.join("team-copy");
     timed("skopeo copy private.example/team/app:v1 (ci)", || {
         skopeo_isolated(
-            &skopeo_dir,
+            skopeo_dir,
             &[
                 "copy",
                 "--insecure-policy",
                 "--src-tls-verify=false",
                 "--src-creds",
                 &ci_creds,
-                &private_ref,
+                private_ref,
                 &format!("dir:{}", out.display()),
             ],
         )
@@ -781,8 +832,12 @@ fn skopeo_and_curl_authenticate_and_nothing_private_leaks() {
             "private upstream GETs of {d}"
         );
     }
+}
 
-    // 5. curl.
+/// curl on the private manifest: ci's Basic gets it; anonymous gets the scoped challenge,
+/// bob DENIED, a wrong password a challenge; `/v2/` challenges without scope.
+fn curl_basic_and_challenges(s: &Setup, work: &Path) {
+    let ci_creds = format!("ci:{CI_PASS}");
     let base = s.berth.url();
     let manifest_url = format!("{base}/v2/private.example/team/app/manifests/v1");
     let accept = format!("Accept: {DOCKER_MANIFEST}");
@@ -833,7 +888,14 @@ fn skopeo_and_curl_authenticate_and_nothing_private_leaks() {
     );
     let r = curl(work, &["-u", &ci_creds], &format!("{base}/v2/"));
     assert_eq!(r.status, 200, "{}", r.text());
+}
 
+/// The token protocol by hand: ci's token covers the private repository, bob's and the
+/// anonymous one do not, a wrong password gets no token.
+fn token_protocol_by_hand(s: &Setup, work: &Path) {
+    let base = s.berth.url();
+    let manifest_url = format!("{base}/v2/private.example/team/app/manifests/v1");
+    let accept = format!("Accept: {DOCKER_MANIFEST}");
     // The token protocol by hand: ci's token covers the private repository...
     let scope = "repository:private.example/team/app:pull";
     let t = token(work, &base, Some(("ci", CI_PASS)), scope);
@@ -868,10 +930,14 @@ fn skopeo_and_curl_authenticate_and_nothing_private_leaks() {
     );
     assert_eq!(r.status, 401, "{}", r.text());
     assert!(!r.text().contains("token\""), "{}", r.text());
+}
 
-    // 6. No leak through another repository name (the private blobs are cached).
-    timed("leak probes", || assert_no_leak(&s, work));
-
+/// With the private upstream frozen, ci's GET of a blob not yet cached starts a fill that
+/// waits; an anonymous (or ci's own) GET of the same digest under library/app must not join
+/// it, and the private upstream is asked for nothing outside team/app.
+fn no_leak_through_a_fill_in_flight(s: &Setup, work: &Path) {
+    let base = s.berth.url();
+    let ci_creds = format!("ci:{CI_PASS}");
     // Nor through a fill in flight: with the private upstream frozen, ci's GET of a blob not
     // yet cached starts a fill that waits; an anonymous GET of the same digest under
     // library/app must not join it.
@@ -950,7 +1016,4 @@ fn skopeo_and_curl_authenticate_and_nothing_private_leaks() {
         .filter(|e| !e.path.starts_with("/v2/team/app/"))
         .collect();
     assert!(strays.is_empty(), "private upstream got {strays:?}");
-
-    s.assert_berth_no_errors();
-    eprintln!("[timing] whole test: {:.2?}", started.elapsed());
 }
