@@ -200,7 +200,17 @@ fn containerd_pulls_two_registries_through_one_berth_with_ns() {
     let hub_hosts = ctd.add_mirror("docker.io", &rec.url());
     ctd.add_mirror("ghcr.io", &rec.url());
     eprintln!("docker.io/hosts.toml:\n{hub_hosts}");
+    cold_pulls_name_the_registry_with_ns(&t, &rec, &ctd);
+    unnormalized_docker_io_name_is_served_as_library(&t, &rec, &ctd);
+    t.assert_berth_quiet();
+    warm_repull_is_served_from_the_cache(&t, &rec, &ctd);
+    one_platform_of_an_index_is_fetched_once(&t, &ctd);
+    nothing_falls_through_to_the_real_registries(&rec, &ctd);
+}
 
+/// ctr pulls an image from each registry through berth: containerd names the registry
+/// with `?ns=` on every request, every blob is fetched from berth and upstream once.
+fn cold_pulls_name_the_registry_with_ns(t: &TwoRegistries, rec: &Recorder, ctd: &Containerd) {
     timed("ctr pull docker.io/library/app:v1", || {
         ctd.pull("docker.io/library/app:v1")
     })
@@ -218,7 +228,7 @@ fn containerd_pulls_two_registries_through_one_berth_with_ns() {
 
     // containerd names the registry with ?ns= on every request to the mirror, and keeps the
     // repository path as the reference has it.
-    let requests = api_requests(&rec);
+    let requests = api_requests(rec);
     assert!(!requests.is_empty(), "containerd sent nothing to berth");
     for r in &requests {
         let want = if r.path.starts_with("/v2/library/app/") {
@@ -242,10 +252,16 @@ fn containerd_pulls_two_registries_through_one_berth_with_ns() {
 
     t.assert_one_get_per_blob();
     t.assert_cache_namespaces();
-    eprintln!("containerd user agents: {:?}", user_agents(&rec));
+    eprintln!("containerd user agents: {:?}", user_agents(rec));
+}
 
-    // ctr does not normalize `docker.io/app`: it asks for `/v2/app/…?ns=docker.io`, and
-    // berth serves it as `library/app`, from its cache.
+/// ctr does not normalize `docker.io/app`: berth serves `/v2/app/…?ns=docker.io` as
+/// `library/app`, from its cache.
+fn unnormalized_docker_io_name_is_served_as_library(
+    t: &TwoRegistries,
+    rec: &Recorder,
+    ctd: &Containerd,
+) {
     rec.clear();
     timed("ctr pull docker.io/app:v1", || ctd.pull("docker.io/app:v1"))
         .expect("ctr pull docker.io/app:v1 (no library/) through berth");
@@ -258,11 +274,11 @@ fn containerd_pulls_two_registries_through_one_berth_with_ns() {
     );
     t.assert_one_get_per_blob();
     t.assert_cache_namespaces();
+}
 
-    t.assert_berth_quiet();
-
-    // A second pull of the same images (after removing them, so containerd has none of
-    // their content) is served by berth's cache: no new upstream blob GETs.
+/// A second pull of the same images (after removing them, so containerd has none of their
+/// content) is served by berth's cache: no new upstream blob GETs.
+fn warm_repull_is_served_from_the_cache(t: &TwoRegistries, rec: &Recorder, ctd: &Containerd) {
     for image in [
         "docker.io/app:v1",
         "docker.io/library/app:v1",
@@ -288,8 +304,10 @@ fn containerd_pulls_two_registries_through_one_berth_with_ns() {
         rec.summary()
     );
     t.assert_one_get_per_blob();
+}
 
-    // One platform of a multi-arch index: only that image's blobs are fetched, once.
+/// One platform of a multi-arch index: only that image's blobs are fetched, once.
+fn one_platform_of_an_index_is_fetched_once(t: &TwoRegistries, ctd: &Containerd) {
     let index = seed_index(&t.ghcr, "owner/multi", "v1");
     timed(
         "ctr pull --platform linux/arm64 ghcr.io/owner/multi:v1",
@@ -318,7 +336,11 @@ fn containerd_pulls_two_registries_through_one_berth_with_ns() {
         "{}",
         tree(&t.berth.cache_dir().join("manifests"))
     );
+}
 
+/// A tag berth cannot serve (404) makes containerd try the hosts.toml `server` next, which
+/// the dead proxy refuses at once: nothing falls through to the real registries.
+fn nothing_falls_through_to_the_real_registries(rec: &Recorder, ctd: &Containerd) {
     // Nothing falls through to the real registries: a tag berth cannot serve (404) makes
     // containerd try the hosts.toml `server` next, which the dead proxy refuses at once.
     rec.clear();
