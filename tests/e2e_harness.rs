@@ -165,6 +165,37 @@ fn dockerd_pulls_through_a_loopback_mirror() {
         info["RegistryConfig"]["Mirrors"], info["RegistryConfig"]["InsecureRegistryCIDRs"]
     );
 
+    pull_is_counted_and_extracted(&registry, &docker, &image);
+    index_pulls_one_platform_at_a_time(&registry, &docker, &index);
+
+    // rmi removes the layers: pulling again downloads every blob again.
+    docker.rmi("library/app:v1").expect("rmi");
+    assert!(!docker.has_image("library/app:v1"));
+    docker.pull("library/app:v1").expect("pull again");
+    for (digest, _) in image.blobs() {
+        assert_eq!(
+            registry.blob_gets("library/app", digest),
+            2,
+            "GETs of {digest}"
+        );
+    }
+}
+
+/// dockerd's requests (method, path, status) for `repo` in the registry's access log, one a
+/// line.
+fn dockerd_requests(registry: &Registry, repo: &str) -> String {
+    let prefix = format!("/v2/{repo}/");
+    registry
+        .access_log()
+        .iter()
+        .filter(|e| e.user_agent.starts_with("docker/") && e.path.starts_with(&prefix))
+        .map(|e| format!("\n  {} {} {}", e.method, e.path, e.status))
+        .collect()
+}
+
+/// dockerd pulls `library/app:v1` through the mirror: the image is there under its names,
+/// each blob was fetched once, and every file of its layers reads back as built.
+fn pull_is_counted_and_extracted(registry: &Registry, docker: &Dockerd, image: &Image) {
     let t = Instant::now();
     let out = docker
         .pull("library/app:v1")
@@ -192,18 +223,9 @@ fn dockerd_pulls_through_a_loopback_mirror() {
             "GETs of {digest}"
         );
     }
-    let dockerd_requests = |repo: &str| -> String {
-        let prefix = format!("/v2/{repo}/");
-        registry
-            .access_log()
-            .iter()
-            .filter(|e| e.user_agent.starts_with("docker/") && e.path.starts_with(&prefix))
-            .map(|e| format!("\n  {} {} {}", e.method, e.path, e.status))
-            .collect()
-    };
     eprintln!(
         "dockerd's requests for app:{}",
-        dockerd_requests("library/app")
+        dockerd_requests(registry, "library/app")
     );
 
     // The layers were extracted: every file reads back as built.
@@ -215,8 +237,10 @@ fn dockerd_pulls_through_a_loopback_mirror() {
             assert!(got == *content, "/{path} in the pulled image");
         }
     }
+}
 
-    // The index: the host's platform, then arm64 explicitly; only that image's blobs move.
+/// The index: the host's platform, then arm64 explicitly; only that image's blobs move.
+fn index_pulls_one_platform_at_a_time(registry: &Registry, docker: &Dockerd, index: &Index) {
     let t = Instant::now();
     docker.pull("library/multi:v1").expect("pull the index");
     eprintln!(
@@ -263,20 +287,8 @@ fn dockerd_pulls_through_a_loopback_mirror() {
     );
     eprintln!(
         "dockerd's requests for multi (amd64, then arm64):{}",
-        dockerd_requests("library/multi")
+        dockerd_requests(registry, "library/multi")
     );
-
-    // rmi removes the layers: pulling again downloads every blob again.
-    docker.rmi("library/app:v1").expect("rmi");
-    assert!(!docker.has_image("library/app:v1"));
-    docker.pull("library/app:v1").expect("pull again");
-    for (digest, _) in image.blobs() {
-        assert_eq!(
-            registry.blob_gets("library/app", digest),
-            2,
-            "GETs of {digest}"
-        );
-    }
 }
 
 /// With no internet, a pull the mirror cannot serve fails fast and deterministically: dockerd
