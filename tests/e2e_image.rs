@@ -37,6 +37,23 @@ fn image_built_locally_runs_as_nonroot_and_serves_docker_pulls() {
     let docker = Dockerd::start(&format!("http://{listen}"));
 
     build_berth_image(&docker);
+    assert_built_image_user_and_config(&docker);
+    let dir = tempfile::Builder::new()
+        .prefix("img-")
+        .tempdir_in("/tmp")
+        .expect("temp dir");
+    let container = run_berth_container(&docker, dir.path(), listen, admin, &registry.url());
+    assert_runs_as_nonroot(&container);
+    pull_through_the_container(&docker, &container, &registry, &image);
+    assert_cache_written_by_nonroot(&container, admin, &image);
+
+    container.remove();
+    eprintln!("image test took {:?}", started.elapsed());
+}
+
+/// The built image's USER is 65532:65532, and the config baked into it
+/// (config/container.toml) is one berth accepts.
+fn assert_built_image_user_and_config(docker: &Dockerd) {
     let created = docker
         .docker(&["image", "inspect", "--format", "{{.Config.User}}", TAG])
         .expect("inspect the built image");
@@ -53,17 +70,22 @@ fn image_built_locally_runs_as_nonroot_and_serves_docker_pulls() {
             "/etc/berth/berth.toml",
         ])
         .expect("berth check-config of the image's own /etc/berth/berth.toml");
+}
 
-    let dir = tempfile::Builder::new()
-        .prefix("img-")
-        .tempdir_in("/tmp")
-        .expect("temp dir");
-    let config = dir.path().join("berth.toml");
-    std::fs::write(&config, container_config(listen, admin, &registry.url()))
-        .expect("write berth.toml");
+/// Runs the berth image with `--network host` and a config (in `dir`) listening on `listen`
+/// and `admin` before `upstream`; returns once it is ready.
+fn run_berth_container<'a>(
+    docker: &'a Dockerd,
+    dir: &Path,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    upstream: &str,
+) -> Container<'a> {
+    let config = dir.join("berth.toml");
+    std::fs::write(&config, container_config(listen, admin, upstream)).expect("write berth.toml");
 
     let container = Container::run(
-        &docker,
+        docker,
         &[
             "run",
             "-d",
@@ -77,8 +99,11 @@ fn image_built_locally_runs_as_nonroot_and_serves_docker_pulls() {
         ],
     );
     container.wait_ready(admin);
+    container
+}
 
-    // Runs as 65532:65532: the container's config, and the process the kernel runs.
+/// Runs as 65532:65532: the container's config, and the process the kernel runs.
+fn assert_runs_as_nonroot(container: &Container) {
     assert_eq!(
         container.inspect("{{.Config.User}}"),
         "65532:65532",
@@ -98,9 +123,16 @@ fn image_built_locally_runs_as_nonroot_and_serves_docker_pulls() {
     );
     assert_eq!(status_field(&status, "Uid"), [NONROOT; 4], "{status}");
     assert_eq!(status_field(&status, "Gid"), [NONROOT; 4], "{status}");
+}
 
-    // Pull through the containerized berth: each blob fetched from upstream once, and the
-    // image's files arrive intact.
+/// Pull through the containerized berth: each blob fetched from upstream once, and the
+/// image's files arrive intact.
+fn pull_through_the_container(
+    docker: &Dockerd,
+    container: &Container,
+    registry: &Registry,
+    image: &Image,
+) {
     docker.pull("library/app:v1").unwrap_or_else(|e| {
         panic!(
             "pull through the berth container: {e}\n{}",
@@ -121,8 +153,10 @@ fn image_built_locally_runs_as_nonroot_and_serves_docker_pulls() {
             .expect("read a file of the pulled image"),
         file.1
     );
+}
 
-    // The blobs are in the cache (the image's volume at /var/lib/berth), written by 65532.
+/// The blobs are in the cache (the image's volume at /var/lib/berth), written by 65532.
+fn assert_cache_written_by_nonroot(container: &Container, admin: SocketAddr, image: &Image) {
     let want = image.blobs().len() as f64;
     let cached = wait_for(
         "berth_cache_blobs",
@@ -147,9 +181,6 @@ fn image_built_locally_runs_as_nonroot_and_serves_docker_pulls() {
         "{volume}: {files} files of {bytes} bytes; expected the {} blobs",
         image.blobs().len()
     );
-
-    container.remove();
-    eprintln!("image test took {:?}", started.elapsed());
 }
 
 /// Builds [`TAG`] with build-local.sh against `docker`'s daemon.
