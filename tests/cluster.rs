@@ -621,27 +621,8 @@ fn more_fills_than_upload_slots_all_reach_the_store_verified() {
 /// the name it was issued for (`[cluster] server_name`) and the cluster's CA (`ca_file`).
 #[test]
 fn tls_replicas_verify_each_other_by_server_name_and_fetch_once() {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca =
-        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
-    // Issued for the Service's name only: no IP address in it.
-    let key = KeyPair::generate().expect("key");
-    let cert = CertificateParams::new(vec!["berth.test".to_owned()])
-        .expect("params")
-        .signed_by(&key, &ca)
-        .expect("cert");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (ca_path, cert_path, key_path) = (
-        dir.path().join("ca.pem"),
-        dir.path().join("tls.crt"),
-        dir.path().join("tls.key"),
-    );
-    std::fs::write(&ca_path, ca.pem()).expect("write");
-    std::fs::write(&cert_path, cert.pem()).expect("write");
-    std::fs::write(&key_path, key.serialize_pem()).expect("write");
-
+    let pki = write_cluster_pki(dir.path());
     let rt = runtime();
     rt.block_on(async {
         let up = fake_upstream::FakeUpstream::start().await;
@@ -653,78 +634,9 @@ fn tls_replicas_verify_each_other_by_server_name_and_fetch_once() {
             &config_blob,
             std::slice::from_ref(&layer),
         );
-        let listeners =
-            futures_util::future::join_all((0..3).map(|_| support::loopback_listener())).await;
-        let addrs: Vec<_> = listeners
-            .iter()
-            .map(|l| l.local_addr().expect("addr"))
-            .collect();
-        let peers: Vec<String> = addrs.iter().map(|a| format!("\"https://{a}\"")).collect();
-        let mut replicas = Vec::new();
-        for (i, listener) in listeners.into_iter().enumerate() {
-            let admin = support::loopback_listener().await;
-            let text = format!(
-                r#"[server]
-listen = "{listen}"
-admin_listen = "{admin}"
-shutdown_grace = "1s"
-[server.tls]
-cert = "{cert}"
-key = "{key}"
-[cache]
-dir = "{cache}"
-[cluster]
-peers = [{peers}]
-server_name = "berth.test"
-ca_file = "{ca}"
-probe_interval = "200ms"
-[[registry]]
-name = "docker.io"
-default = true
-endpoints = ["{upstream}"]
-"#,
-                listen = addrs[i],
-                admin = admin.local_addr().expect("addr"),
-                cert = cert_path.display(),
-                key = key_path.display(),
-                cache = dir.path().join(format!("c{i}")).display(),
-                peers = peers.join(", "),
-                ca = ca_path.display(),
-                upstream = up.url(),
-            );
-            replicas.push(support::InProc::start_on(&text, listener, admin).await);
-        }
-        // Every replica verifies the other two (and finds itself) despite connecting by IP.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while replicas
-            .iter()
-            .any(|r| r.running().metrics.peers_up.get() != 3)
-        {
-            assert!(
-                Instant::now() < deadline,
-                "TLS peers never verified each other"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let ca_cert = reqwest::Certificate::from_pem(ca.pem().as_bytes()).expect("ca");
-        let pulls = (0..9).map(|i| {
-            let client = reqwest::Client::builder()
-                .add_root_certificate(ca_cert.clone())
-                .resolve("berth.test", addrs[i % 3])
-                .build()
-                .expect("client");
-            let port = addrs[i % 3].port();
-            async move {
-                pull(
-                    &client,
-                    &format!("https://berth.test:{port}"),
-                    "library/tls",
-                    "v1",
-                )
-                .await
-            }
-        });
-        futures_util::future::join_all(pulls).await;
+        let (replicas, addrs) = start_tls_replicas(dir.path(), &pki, &up.url()).await;
+        wait_tls_peers_verified(&replicas).await;
+        pull_by_server_name_from_each_replica(&pki.ca_pem, &addrs).await;
         assert_eq!(
             up.count(&format!("GET /v2/library/tls/blobs/{layer}")),
             1,
@@ -745,6 +657,131 @@ endpoints = ["{upstream}"]
             r.stop().await;
         }
     });
+}
+
+/// A cluster CA and a certificate (with its key) issued by it for `berth.test` only, written
+/// under `dir`.
+struct ClusterPki {
+    ca_pem: String,
+    ca_path: std::path::PathBuf,
+    cert_path: std::path::PathBuf,
+    key_path: std::path::PathBuf,
+}
+
+fn write_cluster_pki(dir: &std::path::Path) -> ClusterPki {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
+    // Issued for the Service's name only: no IP address in it.
+    let key = KeyPair::generate().expect("key");
+    let cert = CertificateParams::new(vec!["berth.test".to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("cert");
+    let (ca_path, cert_path, key_path) =
+        (dir.join("ca.pem"), dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&ca_path, ca.pem()).expect("write");
+    std::fs::write(&cert_path, cert.pem()).expect("write");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write");
+    ClusterPki {
+        ca_pem: ca.pem(),
+        ca_path,
+        cert_path,
+        key_path,
+    }
+}
+
+/// Three in-process replicas serving TLS with `pki`'s certificate, peers of each other by
+/// IP (`https://127.0.0.1:…`) with `server_name = "berth.test"`, before `upstream`; returns
+/// them with their addresses.
+async fn start_tls_replicas(
+    dir: &std::path::Path,
+    pki: &ClusterPki,
+    upstream: &str,
+) -> (Vec<support::InProc>, Vec<std::net::SocketAddr>) {
+    let listeners =
+        futures_util::future::join_all((0..3).map(|_| support::loopback_listener())).await;
+    let addrs: Vec<_> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr"))
+        .collect();
+    let peers: Vec<String> = addrs.iter().map(|a| format!("\"https://{a}\"")).collect();
+    let mut replicas = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let admin = support::loopback_listener().await;
+        let text = format!(
+            r#"[server]
+listen = "{listen}"
+admin_listen = "{admin}"
+shutdown_grace = "1s"
+[server.tls]
+cert = "{cert}"
+key = "{key}"
+[cache]
+dir = "{cache}"
+[cluster]
+peers = [{peers}]
+server_name = "berth.test"
+ca_file = "{ca}"
+probe_interval = "200ms"
+[[registry]]
+name = "docker.io"
+default = true
+endpoints = ["{upstream}"]
+"#,
+            listen = addrs[i],
+            admin = admin.local_addr().expect("addr"),
+            cert = pki.cert_path.display(),
+            key = pki.key_path.display(),
+            cache = dir.join(format!("c{i}")).display(),
+            peers = peers.join(", "),
+            ca = pki.ca_path.display(),
+            upstream = upstream,
+        );
+        replicas.push(support::InProc::start_on(&text, listener, admin).await);
+    }
+    (replicas, addrs)
+}
+
+/// Every replica verifies the other two (and finds itself) despite connecting by IP.
+async fn wait_tls_peers_verified(replicas: &[support::InProc]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while replicas
+        .iter()
+        .any(|r| r.running().metrics.peers_up.get() != 3)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "TLS peers never verified each other"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Nine concurrent pulls of `library/tls:v1`, three to each replica, by the name
+/// `berth.test` and verified against the cluster CA.
+async fn pull_by_server_name_from_each_replica(ca_pem: &str, addrs: &[std::net::SocketAddr]) {
+    let ca_cert = reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("ca");
+    let pulls = (0..9).map(|i| {
+        let client = reqwest::Client::builder()
+            .add_root_certificate(ca_cert.clone())
+            .resolve("berth.test", addrs[i % 3])
+            .build()
+            .expect("client");
+        let port = addrs[i % 3].port();
+        async move {
+            pull(
+                &client,
+                &format!("https://berth.test:{port}"),
+                "library/tls",
+                "v1",
+            )
+            .await
+        }
+    });
+    futures_util::future::join_all(pulls).await;
 }
 
 #[test]
