@@ -293,6 +293,31 @@ fn assert_no_leak(s: &Setup, work: &Path) {
     let private_before = s.private_api_requests().len();
     let anon_token = token(work, &base, None, "repository:library/app:pull");
     let bearer = format!("Authorization: Bearer {anon_token}");
+    let checked = probe_private_blobs_under_other_names(s, work, &bearer)
+        + probe_private_manifests_tags_and_catalog(s, work, &bearer);
+    eprintln!("[leak] {checked} requests for private content under other names: none served");
+    ci_gets_the_private_blobs_from_the_cache(s, work);
+
+    // The private upstream was asked nothing on behalf of these requests.
+    let after = s.private_api_requests();
+    assert_eq!(
+        after[private_before..].to_vec(),
+        vec![],
+        "private upstream asked during the leak probes"
+    );
+    // And never at all for a repository other than team/app.
+    let strays: Vec<&AccessEntry> = after
+        .iter()
+        .filter(|e| !e.path.starts_with("/v2/team/app/"))
+        .collect();
+    assert!(strays.is_empty(), "private upstream got {strays:?}");
+}
+
+/// Each private blob under public repository names (and `?ns=`), for anonymous, bob and
+/// ci, whole, ranged and HEAD, and with an anonymous token for library/app: never its bytes.
+/// Returns how many requests were made.
+fn probe_private_blobs_under_other_names(s: &Setup, work: &Path, bearer: &str) -> usize {
+    let base = s.berth.url();
     let mut checked = 0;
     for (digest, bytes) in s.team.blobs() {
         for user in [None, Some(("bob", BOB_PASS)), Some(("ci", CI_PASS))] {
@@ -352,13 +377,22 @@ fn assert_no_leak(s: &Setup, work: &Path) {
         // An anonymous token for library/app does not reach the private blob either.
         let r = curl(
             work,
-            &["-H", &bearer],
+            &["-H", bearer],
             &format!("{base}/v2/library/app/blobs/{digest}"),
         );
         checked += 1;
         assert_eq!(r.status, 404, "anonymous bearer: {}", r.text());
         assert!(!contains_bytes(&r.body, bytes));
     }
+    checked
+}
+
+/// Private manifests under public names, the private repository's tags, and the private
+/// registry's catalog, for those without the right: none served or listed. Returns how many
+/// requests were made.
+fn probe_private_manifests_tags_and_catalog(s: &Setup, work: &Path, bearer: &str) -> usize {
+    let base = s.berth.url();
+    let mut checked = 0;
     // Private manifests under public names (manifests are cached per repository).
     for (who, args) in [
         ("anonymous", vec![]),
@@ -380,7 +414,7 @@ fn assert_no_leak(s: &Setup, work: &Path) {
     let layer = &s.team.layers[0];
     let r = curl(
         work,
-        &["-H", &bearer],
+        &["-H", bearer],
         &format!(
             "{base}/v2/library/app/blobs/{}?ns=private.example",
             layer.digest
@@ -413,7 +447,7 @@ fn assert_no_leak(s: &Setup, work: &Path) {
         );
     }
     for (who, auth) in [
-        ("anonymous bearer", bearer.clone()),
+        ("anonymous bearer", bearer.to_owned()),
         (
             "bob",
             format!(
@@ -435,10 +469,13 @@ fn assert_no_leak(s: &Setup, work: &Path) {
             r.text()
         );
     }
-    eprintln!("[leak] {checked} requests for private content under other names: none served");
+    checked
+}
 
-    // Positive control: the blobs are in the cache and ci gets them by their own name
-    // without berth asking upstream again.
+/// Positive control: the blobs are in the cache and ci gets them by their own name without
+/// berth asking upstream again; ci's catalog lists team/app.
+fn ci_gets_the_private_blobs_from_the_cache(s: &Setup, work: &Path) {
+    let base = s.berth.url();
     let gets_before: Vec<usize> = s
         .team
         .blobs()
@@ -467,20 +504,6 @@ fn assert_no_leak(s: &Setup, work: &Path) {
         &format!("{base}/v2/_catalog?ns=private.example"),
     );
     assert!(r.text().contains("team/app"), "ci's catalog: {}", r.text());
-
-    // The private upstream was asked nothing on behalf of these requests.
-    let after = s.private_api_requests();
-    assert_eq!(
-        after[private_before..].to_vec(),
-        vec![],
-        "private upstream asked during the leak probes"
-    );
-    // And never at all for a repository other than team/app.
-    let strays: Vec<&AccessEntry> = after
-        .iter()
-        .filter(|e| !e.path.starts_with("/v2/team/app/"))
-        .collect();
-    assert!(strays.is_empty(), "private upstream got {strays:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
