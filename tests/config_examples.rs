@@ -1,5 +1,6 @@
 //! Every example config shipped in config/ is valid, and `berth check-config` agrees.
 
+use std::collections::BTreeSet;
 use std::process::Command;
 
 #[test]
@@ -41,4 +42,213 @@ fn check_config_names_the_bad_key() {
         .expect("run berth check-config");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_sise"));
+}
+
+/// config/berth.toml with every commented-out key and section uncommented: `# key = value`
+/// and `# [section]` lines lose their `# `; prose comments stay comments.
+fn example_uncommented() -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/berth.toml");
+    let text = std::fs::read_to_string(path).expect("read config/berth.toml");
+    let is_key = |s: &str| {
+        let name = s.split('=').next().unwrap_or("").trim();
+        s.contains('=')
+            && !name.is_empty()
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+    };
+    text.lines()
+        .map(|line| match line.strip_prefix("# ") {
+            Some(rest) if rest.starts_with('[') || is_key(rest) => rest,
+            _ => line,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The keys `Config` accepts in the table at `path` of `doc`, as its own unknown-key error lists
+/// them (so the list comes from the code, not from this test).
+fn accepted_keys(doc: &toml::Table, path: &[String]) -> BTreeSet<String> {
+    let mut doc = doc.clone();
+    let mut table = &mut doc;
+    for seg in path {
+        // "key" or "key#index" (an element of an array).
+        let (key, index) = match seg.split_once('#') {
+            Some((k, i)) => (k, i.parse::<usize>().ok()),
+            None => (seg.as_str(), None),
+        };
+        let mut value = table.get_mut(key);
+        if let Some(i) = index {
+            value = value.and_then(|v| v.as_array_mut()?.get_mut(i));
+        }
+        table = value
+            .and_then(toml::Value::as_table_mut)
+            .unwrap_or_else(|| panic!("no table at {path:?}"));
+    }
+    table.insert("zz_not_a_key".into(), toml::Value::Boolean(true));
+    let text = toml::to_string(&doc).expect("serialize");
+    let err = match toml::from_str::<berth::config::Config>(&text) {
+        Ok(_) => panic!("an unknown key at {path:?} was accepted"),
+        Err(e) => e.message().to_owned(),
+    };
+    assert!(
+        err.contains("zz_not_a_key"),
+        "{path:?}: unexpected error {err}"
+    );
+    let expected = err.split_once("expected").map_or("", |(_, s)| s);
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Walks the uncommented example: at every table, the keys shown must be exactly the keys
+/// `Config` accepts there.
+fn compare_keys(doc: &toml::Table, path: &mut Vec<String>, table: &toml::Table, n: &mut usize) {
+    let shown: BTreeSet<String> = table.keys().cloned().collect();
+    let accepted = accepted_keys(doc, path);
+    assert_eq!(
+        shown,
+        accepted,
+        "config/berth.toml at [{}]: keys shown (left) differ from the keys Config accepts (right)",
+        path.join(".")
+    );
+    *n += 1;
+    for (k, v) in table {
+        match v {
+            toml::Value::Table(t) => {
+                path.push(k.clone());
+                compare_keys(doc, path, t, n);
+                path.pop();
+            }
+            toml::Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let toml::Value::Table(t) = item {
+                        path.push(format!("{k}#{i}"));
+                        compare_keys(doc, path, t, n);
+                        path.pop();
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn the_example_shows_every_key_config_accepts() {
+    let text = example_uncommented();
+    let doc: toml::Table = toml::from_str(&text).expect("uncommented example is TOML");
+    // Every key shown is accepted with a value of the right type.
+    toml::from_str::<berth::config::Config>(&text)
+        .unwrap_or_else(|e| panic!("uncommented config/berth.toml: {e}"));
+    let mut tables = 0;
+    compare_keys(&doc, &mut Vec::new(), &doc, &mut tables);
+    // server, server.tls, cache, cache.object_store, log, registry, its route and the route's
+    // endpoint table, cluster, auth, auth.rule, and the top level.
+    assert!(tables >= 12, "only {tables} tables compared");
+}
+
+/// A config with every section present and only its required keys set.
+const REQUIRED_ONLY: &str = r#"
+[server.tls]
+cert = "c"
+key = "k"
+[cache.object_store]
+url = "s3://bucket"
+[auth]
+htpasswd = "h"
+[[auth.rule]]
+users = ["u"]
+allow = ["a"]
+[[registry]]
+name = "r"
+endpoints = ["http://r"]
+[[registry.route]]
+match = "m"
+endpoints = ["http://r"]
+[cluster]
+peers = ["http://p:5000"]
+"#;
+
+/// Shown values that are examples, not defaults, each said so by its comment in the file.
+const NOT_DEFAULTS: [&str; 1] = ["registry.default"];
+
+/// Every key of `defaults` (what Config fills in) that the example shows must show that value.
+fn compare_defaults(
+    path: &str,
+    example: &toml::Table,
+    defaults: &toml::Table,
+    required: Option<&toml::Table>,
+    checked: &mut Vec<String>,
+) {
+    for (k, want) in defaults {
+        let key = if path.is_empty() {
+            k.clone()
+        } else {
+            format!("{path}.{k}")
+        };
+        let Some(shown) = example.get(k) else {
+            continue;
+        };
+        let req = required.and_then(|r| r.get(k));
+        let is_tables = |v: &toml::Value| {
+            v.is_table()
+                || v.as_array()
+                    .is_some_and(|a| a.first().is_some_and(toml::Value::is_table))
+        };
+        match (shown, want) {
+            // Required keys have no default: the example shows a value of its own.
+            _ if req.is_some_and(|r| !is_tables(r)) => {}
+            (toml::Value::Table(s), toml::Value::Table(w)) => {
+                compare_defaults(&key, s, w, req.and_then(toml::Value::as_table), checked)
+            }
+            (toml::Value::Array(s), toml::Value::Array(w)) if is_tables(want) => {
+                let req = req.and_then(|r| r.as_array()?.first()?.as_table());
+                for s in s.iter().filter_map(toml::Value::as_table) {
+                    let w = w[0].as_table().expect("table");
+                    compare_defaults(&key, s, w, req, checked);
+                }
+            }
+            _ if NOT_DEFAULTS.contains(&key.as_str()) => {
+                assert_ne!(
+                    shown, want,
+                    "{key} is listed as not a default, but shows it"
+                );
+            }
+            _ => {
+                assert_eq!(
+                    shown, want,
+                    "config/berth.toml shows {key} = {shown}, the default is {want}"
+                );
+                checked.push(key);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_example_shows_the_true_defaults() {
+    use berth::config::Config;
+    let required: toml::Table = toml::from_str(REQUIRED_ONLY).expect("TOML");
+    let defaults: Config = toml::from_str(REQUIRED_ONLY).expect("required keys suffice");
+    let defaults = toml::Table::try_from(&defaults).expect("serialize");
+    // The example, through Config and back, so "600s" and "10m", 0 and 0.0 compare equal.
+    let example: Config = toml::from_str(&example_uncommented()).expect("example parses");
+    let example = toml::Table::try_from(&example).expect("serialize");
+    let mut checked = Vec::new();
+    compare_defaults("", &example, &defaults, Some(&required), &mut checked);
+    for key in [
+        "cache.dir",
+        "cache.max_size",
+        "server.max_connections_per_client",
+        "auth.token_ttl",
+        "registry.insecure",
+        "cache.object_store.read_timeout",
+    ] {
+        assert!(
+            checked.iter().any(|k| k == key),
+            "{key} was not compared: {checked:?}"
+        );
+    }
 }
