@@ -1198,6 +1198,84 @@ mod tests {
         }
     }
 
+    /// Item 6 of issue 21: the error says what to write, and names the key (and the
+    /// registries, for two defaults).
+    #[test]
+    fn errors_say_what_to_write() {
+        let reg = "[[registry]]\nname = \"a\"\nendpoints = [\"http://a\"]\n";
+        let cases = [
+            (format!("[cache]\nmax_size = 1.5\n{reg}"), ["cache.max_size", "\"1.5GiB\""]),
+            (format!("[cache]\nmax_size = -1\n{reg}"), ["cache.max_size", "\"20GiB\""]),
+            (format!("[cache]\nmax_size = \"lots\"\n{reg}"), ["cache.max_size", "powers of 1000"]),
+            (format!("[cache]\ntag_ttl = 600\n{reg}"), ["cache.tag_ttl", "\"600s\""]),
+            (format!("{reg}read_timeout = 5\n"), ["registry.read_timeout", "\"5s\""]),
+            (
+                "[[registry]]\nname = \"a\"\nendpoints = [{ url = \"http://a\", connect_timeout = 1 }]\n".into(),
+                ["registry.endpoints", "\"1s\""],
+            ),
+            (
+                "[[registry]]\nname = \"a\"\nendpoints = [{ url = \"http://a\", mirrors = true }]\n".into(),
+                ["registry.endpoints", "`mirror`"],
+            ),
+            (
+                format!("{reg}default = true\n[[registry]]\nname = \"b\"\ndefault = true\nendpoints = [\"http://b\"]\n"),
+                ["registry[1].default", "\"a\" and \"b\""],
+            ),
+            (
+                "[[registry]]\nname = \"a\"\nendpoints = [\"http://a/#x\"]\n".into(),
+                ["registry[0].endpoints[0]", "fragment"],
+            ),
+            (
+                format!("{reg}[[registry.route]]\nmatch = \"x/*\"\nendpoints = [\"http://b\"]\nfallback = [\"http://c#f\"]\n"),
+                ["registry[0].route[0].fallback[0]", "fragment"],
+            ),
+        ];
+        for (text, wants) in &cases {
+            let err = Config::parse(text).unwrap_err().to_string();
+            for want in wants {
+                assert!(
+                    err.contains(want),
+                    "{text:?}: {err:?} does not say {want:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn decimal_sizes_print_back_decimal() {
+        for (written, printed) in [
+            ("10 GB", "10GB"),
+            ("20GiB", "20GiB"),
+            ("1500kB", "1500kB"),
+            ("1536KiB", "1536KiB"),
+            ("1048577", "1048577B"),
+        ] {
+            let c = Config::parse(&format!(
+                "[cache]\nmax_size = \"{written}\"\n[[registry]]\nname = \"a\"\nendpoints = [\"http://a\"]\n"
+            ))
+            .unwrap();
+            let line = format!("max_size = \"{printed}\"");
+            assert!(c.to_toml().contains(&line), "{written}: {}", c.to_toml());
+        }
+    }
+
+    /// A path in an endpoint URL is a prefix the API is found under (config/berth.toml says so).
+    #[test]
+    fn an_endpoint_path_is_kept_as_a_prefix() {
+        let c =
+            Config::parse("[[registry]]\nname = \"a\"\nendpoints = [\"https://host/prefix\"]\n")
+                .unwrap();
+        assert_eq!(c.registries[0].endpoints[0].url.path(), "/prefix");
+    }
+
+    #[test]
+    fn userinfo_is_masked() {
+        assert_eq!(
+            redact_userinfo("a https://me:pw@host/x, \"http://u@h\" ftp://plain/p@q"),
+            "a https://***@host/x, \"http://***@h\" ftp://***@q"
+        );
+    }
+
     #[test]
     fn secrets_are_redacted() {
         assert_eq!(format!("{:?}", Secret("hunter2".into())), "<redacted>");

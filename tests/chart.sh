@@ -125,7 +125,8 @@ check_config() {
         echo "no berth binary at $berth_bin: build it (cargo build) or set BERTH_BIN"
         return 1
     fi
-    "$berth_bin" check-config "$toml"
+    # The rendered config names Secrets mounted in the pod, not here: the file alone.
+    "$berth_bin" check-config --no-files "$toml"
 }
 
 helm_template() {

@@ -14,8 +14,9 @@ fn every_example_config_is_valid() {
         }
         berth::config::Config::load(&path)
             .unwrap_or_else(|e| panic!("{} is invalid: {e}", path.display()));
+        // The examples name secrets mounted where berth runs, not here: the file alone.
         let out = Command::new(env!("CARGO_BIN_EXE_berth"))
-            .arg("check-config")
+            .args(["check-config", "--no-files"])
             .arg(&path)
             .output()
             .expect("run berth check-config");
@@ -251,4 +252,253 @@ fn the_example_shows_the_true_defaults() {
             "{key} was not compared: {checked:?}"
         );
     }
+}
+
+/// Runs `berth check-config` on `text` (written to a file in `dir`) with `env` set; returns
+/// whether it succeeded and everything it printed.
+fn check_config(dir: &std::path::Path, text: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let path = dir.join("berth.toml");
+    std::fs::write(&path, text).expect("write config");
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("check-config")
+        .arg(&path)
+        .env_remove("BERTH_TEST_UNSET")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run berth check-config");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), printed)
+}
+
+const SECRET: &str = "hunter2";
+
+#[test]
+fn secrets_are_never_printed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reg = "[[registry]]\nname = \"a\"\n";
+    let bad = [
+        (
+            format!("{reg}endpoints = [\"http://a\"]\npassword = \"{SECRET}\"\n"),
+            "registry.password",
+        ),
+        (
+            format!("password = \"{SECRET}\"\n{reg}endpoints = [\"http://a\"]\n"),
+            "password",
+        ),
+        (
+            format!("{reg}endpoints = [{{ url = \"http://a\", password = \"{SECRET}\" }}]\n"),
+            "registry.endpoints",
+        ),
+        (
+            format!("{reg}endpoints = [\"https://me:{SECRET}@a\"]\n"),
+            "registry[0].endpoints[0]",
+        ),
+        (
+            format!("{reg}endpoints = [\"http://a\"]\nfallback = [\"ftp://me:{SECRET}@a\"]\n"),
+            "registry[0].fallback[0]",
+        ),
+        (
+            format!("{reg}endpoints = [\"http://me:{SECRET}@\"]\n"),
+            "registry.endpoints",
+        ),
+        (
+            format!(
+                "{reg}endpoints = [\"http://a\"]\n[cluster]\npeers = [\"http://me:{SECRET}@p:5000\"]\n"
+            ),
+            "cluster.peers[0]",
+        ),
+        (
+            format!(
+                "{reg}endpoints = [\"http://a\"]\n[cluster]\ndns = \"http://me:{SECRET}@[::1\"\n"
+            ),
+            "cluster.dns",
+        ),
+        (
+            format!(
+                "[cache.object_store]\nurl = \"s3://b\"\nendpoint = \"ftp://me:{SECRET}@s3\"\n{reg}endpoints = [\"http://a\"]\n"
+            ),
+            "cache.object_store.endpoint",
+        ),
+    ];
+    for (text, key) in &bad {
+        let err = berth::config::Config::parse(text)
+            .expect_err(text)
+            .to_string();
+        assert!(
+            !err.contains(SECRET),
+            "{text:?}: the error shows the secret: {err}"
+        );
+        assert!(
+            err.contains(key),
+            "{text:?}: the error does not name {key}: {err}"
+        );
+        let (ok, printed) = check_config(dir.path(), text, &[]);
+        assert!(!ok, "{text:?} was accepted");
+        assert!(
+            !printed.contains(SECRET),
+            "check-config shows the secret: {printed}"
+        );
+        assert!(
+            printed.contains(key),
+            "check-config does not name {key}: {printed}"
+        );
+    }
+    // Good configs whose passwords come from a file and a variable: the effective config
+    // printed holds their sources, not the secret.
+    let file = dir.path().join("password");
+    std::fs::write(&file, SECRET).expect("write password");
+    let good = [
+        format!(
+            "{reg}endpoints = [\"http://a\"]\nusername = \"me\"\npassword_file = {:?}\n",
+            file
+        ),
+        format!(
+            "{reg}endpoints = [\"http://a\"]\nusername = \"me\"\npassword_env = \"BERTH_TEST_PW\"\n"
+        ),
+    ];
+    for text in &good {
+        let (ok, printed) = check_config(dir.path(), text, &[("BERTH_TEST_PW", SECRET)]);
+        assert!(ok, "{text:?}: {printed}");
+        assert!(
+            !printed.contains(SECRET),
+            "check-config shows the secret: {printed}"
+        );
+    }
+}
+
+#[test]
+fn check_config_checks_the_files_the_config_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let missing = d.join("missing").display().to_string();
+    let short = d.join("short");
+    std::fs::write(&short, "too short").expect("write");
+    let htpasswd = d.join("htpasswd");
+    std::fs::write(&htpasswd, "me:$2y$05$abcdefghijklmnopqrstuv\n").expect("write");
+    let not_bcrypt = d.join("htpasswd-md5");
+    std::fs::write(&not_bcrypt, "me:$apr1$xyz\n").expect("write");
+    let reg = "[[registry]]\nname = \"a\"\nendpoints = [\"http://a\"]\n";
+    let user = "username = \"me\"\n";
+    let cases = [
+        (
+            format!("{reg}{user}password_env = \"BERTH_TEST_UNSET\"\n"),
+            "registry[0].password_env",
+        ),
+        (
+            format!("{reg}{user}password_file = {missing:?}\n"),
+            "registry[0].password_file",
+        ),
+        (
+            format!("{reg}ca_file = {missing:?}\n"),
+            "registry[0].ca_file",
+        ),
+        (
+            format!("[server.tls]\ncert = {missing:?}\nkey = {missing:?}\n{reg}"),
+            "server.tls.cert",
+        ),
+        (
+            format!("[server.tls]\ncert = {short:?}\nkey = {missing:?}\n{reg}"),
+            "server.tls.key",
+        ),
+        (
+            format!(
+                "[server.tls]\ncert = {short:?}\nkey = {short:?}\nclient_ca = {missing:?}\n{reg}"
+            ),
+            "server.tls.client_ca",
+        ),
+        (
+            format!("[auth]\nhtpasswd = {missing:?}\n{reg}"),
+            "auth.htpasswd",
+        ),
+        (
+            format!("[auth]\nhtpasswd = {not_bcrypt:?}\n{reg}"),
+            "auth.htpasswd",
+        ),
+        (
+            format!("[auth]\nhtpasswd = {htpasswd:?}\ntoken_key_file = {short:?}\n{reg}"),
+            "auth.token_key_file",
+        ),
+        (
+            format!(
+                "[cache.object_store]\nurl = \"s3://b\"\naccess_key_id_env = \"BERTH_TEST_UNSET\"\nsecret_access_key_file = {missing:?}\n{reg}"
+            ),
+            "cache.object_store.access_key_id_env",
+        ),
+        (
+            format!(
+                "[cache.object_store]\nurl = \"s3://b\"\naccess_key_id_file = {short:?}\nsecret_access_key_file = {missing:?}\n{reg}"
+            ),
+            "cache.object_store.secret_access_key_file",
+        ),
+        (
+            format!("{reg}[cluster]\npeers = [\"http://p:5000\"]\nca_file = {missing:?}\n"),
+            "cluster.ca_file",
+        ),
+        (
+            format!("[server]\nlisten = \"0.0.0.0:5000\"\nadmin_listen = \"0.0.0.0:5000\"\n{reg}"),
+            "server.admin_listen",
+        ),
+        (
+            format!(
+                "[server]\nlisten = \"127.0.0.1:5000\"\nadmin_listen = \"0.0.0.0:5000\"\n{reg}"
+            ),
+            "server.admin_listen",
+        ),
+    ];
+    for (text, key) in &cases {
+        let (ok, printed) = check_config(d, text, &[]);
+        assert!(!ok, "{text:?} passed check-config: {printed}");
+        assert!(
+            printed.contains(key),
+            "{text:?}: the error does not name {key}: {printed}"
+        );
+        assert!(!printed.contains("config file"), "{text:?}: {printed}");
+    }
+    // The same files present: it passes.
+    let (ok, printed) = check_config(
+        d,
+        &format!("[auth]\nhtpasswd = {htpasswd:?}\n{reg}{user}password_env = \"BERTH_TEST_PW\"\n"),
+        &[("BERTH_TEST_PW", "x")],
+    );
+    assert!(ok, "{printed}");
+}
+
+#[test]
+fn help_describes_every_argument() {
+    let help = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(args)
+            .arg("--help")
+            .output()
+            .expect("run berth --help");
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let serve = help(&["serve"]);
+    let line = serve
+        .lines()
+        .find(|l| l.trim_start().starts_with("-c, --config"))
+        .unwrap_or_else(|| panic!("no --config in {serve}"));
+    assert!(
+        line.contains("config file"),
+        "--config undescribed: {serve}"
+    );
+    let check = help(&["check-config"]);
+    let line = check
+        .lines()
+        .find(|l| l.trim_start().starts_with("<FILE>"))
+        .unwrap_or_else(|| panic!("no <FILE> in {check}"));
+    assert!(line.contains("config file"), "<FILE> undescribed: {check}");
+    let line = check
+        .lines()
+        .find(|l| l.trim_start().starts_with("--no-files"))
+        .unwrap_or_else(|| panic!("no --no-files in {check}"));
+    assert!(
+        line.contains("config file alone"),
+        "--no-files undescribed: {check}"
+    );
 }
