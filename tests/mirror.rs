@@ -741,3 +741,36 @@ async fn a_fill_survives_its_first_client_going_away() {
         1
     );
 }
+
+/// Issue 21 item 8: a client asking for something berth cannot fetch gets a 502 that says so,
+/// without the upstream URL or the error chain; the log keeps both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_502_body_carries_no_upstream_internals() {
+    // A loopback port with nothing listening.
+    let closed = support::free_addr();
+    let upstream = format!("http://{closed}");
+    let berth = InProc::start(&config(&upstream, "10m")).await;
+    let r = berth.get("/v2/library/nope/manifests/v1").await;
+    assert_eq!(r.status(), 502);
+    let body = r.text().await.expect("body");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let message = v["errors"][0]["message"].as_str().unwrap_or("");
+    assert!(message.contains("unreachable"), "{body}");
+    let port = closed.port().to_string();
+    for internal in ["http", &port, "error sending request", "Connect", "refused"] {
+        assert!(
+            !body.contains(internal),
+            "the 502 body shows {internal:?}: {body}"
+        );
+    }
+    let logs = berth.logs();
+    assert!(
+        logs.contains(&port),
+        "the log lost the upstream address: {logs}"
+    );
+    assert!(
+        logs.contains("error sending request"),
+        "the log lost the cause: {logs}"
+    );
+    berth.stop().await;
+}
