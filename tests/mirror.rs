@@ -772,5 +772,16 @@ async fn a_502_body_carries_no_upstream_internals() {
         logs.contains("error sending request"),
         "the log lost the cause: {logs}"
     );
+    // Issue 21 item 9: the failed connection is counted with a status value of its own.
+    let metrics = berth.metrics_text().await;
+    let counted: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("berth_upstream_requests_total{"))
+        .collect();
+    assert!(
+        counted.iter().any(|l| l.contains(r#"status="error""#))
+            && counted.iter().all(|l| !l.contains(r#"status="0""#)),
+        "{counted:?}"
+    );
     berth.stop().await;
 }
