@@ -785,3 +785,24 @@ async fn a_502_body_carries_no_upstream_internals() {
     );
     berth.stop().await;
 }
+
+/// Issue 21 item 8: the access log line of a refused request keeps the query string and says
+/// why (here: `?ns=` names a registry that is not configured).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_keeps_the_query_and_the_reason() {
+    let up = FakeUpstream::start().await;
+    let berth = InProc::start(&config(&up.url(), "10m")).await;
+    let r = berth.get("/v2/app/manifests/v1?ns=quay.io").await;
+    assert_eq!(r.status(), 404);
+    let v: serde_json::Value = r.json().await.expect("json");
+    let message = v["errors"][0]["message"].as_str().unwrap_or("").to_owned();
+    assert!(message.contains("quay.io"), "{v}");
+    let logs = berth.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("berth::access") && l.contains("/v2/app/manifests/v1"))
+        .unwrap_or_else(|| panic!("no access log line: {logs}"));
+    assert!(line.contains("ns=quay.io"), "the query is missing: {line}");
+    assert!(line.contains(&message), "the reason is missing: {line}");
+    berth.stop().await;
+}
