@@ -836,3 +836,38 @@ async fn a_single_dead_endpoint_is_down_before_any_request() {
         berth.stop().await;
     }
 }
+
+/// Issue 21 item 7: a graceful stop takes one `shutdown_grace` in all, even with a download
+/// and its fill still running, not one for connections and then another for fills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_takes_one_grace_period() {
+    let up = FakeUpstream::start().await;
+    // 1 MiB in 64 KiB pieces 300 ms apart: about 5 s, far longer than the grace.
+    let digest = up.add_blob(random_bytes(1 << 20, 7));
+    up.set(Behaviour::Slow(Duration::from_millis(300)));
+    // InProcConfig's shutdown_grace is 1s.
+    let berth = InProc::start(&config(&up.url(), "10m")).await;
+    let url = berth.url();
+    let download = tokio::spawn(async move {
+        let r = reqwest::get(format!("{url}/v2/library/app/blobs/{digest}"))
+            .await
+            .expect("response");
+        r.bytes().await.map(|b| b.len())
+    });
+    // The download and its fill are under way.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    berth.stop().await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1600),
+        "stopping took {took:?} with a 1s grace"
+    );
+    // It was still running: the stop did not wait for it (the process exit that follows a
+    // stop is what cuts it).
+    assert!(
+        !download.is_finished(),
+        "the download ended before the stop"
+    );
+    download.abort();
+}
