@@ -196,6 +196,11 @@ run "future-keys: berth.toml has [server.tls], balance, fallback, rate limits, I
     '^max_requests_per_second = 10$' '^max_requests_per_second = 2.5$' '^burst = 20$' \
     '^listen = "\[::\]:5000"$' '^max_size = 21474836480$'
 
+# config.extraConfig is appended as written, after the rendered registries.
+run "ci/extra-config: berth.toml ends with config.extraConfig" \
+    has_lines "$out/ci/extra-config.toml" '^# config.extraConfig$' '^name = "quay.io"$' \
+    '^ratelimit_floor = 10$' '^\[\[registry\.route\]\]$' '^match = "myorg/\*"$'
+
 # Several replicas sharing one cache (objectStore) as a cluster; see also ci/shared-cache.
 run "ci/shared-cache: berth.toml has [cache.object_store] with keys from env and file, [cluster] dns" \
     has_lines "$out/ci/shared-cache.toml" '^\[cache\.object_store\]$' '^url = "s3://berth-cache/mirror"$' \
