@@ -807,36 +807,6 @@ async fn the_access_log_keeps_the_query_and_the_reason() {
     berth.stop().await;
 }
 
-/// Issue 21 item 9: a single endpoint is probed at start, so `berth_upstream_up` says 0 for
-/// one on a closed port before any request fails on it (and 1 for a live one).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_single_dead_endpoint_is_down_before_any_request() {
-    let live = FakeUpstream::start().await;
-    let closed = support::free_addr();
-    for (url, want) in [(format!("http://{closed}"), " 0"), (live.url(), " 1")] {
-        let berth = InProc::start(&config(&url, "10m")).await;
-        let port = url.rsplit(':').next().unwrap_or_default().to_owned();
-        let mut line = None;
-        for _ in 0..50 {
-            line = berth
-                .metrics_text()
-                .await
-                .lines()
-                .find(|l| l.starts_with("berth_upstream_up{") && l.contains(&format!(":{port}")))
-                .map(str::to_owned);
-            if line.as_deref().is_some_and(|l| l.ends_with(want)) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(
-            line.as_deref().is_some_and(|l| l.ends_with(want)),
-            "{url}: {line:?}, want{want}"
-        );
-        berth.stop().await;
-    }
-}
-
 /// Issue 21 item 7: a graceful stop takes one `shutdown_grace` in all, even with a download
 /// and its fill still running, not one for connections and then another for fills.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -292,25 +292,14 @@ impl Upstream {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // The first tick is at once: the start-up round.
             tick.tick().await;
-            let mut start = true;
             loop {
-                if !start {
-                    tick.tick().await;
-                }
+                tick.tick().await;
                 let Some(up) = weak.upgrade() else { return };
-                // With one endpoint there is nothing to choose between: probe it once at start
-                // (so berth_upstream_up is true before any request), then only while it is
-                // marked down, to notice when it is back (no idle traffic to the origin).
-                // Several endpoints are probed every interval, the first one interval in.
+                // With one endpoint there is nothing to choose between: probe it only while it
+                // is marked down, to notice when it is back (no idle traffic to the origin).
                 let choice = up.endpoints.all.len() > 1;
-                let first = std::mem::replace(&mut start, false);
-                let wanted = |e: &&Endpoint| match (first, choice) {
-                    (true, multi) => !multi,
-                    (false, multi) => multi || e.is_down(),
-                };
-                for ep in up.endpoints.all.iter().filter(wanted) {
+                for ep in up.endpoints.all.iter().filter(|e| choice || e.is_down()) {
                     let probe = ep
                         .client
                         .get(format!("{}/v2/", ep.base))
