@@ -746,8 +746,12 @@ async fn a_fill_survives_its_first_client_going_away() {
 /// without the upstream URL or the error chain; the log keeps both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_502_body_carries_no_upstream_internals() {
-    // A loopback port with nothing listening.
-    let closed = support::free_addr();
+    // A loopback port held (bound, never listening) so no other test takes it: connections
+    // to it are refused.
+    let hold = tokio::net::TcpSocket::new_v4().expect("socket");
+    hold.bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let closed = hold.local_addr().expect("local addr");
     let upstream = format!("http://{closed}");
     let berth = InProc::start(&config(&upstream, "10m")).await;
     let r = berth.get("/v2/library/nope/manifests/v1").await;
@@ -784,6 +788,7 @@ async fn a_502_body_carries_no_upstream_internals() {
         "{counted:?}"
     );
     berth.stop().await;
+    drop(hold);
 }
 
 /// Issue 21 item 8: the access log line of a refused request keeps the query string and says
@@ -812,11 +817,24 @@ async fn the_access_log_keeps_the_query_and_the_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_stop_takes_one_grace_period() {
     let up = FakeUpstream::start().await;
-    // 1 MiB in 64 KiB pieces 300 ms apart: about 5 s, far longer than the grace.
-    let digest = up.add_blob(random_bytes(1 << 20, 7));
+    // 2 MiB in 64 KiB pieces 300 ms apart: about 10 s, far longer than the grace.
+    let digest = up.add_blob(random_bytes(2 << 20, 7));
     up.set(Behaviour::Slow(Duration::from_millis(300)));
-    // InProcConfig's shutdown_grace is 1s.
-    let berth = InProc::start(&config(&up.url(), "10m")).await;
+    // A 3 s grace (InProcConfig's is 1 s): one grace is about 3 s, two are at least 6 s.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (listener, admin) = (
+        support::loopback_listener().await,
+        support::loopback_listener().await,
+    );
+    let text = config(&up.url(), "10m")
+        .toml(
+            listener.local_addr().expect("addr"),
+            admin.local_addr().expect("addr"),
+            dir.path(),
+        )
+        .replace(r#"shutdown_grace = "1s""#, r#"shutdown_grace = "3s""#);
+    assert!(text.contains(r#"shutdown_grace = "3s""#), "{text}");
+    let berth = InProc::start_on(&text, listener, admin).await;
     let url = berth.url();
     let download = tokio::spawn(async move {
         let r = reqwest::get(format!("{url}/v2/library/app/blobs/{digest}"))
@@ -830,8 +848,8 @@ async fn a_graceful_stop_takes_one_grace_period() {
     berth.stop().await;
     let took = started.elapsed();
     assert!(
-        took < Duration::from_millis(1600),
-        "stopping took {took:?} with a 1s grace"
+        took < Duration::from_millis(4500),
+        "stopping took {took:?} with a 3s grace"
     );
     // It was still running: the stop did not wait for it (the process exit that follows a
     // stop is what cuts it).
