@@ -749,6 +749,19 @@ impl Config {
                     "must be s3://bucket or s3://bucket/prefix",
                 ));
             }
+            for (key, url) in [
+                ("url", Some(&store.url)),
+                ("endpoint", store.endpoint.as_ref()),
+            ] {
+                if let Some(url) = url
+                    && (!url.username().is_empty() || url.password().is_some())
+                {
+                    return Err(invalid(
+                        format!("cache.object_store.{key}"),
+                        "must not carry credentials: give access_key_id_file and secret_access_key_file (or _env)",
+                    ));
+                }
+            }
             if store.access_key_id_file.is_some() && store.access_key_id_env.is_some() {
                 return Err(invalid(
                     "cache.object_store.access_key_id_file",

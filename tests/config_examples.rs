@@ -323,6 +323,18 @@ fn secrets_are_never_printed() {
             ),
             "cache.object_store.endpoint",
         ),
+        (
+            format!(
+                "[cache.object_store]\nurl = \"s3://b\"\nendpoint = \"https://me:{SECRET}@s3\"\n{reg}endpoints = [\"http://a\"]\n"
+            ),
+            "cache.object_store.endpoint",
+        ),
+        (
+            format!(
+                "[cache.object_store]\nurl = \"s3://key:{SECRET}@b\"\n{reg}endpoints = [\"http://a\"]\n"
+            ),
+            "cache.object_store.url",
+        ),
     ];
     for (text, key) in &bad {
         let err = berth::config::Config::parse(text)
