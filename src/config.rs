@@ -808,8 +808,12 @@ impl Config {
                     || !p.username().is_empty()
                     || p.password().is_some()
                 {
+                    let key = match j < cluster.peers.len() {
+                        true => format!("cluster.peers[{j}]"),
+                        false => "cluster.dns".to_owned(),
+                    };
                     return Err(invalid(
-                        format!("cluster.peers[{j}]"),
+                        key,
                         format!(
                             "{} must be an http(s) URL with a host and no path, query, fragment or credentials",
                             redact_userinfo(p.as_str())

@@ -313,6 +313,12 @@ fn secrets_are_never_printed() {
         ),
         (
             format!(
+                "{reg}endpoints = [\"http://a\"]\n[cluster]\ndns = \"http://me:{SECRET}@p:5000\"\n"
+            ),
+            "cluster.dns",
+        ),
+        (
+            format!(
                 "{reg}endpoints = [\"http://a\"]\n[cluster]\ndns = \"http://me:{SECRET}@[::1\"\n"
             ),
             "cluster.dns",
