@@ -35,17 +35,104 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A TOML or type error, with its line and column; the offending line is not quoted (it
+    /// may hold a secret), and URL credentials are masked.
     #[error("{0}")]
     Parse(String),
     #[error("invalid config: {key}: {message}")]
     Invalid { key: String, message: String },
+    /// A file the config names (a password, key, certificate or htpasswd file) is unreadable.
+    #[error("invalid config: {key}: cannot read {}: {source}", path.display())]
+    File {
+        key: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
-        message: message.into(),
+        message: redact_userinfo(&message.into()),
     }
+}
+
+/// Masks the user and password of every URL in `text` (`https://me:pw@host` →
+/// `https://***@host`), so that error messages never echo credentials.
+pub fn redact_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // The URL runs to the next character that cannot be part of it unescaped in a message.
+        let end = tail
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | ',' | ']' | '>'))
+            .unwrap_or(tail.len());
+        let url = &tail[..end];
+        match url.rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                out.push_str(&url[at..]);
+            }
+            None => out.push_str(url),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A TOML error as "line L, column C, key K: message", without the quoted source line (it may
+/// hold a secret); K is the dotted key written on that line, under the table header above it.
+fn parse_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let at = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        let key = error_key(text, line)
+            .map(|k| format!(", key {k}"))
+            .unwrap_or_default();
+        format!("line {line}, column {column}{key}: ")
+    });
+    ConfigError::Parse(redact_userinfo(&format!(
+        "TOML error at {}{}",
+        at.unwrap_or_default(),
+        e.message().trim_end()
+    )))
+}
+
+/// The dotted key set on line `line` (1-based), or the table a header line names.
+fn error_key(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().take(line).collect();
+    let header = |l: &str| {
+        let l = l.trim();
+        l.starts_with('[').then(|| {
+            let end = l.find(']').unwrap_or(l.len());
+            l[..end].trim_start_matches('[').trim().to_owned()
+        })
+    };
+    let here = lines.last()?;
+    if let Some(table) = header(here) {
+        return Some(table);
+    }
+    let (key, _) = here.split_once('=')?;
+    let key = key.trim();
+    if key.is_empty() || key.starts_with('#') {
+        return None;
+    }
+    match lines.iter().rev().skip(1).find_map(|l| header(l)) {
+        Some(table) => Some(format!("{table}.{key}")),
+        None => Some(key.to_owned()),
+    }
+}
+
+fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|source| ConfigError::File {
+        key: key.to_owned(),
+        path: path.to_owned(),
+        source,
+    })
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -162,11 +249,8 @@ fn read_secret(
     env: Option<&str>,
 ) -> Result<Option<Secret>, ConfigError> {
     if let Some(path) = file {
-        let s = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        return Ok(Some(Secret(s.trim().to_owned())));
+        let s = read_file(&format!("{key}_file"), path)?;
+        return Ok(Some(Secret(String::from_utf8_lossy(&s).trim().to_owned())));
     }
     if let Some(var) = env {
         let v = std::env::var(var).map_err(|_| {
@@ -387,47 +471,48 @@ pub struct EndpointConfig {
 
 impl<'de> Deserialize<'de> for EndpointConfig {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Plain(String),
-            Full(Full),
-        }
+        use serde::de::{self, MapAccess, Visitor};
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Full {
             url: String,
             #[serde(default)]
             mirror: bool,
-            #[serde(default)]
-            connect_timeout: Option<String>,
-            #[serde(default)]
-            read_timeout: Option<String>,
+            #[serde(default, with = "human_duration::option")]
+            connect_timeout: Option<Duration>,
+            #[serde(default, with = "human_duration::option")]
+            read_timeout: Option<Duration>,
         }
-        let dur = |v: Option<String>| -> Result<Option<Duration>, D::Error> {
-            v.map(|s| {
-                humantime::parse_duration(&s).map_err(|e| {
-                    serde::de::Error::custom(format!("{s:?} is not a duration like \"5s\": {e}"))
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Full;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "an endpoint: a URL like \"https://registry-1.docker.io\", or a table like \
+                     { url = \"http://regional:5000\", mirror = true }",
+                )
+            }
+            fn visit_str<E: de::Error>(self, url: &str) -> Result<Full, E> {
+                Ok(Full {
+                    url: url.to_owned(),
+                    mirror: false,
+                    connect_timeout: None,
+                    read_timeout: None,
                 })
-            })
-            .transpose()
-        };
-        let (url, mirror, connect_timeout, read_timeout) = match Raw::deserialize(d)? {
-            Raw::Plain(url) => (url, false, None, None),
-            Raw::Full(f) => (
-                f.url,
-                f.mirror,
-                dur(f.connect_timeout)?,
-                dur(f.read_timeout)?,
-            ),
-        };
-        let url = reqwest::Url::parse(&url)
-            .map_err(|e| serde::de::Error::custom(format!("endpoint url {url:?}: {e}")))?;
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Full, A::Error> {
+                Full::deserialize(de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        let f = d.deserialize_any(V)?;
+        let url = reqwest::Url::parse(&f.url).map_err(|e| {
+            serde::de::Error::custom(format!("endpoint url {:?}: {e}", redact_userinfo(&f.url)))
+        })?;
         Ok(EndpointConfig {
             url,
-            mirror,
-            connect_timeout,
-            read_timeout,
+            mirror: f.mirror,
+            connect_timeout: f.connect_timeout,
+            read_timeout: f.read_timeout,
         })
     }
 }
@@ -543,7 +628,7 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let config: Config = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
         config.validate()?;
         Ok(config)
     }
@@ -558,7 +643,19 @@ impl Config {
         if self.cache.dir.as_os_str().is_empty() {
             return Err(invalid("cache.dir", "must not be empty"));
         }
-        let mut defaults = 0;
+        let (api, admin) = (self.server.listen, self.server.admin_listen);
+        if api.port() != 0
+            && api.port() == admin.port()
+            && (api.ip() == admin.ip() || api.ip().is_unspecified() || admin.ip().is_unspecified())
+        {
+            return Err(invalid(
+                "server.admin_listen",
+                format!(
+                    "{admin} overlaps server.listen {api}: give the admin listener another port"
+                ),
+            ));
+        }
+        let mut default: Option<&str> = None;
         for (i, r) in self.registries.iter().enumerate() {
             let key = |k: &str| format!("registry[{i}].{k}");
             if !valid_registry_name(&r.name) {
@@ -577,7 +674,16 @@ impl Config {
                 ));
             }
             if r.default {
-                defaults += 1;
+                if let Some(first) = default {
+                    return Err(invalid(
+                        key("default"),
+                        format!(
+                            "registries {first:?} and {:?} both set default = true; only one registry may be the default",
+                            r.name
+                        ),
+                    ));
+                }
+                default = Some(&r.name);
             }
             if r.endpoints.is_empty() {
                 return Err(invalid(
@@ -643,6 +749,19 @@ impl Config {
                     "must be s3://bucket or s3://bucket/prefix",
                 ));
             }
+            for (key, url) in [
+                ("url", Some(&store.url)),
+                ("endpoint", store.endpoint.as_ref()),
+            ] {
+                if let Some(url) = url
+                    && (!url.username().is_empty() || url.password().is_some())
+                {
+                    return Err(invalid(
+                        format!("cache.object_store.{key}"),
+                        "must not carry credentials: give access_key_id_file and secret_access_key_file (or _env)",
+                    ));
+                }
+            }
             if store.access_key_id_file.is_some() && store.access_key_id_env.is_some() {
                 return Err(invalid(
                     "cache.object_store.access_key_id_file",
@@ -685,10 +804,20 @@ impl Config {
                     || p.host_str().is_none()
                     || !p.path().trim_matches('/').is_empty()
                     || p.query().is_some()
+                    || p.fragment().is_some()
+                    || !p.username().is_empty()
+                    || p.password().is_some()
                 {
+                    let key = match j < cluster.peers.len() {
+                        true => format!("cluster.peers[{j}]"),
+                        false => "cluster.dns".to_owned(),
+                    };
                     return Err(invalid(
-                        format!("cluster.peers[{j}]"),
-                        format!("{p} must be an http(s) URL with a host and no path"),
+                        key,
+                        format!(
+                            "{} must be an http(s) URL with a host and no path, query, fragment or credentials",
+                            redact_userinfo(p.as_str())
+                        ),
                     ));
                 }
             }
@@ -708,11 +837,48 @@ impl Config {
                 return Err(invalid("cluster.probe_interval", "must be at least 100ms"));
             }
         }
-        if defaults > 1 {
-            return Err(invalid(
-                "registry.default",
-                "only one registry may be the default",
-            ));
+        Ok(())
+    }
+
+    /// Checks what the config refers to outside itself, as `serve` would need it: password
+    /// and credential files and variables, TLS, CA, htpasswd and token key files. Errors name
+    /// the key.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        for (i, r) in self.registries.iter().enumerate() {
+            r.password_for(&format!("registry[{i}]"))?;
+            if let Some(path) = &r.ca_file {
+                let key = format!("registry[{i}].ca_file");
+                let pem = read_file(&key, path)?;
+                reqwest::Certificate::from_pem_bundle(&pem)
+                    .map_err(|e| invalid(key, format!("{}: {e}", path.display())))?;
+            }
+        }
+        if let Some(store) = &self.cache.object_store {
+            store.credentials()?;
+        }
+        if let Some(tls) = &self.server.tls {
+            read_file("server.tls.cert", &tls.cert)?;
+            read_file("server.tls.key", &tls.key)?;
+            if let Some(ca) = &tls.client_ca {
+                read_file("server.tls.client_ca", ca)?;
+            }
+        }
+        if let Some(auth) = &self.auth {
+            let text = read_file("auth.htpasswd", &auth.htpasswd)?;
+            crate::server::auth::parse_htpasswd(&String::from_utf8_lossy(&text)).map_err(|e| {
+                invalid("auth.htpasswd", format!("{}: {e}", auth.htpasswd.display()))
+            })?;
+            if let Some(path) = &auth.token_key_file
+                && read_file("auth.token_key_file", path)?.len() < 32
+            {
+                return Err(invalid(
+                    "auth.token_key_file",
+                    format!("{}: needs at least 32 bytes", path.display()),
+                ));
+            }
+        }
+        if let Some(path) = self.cluster.as_ref().and_then(|c| c.ca_file.as_ref()) {
+            read_file("cluster.ca_file", path)?;
         }
         Ok(())
     }
@@ -726,17 +892,26 @@ impl Config {
 impl RegistryConfig {
     /// Reads the configured password from its file or environment variable.
     pub fn password(&self) -> Result<Option<Secret>, ConfigError> {
+        self.password_for(&format!("registry {}", self.name))
+    }
+
+    /// Like [`password`](Self::password), with errors naming `{prefix}.password_file` or
+    /// `{prefix}.password_env`.
+    fn password_for(&self, prefix: &str) -> Result<Option<Secret>, ConfigError> {
         if let Some(path) = &self.password_file {
-            let s = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.clone(),
-                source,
+            let s = read_file(&format!("{prefix}.password_file"), path)?;
+            let s = String::from_utf8(s).map_err(|_| {
+                invalid(
+                    format!("{prefix}.password_file"),
+                    "the file is not UTF-8 text",
+                )
             })?;
             return Ok(Some(Secret(s.trim_end_matches(['\n', '\r']).to_owned())));
         }
         if let Some(var) = &self.password_env {
             let v = std::env::var(var).map_err(|_| {
                 invalid(
-                    format!("registry {}.password_env", self.name),
+                    format!("{prefix}.password_env"),
                     format!("environment variable {var} is not set"),
                 )
             })?;
@@ -751,13 +926,22 @@ fn check_endpoints(key: &str, endpoints: &[EndpointConfig]) -> Result<(), Config
         if !matches!(e.url.scheme(), "http" | "https") || e.url.host_str().is_none() {
             return Err(invalid(
                 format!("{key}[{j}]"),
-                format!("{} must be an http(s) URL with a host", e.url),
+                format!(
+                    "{} must be an http(s) URL with a host",
+                    redact_userinfo(e.url.as_str())
+                ),
             ));
         }
-        if e.url.query().is_some() || !e.url.username().is_empty() {
+        if e.url.query().is_some() || !e.url.username().is_empty() || e.url.password().is_some() {
             return Err(invalid(
                 format!("{key}[{j}]"),
-                "must not carry a query or credentials",
+                "must not carry a query or credentials (give credentials with username and password_file)",
+            ));
+        }
+        if e.url.fragment().is_some() {
+            return Err(invalid(
+                format!("{key}[{j}]"),
+                "must not carry a fragment (#...): everything after # would be dropped from every request",
             ));
         }
     }
@@ -805,9 +989,14 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// `"50GiB"`, `"512MB"` or a plain number of bytes.
+/// `"20GiB"`, `"512MB"` or a whole number of bytes. KiB, MiB, GiB and TiB are powers of 1024;
+/// kB, MB, GB and TB powers of 1000.
 pub mod human_size {
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
+    use std::fmt;
+
+    const UNITS: &str = "KiB, MiB, GiB, TiB are powers of 1024; kB, MB, GB, TB are powers of 1000";
 
     pub fn parse(s: &str) -> Result<u64, String> {
         let t = s.trim();
@@ -817,53 +1006,123 @@ pub mod human_size {
         }
         t.parse::<bytesize::ByteSize>()
             .map(|b| b.as_u64())
-            .map_err(|e| format!("{s:?} is not a size like \"50GiB\": {e}"))
+            .map_err(|e| format!("{s:?} is not a size like \"20GiB\" ({UNITS}): {e}"))
+    }
+
+    struct V;
+
+    impl Visitor<'_> for V {
+        type Value = u64;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(
+                f,
+                "a size like \"20GiB\" ({UNITS}) or a whole number of bytes"
+            )
+        }
+        fn visit_u64<E: de::Error>(self, n: u64) -> Result<u64, E> {
+            Ok(n)
+        }
+        fn visit_i64<E: de::Error>(self, n: i64) -> Result<u64, E> {
+            u64::try_from(n).map_err(|_| {
+                E::custom(format!(
+                    "{n} is negative; write a size like \"20GiB\" ({UNITS})"
+                ))
+            })
+        }
+        fn visit_f64<E: de::Error>(self, n: f64) -> Result<u64, E> {
+            Err(E::custom(format!(
+                "{n} is not a whole number of bytes; write a size like \"1.5GiB\" ({UNITS})"
+            )))
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<u64, E> {
+            parse(s).map_err(E::custom)
+        }
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(u64),
-            S(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::N(n) => Ok(n),
-            Raw::S(s) => parse(&s).map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(V)
     }
 
-    /// Exact: the largest binary unit that divides the value, else bytes.
+    /// Exact, in the unit that writes it shortest: binary units first, then decimal ones
+    /// (so "10GB" stays "10GB" rather than "9765625KiB"), else bytes.
     pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
-        const UNITS: [(u64, &str); 4] = [
+        s.serialize_str(&format(*v))
+    }
+
+    pub fn format(v: u64) -> String {
+        const UNITS: [(u64, &str); 8] = [
             (1 << 40, "TiB"),
             (1 << 30, "GiB"),
             (1 << 20, "MiB"),
             (1 << 10, "KiB"),
+            (1_000_000_000_000, "TB"),
+            (1_000_000_000, "GB"),
+            (1_000_000, "MB"),
+            (1_000, "kB"),
         ];
-        for (size, name) in UNITS {
-            if *v >= size && v.is_multiple_of(size) {
-                return s.serialize_str(&format!("{}{name}", v / size));
-            }
-        }
-        s.serialize_str(&format!("{v}B"))
+        UNITS
+            .iter()
+            .filter(|(size, _)| v >= *size && v.is_multiple_of(*size))
+            .map(|(size, name)| format!("{}{name}", v / size))
+            .min_by_key(String::len)
+            .unwrap_or_else(|| format!("{v}B"))
     }
 }
 
 /// `"10m"`, `"30s"`, `"1h 30m"`.
 pub mod human_duration {
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
+    use std::fmt;
     use std::time::Duration;
 
+    pub(super) struct V;
+
+    impl Visitor<'_> for V {
+        type Value = Duration;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration with a unit, like \"10m\", \"30s\" or \"1h 30m\"")
+        }
+        fn visit_i64<E: de::Error>(self, n: i64) -> Result<Duration, E> {
+            Err(E::custom(format!(
+                "{n} has no unit; write a duration like \"{n}s\" or \"10m\""
+            )))
+        }
+        fn visit_u64<E: de::Error>(self, n: u64) -> Result<Duration, E> {
+            self.visit_i64(i64::try_from(n).unwrap_or(i64::MAX))
+        }
+        fn visit_f64<E: de::Error>(self, n: f64) -> Result<Duration, E> {
+            Err(E::custom(format!(
+                "{n} has no unit; write a duration like \"1500ms\" or \"10m\""
+            )))
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Duration, E> {
+            humantime::parse_duration(s).map_err(|e| {
+                E::custom(format!(
+                    "{s:?} is not a duration like \"10m\" or \"30s\": {e}"
+                ))
+            })
+        }
+    }
+
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|e| {
-            serde::de::Error::custom(format!("{s:?} is not a duration like \"10m\": {e}"))
-        })
+        d.deserialize_any(V)
     }
 
     pub fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*v).to_string())
+    }
+
+    /// The same, for an optional key.
+    pub mod option {
+        use serde::{Deserialize, Deserializer};
+        use std::time::Duration;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            #[derive(Deserialize)]
+            struct W(#[serde(with = "super")] Duration);
+            Ok(Some(W::deserialize(d)?.0))
+        }
     }
 }
 
@@ -954,6 +1213,84 @@ mod tests {
                 "{text:?}: error {err:?} does not name {key:?}"
             );
         }
+    }
+
+    /// Item 6 of issue 21: the error says what to write, and names the key (and the
+    /// registries, for two defaults).
+    #[test]
+    fn errors_say_what_to_write() {
+        let reg = "[[registry]]\nname = \"a\"\nendpoints = [\"http://a\"]\n";
+        let cases = [
+            (format!("[cache]\nmax_size = 1.5\n{reg}"), ["cache.max_size", "\"1.5GiB\""]),
+            (format!("[cache]\nmax_size = -1\n{reg}"), ["cache.max_size", "\"20GiB\""]),
+            (format!("[cache]\nmax_size = \"lots\"\n{reg}"), ["cache.max_size", "powers of 1000"]),
+            (format!("[cache]\ntag_ttl = 600\n{reg}"), ["cache.tag_ttl", "\"600s\""]),
+            (format!("{reg}read_timeout = 5\n"), ["registry.read_timeout", "\"5s\""]),
+            (
+                "[[registry]]\nname = \"a\"\nendpoints = [{ url = \"http://a\", connect_timeout = 1 }]\n".into(),
+                ["registry.endpoints", "\"1s\""],
+            ),
+            (
+                "[[registry]]\nname = \"a\"\nendpoints = [{ url = \"http://a\", mirrors = true }]\n".into(),
+                ["registry.endpoints", "`mirror`"],
+            ),
+            (
+                format!("{reg}default = true\n[[registry]]\nname = \"b\"\ndefault = true\nendpoints = [\"http://b\"]\n"),
+                ["registry[1].default", "\"a\" and \"b\""],
+            ),
+            (
+                "[[registry]]\nname = \"a\"\nendpoints = [\"http://a/#x\"]\n".into(),
+                ["registry[0].endpoints[0]", "fragment"],
+            ),
+            (
+                format!("{reg}[[registry.route]]\nmatch = \"x/*\"\nendpoints = [\"http://b\"]\nfallback = [\"http://c#f\"]\n"),
+                ["registry[0].route[0].fallback[0]", "fragment"],
+            ),
+        ];
+        for (text, wants) in &cases {
+            let err = Config::parse(text).unwrap_err().to_string();
+            for want in wants {
+                assert!(
+                    err.contains(want),
+                    "{text:?}: {err:?} does not say {want:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn decimal_sizes_print_back_decimal() {
+        for (written, printed) in [
+            ("10 GB", "10GB"),
+            ("20GiB", "20GiB"),
+            ("1500kB", "1500kB"),
+            ("1536KiB", "1536KiB"),
+            ("1048577", "1048577B"),
+        ] {
+            let c = Config::parse(&format!(
+                "[cache]\nmax_size = \"{written}\"\n[[registry]]\nname = \"a\"\nendpoints = [\"http://a\"]\n"
+            ))
+            .unwrap();
+            let line = format!("max_size = \"{printed}\"");
+            assert!(c.to_toml().contains(&line), "{written}: {}", c.to_toml());
+        }
+    }
+
+    /// A path in an endpoint URL is a prefix the API is found under (config/berth.toml says so).
+    #[test]
+    fn an_endpoint_path_is_kept_as_a_prefix() {
+        let c =
+            Config::parse("[[registry]]\nname = \"a\"\nendpoints = [\"https://host/prefix\"]\n")
+                .unwrap();
+        assert_eq!(c.registries[0].endpoints[0].url.path(), "/prefix");
+    }
+
+    #[test]
+    fn userinfo_is_masked() {
+        assert_eq!(
+            redact_userinfo("a https://me:pw@host/x, \"http://u@h\" ftp://plain/p@q"),
+            "a https://***@host/x, \"http://***@h\" ftp://***@q"
+        );
     }
 
     #[test]

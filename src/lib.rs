@@ -42,11 +42,14 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops accepting, lets requests in flight finish (up to the grace period) and returns.
+    /// Stops accepting, lets requests in flight and fills finish, and returns: all within one
+    /// grace period (`server.shutdown_grace`), after which what still runs is cut.
     pub async fn stop(self) {
+        let started = tokio::time::Instant::now();
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
-        self.app.mirror.blobs.wait_idle(self.app.limits.grace).await;
+        let left = self.app.limits.grace.saturating_sub(started.elapsed());
+        self.app.mirror.blobs.wait_idle(left).await;
     }
 }
 

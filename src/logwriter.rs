@@ -105,3 +105,105 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BatchWriter {
         self.clone()
     }
 }
+
+/// The log filter for `RUST_LOG` (`None`: unset): `info` unless it says otherwise. Directives
+/// for some targets only (`berth::access=warn`) keep `info` for everything else; a value that
+/// does not parse falls back to `info`, with the warning to log returned beside it.
+pub fn env_filter(rust_log: Option<&str>) -> (tracing_subscriber::EnvFilter, Option<String>) {
+    use tracing_subscriber::filter::LevelFilter;
+    let info = || tracing_subscriber::EnvFilter::new("info");
+    let Some(value) = rust_log.map(str::trim).filter(|v| !v.is_empty()) else {
+        return (info(), None);
+    };
+    let has_global = value
+        .split(',')
+        .any(|d| d.trim().parse::<LevelFilter>().is_ok());
+    let directives = if has_global {
+        value.to_owned()
+    } else {
+        format!("info,{value}")
+    };
+    match tracing_subscriber::EnvFilter::builder().parse(&directives) {
+        Ok(filter) => (filter, None),
+        Err(e) => (
+            info(),
+            Some(format!(
+                "RUST_LOG={value:?} is not a valid filter ({e}); logging at info"
+            )),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use super::env_filter;
+    use std::sync::Arc;
+
+    /// The lines logged under `rust_log` by a few events of different targets and levels.
+    fn logged(rust_log: Option<&str>) -> (String, Option<String>) {
+        #[derive(Clone, Default)]
+        struct Capture(Arc<parking_lot::Mutex<Vec<u8>>>);
+        impl std::io::Write for Capture {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Capture::default();
+        let (filter, warning) = env_filter(rust_log);
+        let writer = out.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(sub, || {
+            tracing::info!(target: "berth::app", "started");
+            tracing::debug!(target: "berth::app", "detail");
+            tracing::info!(target: "berth::access", "request");
+            tracing::warn!(target: "berth::access", "slow request");
+        });
+        let text = String::from_utf8_lossy(&out.0.lock()).into_owned();
+        (text, warning)
+    }
+
+    #[test]
+    fn unset_logs_info() {
+        let (text, warning) = logged(None);
+        assert!(
+            text.contains("started") && text.contains("access: request"),
+            "{text}"
+        );
+        assert!(!text.contains("detail"), "{text}");
+        assert_eq!(warning, None);
+    }
+
+    #[test]
+    fn a_target_directive_keeps_info_for_the_rest() {
+        let (text, warning) = logged(Some("berth::access=warn"));
+        assert!(text.contains("started"), "{text}");
+        assert!(!text.contains("access: request"), "{text}");
+        assert!(text.contains("slow request"), "{text}");
+        assert_eq!(warning, None);
+        // A global level given explicitly is kept.
+        let (text, _) = logged(Some("warn,berth::app=debug"));
+        assert!(
+            text.contains("detail") && !text.contains("access: request"),
+            "{text}"
+        );
+        assert!(text.contains("slow request"), "{text}");
+    }
+
+    #[test]
+    fn a_malformed_value_warns_and_logs_info() {
+        let (text, warning) = logged(Some("berth=loud"));
+        assert!(
+            text.contains("started") && text.contains("access: request"),
+            "{text}"
+        );
+        assert!(warning.is_some_and(|w| w.contains("berth=loud")));
+    }
+}

@@ -2,7 +2,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 use berth::config::{Config, LogFormat};
 
@@ -19,17 +18,27 @@ enum Command {
     /// Run the mirror (the default). Without --config, the embedded default config mirrors
     /// Docker Hub on port 5000 with a cache in ./berth-cache.
     Serve {
-        #[arg(long, short)]
+        /// The TOML config file (every key is documented in config/berth.toml). Without it,
+        /// the embedded default config is used.
+        #[arg(long, short, value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// Validate a config file and print the effective config.
-    CheckConfig { file: PathBuf },
+    /// Validate a config file and the files it names (password, TLS, CA, htpasswd and token
+    /// key files), then print the effective config. Errors name the key to fix.
+    CheckConfig {
+        /// The TOML config file to check.
+        file: PathBuf,
+        /// Check the config file alone, not the files and environment variables it names
+        /// (for a config checked away from where it runs, e.g. in CI).
+        #[arg(long)]
+        no_files: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::CheckConfig { file }) => match Config::load(&file) {
+        Some(Command::CheckConfig { file, no_files }) => match load(&file, !no_files) {
             Ok(c) => {
                 print!("{}", c.to_toml());
                 ExitCode::SUCCESS
@@ -44,9 +53,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// Reads and validates a config file and (with `files`) checks the files it names.
+fn load(path: &std::path::Path, files: bool) -> Result<Config, berth::config::ConfigError> {
+    let config = Config::load(path)?;
+    if files {
+        config.check_files()?;
+    }
+    Ok(config)
+}
+
 fn serve(path: Option<PathBuf>) -> ExitCode {
     let config = match &path {
-        Some(p) => Config::load(p),
+        Some(p) => load(p, true),
         None => Config::embedded(),
     };
     let config = match config {
@@ -58,7 +76,8 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
         }
     };
     let (writer, _guard) = berth::logwriter::BatchWriter::stdout();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let (filter, filter_warning) = berth::logwriter::env_filter(rust_log.as_deref());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let sub = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -67,6 +86,9 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
     match config.log.format {
         LogFormat::Json => sub.json().init(),
         LogFormat::Text => sub.init(),
+    }
+    if let Some(w) = filter_warning {
+        tracing::warn!("{w}");
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

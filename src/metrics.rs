@@ -361,15 +361,17 @@ impl Metrics {
             .inc();
     }
 
+    /// One upstream request: `status` is the HTTP status it was answered with, `None` when no
+    /// answer came (connection refused, reset, timed out), counted as `status="error"`.
     pub fn record_upstream(
         &self,
         registry: &str,
         endpoint: &str,
         method: &str,
-        status: u16,
+        status: Option<u16>,
         seconds: f64,
     ) {
-        let status = status.to_string();
+        let status = status.map_or_else(|| "error".to_owned(), |s| s.to_string());
         self.upstream_requests
             .with_label_values(&[registry, endpoint, method, &status])
             .inc();

@@ -900,3 +900,121 @@ async fn not_found_is_remembered_for_the_tag_ttl_only(up: &FakeUpstream) {
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
 }
+
+/// Issue 21 item 8: a client asking for something berth cannot fetch gets a 502 that says so,
+/// without the upstream URL or the error chain; the log keeps both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_502_body_carries_no_upstream_internals() {
+    // A loopback port held (bound, never listening) so no other test takes it: connections
+    // to it are refused.
+    let hold = tokio::net::TcpSocket::new_v4().expect("socket");
+    hold.bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let closed = hold.local_addr().expect("local addr");
+    let upstream = format!("http://{closed}");
+    let berth = InProc::start(&config(&upstream, "10m")).await;
+    let r = berth.get("/v2/library/nope/manifests/v1").await;
+    assert_eq!(r.status(), 502);
+    let body = r.text().await.expect("body");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let message = v["errors"][0]["message"].as_str().unwrap_or("");
+    assert!(message.contains("unreachable"), "{body}");
+    let port = closed.port().to_string();
+    for internal in ["http", &port, "error sending request", "Connect", "refused"] {
+        assert!(
+            !body.contains(internal),
+            "the 502 body shows {internal:?}: {body}"
+        );
+    }
+    let logs = berth.logs();
+    assert!(
+        logs.contains(&port),
+        "the log lost the upstream address: {logs}"
+    );
+    assert!(
+        logs.contains("error sending request"),
+        "the log lost the cause: {logs}"
+    );
+    // Issue 21 item 9: the failed connection is counted with a status value of its own.
+    let metrics = berth.metrics_text().await;
+    let counted: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("berth_upstream_requests_total{"))
+        .collect();
+    assert!(
+        counted.iter().any(|l| l.contains(r#"status="error""#))
+            && counted.iter().all(|l| !l.contains(r#"status="0""#)),
+        "{counted:?}"
+    );
+    berth.stop().await;
+    drop(hold);
+}
+
+/// Issue 21 item 8: the access log line of a refused request keeps the query string and says
+/// why (here: `?ns=` names a registry that is not configured).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_keeps_the_query_and_the_reason() {
+    let up = FakeUpstream::start().await;
+    let berth = InProc::start(&config(&up.url(), "10m")).await;
+    let r = berth.get("/v2/app/manifests/v1?ns=quay.io").await;
+    assert_eq!(r.status(), 404);
+    let v: serde_json::Value = r.json().await.expect("json");
+    let message = v["errors"][0]["message"].as_str().unwrap_or("").to_owned();
+    assert!(message.contains("quay.io"), "{v}");
+    let logs = berth.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("berth::access") && l.contains("/v2/app/manifests/v1"))
+        .unwrap_or_else(|| panic!("no access log line: {logs}"));
+    assert!(line.contains("ns=quay.io"), "the query is missing: {line}");
+    assert!(line.contains(&message), "the reason is missing: {line}");
+    berth.stop().await;
+}
+
+/// Issue 21 item 7: a graceful stop takes one `shutdown_grace` in all, even with a download
+/// and its fill still running, not one for connections and then another for fills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_takes_one_grace_period() {
+    let up = FakeUpstream::start().await;
+    // 2 MiB in 64 KiB pieces 300 ms apart: about 10 s, far longer than the grace.
+    let digest = up.add_blob(random_bytes(2 << 20, 7));
+    up.set(Behaviour::Slow(Duration::from_millis(300)));
+    // A 3 s grace (InProcConfig's is 1 s): one grace is about 3 s, two are at least 6 s.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (listener, admin) = (
+        support::loopback_listener().await,
+        support::loopback_listener().await,
+    );
+    let text = config(&up.url(), "10m")
+        .toml(
+            listener.local_addr().expect("addr"),
+            admin.local_addr().expect("addr"),
+            dir.path(),
+        )
+        .replace(r#"shutdown_grace = "1s""#, r#"shutdown_grace = "3s""#);
+    assert!(text.contains(r#"shutdown_grace = "3s""#), "{text}");
+    let berth = InProc::start_on(&text, listener, admin).await;
+    let url = berth.url();
+    let download = tokio::spawn(async move {
+        let r = reqwest::get(format!("{url}/v2/library/app/blobs/{digest}"))
+            .await
+            .expect("response");
+        r.bytes().await.map(|b| b.len())
+    });
+    // The download and its fill are under way.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    berth.stop().await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(4500),
+        "stopping took {took:?} with a 3s grace"
+    );
+    // It was still running: the stop did not wait for it (the process exit that follows a
+    // stop is what cuts it).
+    assert!(
+        !download.is_finished(),
+        "the download ended before the stop"
+    );
+    download.abort();
+}

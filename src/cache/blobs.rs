@@ -320,9 +320,12 @@ impl BlobStore {
     /// blob should reach the cache before the process exits).
     pub async fn wait_idle(&self, limit: std::time::Duration) {
         let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
+        loop {
             if self.fills.lock().is_empty() {
                 return;
+            }
+            if Instant::now() >= deadline {
+                break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }

@@ -158,14 +158,21 @@ fn upstream_error(e: &UpstreamError, kind: Kind, what: &str) -> RegistryError {
             }
             s => RegistryError::new(unknown, format!("{what}: upstream answered {s}")),
         },
-        UpstreamError::Unreachable(m) => RegistryError::new(
-            ErrorCode::Unavailable,
-            format!("{what}: upstream unreachable and nothing cached ({m})"),
-        ),
-        UpstreamError::Invalid(m) => RegistryError::new(
-            ErrorCode::Unavailable,
-            format!("{what}: upstream sent an invalid answer ({m})"),
-        ),
+        // The cause (upstream URLs, the error chain) is for the log, not for clients.
+        UpstreamError::Unreachable(m) => {
+            tracing::warn!(what, error = %m, "upstream unreachable and nothing cached");
+            RegistryError::new(
+                ErrorCode::Unavailable,
+                format!("{what}: upstream unreachable and nothing cached"),
+            )
+        }
+        UpstreamError::Invalid(m) => {
+            tracing::warn!(what, error = %m, "upstream sent an invalid answer");
+            RegistryError::new(
+                ErrorCode::Unavailable,
+                format!("{what}: upstream sent an invalid answer"),
+            )
+        }
         UpstreamError::Budget { retry_after } => RegistryError::new(
             ErrorCode::TooManyRequests,
             format!("{what}: the upstream request budget is spent and nothing cached"),

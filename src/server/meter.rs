@@ -14,6 +14,10 @@ pub struct Meter {
     method: Method,
     /// The request path (for the log line), set when the request is done with it.
     pub path: String,
+    /// The request's query string (`ns=quay.io`), if any, for the log line.
+    pub query: Option<String>,
+    /// Why an error answer was given (its message), for the log line.
+    pub reason: Option<String>,
     pub kind: RequestKind,
     /// The registry the request routed to, if it named a repository.
     pub registry: Option<Arc<str>>,
@@ -32,6 +36,8 @@ impl Meter {
             started: Instant::now(),
             method: req.method,
             path: String::new(),
+            query: None,
+            reason: None,
             kind: RequestKind::Other,
             registry: None,
             user: None,
@@ -69,15 +75,22 @@ impl Drop for Meter {
         let registry = self.registry.as_deref().unwrap_or("-");
         let user = self.user.as_deref().unwrap_or("-");
         let us = self.started.elapsed().as_micros() as u64;
-        match &self.aborted {
-            None => tracing::info!(
+        let query = self.query.as_deref().unwrap_or("-");
+        match (&self.aborted, &self.reason) {
+            (None, None) => tracing::info!(
                 target: "berth::access",
-                method, path = %self.path, registry = %registry, user = %user,
+                method, path = %self.path, query = %query, registry = %registry, user = %user,
                 status = self.status, bytes = self.bytes, us, cache = %cache, "request"
             ),
-            Some(e) => tracing::warn!(
+            (None, Some(reason)) => tracing::info!(
                 target: "berth::access",
-                method, path = %self.path, registry = %registry, user = %user,
+                method, path = %self.path, query = %query, registry = %registry, user = %user,
+                status = self.status, bytes = self.bytes, us, cache = %cache, reason = %reason,
+                "request"
+            ),
+            (Some(e), _) => tracing::warn!(
+                target: "berth::access",
+                method, path = %self.path, query = %query, registry = %registry, user = %user,
                 status = self.status, bytes = self.bytes, us, cache = %cache, error = %e,
                 "request aborted"
             ),

@@ -93,9 +93,13 @@ pub async fn handle(app: &App, req: RequestHead) -> Reply {
         Err(e) => (Answer::from(e), None),
     };
     meter.cache = cache;
+    if let Answer::Error(refusal) = &answer {
+        meter.reason = Some(refusal.error.message.clone());
+    }
     let (head, payload) = render(answer, &req);
     meter.status = head.status.as_u16();
     meter.path = req.path;
+    meter.query = req.query;
     Reply {
         head,
         payload,

@@ -439,7 +439,7 @@ impl Upstream {
                         &self.name,
                         label,
                         method.as_str(),
-                        0,
+                        None,
                         started.elapsed().as_secs_f64(),
                     );
                     self.mark(ep, false);
@@ -452,7 +452,7 @@ impl Upstream {
                 &self.name,
                 label,
                 method.as_str(),
-                status.as_u16(),
+                Some(status.as_u16()),
                 started.elapsed().as_secs_f64(),
             );
             self.read_ratelimit(resp.headers());
@@ -608,7 +608,7 @@ impl Upstream {
             &self.name,
             "token",
             "GET",
-            resp.status().as_u16(),
+            Some(resp.status().as_u16()),
             started.elapsed().as_secs_f64(),
         );
         if !resp.status().is_success() {

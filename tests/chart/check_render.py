@@ -41,8 +41,12 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
-SERVER_KEYS = {"listen", "admin_listen", "shutdown_grace", "header_read_timeout", "tls"}
-TLS_KEYS = {"cert", "key"}
+# Every key berth accepts (config/berth.toml; config.extraConfig may write any of them).
+SERVER_KEYS = {
+    "listen", "admin_listen", "shutdown_grace", "header_read_timeout", "tls",
+    "max_connections_per_client", "client_requests_per_second", "client_burst",
+}
+TLS_KEYS = {"cert", "key", "client_ca"}
 CACHE_KEYS = {"dir", "max_size", "tag_ttl", "object_store"}
 OBJECT_STORE_KEYS = {
     "url", "endpoint", "region", "access_key_id_env", "access_key_id_file",
@@ -56,6 +60,8 @@ REGISTRY_KEYS = {
     "connect_timeout", "read_timeout",
     # routing (rendered only when set in values)
     "balance", "fallback", "max_requests_per_second", "burst",
+    # only from config.extraConfig
+    "route", "probe_interval", "ratelimit_floor", "ratelimit_pause", "ca_file", "insecure",
 }
 PASSWORD_LINE = re.compile(r"(?i)\bpass(word)?\b\s*[=:]")
 # An inline S3 key (`secret_access_key = ...`, `AWS_SECRET_ACCESS_KEY: ...`); the `_file` and
@@ -101,7 +107,7 @@ def check(docs, toml_out, expect):
     except tomllib.TOMLDecodeError as e:
         c.expect(False, f"berth.toml does not parse as TOML: {e}")
         return c.problems
-    c.expect(set(cfg) <= {"server", "cache", "log", "registry", "cluster"}, f"unknown top-level keys: {sorted(set(cfg))}")
+    c.expect(set(cfg) <= {"server", "cache", "log", "registry", "cluster", "auth"}, f"unknown top-level keys: {sorted(set(cfg))}")
     server, cache = cfg.get("server", {}), cfg.get("cache", {})
     c.expect(set(server) <= SERVER_KEYS, f"unknown [server] keys: {sorted(set(server) - SERVER_KEYS)}")
     c.expect(set(server.get("tls", {})) <= TLS_KEYS, "unknown [server.tls] keys")

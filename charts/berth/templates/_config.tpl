@@ -1,7 +1,8 @@
 {{/*
 berth.toml, rendered from .Values.config, .Values.objectStore and .Values.cluster (see
-values.yaml). Every string goes through berth.tomlString; keys berth does not know yet (tls,
-balance, fallback, rate limits) are rendered only when they are set.
+values.yaml). Every string goes through berth.tomlString; optional keys (tls, balance, fallback,
+rate limits, timeouts) are rendered only when they are set, so berth's defaults apply otherwise.
+config.extraConfig is appended last, as written.
 */}}
 {{- define "berth.tomlNumber" -}}
 {{- if kindIs "string" . }}
@@ -118,5 +119,10 @@ max_requests_per_second = {{ include "berth.tomlNumber" .maxRequestsPerSecond }}
 {{- if not (kindIs "invalid" .burst) }}
 burst = {{ include "berth.tomlNumber" .burst }}
 {{- end }}
+{{- end }}
+{{- with $c.extraConfig }}
+
+# config.extraConfig
+{{ . }}
 {{- end }}
 {{- end }}
