@@ -314,6 +314,11 @@ pub struct RegistryConfig {
     /// Longest silence while reading an upstream response before it is abandoned.
     #[serde(default = "default_read_timeout", with = "human_duration")]
     pub read_timeout: Duration,
+    /// Longest wait for upstream to revalidate a tag past `tag_ttl`: past it the cached
+    /// manifest is served (stale) and the revalidation finishes in the background ("0s":
+    /// always answer at once and revalidate in the background).
+    #[serde(default = "default_revalidate_timeout", with = "human_duration")]
+    pub revalidate_timeout: Duration,
     /// How requests are spread over several endpoints.
     #[serde(default)]
     pub balance: Balance,
@@ -475,6 +480,9 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_read_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_revalidate_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 fn default_probe_interval() -> Duration {
     Duration::from_secs(15)
