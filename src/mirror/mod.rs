@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -78,7 +78,7 @@ struct Core {
     /// Tags being revalidated, with when the request that started it stops waiting for it:
     /// past that, the revalidation is in the background and the tag's requests are answered
     /// from the cache at once. An entry lives as long as its revalidation.
-    revalidating: Arc<Mutex<HashMap<(Target, Tag), Instant>>>,
+    revalidating: Arc<Mutex<HashMap<(Target, Tag), tokio::time::Instant>>>,
 }
 
 /// Upstream's answer for a tag to clients accepting only some manifest types.
@@ -390,23 +390,47 @@ impl Mirror {
     /// with none, or when the tag changed, it is fetched ([`fetch_tag`]). Whether an upstream
     /// failure is answered with the stale answer or an error is [`stale_or_error`]'s rule.
     ///
+    /// With a stale answer at hand, a client waits at most the registry's
+    /// `revalidate_timeout` (for the lock and upstream together); past it the stale answer is
+    /// served and the revalidation finishes in the background ([`revalidate_bounded`]), where
+    /// it holds the tag's lock: while it runs, the tag's requests are answered from the cache
+    /// at once.
+    ///
     /// [`newer_shared_tag`]: Mirror::newer_shared_tag
-    /// [`revalidate_tag`]: Mirror::revalidate_tag
-    /// [`fetch_tag`]: Mirror::fetch_tag
-    /// [`stale_or_error`]: Mirror::stale_or_error
+    /// [`revalidate_tag`]: Core::revalidate_tag
+    /// [`fetch_tag`]: Core::fetch_tag
+    /// [`stale_or_error`]: Core::stale_or_error
+    /// [`revalidate_bounded`]: Mirror::revalidate_bounded
     ///
     /// A client that accepts only manifest types other than the cached one's gets what upstream
     /// answered the last such client within the tag TTL ([`negotiated`]), if any.
     ///
     /// [`negotiated`]: Mirror::negotiated
     async fn manifest_by_tag(&self, t: &Target, tag: &Tag, accept: &[&str]) -> ManifestAnswer {
-        if let TagState::Fresh(m) = self.tag_state(t, tag, accept) {
-            return Ok((m, CacheResult::Hit));
-        }
+        let stale = match self.tag_state(t, tag, accept) {
+            TagState::Fresh(m) => return Ok((m, CacheResult::Hit)),
+            TagState::Stale(_, m) => Some(m),
+            TagState::Unknown => None,
+        };
         if let Some(answer) = self.negotiated(t, tag, accept) {
             return answer;
         }
-        let _guard = self.lock(LockKey::Tag(t.clone(), tag.clone())).await;
+        let deadline = tokio::time::Instant::now() + self.core.revalidate_timeout(&t.registry);
+        let lock = self.lock(LockKey::Tag(t.clone(), tag.clone()));
+        let guard = match stale {
+            Some(m) if self.core.in_background(t, tag) => {
+                tracing::debug!(registry = %t.registry, repository = %t.repo, tag = %tag, "tag is being revalidated in the background: serving the cached manifest");
+                return Ok((m, CacheResult::Stale));
+            }
+            Some(m) => match tokio::time::timeout_at(deadline, lock).await {
+                Ok(guard) => guard,
+                Err(_) => {
+                    tracing::debug!(registry = %t.registry, repository = %t.repo, tag = %tag, "tag revalidation by another request still running after revalidate_timeout: serving the cached manifest");
+                    return Ok((m, CacheResult::Stale));
+                }
+            },
+            None => lock.await,
+        };
         let state = self.tag_state(t, tag, accept);
         if !matches!(state, TagState::Fresh(_))
             && let Some(answer) = self.negotiated(t, tag, accept)
@@ -415,8 +439,59 @@ impl Mirror {
         }
         match self.newer_shared_tag(t, tag, accept, state).await {
             TagState::Fresh(m) => Ok((m, CacheResult::Hit)),
-            TagState::Stale(_, m) => self.core.revalidate_tag(t, tag, accept, m).await,
+            TagState::Stale(_, m) => {
+                self.revalidate_bounded(t, tag, accept, m, guard, deadline)
+                    .await
+            }
             TagState::Unknown => self.core.fetch_tag(t, tag, accept, None).await,
+        }
+    }
+
+    /// Revalidates a stale answer ([`Core::revalidate_tag`]) in a task of its own that holds
+    /// the tag's lock (`guard`), waiting for it until `deadline`; past it (at once when the
+    /// deadline has passed, as with `revalidate_timeout = "0s"`) the stale answer is served
+    /// and the task goes on, updating the tag's record for the next request.
+    async fn revalidate_bounded(
+        &self,
+        t: &Target,
+        tag: &Tag,
+        accept: &[&str],
+        stale: Arc<Manifest>,
+        guard: tokio::sync::OwnedMutexGuard<()>,
+        deadline: tokio::time::Instant,
+    ) -> ManifestAnswer {
+        let entry = Revalidating::start(&self.core.revalidating, t, tag, deadline);
+        let core = self.core.clone();
+        let (target, name, cached) = (t.clone(), tag.clone(), stale.clone());
+        let accept: Vec<String> = accept.iter().map(|a| (*a).to_owned()).collect();
+        let task = tokio::spawn(async move {
+            // Dropped in reverse order: the entry goes before the lock is released.
+            let _guard = guard;
+            let _entry = entry;
+            let accept: Vec<&str> = accept.iter().map(String::as_str).collect();
+            let answer = core.revalidate_tag(&target, &name, &accept, cached).await;
+            if tokio::time::Instant::now() >= deadline {
+                let result = answer
+                    .as_ref()
+                    .map(|(m, r)| (m.digest.to_string(), r.as_str()));
+                tracing::info!(registry = %target.registry, repository = %target.repo, tag = %name, result = ?result, "background tag revalidation finished");
+            }
+            answer
+        });
+        if tokio::time::Instant::now() >= deadline {
+            tracing::debug!(registry = %t.registry, repository = %t.repo, tag = %tag, "revalidating the tag in the background: serving the cached manifest");
+            return Ok((stale, CacheResult::Stale));
+        }
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
+                tracing::error!(registry = %t.registry, repository = %t.repo, tag = %tag, error = %e, "tag revalidation failed: serving the cached manifest (stale)");
+                Ok((stale, CacheResult::Stale))
+            }
+            Err(_) => {
+                tracing::warn!(registry = %t.registry, repository = %t.repo, tag = %tag, "upstream did not answer within revalidate_timeout: serving the cached manifest (stale), revalidating in the background");
+                Ok((stale, CacheResult::Stale))
+            }
         }
     }
 
@@ -653,7 +728,53 @@ impl Mirror {
     }
 }
 
+/// A tag's entry in [`Core::revalidating`], removed when its revalidation ends.
+struct Revalidating {
+    map: Arc<Mutex<HashMap<(Target, Tag), tokio::time::Instant>>>,
+    key: (Target, Tag),
+}
+
+impl Revalidating {
+    fn start(
+        map: &Arc<Mutex<HashMap<(Target, Tag), tokio::time::Instant>>>,
+        t: &Target,
+        tag: &Tag,
+        deadline: tokio::time::Instant,
+    ) -> Revalidating {
+        let key = (t.clone(), tag.clone());
+        map.lock().insert(key.clone(), deadline);
+        Revalidating {
+            map: map.clone(),
+            key,
+        }
+    }
+}
+
+impl Drop for Revalidating {
+    fn drop(&mut self) {
+        self.map.lock().remove(&self.key);
+    }
+}
+
 impl Core {
+    /// The registry's `revalidate_timeout` (zero for a registry not configured, which has
+    /// nothing cached to serve).
+    fn revalidate_timeout(&self, registry: &str) -> Duration {
+        self.upstreams
+            .get(registry)
+            .map_or(Duration::ZERO, |u| u.revalidate_timeout)
+    }
+
+    /// Whether the tag is being revalidated in the background: its revalidation has run past
+    /// the deadline of the request that started it.
+    fn in_background(&self, t: &Target, tag: &Tag) -> bool {
+        let key = (t.clone(), tag.clone());
+        self.revalidating
+            .lock()
+            .get(&key)
+            .is_some_and(|deadline| *deadline <= tokio::time::Instant::now())
+    }
+
     /// Stores a tag record here and in the shared store.
     fn record_tag(&self, t: &Target, tag: &Tag, rec: TagRecord) {
         if let Some(shared) = &self.shared {

@@ -387,6 +387,9 @@ impl Upstream {
         };
         let key = blob_key.as_deref().unwrap_or(repo.as_str());
         let mut last_err = UpstreamError::Unreachable("no endpoint".into());
+        // Whether every endpoint was down before this request tried any: then a failure is
+        // answered as such (503 with Retry-After), not as this request's own.
+        let mut down_before = false;
         // Every endpoint once; when they all failed to connect (not timed out), once more
         // after a short pause (a restarting registry, a dropped connection from the pool).
         for attempt in 0..2 {
@@ -401,6 +404,7 @@ impl Upstream {
             // served at once); a fetch tries them still (one may be back before the probes
             // notice), but waits at most `connect_timeout` for an answer.
             let all_down = order.iter().all(|e| e.is_down());
+            down_before |= attempt == 0 && all_down;
             if all_down && urgency == Urgency::Revalidate {
                 return Err(self.down_error());
             }
@@ -417,6 +421,12 @@ impl Upstream {
                 let answer = match bound {
                     None => sent.await,
                     Some(deadline) => match tokio::time::timeout_at(deadline, sent).await {
+                        // Still down (it may time out on its own first).
+                        Ok(Err(UpstreamError::Unreachable(_) | UpstreamError::TimedOut(_)))
+                            if down_before =>
+                        {
+                            Err(self.down_error())
+                        }
                         Ok(answer) => answer,
                         Err(_) => {
                             self.mark(ep, false);
