@@ -926,6 +926,23 @@ mod tests {
     }
 
     #[test]
+    fn revalidate_timeout_defaults_to_2s_and_round_trips() {
+        let reg = "[[registry]]\nname = \"a\"\nendpoints = [\"http://a\"]\n";
+        let c = Config::parse(reg).unwrap();
+        assert_eq!(c.registries[0].revalidate_timeout, Duration::from_secs(2));
+        let c = Config::parse(&format!("{reg}revalidate_timeout = \"0s\"\n")).unwrap();
+        assert_eq!(c.registries[0].revalidate_timeout, Duration::ZERO);
+        let c = Config::parse(&format!("{reg}revalidate_timeout = \"750ms\"\n")).unwrap();
+        let again = Config::parse(&c.to_toml()).unwrap();
+        assert_eq!(
+            again.registries[0].revalidate_timeout,
+            Duration::from_millis(750)
+        );
+        let err = Config::parse(&format!("{reg}revalidate_timeout = \"soon\"\n")).unwrap_err();
+        assert!(err.to_string().contains("revalidate_timeout"), "{err}");
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases = [
             ("[server]\nlisen = \"0.0.0.0:1\"\n", "lisen"),

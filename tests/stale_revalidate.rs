@@ -68,6 +68,35 @@ impl Setup {
         None
     }
 
+    /// Asks for the tag `n` times in a row, each answered with `digest`; returns the slowest
+    /// answer's time.
+    async fn cached_in_a_row(&self, n: usize, digest: &str) -> Duration {
+        let mut slowest = Duration::ZERO;
+        for _ in 0..n {
+            let (status, got, took) = self.manifest("library/app").await;
+            assert_eq!((status, got.as_str()), (200, digest), "the cached manifest");
+            slowest = slowest.max(took);
+        }
+        slowest
+    }
+
+    /// Moves the tag upstream, lets the upstream answer again, and waits (bounded) until
+    /// the moved tag is served.
+    async fn heal_with_the_tag_moved(&self) {
+        let new = self.move_tag();
+        self.up.set(Behaviour::Normal);
+        let healed = Instant::now();
+        let n = self.until_served(&new).await;
+        println!(
+            "healed: the moved tag served after {:?} ({n:?} requests)",
+            healed.elapsed()
+        );
+        assert!(
+            n.is_some(),
+            "the moved tag was never served after the upstream healed"
+        );
+    }
+
     fn heads(&self) -> usize {
         self.up.count("HEAD /v2/library/app/manifests/v1")
     }
@@ -93,23 +122,30 @@ async fn cache_then_expire(s: &Setup) -> String {
     digest
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_black_hole_costs_one_revalidate_timeout_and_the_background_revalidation_updates_the_tag()
-{
-    let s = Setup::new(
-        "connect_timeout = \"1s\"\nread_timeout = \"20s\"\nrevalidate_timeout = \"500ms\"\nprobe_interval = \"0s\"",
-    )
-    .await;
+/// berth with `keys`, `library/app:v1` cached and past its TTL, the upstream turned into a
+/// black hole, and the tag asked for once: the setup, the cached digest and how long that took
+/// (the answer checked to be the cached manifest).
+async fn stale_in_a_black_hole(keys: &str) -> (Setup, String, Duration) {
+    let s = Setup::new(keys).await;
     let old = cache_then_expire(&s).await;
     s.up.set(Behaviour::Hang);
-
     let (status, got, first) = s.manifest("library/app").await;
-    println!("black hole, stale tag, revalidate_timeout 500ms: first answer after {first:?}");
+    println!("black hole ({keys:?}): first answer after {first:?}");
     assert_eq!(
         (status, got.as_str()),
         (200, old.as_str()),
         "the cached manifest"
     );
+    (s, old, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_hole_costs_one_revalidate_timeout_and_the_background_revalidation_updates_the_tag()
+{
+    let (s, old, first) = stale_in_a_black_hole(
+        "connect_timeout = \"1s\"\nread_timeout = \"20s\"\nrevalidate_timeout = \"500ms\"\nprobe_interval = \"0s\"",
+    )
+    .await;
     assert!(
         first >= Duration::from_millis(400) && first < Duration::from_secs(1),
         "the first answer took {first:?}, not about revalidate_timeout (500ms)"
@@ -117,12 +153,7 @@ async fn a_black_hole_costs_one_revalidate_timeout_and_the_background_revalidati
 
     // The revalidation goes on in the background: the next requests are answered at once,
     // and none of them asks upstream again.
-    let mut slowest = Duration::ZERO;
-    for _ in 0..20 {
-        let (status, got, took) = s.manifest("library/app").await;
-        assert_eq!((status, got.as_str()), (200, old.as_str()));
-        slowest = slowest.max(took);
-    }
+    let slowest = s.cached_in_a_row(20, &old).await;
     println!("20 requests after it: slowest {slowest:?}");
     assert!(slowest < Duration::from_millis(300), "slowest {slowest:?}");
     assert_eq!(s.heads(), 1, "one revalidation, in the background");
@@ -130,15 +161,7 @@ async fn a_black_hole_costs_one_revalidate_timeout_and_the_background_revalidati
 
     // Upstream answers again, with the tag moved: the background revalidation's HEAD gets
     // the new digest and fetches it; the tag's next requests get the new manifest.
-    let new = s.move_tag();
-    s.up.set(Behaviour::Normal);
-    let healed = Instant::now();
-    let n = s.until_served(&new).await;
-    println!(
-        "healed: the moved tag served after {:?} ({n:?} requests)",
-        healed.elapsed()
-    );
-    assert!(n.is_some(), "the moved tag was never served");
+    s.heal_with_the_tag_moved().await;
     assert_eq!(
         s.heads(),
         1,
@@ -178,15 +201,10 @@ async fn revalidate_timeout_zero_answers_at_once_and_revalidates_in_the_backgrou
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_that_timed_out_is_down_until_the_probes_bring_it_back() {
-    let s = Setup::new(
+    let (s, old, first) = stale_in_a_black_hole(
         "connect_timeout = \"1s\"\nread_timeout = \"1s\"\nrevalidate_timeout = \"300ms\"\nprobe_interval = \"300ms\"",
     )
     .await;
-    let old = cache_then_expire(&s).await;
-    s.up.set(Behaviour::Hang);
-    let (status, got, first) = s.manifest("library/app").await;
-    println!("black hole, revalidate_timeout 300ms: first answer after {first:?}");
-    assert_eq!((status, got.as_str()), (200, old.as_str()));
     assert!(first < Duration::from_millis(600), "took {first:?}");
 
     // The background HEAD times out after read_timeout (1 s): the endpoint is down.
@@ -211,12 +229,7 @@ async fn an_endpoint_that_timed_out_is_down_until_the_probes_bring_it_back() {
     assert_eq!(heads, 1, "the timed-out HEAD is not retried");
 
     // While it is down: the cached tag at once, without asking upstream.
-    let mut slowest = Duration::ZERO;
-    for _ in 0..20 {
-        let (status, got, took) = s.manifest("library/app").await;
-        assert_eq!((status, got.as_str()), (200, old.as_str()));
-        slowest = slowest.max(took);
-    }
+    let slowest = s.cached_in_a_row(20, &old).await;
     println!("endpoint down: 20 stale answers, slowest {slowest:?}");
     assert!(slowest < Duration::from_millis(300), "slowest {slowest:?}");
     assert_eq!(s.heads(), heads, "no revalidation sent to a down endpoint");
@@ -238,18 +251,7 @@ async fn an_endpoint_that_timed_out_is_down_until_the_probes_bring_it_back() {
 
     // Upstream heals with the tag moved: a probe brings the endpoint back and the next
     // revalidation goes upstream again.
-    let new = s.move_tag();
-    s.up.set(Behaviour::Normal);
-    let healed = Instant::now();
-    let n = s.until_served(&new).await;
-    println!(
-        "healed: the moved tag served after {:?} ({n:?} requests)",
-        healed.elapsed()
-    );
-    assert!(
-        n.is_some(),
-        "the moved tag was never served after the upstream healed"
-    );
+    s.heal_with_the_tag_moved().await;
     let (status, _, _) = s.manifest("library/other").await;
     assert_eq!(
         status, 200,

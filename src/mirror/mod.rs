@@ -594,15 +594,7 @@ impl Mirror {
             return Err(unknown());
         }
         let up = self.core.upstream(&t.registry)?;
-        let answer = up
-            .send(
-                Method::HEAD,
-                &t.repo,
-                UpstreamPath::Blob(digest),
-                None,
-                Urgency::Fetch,
-            )
-            .await;
+        let answer = up.head_blob(&t.repo, digest).await;
         match answer {
             Ok(_) => {
                 self.core.manifests.add_member(&t.registry, &t.repo, digest);
@@ -648,13 +640,7 @@ impl Mirror {
                 return Ok((BlobAnswer::Head { len: Some(len) }, CacheResult::Hit));
             }
             let resp = up
-                .send(
-                    Method::HEAD,
-                    &t.repo,
-                    UpstreamPath::Blob(digest),
-                    None,
-                    Urgency::Fetch,
-                )
+                .head_blob(&t.repo, digest)
                 .await
                 .map_err(|e| upstream_error(&e, Kind::Blob, &format!("blob {digest}")))?;
             self.core.manifests.add_member(&t.registry, &t.repo, digest);

@@ -367,6 +367,17 @@ impl Upstream {
         self.send_from(method, repo, path, accept, 0, urgency).await
     }
 
+    /// `HEAD` of a blob of `repo`: whether upstream has it there, and its length.
+    pub(crate) async fn head_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let path = UpstreamPath::Blob(digest);
+        self.send(Method::HEAD, repo, path, None, Urgency::Fetch)
+            .await
+    }
+
     /// Like [`send`](Upstream::send), asking for the body from byte `from` on (a `Range`
     /// request when `from > 0`; the answer may still be the whole body, status 200).
     pub(crate) async fn send_from(
