@@ -398,6 +398,11 @@ pub struct RegistryConfig {
     /// Longest silence while reading an upstream response before it is abandoned.
     #[serde(default = "default_read_timeout", with = "human_duration")]
     pub read_timeout: Duration,
+    /// Longest wait for upstream to revalidate a tag past `tag_ttl`: past it the cached
+    /// manifest is served (stale) and the revalidation finishes in the background ("0s":
+    /// always answer at once and revalidate in the background).
+    #[serde(default = "default_revalidate_timeout", with = "human_duration")]
+    pub revalidate_timeout: Duration,
     /// How requests are spread over several endpoints.
     #[serde(default)]
     pub balance: Balance,
@@ -560,6 +565,9 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_read_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_revalidate_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 fn default_probe_interval() -> Duration {
     Duration::from_secs(15)
@@ -1174,6 +1182,23 @@ mod tests {
         let again = Config::parse(&c.to_toml()).unwrap();
         assert_eq!(again.cache.max_size, c.cache.max_size);
         assert_eq!(again.registries[0].endpoints, c.registries[0].endpoints);
+    }
+
+    #[test]
+    fn revalidate_timeout_defaults_to_2s_and_round_trips() {
+        let reg = "[[registry]]\nname = \"a\"\nendpoints = [\"http://a\"]\n";
+        let c = Config::parse(reg).unwrap();
+        assert_eq!(c.registries[0].revalidate_timeout, Duration::from_secs(2));
+        let c = Config::parse(&format!("{reg}revalidate_timeout = \"0s\"\n")).unwrap();
+        assert_eq!(c.registries[0].revalidate_timeout, Duration::ZERO);
+        let c = Config::parse(&format!("{reg}revalidate_timeout = \"750ms\"\n")).unwrap();
+        let again = Config::parse(&c.to_toml()).unwrap();
+        assert_eq!(
+            again.registries[0].revalidate_timeout,
+            Duration::from_millis(750)
+        );
+        let err = Config::parse(&format!("{reg}revalidate_timeout = \"soon\"\n")).unwrap_err();
+        assert!(err.to_string().contains("revalidate_timeout"), "{err}");
     }
 
     #[test]

@@ -280,7 +280,8 @@ impl Faults {
     }
 
     /// The upstream goes away (listener and every connection closed): uncached requests get
-    /// 502, the cached tag is served stale and cached blobs are served.
+    /// 502 (503 once the endpoint is marked down), the cached tag is served stale and cached
+    /// blobs are served.
     async fn upstream_down(&mut self) {
         self.requests_before_down = self.state.log.lock().expect("lock").len();
         drop(self.up.take());
@@ -293,7 +294,7 @@ impl Faults {
         assert!(got.is_verified(), "cached while down: {}", got.short());
     }
 
-    /// The upstream comes back on the same port resetting every connection (502s), then
+    /// The upstream comes back on the same port resetting every connection (502s or 503s), then
     /// heals: berth recovers by itself within the endpoint cool-down (12 s at most).
     async fn resets_then_heals(&mut self) {
         *self.state.behaviour.lock().expect("lock") = Some(Behaviour::Reset);
@@ -316,16 +317,25 @@ impl Faults {
         assert!(got.is_verified(), "after recovery: {}", got.short());
     }
 
-    /// The uncached `library/late` (manifest and blob) is answered 502, an OCI error.
+    /// The uncached `library/late` (manifest and blob) is answered with an OCI error: 502 by
+    /// the request that finds the upstream unreachable, 503 with Retry-After while its one
+    /// endpoint is marked down.
     async fn late_is_502(&mut self, when: &str) {
         let late = self.late.clone();
         let manifest = self.manifest("library/late").await;
         let blob = self.blob("library/late", &late).await;
         for (what, got) in [("manifest", manifest), ("blob", blob)] {
             println!("[upstream] {when}, uncached {what}: {}", got.short());
-            assert_eq!(
-                got.oci_error().map(|(s, _)| s),
-                Some(502),
+            let status = got.oci_error().map(|(s, _)| s);
+            let retry_after = matches!(
+                got,
+                Got::Status {
+                    retry_after: Some(_),
+                    ..
+                }
+            );
+            assert!(
+                status == Some(502) || (status == Some(503) && retry_after),
                 "{when}, uncached {what}: {}",
                 got.short()
             );

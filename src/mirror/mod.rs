@@ -55,18 +55,30 @@ pub struct Via<'a> {
 }
 
 pub struct Mirror {
-    upstreams: HashMap<Arc<str>, Arc<Upstream>>,
+    /// What the manifest path needs, also in the background (revalidations).
+    core: Core,
     pub blobs: Arc<BlobStore>,
-    pub manifests: Arc<ManifestStore>,
-    metrics: Arc<Metrics>,
     tag_ttl: Duration,
     locks: Mutex<HashMap<LockKey, Weak<tokio::sync::Mutex<()>>>>,
+    cluster: Option<Arc<Cluster>>,
+}
+
+/// The parts of the mirror a tag revalidation uses, cheap to clone (each is shared), so that
+/// one finishing in the background holds no borrow of the [`Mirror`].
+#[derive(Clone)]
+struct Core {
+    upstreams: Arc<HashMap<Arc<str>, Arc<Upstream>>>,
+    manifests: Arc<ManifestStore>,
+    metrics: Arc<Metrics>,
     /// What upstream answered for a tag to clients that accept only some manifest types (by
     /// [`named_manifest_types`]) not including the tag's cached one: kept for the tag TTL, so
     /// such clients cost one upstream GET per tag and set of types per TTL, not one each.
     negotiated: moka::sync::Cache<(Target, Tag, u8), Arc<Negotiated>>,
     shared: Option<Arc<SharedStore>>,
-    cluster: Option<Arc<Cluster>>,
+    /// Tags being revalidated, with when the request that started it stops waiting for it:
+    /// past that, the revalidation is in the background and the tag's requests are answered
+    /// from the cache at once. An entry lives as long as its revalidation.
+    revalidating: Arc<Mutex<HashMap<(Target, Tag), tokio::time::Instant>>>,
 }
 
 /// Upstream's answer for a tag to clients accepting only some manifest types.
@@ -159,13 +171,19 @@ fn upstream_error(e: &UpstreamError, kind: Kind, what: &str) -> RegistryError {
             s => RegistryError::new(unknown, format!("{what}: upstream answered {s}")),
         },
         // The cause (upstream URLs, the error chain) is for the log, not for clients.
-        UpstreamError::Unreachable(m) => {
+        UpstreamError::Unreachable(m) | UpstreamError::TimedOut(m) => {
             tracing::warn!(what, error = %m, "upstream unreachable and nothing cached");
             RegistryError::new(
                 ErrorCode::Unavailable,
                 format!("{what}: upstream unreachable and nothing cached"),
             )
         }
+        UpstreamError::Down { retry_after } => RegistryError::new(
+            ErrorCode::Unavailable,
+            format!("{what}: every upstream endpoint is down and nothing cached"),
+        )
+        .with_status(StatusCode::SERVICE_UNAVAILABLE)
+        .with_retry_after(*retry_after),
         UpstreamError::Invalid(m) => {
             tracing::warn!(what, error = %m, "upstream sent an invalid answer");
             RegistryError::new(
@@ -248,13 +266,10 @@ impl Mirror {
             up.spawn_probes();
             upstreams.insert(Arc::<str>::from(r.name.as_str()), up);
         }
-        Ok(Mirror {
-            upstreams,
-            blobs,
+        let core = Core {
+            upstreams: Arc::new(upstreams),
             manifests,
             metrics,
-            tag_ttl: config.cache.tag_ttl,
-            locks: Mutex::new(HashMap::new()),
             negotiated: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 // moka refuses more than 1000 years.
@@ -266,16 +281,23 @@ impl Mirror {
                 )
                 .build(),
             shared,
+            revalidating: Arc::new(Mutex::new(HashMap::new())),
+        };
+        Ok(Mirror {
+            core,
+            blobs,
+            tag_ttl: config.cache.tag_ttl,
+            locks: Mutex::new(HashMap::new()),
             cluster,
         })
     }
 
     pub fn metrics(&self) -> &Metrics {
-        &self.metrics
+        &self.core.metrics
     }
 
     pub fn metrics_arc(&self) -> Arc<Metrics> {
-        self.metrics.clone()
+        self.core.metrics.clone()
     }
 
     /// This replica's instance id, when it is part of a cluster.
@@ -291,28 +313,6 @@ impl Mirror {
     /// Whether `ip` is one of the cluster's replicas.
     pub fn is_peer(&self, ip: std::net::IpAddr) -> bool {
         self.cluster.as_ref().is_some_and(|c| c.is_peer(ip))
-    }
-
-    /// Stores a tag record here and in the shared store.
-    fn record_tag(&self, t: &Target, tag: &Tag, rec: TagRecord) {
-        if let Some(shared) = &self.shared {
-            shared.put_tag(&t.registry, &t.repo, tag, &rec);
-        }
-        self.manifests.put_tag(&t.registry, &t.repo, tag, rec);
-    }
-
-    /// A manifest from the shared store, verified and kept on the local disk too.
-    async fn shared_manifest(&self, t: &Target, digest: &Digest) -> Option<Arc<Manifest>> {
-        let shared = self.shared.as_ref()?;
-        let m = Arc::new(shared.get_manifest(&t.registry, &t.repo, digest).await?);
-        self.manifests.put(&t.registry, &t.repo, m.clone());
-        Some(m)
-    }
-
-    fn upstream(&self, registry: &str) -> Result<&Arc<Upstream>, RegistryError> {
-        self.upstreams
-            .get(registry)
-            .ok_or_else(|| RegistryError::new(ErrorCode::NameUnknown, "registry is not configured"))
     }
 
     /// Serializes work on one key (a tag revalidation, a manifest fetch).
@@ -362,17 +362,18 @@ impl Mirror {
     /// A manifest by digest: cached here, fetched by a request this one waited for, in the
     /// shared store, or fetched now. Never stale: a digest's manifest never changes.
     async fn manifest_by_digest(&self, t: &Target, d: &Digest, accept: &[&str]) -> ManifestAnswer {
-        if let Some(m) = self.manifests.get(&t.registry, &t.repo, d) {
+        if let Some(m) = self.core.manifests.get(&t.registry, &t.repo, d) {
             return Ok((m, CacheResult::Hit));
         }
         let _guard = self.lock(LockKey::Digest(t.clone(), d.clone())).await;
-        if let Some(m) = self.manifests.get(&t.registry, &t.repo, d) {
+        if let Some(m) = self.core.manifests.get(&t.registry, &t.repo, d) {
             return Ok((m, CacheResult::Coalesced));
         }
-        if let Some(m) = self.shared_manifest(t, d).await {
+        if let Some(m) = self.core.shared_manifest(t, d).await {
             return Ok((m, CacheResult::Hit));
         }
         let m = self
+            .core
             .fetch_manifest(t, UpstreamPath::ManifestDigest(d), accept)
             .await
             .map_err(|e| match e {
@@ -396,23 +397,47 @@ impl Mirror {
     /// with none, or when the tag changed, it is fetched ([`fetch_tag`]). Whether an upstream
     /// failure is answered with the stale answer or an error is [`stale_or_error`]'s rule.
     ///
+    /// With a stale answer at hand, a client waits at most the registry's
+    /// `revalidate_timeout` (for the lock and upstream together); past it the stale answer is
+    /// served and the revalidation finishes in the background ([`revalidate_bounded`]), where
+    /// it holds the tag's lock: while it runs, the tag's requests are answered from the cache
+    /// at once.
+    ///
     /// [`newer_shared_tag`]: Mirror::newer_shared_tag
-    /// [`revalidate_tag`]: Mirror::revalidate_tag
-    /// [`fetch_tag`]: Mirror::fetch_tag
-    /// [`stale_or_error`]: Mirror::stale_or_error
+    /// [`revalidate_tag`]: Core::revalidate_tag
+    /// [`fetch_tag`]: Core::fetch_tag
+    /// [`stale_or_error`]: Core::stale_or_error
+    /// [`revalidate_bounded`]: Mirror::revalidate_bounded
     ///
     /// A client that accepts only manifest types other than the cached one's gets what upstream
     /// answered the last such client within the tag TTL ([`negotiated`]), if any.
     ///
     /// [`negotiated`]: Mirror::negotiated
     async fn manifest_by_tag(&self, t: &Target, tag: &Tag, accept: &[&str]) -> ManifestAnswer {
-        if let TagState::Fresh(m) = self.tag_state(t, tag, accept) {
-            return Ok((m, CacheResult::Hit));
-        }
+        let stale = match self.tag_state(t, tag, accept) {
+            TagState::Fresh(m) => return Ok((m, CacheResult::Hit)),
+            TagState::Stale(_, m) => Some(m),
+            TagState::Unknown => None,
+        };
         if let Some(answer) = self.negotiated(t, tag, accept) {
             return answer;
         }
-        let _guard = self.lock(LockKey::Tag(t.clone(), tag.clone())).await;
+        let deadline = tokio::time::Instant::now() + self.core.revalidate_timeout(&t.registry);
+        let lock = self.lock(LockKey::Tag(t.clone(), tag.clone()));
+        let guard = match stale {
+            Some(m) if self.core.in_background(t, tag) => {
+                tracing::debug!(registry = %t.registry, repository = %t.repo, tag = %tag, "tag is being revalidated in the background: serving the cached manifest");
+                return Ok((m, CacheResult::Stale));
+            }
+            Some(m) => match tokio::time::timeout_at(deadline, lock).await {
+                Ok(guard) => guard,
+                Err(_) => {
+                    tracing::debug!(registry = %t.registry, repository = %t.repo, tag = %tag, "tag revalidation by another request still running after revalidate_timeout: serving the cached manifest");
+                    return Ok((m, CacheResult::Stale));
+                }
+            },
+            None => lock.await,
+        };
         let state = self.tag_state(t, tag, accept);
         if !matches!(state, TagState::Fresh(_))
             && let Some(answer) = self.negotiated(t, tag, accept)
@@ -421,16 +446,67 @@ impl Mirror {
         }
         match self.newer_shared_tag(t, tag, accept, state).await {
             TagState::Fresh(m) => Ok((m, CacheResult::Hit)),
-            TagState::Stale(_, m) => self.revalidate_tag(t, tag, accept, m).await,
-            TagState::Unknown => self.fetch_tag(t, tag, accept, None).await,
+            TagState::Stale(_, m) => {
+                self.revalidate_bounded(t, tag, accept, m, guard, deadline)
+                    .await
+            }
+            TagState::Unknown => self.core.fetch_tag(t, tag, accept, None).await,
+        }
+    }
+
+    /// Revalidates a stale answer ([`Core::revalidate_tag`]) in a task of its own that holds
+    /// the tag's lock (`guard`), waiting for it until `deadline`; past it (at once when the
+    /// deadline has passed, as with `revalidate_timeout = "0s"`) the stale answer is served
+    /// and the task goes on, updating the tag's record for the next request.
+    async fn revalidate_bounded(
+        &self,
+        t: &Target,
+        tag: &Tag,
+        accept: &[&str],
+        stale: Arc<Manifest>,
+        guard: tokio::sync::OwnedMutexGuard<()>,
+        deadline: tokio::time::Instant,
+    ) -> ManifestAnswer {
+        let entry = Revalidating::start(&self.core.revalidating, t, tag, deadline);
+        let core = self.core.clone();
+        let (target, name, cached) = (t.clone(), tag.clone(), stale.clone());
+        let accept: Vec<String> = accept.iter().map(|a| (*a).to_owned()).collect();
+        let task = tokio::spawn(async move {
+            // Dropped in reverse order: the entry goes before the lock is released.
+            let _guard = guard;
+            let _entry = entry;
+            let accept: Vec<&str> = accept.iter().map(String::as_str).collect();
+            let answer = core.revalidate_tag(&target, &name, &accept, cached).await;
+            if tokio::time::Instant::now() >= deadline {
+                let result = answer
+                    .as_ref()
+                    .map(|(m, r)| (m.digest.to_string(), r.as_str()));
+                tracing::info!(registry = %target.registry, repository = %target.repo, tag = %name, result = ?result, "background tag revalidation finished");
+            }
+            answer
+        });
+        if tokio::time::Instant::now() >= deadline {
+            tracing::debug!(registry = %t.registry, repository = %t.repo, tag = %tag, "revalidating the tag in the background: serving the cached manifest");
+            return Ok((stale, CacheResult::Stale));
+        }
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
+                tracing::error!(registry = %t.registry, repository = %t.repo, tag = %tag, error = %e, "tag revalidation failed: serving the cached manifest (stale)");
+                Ok((stale, CacheResult::Stale))
+            }
+            Err(_) => {
+                tracing::warn!(registry = %t.registry, repository = %t.repo, tag = %tag, "upstream did not answer within revalidate_timeout: serving the cached manifest (stale), revalidating in the background");
+                Ok((stale, CacheResult::Stale))
+            }
         }
     }
 
     /// What this replica's cache knows of a tag, for a client that accepts `accept`.
     fn tag_state(&self, t: &Target, tag: &Tag, accept: &[&str]) -> TagState {
         let cached = || {
-            let rec = self.manifests.get_tag(&t.registry, &t.repo, tag)?;
-            let m = self.manifests.get(&t.registry, &t.repo, &rec.digest)?;
+            let rec = self.core.manifests.get_tag(&t.registry, &t.repo, tag)?;
+            let m = self.core.manifests.get(&t.registry, &t.repo, &rec.digest)?;
             accepts_media_type(accept, &m.media_type).then_some((rec, m))
         };
         match cached() {
@@ -446,13 +522,13 @@ impl Mirror {
             return None;
         }
         let types = named_manifest_types(accept);
-        let n = self.negotiated.get(&(t.clone(), tag.clone(), types))?;
-        if n.base != self.tag_digest(t, tag) {
+        let n = self.core.negotiated.get(&(t.clone(), tag.clone(), types))?;
+        if n.base != self.core.tag_digest(t, tag) {
             return None;
         }
         match &n.answer {
             Some(d) => {
-                let m = self.manifests.get(&t.registry, &t.repo, d)?;
+                let m = self.core.manifests.get(&t.registry, &t.repo, d)?;
                 Some(Ok((m, CacheResult::Hit)))
             }
             None => {
@@ -460,20 +536,6 @@ impl Mirror {
                 Some(Err(not_acceptable(t, tag)))
             }
         }
-    }
-
-    /// The digest of the tag's record, if any.
-    fn tag_digest(&self, t: &Target, tag: &Tag) -> Option<Digest> {
-        let rec = self.manifests.get_tag(&t.registry, &t.repo, tag)?;
-        Some(rec.digest.clone())
-    }
-
-    /// Remembers upstream's answer for clients accepting the types `accept` names.
-    fn remember_negotiated(&self, t: &Target, tag: &Tag, accept: &[&str], answer: Option<Digest>) {
-        let base = self.tag_digest(t, tag);
-        let key = (t.clone(), tag.clone(), named_manifest_types(accept));
-        self.negotiated
-            .insert(key, Arc::new(Negotiated { base, answer }));
     }
 
     /// Fresh or stale, by when the tag was last checked upstream.
@@ -500,19 +562,20 @@ impl Mirror {
             TagState::Unknown => None,
         };
         let newer = async {
-            let shared = self.shared.as_ref()?;
+            let shared = self.core.shared.as_ref()?;
             let rec = shared.get_tag(&t.registry, &t.repo, tag).await?;
             if than.is_some_and(|checked| checked >= rec.checked) {
                 return None;
             }
-            let m = match self.manifests.get(&t.registry, &t.repo, &rec.digest) {
+            let m = match self.core.manifests.get(&t.registry, &t.repo, &rec.digest) {
                 Some(m) => m,
-                None => self.shared_manifest(t, &rec.digest).await?,
+                None => self.core.shared_manifest(t, &rec.digest).await?,
             };
             if !accepts_media_type(accept, &m.media_type) {
                 return None;
             }
-            self.manifests
+            self.core
+                .manifests
                 .put_tag(&t.registry, &t.repo, tag, rec.clone());
             Some((Arc::new(rec), m))
         };
@@ -520,6 +583,225 @@ impl Mirror {
             Some((rec, m)) => self.by_age(rec, m),
             None => state,
         }
+    }
+
+    /// Confirms upstream that the repository contains a blob berth already has.
+    async fn confirm_member(&self, t: &Target, digest: &Digest) -> Result<(), RegistryError> {
+        let unknown = || {
+            RegistryError::new(
+                ErrorCode::BlobUnknown,
+                format!("blob {digest} unknown to repository {}", t.repo),
+            )
+        };
+        if self
+            .core
+            .manifests
+            .is_known_non_member(&t.registry, &t.repo, digest)
+        {
+            return Err(unknown());
+        }
+        let up = self.core.upstream(&t.registry)?;
+        let answer = up.head_blob(&t.repo, digest).await;
+        match answer {
+            Ok(_) => {
+                self.core.manifests.add_member(&t.registry, &t.repo, digest);
+                Ok(())
+            }
+            Err(UpstreamError::Status { status, .. })
+                if status == StatusCode::NOT_FOUND
+                    || status == StatusCode::UNAUTHORIZED
+                    || status == StatusCode::FORBIDDEN =>
+            {
+                self.core
+                    .manifests
+                    .add_non_member(&t.registry, &t.repo, digest);
+                Err(unknown())
+            }
+            Err(e) => Err(upstream_error(&e, Kind::Blob, &format!("blob {digest}"))),
+        }
+    }
+
+    /// A blob: from the cache, or from a fill (joined or started), or for HEAD from upstream.
+    pub async fn blob(
+        &self,
+        t: &Target,
+        digest: &Digest,
+        head: bool,
+        via: Via<'_>,
+    ) -> Result<(BlobAnswer, CacheResult), RegistryError> {
+        if let Some(blob) = self.blobs.lookup(digest) {
+            if !self.core.manifests.is_member(&t.registry, &t.repo, digest) {
+                self.confirm_member(t, digest).await?;
+            }
+            return Ok((BlobAnswer::Cached(blob), CacheResult::Hit));
+        }
+        // The shared store holds blobs of every repository: it answers for this one only when
+        // a cached manifest (or upstream) says the repository holds the blob.
+        let member = self.core.manifests.is_member(&t.registry, &t.repo, digest);
+        let up = self.core.upstream(&t.registry)?.clone();
+        if head {
+            if member
+                && let Some(shared) = &self.core.shared
+                && let Lookup::Found(len) = shared.head_blob(digest).await
+            {
+                return Ok((BlobAnswer::Head { len: Some(len) }, CacheResult::Hit));
+            }
+            let resp = up
+                .head_blob(&t.repo, digest)
+                .await
+                .map_err(|e| upstream_error(&e, Kind::Blob, &format!("blob {digest}")))?;
+            self.core.manifests.add_member(&t.registry, &t.repo, digest);
+            let len = resp
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            return Ok((BlobAnswer::Head { len }, CacheResult::Miss));
+        }
+        let plan = sources::Plan {
+            target: t.clone(),
+            digest: digest.clone(),
+            upstream: up,
+            manifests: self.core.manifests.clone(),
+            metrics: self.core.metrics.clone(),
+            shared: self.core.shared.clone().filter(|_| member),
+            upload_to: self.core.shared.clone(),
+            cluster: self.cluster.clone().filter(|_| !via.peer),
+            authorization: via.authorization.map(str::to_owned),
+        };
+        let (fill, joined) = self.blobs.fill(digest, t, |fill| {
+            sources::open(Arc::new(plan), fill.clone()).boxed()
+        });
+        // A joiner from another repository must first show that its repository holds the blob
+        // too; one from the same repository shares the fill's own upstream answer.
+        let same_repo = fill.origin == *t;
+        if joined && !same_repo && !self.core.manifests.is_member(&t.registry, &t.repo, digest) {
+            self.confirm_member(t, digest).await?;
+        }
+        let len = fill.wait_started().await?;
+        // Joining a fill that already arrived whole and verified is a cache hit in all but
+        // name (the blob is being committed to disk).
+        let result = match (joined, fill.is_complete()) {
+            (false, _) => CacheResult::Miss,
+            (true, false) => CacheResult::Coalesced,
+            (true, true) => CacheResult::Hit,
+        };
+        Ok((BlobAnswer::Filling { fill, len }, result))
+    }
+
+    /// The tags of a repository, from upstream (`n` and `last` passed on).
+    pub async fn tags(
+        &self,
+        t: &Target,
+        n: Option<u32>,
+        last: Option<&str>,
+    ) -> Result<Bytes, RegistryError> {
+        let up = self.core.upstream(&t.registry)?;
+        let what = format!("tags of {}", t.repo);
+        let resp = up
+            .send(
+                Method::GET,
+                &t.repo,
+                UpstreamPath::Tags { n, last },
+                Some("application/json"),
+                Urgency::Fetch,
+            )
+            .await
+            .map_err(|e| upstream_error(&e, Kind::Tags, &what))?;
+        read_limited(resp, MAX_TAGS_BYTES)
+            .await
+            .map_err(|e| upstream_error(&e, Kind::Tags, &what))
+    }
+
+    /// Repositories of a registry that have cached manifests, after `last` (pagination).
+    pub fn catalog(&self, registry: &str, last: Option<&str>) -> Vec<String> {
+        let repos = self.core.manifests.repositories(registry);
+        let start = last.map_or(0, |l| repos.partition_point(|r| r.as_str() <= l));
+        repos.into_iter().skip(start).collect()
+    }
+}
+
+/// A tag's entry in [`Core::revalidating`], removed when its revalidation ends.
+struct Revalidating {
+    map: Arc<Mutex<HashMap<(Target, Tag), tokio::time::Instant>>>,
+    key: (Target, Tag),
+}
+
+impl Revalidating {
+    fn start(
+        map: &Arc<Mutex<HashMap<(Target, Tag), tokio::time::Instant>>>,
+        t: &Target,
+        tag: &Tag,
+        deadline: tokio::time::Instant,
+    ) -> Revalidating {
+        let key = (t.clone(), tag.clone());
+        map.lock().insert(key.clone(), deadline);
+        Revalidating {
+            map: map.clone(),
+            key,
+        }
+    }
+}
+
+impl Drop for Revalidating {
+    fn drop(&mut self) {
+        self.map.lock().remove(&self.key);
+    }
+}
+
+impl Core {
+    /// The registry's `revalidate_timeout` (zero for a registry not configured, which has
+    /// nothing cached to serve).
+    fn revalidate_timeout(&self, registry: &str) -> Duration {
+        self.upstreams
+            .get(registry)
+            .map_or(Duration::ZERO, |u| u.revalidate_timeout)
+    }
+
+    /// Whether the tag is being revalidated in the background: its revalidation has run past
+    /// the deadline of the request that started it.
+    fn in_background(&self, t: &Target, tag: &Tag) -> bool {
+        let key = (t.clone(), tag.clone());
+        self.revalidating
+            .lock()
+            .get(&key)
+            .is_some_and(|deadline| *deadline <= tokio::time::Instant::now())
+    }
+
+    /// Stores a tag record here and in the shared store.
+    fn record_tag(&self, t: &Target, tag: &Tag, rec: TagRecord) {
+        if let Some(shared) = &self.shared {
+            shared.put_tag(&t.registry, &t.repo, tag, &rec);
+        }
+        self.manifests.put_tag(&t.registry, &t.repo, tag, rec);
+    }
+
+    /// A manifest from the shared store, verified and kept on the local disk too.
+    async fn shared_manifest(&self, t: &Target, digest: &Digest) -> Option<Arc<Manifest>> {
+        let shared = self.shared.as_ref()?;
+        let m = Arc::new(shared.get_manifest(&t.registry, &t.repo, digest).await?);
+        self.manifests.put(&t.registry, &t.repo, m.clone());
+        Some(m)
+    }
+
+    fn upstream(&self, registry: &str) -> Result<&Arc<Upstream>, RegistryError> {
+        self.upstreams
+            .get(registry)
+            .ok_or_else(|| RegistryError::new(ErrorCode::NameUnknown, "registry is not configured"))
+    }
+
+    /// The digest of the tag's record, if any.
+    fn tag_digest(&self, t: &Target, tag: &Tag) -> Option<Digest> {
+        let rec = self.manifests.get_tag(&t.registry, &t.repo, tag)?;
+        Some(rec.digest.clone())
+    }
+
+    /// Remembers upstream's answer for clients accepting the types `accept` names.
+    fn remember_negotiated(&self, t: &Target, tag: &Tag, accept: &[&str], answer: Option<Digest>) {
+        let base = self.tag_digest(t, tag);
+        let key = (t.clone(), tag.clone(), named_manifest_types(accept));
+        self.negotiated
+            .insert(key, Arc::new(Negotiated { base, answer }));
     }
 
     /// A stale answer, checked upstream with a HEAD (which Docker Hub does not count as a
@@ -735,152 +1017,6 @@ impl Mirror {
             shared.put_manifest(&t.registry, &t.repo, &m);
         }
         Ok(m)
-    }
-
-    /// Confirms upstream that the repository contains a blob berth already has.
-    async fn confirm_member(&self, t: &Target, digest: &Digest) -> Result<(), RegistryError> {
-        let unknown = || {
-            RegistryError::new(
-                ErrorCode::BlobUnknown,
-                format!("blob {digest} unknown to repository {}", t.repo),
-            )
-        };
-        if self
-            .manifests
-            .is_known_non_member(&t.registry, &t.repo, digest)
-        {
-            return Err(unknown());
-        }
-        let up = self.upstream(&t.registry)?;
-        let answer = up
-            .send(
-                Method::HEAD,
-                &t.repo,
-                UpstreamPath::Blob(digest),
-                None,
-                Urgency::Fetch,
-            )
-            .await;
-        match answer {
-            Ok(_) => {
-                self.manifests.add_member(&t.registry, &t.repo, digest);
-                Ok(())
-            }
-            Err(UpstreamError::Status { status, .. })
-                if status == StatusCode::NOT_FOUND
-                    || status == StatusCode::UNAUTHORIZED
-                    || status == StatusCode::FORBIDDEN =>
-            {
-                self.manifests.add_non_member(&t.registry, &t.repo, digest);
-                Err(unknown())
-            }
-            Err(e) => Err(upstream_error(&e, Kind::Blob, &format!("blob {digest}"))),
-        }
-    }
-
-    /// A blob: from the cache, or from a fill (joined or started), or for HEAD from upstream.
-    pub async fn blob(
-        &self,
-        t: &Target,
-        digest: &Digest,
-        head: bool,
-        via: Via<'_>,
-    ) -> Result<(BlobAnswer, CacheResult), RegistryError> {
-        if let Some(blob) = self.blobs.lookup(digest) {
-            if !self.manifests.is_member(&t.registry, &t.repo, digest) {
-                self.confirm_member(t, digest).await?;
-            }
-            return Ok((BlobAnswer::Cached(blob), CacheResult::Hit));
-        }
-        // The shared store holds blobs of every repository: it answers for this one only when
-        // a cached manifest (or upstream) says the repository holds the blob.
-        let member = self.manifests.is_member(&t.registry, &t.repo, digest);
-        let up = self.upstream(&t.registry)?.clone();
-        if head {
-            if member
-                && let Some(shared) = &self.shared
-                && let Lookup::Found(len) = shared.head_blob(digest).await
-            {
-                return Ok((BlobAnswer::Head { len: Some(len) }, CacheResult::Hit));
-            }
-            let resp = up
-                .send(
-                    Method::HEAD,
-                    &t.repo,
-                    UpstreamPath::Blob(digest),
-                    None,
-                    Urgency::Fetch,
-                )
-                .await
-                .map_err(|e| upstream_error(&e, Kind::Blob, &format!("blob {digest}")))?;
-            self.manifests.add_member(&t.registry, &t.repo, digest);
-            let len = resp
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok());
-            return Ok((BlobAnswer::Head { len }, CacheResult::Miss));
-        }
-        let plan = sources::Plan {
-            target: t.clone(),
-            digest: digest.clone(),
-            upstream: up,
-            manifests: self.manifests.clone(),
-            metrics: self.metrics.clone(),
-            shared: self.shared.clone().filter(|_| member),
-            upload_to: self.shared.clone(),
-            cluster: self.cluster.clone().filter(|_| !via.peer),
-            authorization: via.authorization.map(str::to_owned),
-        };
-        let (fill, joined) = self.blobs.fill(digest, t, |fill| {
-            sources::open(Arc::new(plan), fill.clone()).boxed()
-        });
-        // A joiner from another repository must first show that its repository holds the blob
-        // too; one from the same repository shares the fill's own upstream answer.
-        let same_repo = fill.origin == *t;
-        if joined && !same_repo && !self.manifests.is_member(&t.registry, &t.repo, digest) {
-            self.confirm_member(t, digest).await?;
-        }
-        let len = fill.wait_started().await?;
-        // Joining a fill that already arrived whole and verified is a cache hit in all but
-        // name (the blob is being committed to disk).
-        let result = match (joined, fill.is_complete()) {
-            (false, _) => CacheResult::Miss,
-            (true, false) => CacheResult::Coalesced,
-            (true, true) => CacheResult::Hit,
-        };
-        Ok((BlobAnswer::Filling { fill, len }, result))
-    }
-
-    /// The tags of a repository, from upstream (`n` and `last` passed on).
-    pub async fn tags(
-        &self,
-        t: &Target,
-        n: Option<u32>,
-        last: Option<&str>,
-    ) -> Result<Bytes, RegistryError> {
-        let up = self.upstream(&t.registry)?;
-        let what = format!("tags of {}", t.repo);
-        let resp = up
-            .send(
-                Method::GET,
-                &t.repo,
-                UpstreamPath::Tags { n, last },
-                Some("application/json"),
-                Urgency::Fetch,
-            )
-            .await
-            .map_err(|e| upstream_error(&e, Kind::Tags, &what))?;
-        read_limited(resp, MAX_TAGS_BYTES)
-            .await
-            .map_err(|e| upstream_error(&e, Kind::Tags, &what))
-    }
-
-    /// Repositories of a registry that have cached manifests, after `last` (pagination).
-    pub fn catalog(&self, registry: &str, last: Option<&str>) -> Vec<String> {
-        let repos = self.manifests.repositories(registry);
-        let start = last.map_or(0, |l| repos.partition_point(|r| r.as_str() <= l));
-        repos.into_iter().skip(start).collect()
     }
 }
 

@@ -19,17 +19,25 @@ pub(crate) struct Endpoint {
     /// Another berth: requests carry `?ns=<registry>`.
     pub mirror: bool,
     pub client: reqwest::Client,
+    /// How long a connection may take (the endpoint's own, else the registry's): also the
+    /// longest wait for an answer from an endpoint marked down.
+    pub connect_timeout: Duration,
     down_until: Mutex<Option<Instant>>,
     in_flight: AtomicUsize,
     pub(super) auth: Mutex<super::AuthMode>,
 }
 
 impl Endpoint {
-    pub(crate) fn new(cfg: &EndpointConfig, client: reqwest::Client) -> Endpoint {
+    pub(crate) fn new(
+        cfg: &EndpointConfig,
+        client: reqwest::Client,
+        connect_timeout: Duration,
+    ) -> Endpoint {
         Endpoint {
             base: cfg.url.as_str().trim_end_matches('/').to_owned(),
             mirror: cfg.mirror,
             client,
+            connect_timeout,
             down_until: Mutex::new(None),
             in_flight: AtomicUsize::new(0),
             auth: Mutex::new(super::AuthMode::None),
@@ -38,6 +46,13 @@ impl Endpoint {
 
     pub(crate) fn is_down(&self) -> bool {
         self.down_until.lock().is_some_and(|t| Instant::now() < t)
+    }
+
+    /// How long the endpoint stays marked down, if it is.
+    pub(crate) fn down_for(&self) -> Option<Duration> {
+        let t = (*self.down_until.lock())?;
+        let left = t.saturating_duration_since(Instant::now());
+        (!left.is_zero()).then_some(left)
     }
 
     /// Records the outcome of a request or probe. Returns whether the state changed.
@@ -94,7 +109,8 @@ impl Endpoints {
             {
                 return Ok(i);
             }
-            all.push(Endpoint::new(e, client_for(e)?));
+            let connect_timeout = e.connect_timeout.unwrap_or(cfg.connect_timeout);
+            all.push(Endpoint::new(e, client_for(e)?, connect_timeout));
             Ok(all.len() - 1)
         };
         let mut pools = Vec::new();

@@ -41,9 +41,18 @@ pub(crate) enum UpstreamError {
         status: StatusCode,
         retry_after: Option<u64>,
     },
-    /// No endpoint answered: connection refused, reset, timed out.
+    /// No endpoint answered: connection refused, reset.
     #[error("upstream unreachable: {0}")]
     Unreachable(String),
+    /// An endpoint did not answer in time (connect or read timeout): it is marked down, and
+    /// the request is not sent to it again.
+    #[error("upstream timed out: {0}")]
+    TimedOut(String),
+    /// Every endpoint is marked down (it timed out, refused, or answered 5xx, and the probes
+    /// have not seen it back): a revalidation is not sent, a fetch waited at most
+    /// `connect_timeout` for an answer. `retry_after`: seconds until one may be tried again.
+    #[error("every upstream endpoint is down")]
+    Down { retry_after: u64 },
     /// Upstream answered with something unusable (bad token response, oversized manifest…).
     #[error("upstream sent an invalid answer: {0}")]
     Invalid(String),
@@ -197,6 +206,8 @@ pub(crate) struct Upstream {
     /// Revalidation is paused until then, because `ratelimit-remaining` fell below the floor.
     paused_until: Mutex<Option<Instant>>,
     probe_interval: Duration,
+    /// Longest wait for a tag revalidation before the cached answer is served.
+    pub revalidate_timeout: Duration,
     /// Where an upstream may send berth (redirects, token realms).
     outbound: Arc<OutboundPolicy>,
 }
@@ -277,6 +288,7 @@ impl Upstream {
             ratelimit_pause: cfg.ratelimit_pause,
             paused_until: Mutex::new(None),
             probe_interval: cfg.probe_interval,
+            revalidate_timeout: cfg.revalidate_timeout,
             outbound,
         })
     }
@@ -355,6 +367,17 @@ impl Upstream {
         self.send_from(method, repo, path, accept, 0, urgency).await
     }
 
+    /// `HEAD` of a blob of `repo`: whether upstream has it there, and its length.
+    pub(crate) async fn head_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let path = UpstreamPath::Blob(digest);
+        self.send(Method::HEAD, repo, path, None, Urgency::Fetch)
+            .await
+    }
+
     /// Like [`send`](Upstream::send), asking for the body from byte `from` on (a `Range`
     /// request when `from > 0`; the answer may still be the whole body, status 200).
     pub(crate) async fn send_from(
@@ -375,8 +398,11 @@ impl Upstream {
         };
         let key = blob_key.as_deref().unwrap_or(repo.as_str());
         let mut last_err = UpstreamError::Unreachable("no endpoint".into());
-        // Every endpoint once; when they all failed to connect, once more after a short pause
-        // (a restarting registry, a dropped connection from the pool).
+        // Whether every endpoint was down before this request tried any: then a failure is
+        // answered as such (503 with Retry-After), not as this request's own.
+        let mut down_before = false;
+        // Every endpoint once; when they all failed to connect (not timed out), once more
+        // after a short pause (a restarting registry, a dropped connection from the pool).
         for attempt in 0..2 {
             if attempt > 0 {
                 if !matches!(last_err, UpstreamError::Unreachable(_)) {
@@ -384,15 +410,43 @@ impl Upstream {
                 }
                 tokio::time::sleep(RETRY_PAUSE).await;
             }
-            for ep in self.endpoints.order(Some(repo.as_str()), key) {
+            let order = self.endpoints.order(Some(repo.as_str()), key);
+            // Every endpoint marked down: a revalidation is not sent (the cached answer is
+            // served at once); a fetch tries them still (one may be back before the probes
+            // notice), but waits at most `connect_timeout` for an answer.
+            let all_down = order.iter().all(|e| e.is_down());
+            down_before |= attempt == 0 && all_down;
+            if all_down && urgency == Urgency::Revalidate {
+                return Err(self.down_error());
+            }
+            let bound = order
+                .first()
+                .filter(|_| all_down)
+                .map(|e| tokio::time::Instant::now() + e.connect_timeout);
+            for ep in order {
                 let _in_flight = ep.start();
                 // A pull-through mirror endpoint serves several registries: `ns` names ours.
                 let ns = ep.mirror.then_some(self.name.as_str());
                 let url = path.url(&ep.base, repo, ns);
-                match self
-                    .send_to(ep, &method, &url, Some(&scope), accept, from)
-                    .await
-                {
+                let sent = self.send_to(ep, &method, &url, Some(&scope), accept, from);
+                let answer = match bound {
+                    None => sent.await,
+                    Some(deadline) => match tokio::time::timeout_at(deadline, sent).await {
+                        // Still down (it may time out on its own first).
+                        Ok(Err(UpstreamError::Unreachable(_) | UpstreamError::TimedOut(_)))
+                            if down_before =>
+                        {
+                            Err(self.down_error())
+                        }
+                        Ok(answer) => answer,
+                        Err(_) => {
+                            self.mark(ep, false);
+                            tracing::warn!(registry = %self.name, endpoint = %ep.base, "endpoint is down and did not answer within connect_timeout");
+                            Err(self.down_error())
+                        }
+                    },
+                };
+                match answer {
                     Ok(resp) => return Ok(resp),
                     Err(e @ UpstreamError::Status { status, .. }) if !status.is_server_error() => {
                         return Err(e);
@@ -442,9 +496,15 @@ impl Upstream {
                         None,
                         started.elapsed().as_secs_f64(),
                     );
+                    // Refused, reset or timed out: down until a probe or the cool-down says
+                    // otherwise, so the next requests do not wait on it too.
                     self.mark(ep, false);
                     tracing::warn!(registry = %self.name, endpoint = label, error = %error_chain(&e), "upstream request failed");
-                    return Err(UpstreamError::Unreachable(error_chain(&e)));
+                    return Err(if e.is_timeout() {
+                        UpstreamError::TimedOut(error_chain(&e))
+                    } else {
+                        UpstreamError::Unreachable(error_chain(&e))
+                    });
                 }
             };
             let status = resp.status();
@@ -485,6 +545,21 @@ impl Upstream {
                 status,
                 retry_after,
             });
+        }
+    }
+
+    /// The error for a request not sent (or not answered) because every endpoint is down,
+    /// with the seconds until the soonest is tried again.
+    fn down_error(&self) -> UpstreamError {
+        let soonest = self
+            .endpoints
+            .all
+            .iter()
+            .filter_map(Endpoint::down_for)
+            .min()
+            .unwrap_or(Duration::from_secs(1));
+        UpstreamError::Down {
+            retry_after: soonest.as_secs_f64().ceil().max(1.0) as u64,
         }
     }
 

@@ -45,6 +45,11 @@ pub enum Behaviour {
     },
     /// Manifest and blob requests wait this long before answering anything (no headers).
     Stall(Duration),
+    /// A black hole (a registry in a brown-out, a half-dead load balancer): every request,
+    /// `/v2/` and `/token` included, is accepted and never answered while this is the
+    /// behaviour. When it changes, the waiting requests are answered by the new one (after
+    /// 120 s at most they get a 503).
+    Hang,
     /// Blob bodies send their first half, go silent for this long, then send the rest.
     StallMidway(Duration),
     /// Every new connection is reset (RST) at once, before its request is read.
@@ -326,6 +331,12 @@ async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response
         st.authorized.lock().expect("lock").push(line.clone());
     }
     st.log.lock().expect("lock").push(line);
+    if !wait_while_hanging(&st).await {
+        return full(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"errors":[{"code":"UNAVAILABLE"}]}"#,
+        );
+    }
     let head = req.method() == hyper::Method::HEAD;
     let behaviour = st
         .behaviour
@@ -545,6 +556,19 @@ async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response
         );
     }
     full(StatusCode::NOT_FOUND, "{}")
+}
+
+/// Waits while the behaviour is [`Behaviour::Hang`] (checked every 10 ms, 120 s at most);
+/// returns whether it changed.
+async fn wait_while_hanging(st: &State) -> bool {
+    let hanging = || *st.behaviour.lock().expect("lock") == Some(Behaviour::Hang);
+    for _ in 0..12_000 {
+        if !hanging() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    !hanging()
 }
 
 fn blob_body(data: Bytes, behaviour: Behaviour) -> Body {
