@@ -334,6 +334,68 @@ async fn active_probes_mark_endpoints_down_and_up_again() {
     assert!(berth.metrics_text().await.contains(&up_line(&b.url(), 1)));
 }
 
+/// A registry's only endpoint that stops accepting connections is marked down by the probes
+/// alone (no client request), without any HTTP request reaching it while it was up; when it
+/// accepts again, the HTTP probe marks it up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_endpoint_that_stops_accepting_is_marked_down_without_requests() {
+    let up = FakeUpstream::start().await;
+    seed(&up, 1, 1000);
+    let url = up.url();
+    let port = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("port");
+    let cfg = format!(
+        r#"
+        [[registry]]
+        name = "docker.io"
+        default = true
+        endpoints = ["{}"]
+        probe_interval = "200ms"
+        connect_timeout = "500ms"
+        "#,
+        url
+    );
+    let berth = start(&cfg, "", "10m").await;
+    let line = |v: u8| format!(r#"berth_upstream_up{{endpoint="{url}",registry="docker.io"}} {v}"#);
+    // Up, and the connection checks send no request.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(berth.metrics_text().await.contains(&line(1)));
+    assert_eq!(up.requests().len(), 0, "{:?}", up.requests());
+    // The upstream goes away: its port no longer accepts.
+    drop(up);
+    let mut marked = false;
+    for _ in 0..50 {
+        if berth.metrics_text().await.contains(&line(0)) {
+            marked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        marked,
+        "the lone endpoint was not marked down by the probes"
+    );
+    // It comes back on the same port: the HTTP probe marks it up again.
+    let back = FakeUpstream::start_on_port(port, Default::default()).await;
+    let mut up_again = false;
+    for _ in 0..50 {
+        if berth.metrics_text().await.contains(&line(1)) {
+            up_again = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up_again, "the endpoint was not marked up again");
+    assert!(
+        back.count("GET /v2/") >= 1,
+        "no HTTP probe: {:?}",
+        back.requests()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetches_queue_for_the_budget_then_get_429() {
     let up = FakeUpstream::start().await;

@@ -212,6 +212,29 @@ pub(crate) struct Upstream {
     outbound: Arc<OutboundPolicy>,
 }
 
+/// Whether the host and port of `base` (a configured endpoint) accept a TCP connection within
+/// `timeout`. A URL berth cannot take apart counts as accepting (the HTTP probe decides then).
+async fn accepts_connections(base: &str, timeout: Duration) -> bool {
+    let Ok(url) = Url::parse(base) else {
+        return true;
+    };
+    let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
+        return true;
+    };
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    matches!(
+        tokio::time::timeout(
+            timeout,
+            tokio::net::TcpStream::connect((host.as_str(), port))
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
 impl Upstream {
     pub(crate) fn new(
         cfg: &RegistryConfig,
@@ -308,9 +331,16 @@ impl Upstream {
             loop {
                 tick.tick().await;
                 let Some(up) = weak.upgrade() else { return };
-                // With one endpoint there is nothing to choose between: probe it only while it
-                // is marked down, to notice when it is back (no idle traffic to the origin).
+                // With one endpoint there is nothing to choose between: while it is up, only
+                // check that it still accepts connections (no request, so no traffic in the
+                // origin's logs or quota); the HTTP probe runs while it is marked down.
                 let choice = up.endpoints.all.len() > 1;
+                for ep in up.endpoints.all.iter().filter(|e| !choice && !e.is_down()) {
+                    let timeout = interval.min(ep.connect_timeout);
+                    if !accepts_connections(&ep.base, timeout).await {
+                        up.mark(ep, false);
+                    }
+                }
                 for ep in up.endpoints.all.iter().filter(|e| choice || e.is_down()) {
                     let probe = ep
                         .client
