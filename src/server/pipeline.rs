@@ -67,13 +67,19 @@ pub struct Refusal {
     pub range_total: Option<u64>,
 }
 
-impl From<RegistryError> for Answer {
-    fn from(error: RegistryError) -> Answer {
-        Answer::Error(Box::new(Refusal {
+impl From<RegistryError> for Refusal {
+    fn from(error: RegistryError) -> Refusal {
+        Refusal {
             error,
             challenge: None,
             range_total: None,
-        }))
+        }
+    }
+}
+
+impl From<RegistryError> for Answer {
+    fn from(error: RegistryError) -> Answer {
+        Answer::Error(Box::new(error.into()))
     }
 }
 
@@ -185,16 +191,7 @@ async fn authorize(
         .await
     {
         Ok(who) => Ok(Some(who)),
-        Err(Denial::Forbidden(error)) => Err(Box::new(Refusal {
-            error,
-            challenge: None,
-            range_total: None,
-        })),
-        Err(Denial::Limited(error)) => Err(Box::new(Refusal {
-            error,
-            challenge: None,
-            range_total: None,
-        })),
+        Err(Denial::Forbidden(error) | Denial::Limited(error)) => Err(Box::new(error.into())),
         Err(Denial::Challenge(error, scope)) => {
             let insufficient = error.code == ErrorCode::Denied;
             let challenge = auth.challenge(
@@ -346,14 +343,7 @@ pub fn too_many_connections() -> &'static [u8] {
         )
         .with_status(StatusCode::SERVICE_UNAVAILABLE)
         .with_retry_after(1);
-        let (head, payload) = refusal(
-            Refusal {
-                error,
-                challenge: None,
-                range_total: None,
-            },
-            false,
-        );
+        let (head, payload) = refusal(error.into(), false);
         let mut out = Vec::new();
         head.write_http1(&mut out, false, false);
         if let Payload::Bytes(b) = payload {
@@ -442,7 +432,8 @@ fn blob(
     req: &RequestHead,
 ) -> (ResponseHead, Payload) {
     let digest_text = digest.to_string();
-    let etag = etag_of(digest);
+    // The digest is formatted once per request; the entity tag is it quoted.
+    let etag = format!("\"{digest_text}\"");
     if req.has_etag(|| etag.clone()) {
         let head = ResponseHead::new(StatusCode::NOT_MODIFIED, Length::Unknown)
             .header_str(header::ETAG, &etag)
