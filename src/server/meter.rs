@@ -53,10 +53,11 @@ impl Drop for Meter {
     fn drop(&mut self) {
         let kind = self.kind.as_str();
         let method = self.method.as_str();
-        let status = self.status.to_string();
+        let mut status = itoa::Buffer::new();
+        let status = status.format(self.status);
         self.metrics
             .http_requests
-            .with_label_values(&[kind, method, &status])
+            .with_label_values(&[kind, method, status])
             .inc();
         let secs = self.started.elapsed().as_secs_f64();
         self.metrics
