@@ -18,9 +18,10 @@ pub struct Target {
 pub enum Route {
     /// `GET /v2/`
     Ping,
-    /// `GET /v2/_catalog`
+    /// `GET /v2/_catalog`: of the registry `ns` names, or (None) of the hosted registries and
+    /// the default one.
     Catalog {
-        registry: Arc<str>,
+        registry: Option<Arc<str>>,
     },
     Manifest {
         target: Target,
@@ -33,8 +34,20 @@ pub enum Route {
     Tags {
         target: Target,
     },
-    /// Push and delete endpoints: 405 UNSUPPORTED.
-    Unsupported,
+    /// `/v2/<name>/blobs/uploads/`: start an upload (or mount, or push a blob whole).
+    Uploads {
+        target: Target,
+    },
+    /// `/v2/<name>/blobs/uploads/<id>`: an upload session.
+    Upload {
+        target: Target,
+        id: String,
+    },
+    /// `GET /v2/<name>/referrers/<digest>` (OCI 1.1).
+    Referrers {
+        target: Target,
+        digest: Digest,
+    },
     /// `/token`, the token endpoint (only with `[auth]`).
     Token,
     /// `/_berth/peer`, a replica's instance id (only in a cluster).
@@ -47,7 +60,10 @@ impl Route {
         match self {
             Route::Manifest { target, .. }
             | Route::Blob { target, .. }
-            | Route::Tags { target } => Some(target),
+            | Route::Tags { target }
+            | Route::Uploads { target }
+            | Route::Upload { target, .. }
+            | Route::Referrers { target, .. } => Some(target),
             _ => None,
         }
     }
@@ -56,6 +72,8 @@ impl Route {
 pub struct Router {
     registries: Vec<Arc<str>>,
     default: Option<Arc<str>>,
+    /// Hosted registries with the repository globs they serve when no registry is named.
+    hosted: Vec<(Arc<str>, Vec<crate::hosted::RepoGlob>)>,
     token: bool,
     peer_id: bool,
 }
@@ -69,9 +87,17 @@ impl Router {
         Router {
             registries,
             default,
+            hosted: Vec::new(),
             token: false,
             peer_id: false,
         }
+    }
+
+    /// Routes to hosted registries: by name (`ns`, a path prefix) and, for names that name no
+    /// registry, by these globs, before the default registry.
+    pub fn with_hosted(mut self, hosted: Vec<(Arc<str>, Vec<crate::hosted::RepoGlob>)>) -> Router {
+        self.hosted = hosted;
+        self
     }
 
     /// Routes `/token` (berth issues tokens: `[auth]` is on).
@@ -87,7 +113,29 @@ impl Router {
     }
 
     fn configured(&self, name: &str) -> Option<Arc<str>> {
-        self.registries.iter().find(|r| &***r == name).cloned()
+        self.registries
+            .iter()
+            .chain(self.hosted.iter().map(|(n, _)| n))
+            .find(|r| &***r == name)
+            .cloned()
+    }
+
+    /// The hosted registry whose globs match a name that names no registry.
+    fn hosted_for(&self, name: &str) -> Option<Arc<str>> {
+        self.hosted
+            .iter()
+            .find(|(_, globs)| globs.iter().any(|g| g.matches(name)))
+            .map(|(n, _)| n.clone())
+    }
+
+    /// The registry requests that name none go to (after the hosted globs).
+    pub fn default_registry(&self) -> Option<&Arc<str>> {
+        self.default.as_ref()
+    }
+
+    /// Whether a registry name is a hosted one.
+    pub fn is_hosted(&self, registry: &str) -> bool {
+        self.hosted.iter().any(|(n, _)| &**n == registry)
     }
 
     /// Parses `path` (and the `ns` query parameter) into a route.
@@ -108,20 +156,58 @@ impl Router {
             .strip_prefix('/')
             .ok_or_else(|| RegistryError::new(ErrorCode::NameUnknown, "not a registry API path"))?;
         if rest == "_catalog" {
-            return Ok(Route::Catalog {
-                registry: self.registry_for(ns, None)?.0,
-            });
+            let registry = match ns {
+                Some(_) => Some(self.registry_for(ns, None)?.0),
+                None => None,
+            };
+            return Ok(Route::Catalog { registry });
         }
         // Split from the right so repository names of any depth work.
         if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
             let target = self.target(name, ns)?;
-            let reference = reference
-                .parse::<Reference>()
-                .map_err(|e| invalid_name(format!("invalid reference {:?}", e.0)))?;
+            // A tag that cannot exist is unknown (404, as the spec's conformance suite wants);
+            // a malformed digest is invalid (400).
+            let reference = reference.parse::<Reference>().map_err(|e| {
+                if reference.contains(':') {
+                    RegistryError::new(
+                        ErrorCode::DigestInvalid,
+                        format!("invalid digest {:?}", e.0),
+                    )
+                } else {
+                    RegistryError::new(
+                        ErrorCode::ManifestUnknown,
+                        format!("manifest unknown: {:?} is not a valid tag", e.0),
+                    )
+                }
+            })?;
             return Ok(Route::Manifest { target, reference });
         }
-        if rest.contains("/blobs/uploads") {
-            return Ok(Route::Unsupported);
+        if let Some((name, id)) = rest.rsplit_once("/blobs/uploads") {
+            let target = self.target(name, ns)?;
+            let id = id.strip_prefix('/').unwrap_or(id);
+            if id.is_empty() {
+                return Ok(Route::Uploads { target });
+            }
+            if !crate::hosted::valid_upload_id(id) {
+                return Err(RegistryError::new(
+                    ErrorCode::BlobUploadUnknown,
+                    "no such upload",
+                ));
+            }
+            return Ok(Route::Upload {
+                target,
+                id: id.to_owned(),
+            });
+        }
+        if let Some((name, digest)) = rest.rsplit_once("/referrers/") {
+            let target = self.target(name, ns)?;
+            let digest = digest.parse::<Digest>().map_err(|e| {
+                RegistryError::new(
+                    ErrorCode::DigestInvalid,
+                    format!("invalid digest {:?}", e.0),
+                )
+            })?;
+            return Ok(Route::Referrers { target, digest });
         }
         if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
             let target = self.target(name, ns)?;
@@ -181,6 +267,9 @@ impl Router {
                 ));
             }
         }
+        if let Some(hosted) = name.and_then(|n| self.hosted_for(n)) {
+            return Ok((hosted, name));
+        }
         match &self.default {
             Some(d) => Ok((d.clone(), name)),
             None => Err(RegistryError::new(
@@ -207,6 +296,9 @@ impl Router {
         {
             return self.make_target(reg, rest).into_iter().collect();
         }
+        if let Some(hosted) = self.hosted_for(name) {
+            return self.make_target(hosted, name).into_iter().collect();
+        }
         self.registries
             .iter()
             .filter_map(|r| self.make_target(r.clone(), name))
@@ -226,7 +318,9 @@ impl Router {
 pub fn url_name(path: &str) -> Option<&str> {
     let rest = path.strip_prefix("/v2/")?;
     rest.rsplit_once("/manifests/")
+        .or_else(|| rest.rsplit_once("/blobs/uploads"))
         .or_else(|| rest.rsplit_once("/blobs/"))
+        .or_else(|| rest.rsplit_once("/referrers/"))
         .map(|(n, _)| n)
         .or_else(|| rest.strip_suffix("/tags/list"))
 }
@@ -315,12 +409,12 @@ mod tests {
         assert_eq!(r.route("/v2/", None).unwrap(), Route::Ping);
         assert_eq!(r.route("/v2", None).unwrap(), Route::Ping);
         assert!(
-            matches!(r.route("/v2/_catalog", Some("ghcr.io")).unwrap(), Route::Catalog { registry } if &*registry == "ghcr.io")
+            matches!(r.route("/v2/_catalog", Some("ghcr.io")).unwrap(), Route::Catalog { registry: Some(registry) } if &*registry == "ghcr.io")
         );
-        assert_eq!(
+        assert!(matches!(
             r.route("/v2/a/blobs/uploads/", None).unwrap(),
-            Route::Unsupported
-        );
+            Route::Uploads { .. }
+        ));
     }
 
     #[test]
@@ -363,9 +457,14 @@ mod tests {
             (
                 "/v2/a/manifests/bad:tag".into(),
                 None,
-                ErrorCode::NameInvalid,
+                ErrorCode::DigestInvalid,
             ),
-            ("/v2/a/manifests/".into(), None, ErrorCode::NameInvalid),
+            (
+                "/v2/a/manifests/.INVALID_MANIFEST_NAME".into(),
+                None,
+                ErrorCode::ManifestUnknown,
+            ),
+            ("/v2/a/manifests/".into(), None, ErrorCode::ManifestUnknown),
             (
                 "/v2/a/blobs/sha256:123".into(),
                 None,

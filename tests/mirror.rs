@@ -599,7 +599,15 @@ async fn bad_requests_get_oci_errors() {
             "GET",
             "/v2/library/app/manifests/bad:ref",
             400,
-            "NAME_INVALID",
+            "DIGEST_INVALID",
+        ),
+        // A tag that cannot exist is unknown, as the OCI conformance suite wants (never asked
+        // upstream: see the end).
+        (
+            "GET",
+            "/v2/library/app/manifests/.INVALID_MANIFEST_NAME",
+            404,
+            "MANIFEST_UNKNOWN",
         ),
         (
             "GET",
@@ -656,8 +664,12 @@ async fn bad_requests_get_oci_errors() {
         assert!(r.headers().contains_key("date"));
         assert_eq!(s.get("/v2/").await.status(), 200);
     }
-    // The refused ns never reached any upstream.
-    assert!(s.up.requests().iter().all(|r| !r.contains("evil")));
+    // The refused ns and the impossible tag never reached any upstream.
+    assert!(
+        s.up.requests()
+            .iter()
+            .all(|r| !r.contains("evil") && !r.contains("INVALID"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -220,6 +220,13 @@ impl BlobStore {
     }
 
     /// Opens a cached blob, marking it recently used.
+    /// The file of a cached, verified blob (for a hosted push of the same bytes to link).
+    pub fn path_if_cached(&self, digest: &Digest) -> Option<PathBuf> {
+        self.index
+            .contains_key(digest)
+            .then(|| blob_path(&self.root, digest))
+    }
+
     pub fn lookup(&self, digest: &Digest) -> Option<CachedBlob> {
         let known = self.index.get(digest).map(|e| {
             e.used.store(

@@ -5,6 +5,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use futures_util::StreamExt;
 use http::{Request, Response};
 
 use super::body::Body;
@@ -13,10 +14,20 @@ use super::request::RequestHead;
 use super::response::Payload;
 use crate::app::App;
 
-pub async fn handle<B>(app: Arc<App>, req: Request<B>, client: IpAddr) -> Response<Body> {
-    let (parts, _body) = req.into_parts();
+pub async fn handle<B>(app: Arc<App>, req: Request<B>, client: IpAddr) -> Response<Body>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let (parts, body) = req.into_parts();
     let head = RequestHead::from_parts(&parts, client);
-    let reply = pipeline::handle(&app, head).await;
+    // Only requests that may carry one get a body stream (GET and HEAD never read theirs).
+    let body = (!head.method.is_read()).then(|| {
+        http_body_util::BodyDataStream::new(body)
+            .map(|r| r.map_err(std::io::Error::other))
+            .boxed()
+    });
+    let reply = pipeline::handle(&app, head, body).await;
     let body = match reply.payload {
         Payload::Empty => Body::empty(),
         Payload::Bytes(b) => Body::full(b),
