@@ -36,7 +36,7 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
 
 /// Whether a request may use `/admin/`: it carries the token, or there is none and the
 /// listener is loopback-only.
-fn admitted<B>(app: &App, req: &Request<B>) -> Result<(), Response<Body>> {
+fn admitted<B>(app: &App, req: &Request<B>) -> Result<(), Box<Response<Body>>> {
     match &app.admin_token {
         Some(token) => {
             let sent = req
@@ -55,17 +55,17 @@ fn admitted<B>(app: &App, req: &Request<B>) -> Result<(), Response<Body>> {
             if same {
                 Ok(())
             } else {
-                Err(json(
+                Err(Box::new(json(
                     StatusCode::UNAUTHORIZED,
                     &serde_json::json!({"error": "the admin API needs Authorization: Bearer <[admin] token_file>"}),
-                ))
+                )))
             }
         }
         None if app.admin_loopback => Ok(()),
-        None => Err(json(
+        None => Err(Box::new(json(
             StatusCode::FORBIDDEN,
             &serde_json::json!({"error": "the admin API is off: admin_listen is not loopback and [admin] token_file is not set"}),
-        )),
+        ))),
     }
 }
 
@@ -76,7 +76,7 @@ fn flag(query: Option<&str>, key: &str) -> bool {
 
 async fn admin_api<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
     if let Err(refused) = admitted(&app, &req) {
-        return refused;
+        return *refused;
     }
     match (req.method(), req.uri().path()) {
         (&http::Method::POST, "/admin/gc") => {

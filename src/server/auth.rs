@@ -730,13 +730,13 @@ mod tests {
         let other = IpAddr::from([127, 0, 0, 2]);
         for _ in 0..3 {
             assert!(matches!(
-                a.login("ci", "wrong", CLIENT, Action::Pull).await,
+                a.login("ci", "wrong", CLIENT).await,
                 Err(Denial::Challenge(..))
             ));
         }
         // The fourth failure from this client, or for this user, is refused before bcrypt.
         assert!(matches!(
-            a.login("bob", "wrong", CLIENT, Action::Pull).await,
+            a.login("bob", "wrong", CLIENT).await,
             Err(Denial::Limited(e)) if e.retry_after == Some(60)
         ));
         assert!(matches!(
