@@ -303,13 +303,30 @@ async fn answer(
             ErrorCode::Unsupported,
             "push goes to a [[hosted]] registry",
         )),
-        Route::Referrers { target, .. } => Err(RegistryError::new(
-            ErrorCode::NameUnknown,
-            format!(
-                "the referrers API is served for hosted registries only, not yet for the mirrored {}",
-                target.registry
-            ),
-        )),
+        Route::Referrers { target, digest } => {
+            let index = app.mirror.referrers(&target, &digest).await?;
+            let filter = req.query_decoded("artifactType");
+            let mut headers = Vec::new();
+            let body = match &filter {
+                Some(f) => {
+                    headers.push((
+                        http::HeaderName::from_static("oci-filters-applied"),
+                        "artifactType".to_owned(),
+                    ));
+                    crate::mirror::filter_index(&index, f)
+                }
+                None => index,
+            };
+            Ok((
+                Answer::Custom {
+                    status: StatusCode::OK,
+                    headers,
+                    content_type: Some(HeaderValue::from_static(crate::oci::OCI_INDEX)),
+                    body,
+                },
+                None,
+            ))
+        }
         Route::Tags { target } => {
             let n = parse_n(req)?;
             let last = req
