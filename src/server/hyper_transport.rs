@@ -21,6 +21,8 @@ where
 {
     let (parts, body) = req.into_parts();
     let head = RequestHead::from_parts(&parts, client);
+    let http1 = parts.version < http::Version::HTTP_2;
+    let sends_body = !head.method.is_read();
     // Only requests that may carry one get a body stream (GET and HEAD never read theirs).
     let body = (!head.method.is_read()).then(|| {
         http_body_util::BodyDataStream::new(body)
@@ -34,5 +36,14 @@ where
         Payload::File { file, start, len } => Body::file(file, start, len),
         Payload::Fill { fill, start, end } => Body::stream(fill.reader(start, end).into_stream()),
     };
-    reply.head.into_hyper(body.metered(reply.meter))
+    let refused = reply.head.status.is_client_error() || reply.head.status.is_server_error();
+    let mut response = reply.head.into_hyper(body.metered(reply.meter));
+    // A refused upload may not have been read to its end: the connection cannot carry another
+    // request, and the client is told so rather than finding out on its next one.
+    if http1 && sends_body && refused {
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    response
 }
