@@ -493,6 +493,64 @@ mod tests {
     }
 
     #[test]
+    fn hosted_registries_by_name_and_by_glob() {
+        let globs = vec![
+            crate::hosted::RepoGlob::new("team/*").unwrap(),
+            crate::hosted::RepoGlob::new("ci/**").unwrap(),
+        ];
+        let r = router().with_hosted(vec![("local".into(), globs)]);
+        let table: &[(&str, Option<&str>, (&str, &str))] = &[
+            ("/v2/team/app/manifests/1", None, ("local", "team/app")),
+            ("/v2/ci/a/b/c/manifests/1", None, ("local", "ci/a/b/c")),
+            // `*` stays within one component: deeper names go to the default registry.
+            ("/v2/team/a/b/manifests/1", None, ("docker.io", "team/a/b")),
+            ("/v2/local/misc/manifests/1", None, ("local", "misc")),
+            ("/v2/misc/manifests/1", Some("local"), ("local", "misc")),
+            (
+                "/v2/team/app/manifests/1",
+                Some("docker.io"),
+                ("docker.io", "team/app"),
+            ),
+            (
+                "/v2/alpine/manifests/1",
+                None,
+                ("docker.io", "library/alpine"),
+            ),
+        ];
+        for (path, ns, want) in table {
+            let route = r.route(path, *ns).unwrap();
+            assert_eq!(target(&route), *want, "{path} ns={ns:?}");
+        }
+        assert!(r.is_hosted("local") && !r.is_hosted("docker.io"));
+        let id = "0123456789abcdef0123456789abcdef";
+        assert!(matches!(
+            r.route(&format!("/v2/team/app/blobs/uploads/{id}"), None).unwrap(),
+            Route::Upload { id: i, .. } if i == id
+        ));
+        assert_eq!(
+            r.route("/v2/team/app/blobs/uploads/../../x", None)
+                .unwrap_err()
+                .code,
+            ErrorCode::BlobUploadUnknown
+        );
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert!(matches!(
+            r.route(&format!("/v2/team/app/referrers/{d}"), None)
+                .unwrap(),
+            Route::Referrers { .. }
+        ));
+        assert_eq!(url_name("/v2/team/app/blobs/uploads/"), Some("team/app"));
+        assert_eq!(
+            url_name(&format!("/v2/local/x/referrers/{d}")),
+            Some("local/x")
+        );
+        // Tokens: a hosted name means the hosted registry only.
+        let t = r.targets_for_name("team/app");
+        assert_eq!(t.len(), 1);
+        assert_eq!(&*t[0].registry, "local");
+    }
+
+    #[test]
     fn ns_parameter() {
         assert_eq!(ns_param(Some("ns=docker.io")), Some("docker.io"));
         assert_eq!(ns_param(Some("n=1&ns=ghcr.io")), Some("ghcr.io"));

@@ -950,3 +950,58 @@ async fn webhooks_get_distributions_envelopes_in_order_with_retries() {
     );
     berth.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berth_gc_on_the_command_line_reports_then_removes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = hosted_config("delete = true\ngc_grace = \"0s\"");
+    let (kept, orphan) = {
+        let berth = InProc::start_in(&config, dir.path()).await;
+        let reg = Reg::new(&berth);
+        reg.push_image("team/app", "v1", &[b"kept layer"]).await;
+        let orphan = reg.push_blob("team/app", b"nobody references me").await;
+        berth.stop().await;
+        (sha256(b"kept layer"), orphan)
+    };
+    // The command reads the same config (the ports are not used by gc).
+    let file = dir.path().join("berth.toml");
+    let text = config.toml(
+        "127.0.0.1:1".parse().expect("addr"),
+        "127.0.0.1:2".parse().expect("addr"),
+        dir.path(),
+    );
+    std::fs::write(&file, text).expect("config");
+    let gc = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("gc")
+            .arg("--config")
+            .arg(&file)
+            .args(args)
+            .output()
+            .expect("run berth gc");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dry = gc(&["--dry-run"]);
+    assert!(
+        dry.contains(&format!("would remove blob {orphan}")),
+        "{dry}"
+    );
+    assert!(!dry.contains(&kept), "{dry}");
+    assert!(dry.contains("would remove 1 blobs, 20 bytes"), "{dry}");
+    let blob = |d: &str| {
+        let hex = d.trim_start_matches("sha256:");
+        dir.path()
+            .join("hosted/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+    };
+    assert!(blob(&orphan).exists(), "a dry run removed the blob");
+    let done = gc(&[]);
+    assert!(done.contains(&format!("removed blob {orphan}")), "{done}");
+    assert!(!blob(&orphan).exists() && blob(&kept).exists());
+}

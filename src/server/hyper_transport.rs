@@ -41,9 +41,10 @@ where
     // A refused upload may not have been read to its end: the connection cannot carry another
     // request, and the client is told so rather than finding out on its next one.
     if http1 && sends_body && refused {
-        response
-            .headers_mut()
-            .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
     }
     response
 }
