@@ -240,6 +240,24 @@ fn router(config: &Config, token: bool, peer_id: bool) -> Router {
         .find(|r| r.default)
         .map(|r| Arc::<str>::from(r.name.as_str()));
     let mut router = Router::new(names, default);
+    for r in config
+        .registries
+        .iter()
+        .filter(|r| !r.allow.is_empty() || !r.deny.is_empty())
+    {
+        let globs = |list: &[String]| {
+            list.iter()
+                .filter_map(|g| crate::route::RepoGlob::new(g).ok())
+                .collect()
+        };
+        router = router.with_filter(
+            r.name.as_str().into(),
+            crate::route::RepoFilter {
+                allow: globs(&r.allow),
+                deny: globs(&r.deny),
+            },
+        );
+    }
     if token {
         router = router.with_token_endpoint();
     }

@@ -574,6 +574,15 @@ pub struct RegistryConfig {
     /// Accept any certificate from this registry's endpoints. Dangerous; logged loudly.
     #[serde(default)]
     pub insecure: bool,
+    /// Only repositories matching one of these globs may be pulled through (default: all).
+    /// `*` matches within one path component, `**` across any; Docker Hub's official images
+    /// are `library/<name>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Repositories matching one of these are refused (403 DENIED, never sent upstream);
+    /// checked before `allow`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
 }
 
 /// `balance = "round-robin" | "least-requests" | "consistent-hash"`.
@@ -836,6 +845,12 @@ impl Config {
                 }
                 default = Some(&r.name);
             }
+            for (field, globs) in [("allow", &r.allow), ("deny", &r.deny)] {
+                for (j, g) in globs.iter().enumerate() {
+                    crate::route::RepoGlob::new(g)
+                        .map_err(|e| invalid(key(&format!("{field}[{j}]")), e))?;
+                }
+            }
             if r.endpoints.is_empty() {
                 return Err(invalid(
                     key("endpoints"),
@@ -1019,7 +1034,7 @@ impl Config {
                 ));
             }
             for (j, g) in h.repositories.iter().enumerate() {
-                crate::hosted::RepoGlob::new(g)
+                crate::route::RepoGlob::new(g)
                     .map_err(|e| invalid(format!("hosted[{i}].repositories[{j}]"), e))?;
             }
         }

@@ -69,11 +69,47 @@ impl Route {
     }
 }
 
+/// A repository glob (`[[hosted]] repositories`, a registry's `allow` and `deny`): `*` matches within one path component,
+/// `**` across any number of them.
+#[derive(Debug, Clone)]
+pub struct RepoGlob(globset::GlobMatcher);
+
+impl RepoGlob {
+    pub fn new(pattern: &str) -> Result<RepoGlob, String> {
+        globset::GlobBuilder::new(pattern)
+            .literal_separator(true)
+            .build()
+            .map(|g| RepoGlob(g.compile_matcher()))
+            .map_err(|e| format!("{pattern:?} is not a glob: {e}"))
+    }
+
+    pub fn matches(&self, repo: &str) -> bool {
+        self.0.is_match(repo)
+    }
+}
+
+/// A mirrored registry's `allow` and `deny` globs.
+#[derive(Debug, Clone, Default)]
+pub struct RepoFilter {
+    pub allow: Vec<RepoGlob>,
+    pub deny: Vec<RepoGlob>,
+}
+
+impl RepoFilter {
+    /// Deny first; then, if there is an allow list, the repository must be on it.
+    pub fn permits(&self, repo: &str) -> bool {
+        !self.deny.iter().any(|g| g.matches(repo))
+            && (self.allow.is_empty() || self.allow.iter().any(|g| g.matches(repo)))
+    }
+}
+
 pub struct Router {
     registries: Vec<Arc<str>>,
     default: Option<Arc<str>>,
     /// Hosted registries with the repository globs they serve when no registry is named.
-    hosted: Vec<(Arc<str>, Vec<crate::hosted::RepoGlob>)>,
+    hosted: Vec<(Arc<str>, Vec<RepoGlob>)>,
+    /// Per mirrored registry, the repositories that may be pulled through it.
+    filters: Vec<(Arc<str>, RepoFilter)>,
     token: bool,
     peer_id: bool,
 }
@@ -88,6 +124,7 @@ impl Router {
             registries,
             default,
             hosted: Vec::new(),
+            filters: Vec::new(),
             token: false,
             peer_id: false,
         }
@@ -95,8 +132,14 @@ impl Router {
 
     /// Routes to hosted registries: by name (`ns`, a path prefix) and, for names that name no
     /// registry, by these globs, before the default registry.
-    pub fn with_hosted(mut self, hosted: Vec<(Arc<str>, Vec<crate::hosted::RepoGlob>)>) -> Router {
+    pub fn with_hosted(mut self, hosted: Vec<(Arc<str>, Vec<RepoGlob>)>) -> Router {
         self.hosted = hosted;
+        self
+    }
+
+    /// Limits what may be pulled through a registry (`allow` / `deny` of its `[[registry]]`).
+    pub fn with_filter(mut self, registry: Arc<str>, filter: RepoFilter) -> Router {
+        self.filters.push((registry, filter));
         self
     }
 
@@ -282,8 +325,27 @@ impl Router {
     fn target(&self, name: &str, ns: Option<&str>) -> Result<Target, RegistryError> {
         let (registry, name) = self.registry_for(ns, Some(name))?;
         let name = name.unwrap_or_default();
-        self.make_target(registry, name)
-            .ok_or_else(|| invalid_name(format!("invalid repository name {:?}", truncate(name))))
+        let target = self
+            .make_target(registry, name)
+            .ok_or_else(|| invalid_name(format!("invalid repository name {:?}", truncate(name))))?;
+        if !self.permitted(&target) {
+            return Err(RegistryError::new(
+                ErrorCode::Denied,
+                format!(
+                    "{}/{} may not be pulled through this mirror (the registry's allow/deny list)",
+                    target.registry, target.repo
+                ),
+            ));
+        }
+        Ok(target)
+    }
+
+    /// Whether a registry's allow/deny lists let `t` through.
+    pub fn permitted(&self, t: &Target) -> bool {
+        self.filters
+            .iter()
+            .find(|(r, _)| *r == t.registry)
+            .is_none_or(|(_, f)| f.permits(t.repo.as_str()))
     }
 }
 
@@ -302,6 +364,7 @@ impl Router {
         self.registries
             .iter()
             .filter_map(|r| self.make_target(r.clone(), name))
+            .filter(|t| self.permitted(t))
             .collect()
     }
 
@@ -495,8 +558,8 @@ mod tests {
     #[test]
     fn hosted_registries_by_name_and_by_glob() {
         let globs = vec![
-            crate::hosted::RepoGlob::new("team/*").unwrap(),
-            crate::hosted::RepoGlob::new("ci/**").unwrap(),
+            RepoGlob::new("team/*").unwrap(),
+            RepoGlob::new("ci/**").unwrap(),
         ];
         let r = router().with_hosted(vec![("local".into(), globs)]);
         let table: &[(&str, Option<&str>, (&str, &str))] = &[
@@ -548,6 +611,46 @@ mod tests {
         let t = r.targets_for_name("team/app");
         assert_eq!(t.len(), 1);
         assert_eq!(&*t[0].registry, "local");
+    }
+
+    #[test]
+    fn allow_and_deny_lists_apply_to_every_way_of_naming_a_registry() {
+        let glob = |g: &str| RepoGlob::new(g).unwrap();
+        let filter = RepoFilter {
+            allow: vec![glob("library/*"), glob("bitnami/*")],
+            deny: vec![glob("*/*-miner*")],
+        };
+        let r = router().with_filter("docker.io".into(), filter);
+        for (path, ns) in [
+            ("/v2/alpine/manifests/1", None),
+            ("/v2/library/alpine/manifests/1", Some("docker.io")),
+            ("/v2/docker.io/bitnami/redis/manifests/1", None),
+        ] {
+            assert!(r.route(path, ns).is_ok(), "{path} {ns:?}");
+        }
+        for (path, ns) in [
+            ("/v2/someone/app/manifests/1", None),
+            ("/v2/someone/app/manifests/1", Some("docker.io")),
+            (
+                "/v2/docker.io/someone/app/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000",
+                None,
+            ),
+            ("/v2/bitnami/xmr-miner/manifests/1", None),
+            ("/v2/library/coin-miner/tags/list", None),
+        ] {
+            assert_eq!(
+                r.route(path, ns).unwrap_err().code,
+                ErrorCode::Denied,
+                "{path} {ns:?}"
+            );
+        }
+        // Other registries are not filtered; tokens are never issued for denied names.
+        assert!(r.route("/v2/x/y/manifests/1", Some("ghcr.io")).is_ok());
+        assert!(
+            r.targets_for_name("someone/app")
+                .iter()
+                .all(|t| &*t.registry != "docker.io")
+        );
     }
 
     #[test]

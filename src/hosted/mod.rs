@@ -28,29 +28,10 @@ use crate::config::HostedConfig;
 use crate::error::{ErrorCode, RegistryError};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, DigestAlgorithm, Hasher, Reference, Tag};
-use crate::route::Target;
+use crate::route::{RepoGlob, Target};
 
 /// The largest manifest accepted (distribution's limit too).
 const MAX_MANIFEST: usize = 4 * 1024 * 1024;
-
-/// A repository glob of `[[hosted]] repositories`: `*` matches within one path component,
-/// `**` across any number of them.
-#[derive(Debug, Clone)]
-pub struct RepoGlob(globset::GlobMatcher);
-
-impl RepoGlob {
-    pub fn new(pattern: &str) -> Result<RepoGlob, String> {
-        globset::GlobBuilder::new(pattern)
-            .literal_separator(true)
-            .build()
-            .map(|g| RepoGlob(g.compile_matcher()))
-            .map_err(|e| format!("{pattern:?} is not a glob: {e}"))
-    }
-
-    pub fn matches(&self, repo: &str) -> bool {
-        self.0.is_match(repo)
-    }
-}
 
 /// One `[[hosted]]` registry.
 pub struct HostedRegistry {
