@@ -199,8 +199,9 @@ fn static_busybox() -> PathBuf {
 /// Whether a little-endian ELF64 file has a `PT_INTERP` program header (is dynamically linked).
 fn has_interpreter(elf: &[u8]) -> bool {
     let u = |at: usize, n: usize| {
-        elf.get(at..at + n)
-            .map_or(0, |b| b.iter().rev().fold(0u64, |v, x| v << 8 | u64::from(*x)))
+        elf.get(at..at + n).map_or(0, |b| {
+            b.iter().rev().fold(0u64, |v, x| v << 8 | u64::from(*x))
+        })
     };
     let (phoff, phentsize, phnum) = (u(0x20, 8) as usize, u(0x36, 2) as usize, u(0x38, 2));
     (0..phnum as usize).any(|i| u(phoff + i * phentsize, 4) == 3)
@@ -210,7 +211,10 @@ fn docker_build(docker: &Dockerd, reference: &str, work: &Path) -> Built {
     let ctx = work.join("build");
     std::fs::create_dir_all(&ctx).expect("mkdir build context");
     std::fs::copy(static_busybox(), ctx.join("busybox")).expect("copy busybox");
-    let greeting = format!("hello from berth's hosted registry {}", hex::encode(random_bytes(6)));
+    let greeting = format!(
+        "hello from berth's hosted registry {}",
+        hex::encode(random_bytes(6))
+    );
     std::fs::write(ctx.join("greeting.txt"), format!("{greeting}\n")).expect("write greeting");
     let payload = random_bytes(256 << 10);
     std::fs::write(ctx.join("payload.bin"), &payload).expect("write payload");
@@ -263,21 +267,34 @@ fn check_event(
 ) -> serde_json::Value {
     let (delivery, e) = s
         .hook
-        .wait_event(&format!("webhook {action} of {digest}"), HOOK_TIMEOUT, |e| {
-            e["action"] == action
-                && e["target"]["digest"] == digest
-                && e["target"]["tag"].as_str() == tag
-                && e["actor"]["name"] == actor
-        })
+        .wait_event(
+            &format!("webhook {action} of {digest}"),
+            HOOK_TIMEOUT,
+            |e| {
+                e["action"] == action
+                    && e["target"]["digest"] == digest
+                    && e["target"]["tag"].as_str() == tag
+                    && e["actor"]["name"] == actor
+            },
+        )
         .unwrap_or_else(|e| {
-            let got: Vec<String> = s.hook.deliveries().iter().map(|d| d.json().to_string()).collect();
+            let got: Vec<String> = s
+                .hook
+                .deliveries()
+                .iter()
+                .map(|d| d.json().to_string())
+                .collect();
             panic!("{e}\nreceived:\n{}", got.join("\n"))
         });
     assert_eq!(delivery.method, "POST");
     assert_eq!(delivery.path, "/hook");
     assert_eq!(delivery.header("content-type"), Some(EVENTS_MEDIA_TYPE));
     let envelope = delivery.json();
-    assert_eq!(envelope["events"].as_array().map(Vec::len), Some(1), "{envelope}");
+    assert_eq!(
+        envelope["events"].as_array().map(Vec::len),
+        Some(1),
+        "{envelope}"
+    );
     for key in ["id", "timestamp"] {
         assert!(e[key].as_str().is_some_and(|v| !v.is_empty()), "{key}: {e}");
     }
@@ -285,12 +302,19 @@ fn check_event(
     assert_eq!(e["request"]["method"], method, "{e}");
     assert_eq!(e["actor"]["name"], actor, "{e}");
     assert!(
-        e["source"]["instanceID"].as_str().is_some_and(|v| !v.is_empty()),
+        e["source"]["instanceID"]
+            .as_str()
+            .is_some_and(|v| !v.is_empty()),
         "source.instanceID: {e}"
     );
     assert!(e["target"]["size"].as_u64().is_some_and(|n| n > 0), "{e}");
     assert_eq!(e["target"]["size"], e["target"]["length"], "{e}");
-    assert!(e["request"]["useragent"].as_str().is_some_and(|v| !v.is_empty()), "{e}");
+    assert!(
+        e["request"]["useragent"]
+            .as_str()
+            .is_some_and(|v| !v.is_empty()),
+        "{e}"
+    );
     e
 }
 
@@ -305,68 +329,100 @@ fn docker_build_login_push_then_a_second_dockerd_pulls_and_runs_it() {
     let app = timed("docker build", || {
         docker_build(&builder, &format!("{host}/team/app:v1"), s.work())
     });
-    let push = |docker: &Dockerd, reference: &str| {
-        docker.docker_with_timeout(&["push", reference], PUSH_TIMEOUT)
-    };
+    let (digest, manifest) = docker_push_as_ci(&s, &builder, &app.reference);
+    docker_push_elsewhere_is_refused(&s, &builder, &app.reference);
 
-    // Not logged in: refused, nothing stored.
-    let err = push(&builder, &app.reference).expect_err("an anonymous docker push must fail");
+    // A second daemon pulls it through berth (logged in: team/* is not anonymous) and runs it.
+    let puller = timed("dockerd (puller)", || Dockerd::start_with(insecure(&host)));
+    let err = puller
+        .pull(&app.reference)
+        .expect_err("an anonymous pull of team/app");
+    assert!(
+        err.contains("unauthorized") || err.contains("denied"),
+        "{err}"
+    );
+    docker_login(&puller, &host, "ci", CI_PASS);
+    timed("docker pull (second dockerd)", || {
+        puller.pull(&app.reference)
+    })
+    .unwrap_or_else(|e| panic!("docker pull on the second dockerd: {e}"));
+    let inspect = |format: &str| puller.inspect(&app.reference, format).expect("inspect");
+    assert_eq!(
+        inspect("{{index .RepoDigests 0}}"),
+        format!("{host}/team/app@{digest}")
+    );
+    assert_eq!(inspect("{{len .RootFS.Layers}}"), "4");
+    let out = timed("docker run", || {
+        puller.docker(&["run", "--rm", "--network", "none", &app.reference])
+    })
+    .unwrap_or_else(|e| panic!("docker run: {e}"));
+    assert_eq!(out, app.expected_output());
+
+    // dockerd resolves the tag with HEAD (no event), then GETs the manifest and blobs by digest.
+    let e = check_event(&s, "pull", "local/team/app", &digest, None, "GET", "ci");
+    let url = e["target"]["url"].as_str().unwrap_or_default();
+    assert!(
+        url.ends_with(&format!("/v2/team/app/manifests/{digest}")),
+        "{e}"
+    );
+    let layer = manifest["layers"][3]["digest"]
+        .as_str()
+        .expect("layer digest");
+    let e = check_event(&s, "pull", "local/team/app", layer, None, "GET", "ci");
+    let url = e["target"]["url"].as_str().unwrap_or_default();
+    assert!(url.ends_with(&format!("/v2/team/app/blobs/{layer}")), "{e}");
+    s.assert_no_errors();
+}
+
+fn docker_push(docker: &Dockerd, reference: &str) -> Result<String, String> {
+    docker.docker_with_timeout(&["push", reference], PUSH_TIMEOUT)
+}
+
+/// `docker push` before login is refused; after `docker login` as ci it is stored (four
+/// layers) and notified. Returns the manifest's digest and the manifest.
+fn docker_push_as_ci(s: &Site, docker: &Dockerd, reference: &str) -> (String, serde_json::Value) {
+    let err = docker_push(docker, reference).expect_err("an anonymous docker push must fail");
     assert!(
         err.contains("unauthorized") || err.contains("no basic auth credentials"),
         "anonymous docker push: {err}"
     );
     assert_eq!(s.manifest("local/team/app", "v1").status, 404);
 
-    docker_login(&builder, &host, "ci", CI_PASS);
-    let out = timed("docker push", || push(&builder, &app.reference))
+    docker_login(docker, &s.berth.host(), "ci", CI_PASS);
+    let out = timed("docker push", || docker_push(docker, reference))
         .unwrap_or_else(|e| panic!("docker push as ci: {e}\n{}", s.berth.logs()));
     let digest = pushed_digest(&out);
     let stored = s.manifest("local/team/app", "v1");
     assert_eq!(stored.status, 200, "{}", stored.text());
     assert_eq!(digest_of(&stored.body), digest);
     let manifest = json(&stored.text());
-    assert_eq!(manifest["layers"].as_array().map(Vec::len), Some(4), "{manifest}");
-    check_event(&s, "push", "local/team/app", &digest, Some("v1"), "PUT", "ci");
+    let layers = manifest["layers"].as_array().map(Vec::len);
+    assert_eq!(layers, Some(4), "{manifest}");
+    let e = check_event(
+        s,
+        "push",
+        "local/team/app",
+        &digest,
+        Some("v1"),
+        "PUT",
+        "ci",
+    );
+    assert_eq!(e["target"]["mediaType"], DOCKER_MANIFEST, "{e}");
+    (digest, manifest)
+}
 
-    // ci may push local/team/* only.
-    let elsewhere = format!("{host}/local/other/x:v1");
-    builder.docker(&["tag", &app.reference, &elsewhere]).expect("docker tag");
-    let err = push(&builder, &elsewhere).expect_err("ci must not push local/other/x");
+/// ci, logged in, may push local/team/* only: `local/other/x` is refused and not stored.
+fn docker_push_elsewhere_is_refused(s: &Site, docker: &Dockerd, reference: &str) {
+    let elsewhere = format!("{}/local/other/x:v1", s.berth.host());
+    docker
+        .docker(&["tag", reference, &elsewhere])
+        .expect("docker tag");
+    let err = docker_push(docker, &elsewhere).expect_err("ci must not push local/other/x");
     assert!(
         err.contains("denied") || err.contains("unauthorized"),
         "docker push local/other/x as ci: {err}"
     );
     assert_eq!(s.manifest("local/other/x", "v1").status, 404);
-
-    // A second daemon pulls it through berth (logged in: team/* is not anonymous) and runs it.
-    let puller = timed("dockerd (puller)", || Dockerd::start_with(insecure(&host)));
-    let err = puller.pull(&app.reference).expect_err("an anonymous pull of team/app");
-    assert!(err.contains("unauthorized") || err.contains("denied"), "{err}");
-    docker_login(&puller, &host, "ci", CI_PASS);
-    timed("docker pull (second dockerd)", || puller.pull(&app.reference))
-        .unwrap_or_else(|e| panic!("docker pull on the second dockerd: {e}"));
-    assert_eq!(
-        puller.inspect(&app.reference, "{{index .RepoDigests 0}}").expect("inspect"),
-        format!("{host}/team/app@{digest}")
-    );
-    assert_eq!(
-        puller.inspect(&app.reference, "{{len .RootFS.Layers}}").expect("inspect"),
-        "4"
-    );
-    let out = timed("docker run", || {
-        puller.docker(&["run", "--rm", "--network", "none", &app.reference])
-    })
-    .unwrap_or_else(|e| panic!("docker run: {e}"));
-    assert_eq!(out, app.expected_output());
-    // dockerd resolves the tag with HEAD (no event), then GETs the manifest and blobs by digest.
-    let e = check_event(&s, "pull", "local/team/app", &digest, None, "GET", "ci");
-    let url = e["target"]["url"].as_str().unwrap_or_default();
-    assert!(url.ends_with(&format!("/v2/team/app/manifests/{digest}")), "{e}");
-    let layer = manifest["layers"][3]["digest"].as_str().expect("layer digest");
-    let e = check_event(&s, "pull", "local/team/app", layer, None, "GET", "ci");
-    let url = e["target"]["url"].as_str().unwrap_or_default();
-    assert!(url.ends_with(&format!("/v2/team/app/blobs/{layer}")), "{e}");
-    s.assert_no_errors();
 }
 
 #[test]
@@ -380,7 +436,11 @@ fn anonymous_push_is_challenged_and_ci_stays_inside_its_repositories() {
     for name in ["team/app", "local/team/app"] {
         for (method, path, body) in [
             ("POST", format!("/v2/{name}/blobs/uploads/"), Vec::new()),
-            ("POST", format!("/v2/{name}/blobs/uploads/?digest={digest}"), blob.clone()),
+            (
+                "POST",
+                format!("/v2/{name}/blobs/uploads/?digest={digest}"),
+                blob.clone(),
+            ),
             ("PUT", format!("/v2/{name}/manifests/v1"), b"{}".to_vec()),
         ] {
             let r = request(method, &format!("{base}{path}"), None, &[], body);
@@ -394,7 +454,10 @@ fn anonymous_push_is_challenged_and_ci_stays_inside_its_repositories() {
             );
         }
     }
-    assert_eq!(s.blob_status(("admin", ADMIN_PASS), "local/team/app", &digest), 404);
+    assert_eq!(
+        s.blob_status(("admin", ADMIN_PASS), "local/team/app", &digest),
+        404
+    );
 
     // ci may push local/team/*: a monolithic blob upload is created.
     let r = request(
@@ -414,11 +477,29 @@ fn anonymous_push_is_challenged_and_ci_stays_inside_its_repositories() {
     ] {
         let url = format!("{base}/v2/{name}/blobs/uploads/?digest={digest}");
         let r = request("POST", &url, Some(ci), &[], blob.clone());
-        assert_eq!((r.status, r.error_code().as_str()), (status, code), "ci POST {name}: {}", r.text());
-        assert_ne!(s.blob_status(("admin", ADMIN_PASS), name, &digest), 200, "{name}");
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (status, code),
+            "ci POST {name}: {}",
+            r.text()
+        );
+        assert_ne!(
+            s.blob_status(("admin", ADMIN_PASS), name, &digest),
+            200,
+            "{name}"
+        );
     }
     assert_token_lacks_push(&base, ci, "local/other/x");
 
+    mount_only_from_pullable(&s, &digest);
+    s.assert_no_errors();
+}
+
+/// ci's mount into team/app from a repository it cannot pull is no mount (a plain upload
+/// session instead, as the spec says); from one it can pull, holding `digest`, it is made.
+fn mount_only_from_pullable(s: &Site, digest: &str) {
+    let base = s.berth.url();
+    let ci = ("ci", CI_PASS);
     // Mount: from a repository ci cannot pull, no mount (a plain upload session instead).
     let secret = random_bytes(2048);
     let secret_digest = block_on(
@@ -430,21 +511,29 @@ fn anonymous_push_is_challenged_and_ci_stays_inside_its_repositories() {
     };
     let r = mount("local/other/secret", &secret_digest);
     assert_eq!(r.status, 202, "mount from local/other/secret: {}", r.text());
-    assert!(r.header("location").is_some_and(|l| l.contains("/blobs/uploads/")));
+    assert!(
+        r.header("location")
+            .is_some_and(|l| l.contains("/blobs/uploads/"))
+    );
     assert_eq!(s.blob_status(ci, "team/app", &secret_digest), 404);
-    assert_eq!(s.blob_status(("admin", ADMIN_PASS), "local/team/app", &secret_digest), 404);
+    assert_eq!(
+        s.blob_status(("admin", ADMIN_PASS), "local/team/app", &secret_digest),
+        404
+    );
     // From its own repository, the mount is made (the refusal above is not a mount that
     // never works).
-    let r = mount("local/team/src", &digest);
+    let r = mount("local/team/src", digest);
     assert_eq!(r.status, 201, "mount from local/team/src: {}", r.text());
-    assert_eq!(s.blob_status(ci, "team/app", &digest), 200);
-    s.assert_no_errors();
+    assert_eq!(s.blob_status(ci, "team/app", digest), 200);
 }
 
 /// A token `ci` gets for `repository:<name>:pull,push` does not let it push there.
 fn assert_token_lacks_push(base: &str, ci: (&str, &str), name: &str) {
     let scope = format!("repository:{name}:pull,push");
-    let url = format!("{base}/token?service=berth&scope={}", scope.replace(':', "%3A"));
+    let url = format!(
+        "{base}/token?service=berth&scope={}",
+        scope.replace(':', "%3A")
+    );
     let r = request("GET", &url, Some(ci), &[], Vec::new());
     assert_eq!(r.status, 200, "token: {}", r.text());
     let token = json(&r.text())["token"].as_str().expect("token").to_owned();
@@ -458,7 +547,9 @@ fn assert_token_lacks_push(base: &str, ci: (&str, &str), name: &str) {
     assert_eq!(claims["sub"], ci.0, "{claims}");
     let granted = claims["access"].as_array().cloned().unwrap_or_default();
     assert!(
-        granted.iter().all(|a| a["actions"].as_array().is_none_or(|x| !x.iter().any(|x| x == "push"))),
+        granted.iter().all(|a| a["actions"]
+            .as_array()
+            .is_none_or(|x| !x.iter().any(|x| x == "push"))),
         "{claims}"
     );
     let bearer = format!("Bearer {token}");
@@ -471,7 +562,10 @@ fn assert_token_lacks_push(base: &str, ci: (&str, &str), name: &str) {
     );
     assert_eq!(r.status, 401, "bearer POST {name}: {}", r.text());
     let challenge = r.header("www-authenticate").unwrap_or_default();
-    assert!(challenge.contains(&format!("scope=\"{scope}\"")), "{challenge}");
+    assert!(
+        challenge.contains(&format!("scope=\"{scope}\"")),
+        "{challenge}"
+    );
 }
 
 #[test]
@@ -479,7 +573,15 @@ fn podman_builds_pushes_and_pulls_back() {
     let s = Site::start(true);
     let host = s.berth.host();
     let podman = Podman::new();
-    let login = podman.podman(&["login", "--tls-verify=false", &host, "-u", "ci", "-p", CI_PASS]);
+    let login = podman.podman(&[
+        "login",
+        "--tls-verify=false",
+        &host,
+        "-u",
+        "ci",
+        "-p",
+        CI_PASS,
+    ]);
     login.unwrap_or_else(|e| panic!("podman login: {e}"));
     let ctx = s.work().join("podman-build");
     std::fs::create_dir_all(&ctx).expect("mkdir context");
@@ -501,7 +603,13 @@ fn podman_builds_pushes_and_pulls_back() {
     let digest_arg = digest_file.to_string_lossy().into_owned();
     timed("podman push", || {
         podman.podman_with_timeout(
-            &["push", "--tls-verify=false", "--digestfile", &digest_arg, &reference],
+            &[
+                "push",
+                "--tls-verify=false",
+                "--digestfile",
+                &digest_arg,
+                &reference,
+            ],
             PUSH_TIMEOUT,
         )
     })
@@ -513,13 +621,36 @@ fn podman_builds_pushes_and_pulls_back() {
     let manifest = json(&stored.text());
     let layers = manifest["layers"].as_array().expect("layers").clone();
     assert_eq!(layers.len(), 2, "{manifest}");
-    check_event(&s, "push", "local/team/podapp", digest.trim(), Some("v1"), "PUT", "ci");
+    check_event(
+        &s,
+        "push",
+        "local/team/podapp",
+        digest.trim(),
+        Some("v1"),
+        "PUT",
+        "ci",
+    );
 
     // Removed locally, pulled back from berth: the same manifest digest, the same layers.
     podman.podman(&["rmi", &reference]).expect("podman rmi");
-    timed("podman pull", || podman.pull_with(&["--tls-verify=false"], &reference))
-        .unwrap_or_else(|e| panic!("podman pull: {e}"));
-    assert_eq!(podman.inspect(&reference, "{{.Digest}}").expect("inspect"), digest.trim());
+    timed("podman pull", || {
+        podman.pull_with(&["--tls-verify=false"], &reference)
+    })
+    .unwrap_or_else(|e| panic!("podman pull: {e}"));
+    assert_eq!(
+        podman.inspect(&reference, "{{.Digest}}").expect("inspect"),
+        digest.trim()
+    );
+    // containers/image GETs the manifest by tag.
+    check_event(
+        &s,
+        "pull",
+        "local/team/podapp",
+        digest.trim(),
+        Some("v1"),
+        "GET",
+        "ci",
+    );
     for layer in &layers {
         let d = layer["digest"].as_str().expect("layer digest");
         assert_eq!(s.blob_status(("ci", CI_PASS), "team/podapp", d), 200, "{d}");
@@ -531,77 +662,76 @@ fn podman_builds_pushes_and_pulls_back() {
 fn skopeo_copies_a_multi_arch_index_into_hosted_and_back() {
     let s = Site::start(true);
     let index = seed_index(&s.upstream, "library/multi", "v1");
-    let skopeo_dir = s.work().join("skopeo");
-    std::fs::create_dir_all(&skopeo_dir).expect("mkdir skopeo dir");
+    let skopeo = |line: String| {
+        let dir = s.work().join("skopeo");
+        std::fs::create_dir_all(&dir).expect("mkdir skopeo dir");
+        skopeo_isolated(&dir, &line.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_else(|e| panic!("skopeo {line}: {e}\n{}", s.berth.logs()))
+    };
     let dest = format!("docker://{}/local/team/multi:v1", s.berth.host());
-    let ci_creds = format!("ci:{CI_PASS}");
+    let creds = format!("ci:{CI_PASS}");
+    let copy = "copy --all --insecure-policy --preserve-digests";
+    let from = format!("docker://{}/library/multi:v1", s.upstream.host());
     timed("skopeo copy --all into berth", || {
-        skopeo_isolated(
-            &skopeo_dir,
-            &[
-                "copy",
-                "--all",
-                "--insecure-policy",
-                "--preserve-digests",
-                "--src-tls-verify=false",
-                "--dest-tls-verify=false",
-                "--dest-creds",
-                &ci_creds,
-                &format!("docker://{}/library/multi:v1", s.upstream.host()),
-                &dest,
-            ],
-        )
-    })
-    .unwrap_or_else(|e| panic!("skopeo copy --all: {e}\n{}", s.berth.logs()));
+        skopeo(format!(
+            "{copy} --src-tls-verify=false --dest-tls-verify=false --dest-creds {creds} {from} {dest}"
+        ))
+    });
 
     // The index and each image by digest, byte for byte.
     let stored = s.manifest("local/team/multi", "v1");
     assert_eq!(stored.status, 200, "{}", stored.text());
     assert!(stored.body == index.bytes, "index bytes: {}", stored.text());
-    let inspect = |args: &[&str]| {
-        let mut all = vec!["inspect", "--tls-verify=false", "--creds", &ci_creds];
-        all.extend_from_slice(args);
-        skopeo_isolated(&skopeo_dir, &all).unwrap_or_else(|e| panic!("skopeo inspect: {e}"))
-    };
-    assert_eq!(inspect(&["--raw", &dest]).into_bytes(), index.bytes);
+    let inspect =
+        |args: String| skopeo(format!("inspect --tls-verify=false --creds {creds} {args}"));
+    assert_eq!(inspect(format!("--raw {dest}")).into_bytes(), index.bytes);
     for img in &index.images {
         let by_digest = format!(
             "docker://{}/local/team/multi@{}",
             s.berth.host(),
             img.manifest_digest
         );
-        assert_eq!(inspect(&["--raw", &by_digest]).into_bytes(), img.manifest);
-        let arch = inspect(&["--override-arch", &img.architecture, "--format", "{{.Digest}}", &dest]);
-        assert_eq!(arch.trim(), img.manifest_digest, "{}", img.architecture);
+        assert_eq!(
+            inspect(format!("--raw {by_digest}")).into_bytes(),
+            img.manifest
+        );
+        // Resolved through the index to this platform's image and its config (no spaces in
+        // the format: the line is split on them).
+        let arch = &img.architecture;
+        let shown = inspect(format!(
+            "--override-arch {arch} --format {{{{.Digest}}}}/{{{{.Architecture}}}} {dest}"
+        ));
+        assert_eq!(shown.trim(), format!("{}/{arch}", index.digest));
     }
 
     // Copied back out whole: every blob as seeded.
     let out = s.work().join("multi-oci");
-    skopeo_isolated(
-        &skopeo_dir,
-        &[
-            "copy",
-            "--all",
-            "--insecure-policy",
-            "--preserve-digests",
-            "--src-tls-verify=false",
-            "--src-creds",
-            &ci_creds,
-            &dest,
-            &format!("oci:{}:v1", out.display()),
-        ],
-    )
-    .unwrap_or_else(|e| panic!("skopeo copy --all out of berth: {e}"));
+    skopeo(format!(
+        "{copy} --src-tls-verify=false --src-creds {creds} {dest} oci:{}:v1",
+        out.display()
+    ));
     for img in &index.images {
         for (d, bytes) in img.blobs() {
-            let path = out.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+            let path = out
+                .join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:"));
             let copied = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             assert!(copied == bytes, "blob {d} differs");
         }
     }
     let oci_index = json(&std::fs::read_to_string(out.join("index.json")).expect("index.json"));
-    assert_eq!(oci_index["manifests"][0]["digest"], index.digest.as_str(), "{oci_index}");
-    check_event(&s, "push", "local/team/multi", &index.digest, Some("v1"), "PUT", "ci");
+    let top = &oci_index["manifests"][0]["digest"];
+    assert_eq!(top, index.digest.as_str(), "{oci_index}");
+    let e = check_event(
+        &s,
+        "push",
+        "local/team/multi",
+        &index.digest,
+        Some("v1"),
+        "PUT",
+        "ci",
+    );
+    assert_eq!(e["target"]["mediaType"], OCI_INDEX, "{e}");
     s.assert_no_errors();
 }
 
@@ -613,8 +743,11 @@ fn helm_program() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_default();
     let is_v4 = |p: &Path| {
-        run(Command::new(p).args(["version", "--short"]), Duration::from_secs(20))
-            .is_ok_and(|o| o.status.success() && o.stdout.starts_with("v4."))
+        run(
+            Command::new(p).args(["version", "--short"]),
+            Duration::from_secs(20),
+        )
+        .is_ok_and(|o| o.status.success() && o.stdout.starts_with("v4."))
     };
     let cached = cache.join("berth-test/bin/helm");
     if is_v4(&cached) {
@@ -622,58 +755,82 @@ fn helm_program() -> PathBuf {
     }
     match find_program("helm") {
         Some(p) if is_v4(&p) => p,
-        _ => panic!("helm v4 not found at {} nor on PATH: run tests/setup.sh", cached.display()),
+        _ => panic!(
+            "helm v4 not found at {} nor on PATH: run tests/setup.sh",
+            cached.display()
+        ),
     }
+}
+
+/// `helm ARGS` (split on whitespace) in `work`, with helm's cache, config and data dirs there
+/// and no proxy but a dead one; its stdout, or a panic with its output.
+fn helm_in(work: &Path, args: &str) -> String {
+    let mut cmd = Command::new(helm_program());
+    use_dead_proxy(&mut cmd, &["HELM_REGISTRY_CONFIG", "KUBECONFIG"]);
+    for (var, sub) in [
+        ("HELM_CACHE_HOME", "helm/cache"),
+        ("HELM_CONFIG_HOME", "helm/config"),
+        ("HELM_DATA_HOME", "helm/data"),
+    ] {
+        cmd.env(var, work.join(sub));
+    }
+    cmd.current_dir(work).args(args.split_whitespace());
+    run(&mut cmd, PUSH_TIMEOUT)
+        .and_then(CmdOutput::into_result)
+        .unwrap_or_else(|e| panic!("helm {args}: {e}"))
 }
 
 #[test]
 fn helm_pushes_and_pulls_a_chart_as_an_oci_artifact() {
     let s = Site::start(true);
-    let helm_bin = helm_program();
-    let work = s.work().to_owned();
-    let helm = |args: &[&str]| {
-        let mut cmd = Command::new(&helm_bin);
-        use_dead_proxy(&mut cmd, &["HELM_REGISTRY_CONFIG", "KUBECONFIG"]);
-        for (var, sub) in [
-            ("HELM_CACHE_HOME", "helm/cache"),
-            ("HELM_CONFIG_HOME", "helm/config"),
-            ("HELM_DATA_HOME", "helm/data"),
-        ] {
-            cmd.env(var, work.join(sub));
-        }
-        cmd.current_dir(&work).args(args);
-        run(&mut cmd, PUSH_TIMEOUT)
-            .and_then(CmdOutput::into_result)
-            .unwrap_or_else(|e| panic!("helm {args:?}: {e}"))
-    };
-    helm(&["create", "berthchart"]);
-    helm(&["package", "berthchart", "-d", "pkg"]);
+    let work = s.work();
+    let helm = |args: String| helm_in(work, &args);
+    helm("create berthchart".into());
+    helm("package berthchart -d pkg".into());
     let tgz = std::fs::read(work.join("pkg/berthchart-0.1.0.tgz")).expect("packaged chart");
     let host = s.berth.host();
-    helm(&["registry", "login", &host, "--plain-http", "-u", "ci", "-p", CI_PASS]);
+    helm(format!(
+        "registry login {host} --plain-http -u ci -p {CI_PASS}"
+    ));
     let out = timed("helm push", || {
-        helm(&["push", "pkg/berthchart-0.1.0.tgz", &format!("oci://{host}/team"), "--plain-http"])
+        helm(format!(
+            "push pkg/berthchart-0.1.0.tgz oci://{host}/team --plain-http"
+        ))
     });
-    eprintln!("helm push: {out}");
 
     // Stored as helm's OCI artifact: its config, one layer: the .tgz itself.
     let stored = s.manifest("local/team/berthchart", "0.1.0");
     assert_eq!(stored.status, 200, "{}", stored.text());
     let manifest = json(&stored.text());
-    assert_eq!(manifest["config"]["mediaType"], "application/vnd.cncf.helm.config.v1+json");
+    let config_type = &manifest["config"]["mediaType"];
+    assert_eq!(config_type, "application/vnd.cncf.helm.config.v1+json");
     let layer = &manifest["layers"][0];
-    assert_eq!(layer["mediaType"], "application/vnd.cncf.helm.chart.content.v1.tar+gzip");
+    let layer_type = "application/vnd.cncf.helm.chart.content.v1.tar+gzip";
+    assert_eq!(layer["mediaType"], layer_type, "{manifest}");
     assert_eq!(layer["digest"], digest_of(&tgz).as_str(), "{manifest}");
     let digest = digest_of(&stored.body);
-    check_event(&s, "push", "local/team/berthchart", &digest, Some("0.1.0"), "PUT", "ci");
+    let repo = "local/team/berthchart";
+    check_event(&s, "push", repo, &digest, Some("0.1.0"), "PUT", "ci");
+    assert!(
+        out.contains(&format!("Digest: {digest}")),
+        "helm push: {out}"
+    );
 
     let chart = format!("oci://{host}/team/berthchart");
+    std::fs::create_dir_all(work.join("pulled")).expect("mkdir pulled");
     timed("helm pull", || {
-        helm(&["pull", &chart, "--version", "0.1.0", "--plain-http", "-d", "pulled"])
+        helm(format!(
+            "pull {chart} --version 0.1.0 --plain-http -d pulled"
+        ))
     });
     let pulled = std::fs::read(work.join("pulled/berthchart-0.1.0.tgz")).expect("pulled chart");
-    assert!(pulled == tgz, "the pulled chart differs from the pushed .tgz");
-    let shown = helm(&["show", "chart", &chart, "--version", "0.1.0", "--plain-http"]);
+    assert!(
+        pulled == tgz,
+        "the pulled chart differs from the pushed .tgz"
+    );
+    // From berth, not from a helm cache: the chart's layer was fetched by ci.
+    check_event(&s, "pull", repo, &digest_of(&tgz), None, "GET", "ci");
+    let shown = helm(format!("show chart {chart} --version 0.1.0 --plain-http"));
     assert!(shown.contains("name: berthchart"), "{shown}");
     s.assert_no_errors();
 }
@@ -686,7 +843,10 @@ fn one_dockerd_gets_hosted_team_app_and_mirrored_library_alpine() {
     let decoy = seed_image(&s.upstream, "team/app", "v1", 1);
     // team/app:v1 pushed to berth as a registry client would, naming no registry: hosted.
     let files = vec![
-        vec![("team/hosted.txt".to_owned(), b"served by the hosted registry\n".to_vec())],
+        vec![(
+            "team/hosted.txt".to_owned(),
+            b"served by the hosted registry\n".to_vec(),
+        )],
         vec![("team/payload.bin".to_owned(), random_bytes(100 << 10))],
     ];
     let app = build_image("team/app", "v1", Format::Docker, "amd64", files);
@@ -696,20 +856,36 @@ fn one_dockerd_gets_hosted_team_app_and_mirrored_library_alpine() {
     timed("docker pull team/app:v1", || docker.pull("team/app:v1"))
         .unwrap_or_else(|e| panic!("docker pull team/app:v1 via the mirror: {e}"));
     assert_eq!(
-        docker.inspect("team/app:v1", "{{index .RepoDigests 0}}").expect("inspect"),
+        docker
+            .inspect("team/app:v1", "{{index .RepoDigests 0}}")
+            .expect("inspect"),
         format!("team/app@{}", app.manifest_digest)
     );
     for (path, bytes) in app.layers.iter().flat_map(|l| &l.files) {
-        assert_eq!(&docker.read_file("team/app:v1", &format!("/{path}")).expect("read"), bytes);
+        assert_eq!(
+            &docker
+                .read_file("team/app:v1", &format!("/{path}"))
+                .expect("read"),
+            bytes
+        );
     }
     assert_ne!(app.manifest_digest, decoy.manifest_digest);
 
     timed("docker pull library/alpine", || docker.pull("alpine"))
         .unwrap_or_else(|e| panic!("docker pull alpine via the mirror: {e}"));
     let file = &alpine.layers[1].files[0];
-    assert_eq!(docker.read_file("alpine", &format!("/{}", file.0)).expect("read"), file.1);
+    assert_eq!(
+        docker
+            .read_file("alpine", &format!("/{}", file.0))
+            .expect("read"),
+        file.1
+    );
     for (d, _) in alpine.blobs() {
-        assert_eq!(s.upstream.blob_gets("library/alpine", d), 1, "upstream GETs of {d}");
+        assert_eq!(
+            s.upstream.blob_gets("library/alpine", d),
+            1,
+            "upstream GETs of {d}"
+        );
     }
     // A team/* name hosted does not have is not looked for upstream either.
     assert!(docker.pull("team/absent:v1").is_err());
@@ -721,12 +897,17 @@ fn one_dockerd_gets_hosted_team_app_and_mirrored_library_alpine() {
         .filter(|e| !e.user_agent.contains("berth-tests"))
         .filter(|e| e.path.contains("/team/"))
         .collect();
-    assert!(team_upstream.is_empty(), "team/* requests sent upstream: {team_upstream:?}");
+    assert!(
+        team_upstream.is_empty(),
+        "team/* requests sent upstream: {team_upstream:?}"
+    );
     let berth_upstream = s
         .upstream
         .access_log()
         .iter()
-        .filter(|e| !e.user_agent.contains("berth-tests") && e.path.starts_with("/v2/library/alpine/"))
+        .filter(|e| {
+            !e.user_agent.contains("berth-tests") && e.path.starts_with("/v2/library/alpine/")
+        })
         .count();
     assert!(berth_upstream >= 3, "berth fetched alpine from upstream");
     // The mirrored pull is notified too (anonymous: no actor).

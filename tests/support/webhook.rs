@@ -129,7 +129,11 @@ impl Drop for Webhook {
     }
 }
 
-fn accept_loop(listener: TcpListener, deliveries: Arc<Mutex<Vec<Delivery>>>, stop: Arc<AtomicBool>) {
+fn accept_loop(
+    listener: TcpListener,
+    deliveries: Arc<Mutex<Vec<Delivery>>>,
+    stop: Arc<AtomicBool>,
+) {
     let started = Instant::now();
     while !stop.load(Ordering::SeqCst) && started.elapsed() < LIFETIME {
         match listener.accept() {
