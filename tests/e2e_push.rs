@@ -330,6 +330,9 @@ fn docker_build_login_push_then_a_second_dockerd_pulls_and_runs_it() {
         docker_build(&builder, &format!("{host}/team/app:v1"), s.work())
     });
     let (digest, manifest) = docker_push_as_ci(&s, &builder, &app.reference);
+    // Before the refused push below: after it dockerd forgets which repositories hold the
+    // layers (a failed mount makes it drop that association), and would upload them again.
+    docker_push_again_and_mount(&s, &builder, &app.reference);
     docker_push_elsewhere_is_refused(&s, &builder, &app.reference);
 
     // A second daemon pulls it through berth (logged in: team/* is not anonymous) and runs it.
@@ -423,6 +426,24 @@ fn docker_push_elsewhere_is_refused(s: &Site, docker: &Dockerd, reference: &str)
         "docker push local/other/x as ci: {err}"
     );
     assert_eq!(s.manifest("local/other/x", "v1").status, 404);
+}
+
+/// Pushed again, every layer is found there (HEAD); pushed to another repository of ci's, every
+/// layer is mounted from team/app (`POST ?mount=&from=`), no byte uploaded again.
+fn docker_push_again_and_mount(s: &Site, docker: &Dockerd, reference: &str) {
+    let out = docker_push(docker, reference).expect("docker push again");
+    assert_eq!(out.matches("Layer already exists").count(), 4, "{out}");
+    let copy = format!("{}/team/copy:v1", s.berth.host());
+    docker
+        .docker(&["tag", reference, &copy])
+        .expect("docker tag");
+    let out = docker_push(docker, &copy).expect("docker push team/copy");
+    assert_eq!(out.matches("Mounted from team/app").count(), 4, "{out}");
+    let (a, b) = (
+        s.manifest("local/team/app", "v1"),
+        s.manifest("local/team/copy", "v1"),
+    );
+    assert_eq!((b.status, digest_of(&b.body)), (200, digest_of(&a.body)));
 }
 
 #[test]
@@ -732,6 +753,7 @@ fn skopeo_copies_a_multi_arch_index_into_hosted_and_back() {
         "ci",
     );
     assert_eq!(e["target"]["mediaType"], OCI_INDEX, "{e}");
+
     s.assert_no_errors();
 }
 
