@@ -253,9 +253,9 @@ fn docker_build(docker: &Dockerd, reference: &str, work: &Path) -> Built {
 // Webhook envelopes
 
 /// Waits for the envelope carrying an event `action` on `digest` (and `tag`) by `actor` (the
-/// test's own checks are made as admin) and checks it as distribution
-/// writes it: the media type, one event with id and timestamp, the target, the request, the
-/// actor and the source.
+/// test's own checks are made as admin, so their events are told apart) and checks it as
+/// distribution writes it: the media type, one event with id and timestamp, the target, the
+/// request, the actor and the source. Returns the event.
 fn check_event(
     s: &Site,
     action: &str,
