@@ -757,6 +757,42 @@ fn skopeo_copies_a_multi_arch_index_into_hosted_and_back() {
     s.assert_no_errors();
 }
 
+/// `skopeo delete` asks for a token with `repository:<name>:*` (every action), resolves the
+/// tag, then DELETEs the manifest by digest (`delete = true`): gone by tag and digest, notified.
+#[test]
+fn skopeo_deletes_a_pushed_image() {
+    let s = Site::start(true);
+    let files = vec![vec![("gone.txt".to_owned(), random_bytes(512))]];
+    let image = build_image("team/gone", "v1", Format::Oci, "amd64", files);
+    block_on(Pusher::new(&s.berth.url(), Some(("ci", CI_PASS))).push_image(&image, "v1"));
+    assert_eq!(s.manifest("local/team/gone", "v1").status, 200);
+    let dir = s.work().join("skopeo");
+    std::fs::create_dir_all(&dir).expect("mkdir skopeo dir");
+    let creds = format!("ci:{CI_PASS}");
+    let dest = format!("docker://{}/team/gone:v1", s.berth.host());
+    skopeo_isolated(
+        &dir,
+        &["delete", "--tls-verify=false", "--creds", &creds, &dest],
+    )
+    .unwrap_or_else(|e| panic!("skopeo delete: {e}"));
+    assert_eq!(s.manifest("local/team/gone", "v1").status, 404);
+    assert_eq!(
+        s.manifest("local/team/gone", &image.manifest_digest).status,
+        404
+    );
+    let repo = "local/team/gone";
+    check_event(
+        &s,
+        "delete",
+        repo,
+        &image.manifest_digest,
+        None,
+        "DELETE",
+        "ci",
+    );
+    s.assert_no_errors();
+}
+
 /// helm v4 as tests/chart.sh finds it: `${XDG_CACHE_HOME:-$HOME/.cache}/berth-test/bin/helm`,
 /// else a helm v4 on PATH (tests/setup.sh installs it).
 fn helm_program() -> PathBuf {
