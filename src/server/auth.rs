@@ -323,9 +323,22 @@ impl Auth {
             // The name as the client will use it in URLs; it may route to any registry (a
             // containerd ?ns= is not in the token request), and each request is checked again.
             let targets = router.targets_for_name(name);
-            let granted: Vec<String> = actions
-                .split(',')
-                .filter_map(Action::parse)
+            // `*` asks for every action (skopeo delete sends `repository:<name>:*`), as in
+            // distribution's token access sets.
+            let mut wanted: Vec<Action> = Vec::new();
+            for a in actions.split(',') {
+                let parsed = match a {
+                    "*" => vec![Action::Pull, Action::Push, Action::Delete],
+                    _ => Action::parse(a).into_iter().collect(),
+                };
+                for p in parsed {
+                    if !wanted.contains(&p) {
+                        wanted.push(p);
+                    }
+                }
+            }
+            let granted: Vec<String> = wanted
+                .into_iter()
                 .filter(|a| targets.iter().any(|t| self.allowed(who, t, *a)))
                 .map(|a| a.as_str().to_owned())
                 .collect();
@@ -748,6 +761,35 @@ mod tests {
         assert!(a.login("bob", "s3cret", other).await.is_ok());
         assert!(matches!(
             a.login("nobody", "x", IpAddr::from([127, 0, 0, 3])).await,
+            Err(Denial::Challenge(..))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_star_scope_grants_every_allowed_action() {
+        let (a, router, _d) = auth();
+        // ci may only pull (the rules above): `*` grants pull, nothing more.
+        let t = a
+            .issue(
+                &Identity::User("ci".into()),
+                &["repository:private.example/team/app:*"],
+                &router,
+            )
+            .unwrap();
+        let claims = a.decode(&t.token).unwrap();
+        assert_eq!(claims.access.len(), 1);
+        assert_eq!(claims.access[0].actions, vec!["pull".to_owned()]);
+        let prefixed = target("private.example", "team/app");
+        let bearer = bearer_of(&t.token);
+        let name = Some("private.example/team/app");
+        assert!(
+            a.authorize(Some(&bearer), name, Some(&prefixed), CLIENT, Action::Pull)
+                .await
+                .is_ok()
+        );
+        assert!(matches!(
+            a.authorize(Some(&bearer), name, Some(&prefixed), CLIENT, Action::Delete)
+                .await,
             Err(Denial::Challenge(..))
         ));
     }

@@ -430,14 +430,7 @@ fn event(
     let host = req.host.clone().unwrap_or_default();
     let scheme = if app.tls.is_some() { "https" } else { "http" };
     let repository = format!("{}/{}", target.registry, target.repo);
-    let url = if digest.is_empty() {
-        String::new()
-    } else {
-        format!(
-            "{scheme}://{host}/v2/{}/manifests/{digest}",
-            url_name(&req.path).unwrap_or_default()
-        )
-    };
+    let url = event_url(scheme, &host, &req.path, digest);
     let source = app
         .notify
         .as_ref()
@@ -473,5 +466,47 @@ fn event(
                 .unwrap_or_default(),
         },
         source,
+    }
+}
+
+/// `target.url` of an event: where the manifest or blob the request was about is fetched, by
+/// digest, under the repository name the client used (empty without a digest).
+fn event_url(scheme: &str, host: &str, path: &str, digest: &str) -> String {
+    if digest.is_empty() {
+        return String::new();
+    }
+    // The route parser's order: a path with `/manifests/` is a manifest request.
+    let kind = if path.rsplit_once("/manifests/").is_some() {
+        "manifests"
+    } else {
+        "blobs"
+    };
+    format!(
+        "{scheme}://{host}/v2/{}/{kind}/{digest}",
+        url_name(path).unwrap_or_default()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::event_url;
+
+    #[test]
+    fn event_urls_name_manifests_and_blobs() {
+        let d = "sha256:0ba1593c6215c9a1bedb965eefc7c83198a302618b37724ad54fa85815528aaf";
+        assert_eq!(
+            event_url("http", "h:5000", "/v2/team/app/manifests/v1", d),
+            format!("http://h:5000/v2/team/app/manifests/{d}")
+        );
+        assert_eq!(
+            event_url("http", "h:5000", &format!("/v2/team/app/blobs/{d}"), d),
+            format!("http://h:5000/v2/team/app/blobs/{d}")
+        );
+        // A repository whose name has a `blobs` component is still a manifest request.
+        assert_eq!(
+            event_url("https", "h", "/v2/team/blobs/manifests/v1", d),
+            format!("https://h/v2/team/blobs/manifests/{d}")
+        );
+        assert_eq!(event_url("http", "h", "/v2/team/app/manifests/v1", ""), "");
     }
 }
