@@ -81,6 +81,8 @@ pub struct RegistryError {
     pub status: Option<StatusCode>,
     /// Seconds for a `Retry-After` header.
     pub retry_after: Option<u64>,
+    /// A 401 for a valid token that lacks the scope (`error="insufficient_scope"`).
+    pub insufficient_scope: bool,
 }
 
 impl RegistryError {
@@ -90,7 +92,13 @@ impl RegistryError {
             message: message.into(),
             status: None,
             retry_after: None,
+            insufficient_scope: false,
         }
+    }
+
+    pub fn insufficient_scope(mut self) -> RegistryError {
+        self.insufficient_scope = true;
+        self
     }
 
     pub fn with_status(mut self, status: StatusCode) -> RegistryError {

@@ -740,6 +740,14 @@ async fn push_needs_the_push_action_of_a_rule() {
             .status(),
         401
     );
+    let r = reader
+        .send(Method::POST, "/v2/team/app/blobs/uploads/", "")
+        .await;
+    let challenge = header(&r, "www-authenticate");
+    assert!(
+        challenge.contains(r#"error="insufficient_scope""#),
+        "{challenge}"
+    );
     // ci pushes nowhere else (Basic credentials, checked against the rules per request).
     let r = berth
         .client()

@@ -408,8 +408,17 @@ impl Auth {
                             && a.actions.iter().any(|x| x == action.as_str())
                     });
                     if !covered {
-                        return Err(Denial::challenge(
-                            "token does not cover this repository",
+                        // A valid token without this scope: the challenge says
+                        // error="insufficient_scope" (the answer stays 401 UNAUTHORIZED).
+                        return Err(Denial::Challenge(
+                            RegistryError::new(
+                                ErrorCode::Unauthorized,
+                                format!(
+                                    "token does not cover {} on this repository",
+                                    action.as_str()
+                                ),
+                            )
+                            .insufficient_scope(),
                             scope,
                         ));
                     }

@@ -262,7 +262,7 @@ async fn authorize(
         Ok(who) => Ok(Some(who)),
         Err(Denial::Forbidden(error) | Denial::Limited(error)) => Err(Box::new(error.into())),
         Err(Denial::Challenge(error, scope)) => {
-            let insufficient = error.code == ErrorCode::Denied;
+            let insufficient = error.code == ErrorCode::Denied || error.insufficient_scope;
             let challenge = auth.challenge(
                 req.host.as_deref(),
                 app.tls.is_some(),
