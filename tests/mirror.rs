@@ -973,11 +973,23 @@ async fn the_access_log_keeps_the_query_and_the_reason() {
     let v: serde_json::Value = r.json().await.expect("json");
     let message = v["errors"][0]["message"].as_str().unwrap_or("").to_owned();
     assert!(message.contains("quay.io"), "{v}");
-    let logs = berth.logs();
-    let line = logs
-        .lines()
-        .find(|l| l.contains("berth::access") && l.contains("/v2/app/manifests/v1"))
-        .unwrap_or_else(|| panic!("no access log line: {logs}"));
+    // The line is written once the response is sent, which may be just after the client read
+    // it: wait for it (bounded).
+    let started = std::time::Instant::now();
+    let line = loop {
+        let logs = berth.logs();
+        if let Some(l) = logs
+            .lines()
+            .find(|l| l.contains("berth::access") && l.contains("/v2/app/manifests/v1"))
+        {
+            break l.to_owned();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no access log line: {logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert!(line.contains("ns=quay.io"), "the query is missing: {line}");
     assert!(line.contains(&message), "the reason is missing: {line}");
     berth.stop().await;

@@ -163,7 +163,9 @@ pub async fn serve(
     header_timeout: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Outcome {
-    let mut buf = BytesMut::with_capacity(4096);
+    // No buffer while idle: one is taken when bytes arrive and given back once a request is
+    // answered, so a held keep-alive connection costs its socket and a small task, not 4 KiB.
+    let mut buf = BytesMut::new();
     let mut first = true;
     loop {
         // Wait for a request head: the first within the header timeout, later ones while the
@@ -177,7 +179,7 @@ pub async fn serve(
                 }
             }
             let read = tokio::select! {
-                r = tokio::time::timeout_at(deadline.into(), stream.read_buf(&mut buf)) => r,
+                r = tokio::time::timeout_at(deadline.into(), read_some(&mut stream, &mut buf)) => r,
                 // Shutting down: an idle connection just closes.
                 _ = shutdown.changed(), if buf.is_empty() => return Outcome::Done,
             };
@@ -198,11 +200,31 @@ pub async fn serve(
         };
         buf.advance(n);
         let Taken { head, keep_alive } = taken;
-        let reply = pipeline::handle(&app, head, None).await;
-        if send(&mut stream, reply, keep_alive).await.is_err() || !keep_alive {
+        // Boxed: the state of a request lives on the heap only while it runs, and the
+        // connection's own task stays small while it waits for the next one.
+        let reply = Box::pin(pipeline::handle(&app, head, None)).await;
+        if Box::pin(send(&mut stream, reply, keep_alive))
+            .await
+            .is_err()
+            || !keep_alive
+        {
             return Outcome::Done;
         }
+        if buf.is_empty() {
+            buf = BytesMut::new();
+        }
     }
+}
+
+/// Reads what has arrived, taking a buffer only once the socket is readable.
+async fn read_some(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.capacity() == buf.len() {
+        if buf.is_empty() {
+            stream.readable().await?;
+        }
+        buf.reserve(4096);
+    }
+    stream.read_buf(buf).await
 }
 
 /// Writes a reply: the rendered head, then the payload (in one write when it is small, with

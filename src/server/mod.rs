@@ -173,6 +173,9 @@ async fn serve<F, Fut>(
                 tracker.spawn(async move {
                     let _slot = slot;
                     if let Some(acceptor) = tls {
+                        // Boxed, like the hyper connection below: the task of an idle plain
+                        // connection holds only the zero-copy transport's small state.
+                        Box::pin(async move {
                         let Ok(Ok(stream)) =
                             tokio::time::timeout(header_timeout, acceptor.accept(stream)).await
                         else {
@@ -183,6 +186,8 @@ async fn serve<F, Fut>(
                         if let Err(e) = watcher.watch(conn).await {
                             tracing::debug!(error = %e, "connection ended with an error");
                         }
+                        })
+                        .await;
                         return;
                     }
                     let io = match fast {
@@ -193,7 +198,7 @@ async fn serve<F, Fut>(
                         None => fast::Prefixed::plain(stream),
                     };
                     let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
+                    if let Err(e) = Box::pin(watcher.watch(conn)).await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
                 });
