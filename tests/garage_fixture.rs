@@ -8,7 +8,7 @@ use std::io::ErrorKind;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use support::Garage;
+use support::{Garage, StoreServer};
 
 #[test]
 fn garage_serves_objects_and_survives_a_restart() {
@@ -42,7 +42,10 @@ fn garage_serves_objects_and_survives_a_restart() {
     assert_eq!(garage.get_object("blobs/sha256/missing"), None);
     garage.put_object("mirror/blobs/sha256/aa11", b"first".to_vec());
     garage.put_object("mirror/blobs/sha256/ab22", vec![7u8; 100_000]);
-    garage.put_object("mirror/manifests/docker.io/library/app/_tags/v1", "{}");
+    garage.put_object(
+        "mirror/manifests/docker.io/library/app/_tags/v1",
+        b"{}".to_vec(),
+    );
     assert_eq!(
         garage.get_object("mirror/blobs/sha256/aa11").as_deref(),
         Some(&b"first"[..])

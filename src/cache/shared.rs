@@ -1,5 +1,6 @@
-//! The shared tier: an S3-compatible object store (through the `object_store` crate) that
-//! several replicas read and write, behind each replica's bounded local disk.
+//! The shared tier: an object store (S3, Azure Blob Storage or Google Cloud Storage, through
+//! the `object_store` crate; see `stores`) that several replicas read and write, behind each
+//! replica's bounded local disk.
 //!
 //! Keys mirror the disk layout under the configured prefix:
 //! `blobs/<alg>/<hex>`, `manifests/<registry>/<repo>/_manifests/<alg>/<hex>` (first line: media
@@ -8,7 +9,9 @@
 //! A blob is written only from a fill's verified stream: the uploader is a reader of the fill,
 //! and a fill hands out its last byte only after the digest matched, so a multipart upload is
 //! completed only for verified bytes and aborted otherwise — no partial or wrong object is
-//! ever visible under a blob's key. Nothing here coordinates through conditional writes: two
+//! ever visible under a blob's key (S3: a multipart upload completed or aborted; Azure: a block
+//! list committed, or its uncommitted blocks left to expire; GCS: a resumable session whose
+//! final chunk is sent, or which is cancelled). Nothing here coordinates through conditional writes: two
 //! replicas writing the same key write the same verified bytes.
 //!
 //! The store failing is not an outage: after an error it is skipped for a few seconds (reads
@@ -22,12 +25,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
-use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
-    WriteMultipart,
-};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
 use super::fill::Fill;
 use super::manifests::{Manifest, TagRecord};
@@ -37,7 +36,7 @@ use crate::metrics::{Metrics, StoreDirection, StoreOp, StoreResult};
 use crate::oci::{Digest, Hasher, RepoName, Tag};
 
 /// Blobs up to this size are uploaded with one PUT; larger ones in parts of this size (S3's
-/// smallest part is 5 MiB).
+/// smallest part is 5 MiB; Azure's blocks and GCS's resumable chunks take it too).
 const PART_BYTES: usize = 8 * 1024 * 1024;
 /// Parts uploading at once per blob.
 const PARTS_IN_FLIGHT: usize = 2;
@@ -84,49 +83,11 @@ impl SharedStore {
         config: &ObjectStoreConfig,
         metrics: Arc<Metrics>,
     ) -> Result<SharedStore, SetupError> {
-        let mut builder = AmazonS3Builder::from_env()
-            .with_bucket_name(config.bucket())
-            .with_client_options(
-                ClientOptions::new()
-                    .with_connect_timeout(config.connect_timeout)
-                    .with_read_timeout(config.read_timeout)
-                    // Blobs are large: no limit on a whole request, only on stalls.
-                    .with_timeout_disabled()
-                    .with_allow_http(true),
-            )
-            .with_retry(RetryConfig {
-                backoff: BackoffConfig {
-                    init_backoff: Duration::from_millis(100),
-                    max_backoff: Duration::from_secs(1),
-                    base: 2.0,
-                },
-                max_retries: 2,
-                retry_timeout: Duration::from_secs(10),
-            });
-        if let Some(endpoint) = &config.endpoint {
-            // A custom endpoint (Garage, MinIO, Ceph) is addressed path-style.
-            builder = builder
-                .with_endpoint(endpoint.as_str().trim_end_matches('/'))
-                .with_virtual_hosted_style_request(false);
-        }
-        if let Some(region) = &config.region {
-            builder = builder.with_region(region);
-        }
-        if let Some((id, secret)) = config
-            .credentials()
-            .map_err(|e| SetupError::new("cache.object_store", e))?
-        {
-            builder = builder
-                .with_access_key_id(id.expose())
-                .with_secret_access_key(secret.expose());
-        }
-        let store = builder
-            .build()
-            .map_err(|e| SetupError::new("cache.object_store.url", e))?;
+        let store = super::stores::open(config)?;
         let prefix = config.prefix();
         metrics.enable_object_store();
         Ok(SharedStore {
-            store: Arc::new(store),
+            store,
             prefix: if prefix.is_empty() {
                 String::new()
             } else {

@@ -15,6 +15,9 @@
 //! - [`Recorder`]: a loopback TCP relay recording the HTTP requests a client sends.
 //! - [`Garage`]: a single-node Garage S3 object store with one bucket and key, for the shared
 //!   tier (built by `tests/setup.sh` into `$HOME/.cache/berth-tools`).
+//! - [`Azurite`] (Azure Blob Storage) and [`FakeGcs`] (Google Cloud Storage): the emulators of
+//!   the other two backends (installed by `tests/setup.sh` there too). All three implement
+//!   [`StoreServer`], so a shared-tier scenario runs against each.
 //!
 //! Every fixture listens on a free port on 127.0.0.1 (dockerd: a unix socket), lives in its own
 //! temp dir under `/tmp`, and cleans up on `Drop` (signals its child by PID, waits bounded,
@@ -32,9 +35,11 @@
 //! runtime on a scoped thread), so it works in plain `#[test]`s and in `#[tokio::test]`s alike.
 #![allow(dead_code, unused_imports)]
 
+mod azurite;
 mod berth;
 mod containerd;
 mod dockerd;
+mod fake_gcs;
 mod garage;
 mod inproc;
 mod metrics;
@@ -43,11 +48,14 @@ mod process;
 mod recorder;
 mod registry;
 mod seed;
+mod store;
 
+pub use self::azurite::{Azurite, azurite_program};
 pub use self::berth::{Berth, berth_config, berth_config_with, berth_multi_config};
 pub use self::containerd::{CTR_PULL_TIMEOUT, Containerd, default_server};
 pub use self::dockerd::{Dockerd, DockerdOptions, PULL_TIMEOUT};
-pub use self::garage::{Garage, garage_program};
+pub use self::fake_gcs::{FakeGcs, fake_gcs_program};
+pub use self::garage::{Garage, garage_program, tools_dir};
 pub use self::inproc::{InProc, InProcConfig, client, error_chain, loopback_listener};
 pub use self::metrics::{sample, try_sample};
 pub use self::podman::{PODMAN_PULL_TIMEOUT, Podman};
@@ -62,6 +70,7 @@ pub use self::seed::{
     OCI_INDEX, OCI_LAYER, OCI_MANIFEST, Pusher, block_on, build_image, digest_of, gzip,
     random_bytes, seed_blob_image, seed_image, seed_image_with, seed_index, seeded_bytes, tar,
 };
+pub use self::store::StoreServer;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
