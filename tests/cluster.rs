@@ -240,6 +240,30 @@ fn pull_everywhere(urls: &[String], image: &Image) -> Vec<String> {
     })
 }
 
+/// Waits (bounded) until the replicas' object-store request counters have stood still for a
+/// second (their background uploads done), and returns their sum.
+fn settled_store_requests(berths: &[Berth]) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let total = || -> f64 {
+        berths
+            .iter()
+            .map(|b| metric(&admin_metrics(b), "berth_object_store_requests_total"))
+            .sum()
+    };
+    let (mut last, mut still) = (total(), 0);
+    while still < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "object-store requests never settled"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+        let now = total();
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    last
+}
+
 /// Waits (bounded) until the store holds every blob of `image`, its manifest and tag.
 fn wait_stored(store: &dyn StoreServer, image: &Image) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -313,8 +337,17 @@ fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store<S: StoreS
     let replicas = Replicas::start(&upstream.url(), store, &dirs);
     let urls = replicas.urls();
 
+    let served_before = store.requests_served();
     let digests = pull_everywhere(&urls, &image);
     assert_eq!(digests.len(), 4);
+    // berth's request counters are the server's own count (before the test's listing below).
+    let counted = settled_store_requests(&replicas.berths);
+    assert_eq!(
+        (store.requests_served() - served_before) as f64,
+        counted,
+        "{} logged other than the {counted} requests the replicas counted",
+        store.name()
+    );
     for (d, _) in image.blobs() {
         assert_eq!(
             upstream.blob_gets("library/shared", d),
@@ -378,6 +411,7 @@ fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store<S: StoreS
     let before = upstream.access_log().len();
     let dirs2 = tempfile::tempdir().expect("tempdir");
     let fresh = single_replica(&upstream.url(), store, &dirs2.path().join("c"));
+    let served_before = store.requests_served();
     runtime().block_on(async {
         pull(
             &reqwest::Client::new(),
@@ -388,6 +422,12 @@ fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store<S: StoreS
         .await;
     });
     let m = admin_metrics(&fresh);
+    assert_eq!(
+        (store.requests_served() - served_before) as f64,
+        metric(&m, "berth_object_store_requests_total"),
+        "{}: the warm pull's requests as counted by the server and by berth",
+        store.name()
+    );
     eprintln!(
         "{}: warm pull of {} blobs through a replica with an empty disk: {} object-store requests",
         store.name(),

@@ -48,8 +48,8 @@ fn endpoint(config: &ObjectStoreConfig) -> Option<String> {
     Some(e.as_str().trim_end_matches('/').to_owned())
 }
 
-/// Opens the store `config` names (no request is made yet).
-pub fn open(config: &ObjectStoreConfig) -> Result<Arc<dyn ObjectStore>, SetupError> {
+/// Opens the store `config` names (no request is made yet), and says which service it is.
+pub fn open(config: &ObjectStoreConfig) -> Result<(Arc<dyn ObjectStore>, StoreKind), SetupError> {
     const URL: &str = "cache.object_store.url";
     let kind = config
         .kind()
@@ -76,7 +76,7 @@ pub fn open(config: &ObjectStoreConfig) -> Result<Arc<dyn ObjectStore>, SetupErr
             )
         }
     };
-    Ok(store)
+    Ok((store, kind))
 }
 
 fn s3(config: &ObjectStoreConfig) -> Result<AmazonS3Builder, SetupError> {

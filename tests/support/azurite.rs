@@ -18,7 +18,7 @@ use object_store::ObjectStore;
 use object_store::azure::{MicrosoftAzure, MicrosoftAzureBuilder};
 use tempfile::TempDir;
 
-use super::process::{Daemon, Probe, find_program, free_addr, short_tempdir, wait_for};
+use super::process::{Daemon, find_program, free_addr, short_tempdir};
 use super::store::{StoreServer, test_client_options, test_retry};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -107,16 +107,11 @@ impl Azurite {
 
     fn wait_serving(&mut self) {
         let store = self.client();
-        let daemon = &mut self.daemon;
-        let served = wait_for("azurite blob list", READY_TIMEOUT, || {
-            if let Err(e) = daemon.check_running() {
-                return Probe::Failed(e);
-            }
-            match super::store::list_keys(&*store, "") {
-                Ok(_) => Probe::Ready(()),
-                Err(e) => Probe::Pending(e),
-            }
-        });
+        let served = self
+            .daemon
+            .wait_ready("azurite blob list", READY_TIMEOUT, || {
+                super::store::list_keys(&*store, "").map(|_| ())
+            });
         if let Err(e) = served {
             self.fail(&e);
         }
@@ -175,13 +170,16 @@ impl StoreServer for Azurite {
         Arc::new(self.store())
     }
 
+    /// `SIGTERM` (then `SIGKILL` after 5 s): Azurite keeps its metadata in memory and saves it
+    /// as it shuts down, so a `SIGKILL` would lose the container. Its port refuses connections
+    /// after.
     fn stop(&mut self) {
-        self.daemon.kill();
+        self.daemon.stop();
     }
 
     fn restart(&mut self) {
         let began = Instant::now();
-        self.daemon.kill();
+        self.daemon.stop();
         self.daemon = self.spawn();
         self.wait_port();
         self.wait_serving();
@@ -190,6 +188,15 @@ impl StoreServer for Azurite {
 
     fn fail(&self, why: &str) -> ! {
         panic!("azurite: {why}\n{}", self.daemon.log_tail(40))
+    }
+
+    /// Access log lines: `127.0.0.1 - - [date] "GET /berthtest/berth/… HTTP/1.1" 200 -`.
+    fn requests_served(&self) -> usize {
+        let container = format!(" /{ACCOUNT}/{CONTAINER}");
+        self.logs()
+            .lines()
+            .filter(|l| l.contains(" HTTP/1.1\" ") && l.contains(&container))
+            .count()
     }
 }
 
@@ -209,16 +216,14 @@ impl Azurite {
     }
 
     fn wait_port(&mut self) {
-        let (daemon, addr) = (&mut self.daemon, self.addr);
-        let up = wait_for("azurite blob port", READY_TIMEOUT, || {
-            if let Err(e) = daemon.check_running() {
-                return Probe::Failed(e);
-            }
-            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
-                Ok(_) => Probe::Ready(()),
-                Err(e) => Probe::Pending(e.to_string()),
-            }
-        });
+        let addr = self.addr;
+        let up = self
+            .daemon
+            .wait_ready("azurite blob port", READY_TIMEOUT, || {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
         if let Err(e) = up {
             self.fail(&e);
         }

@@ -17,7 +17,7 @@ use object_store::ObjectStore;
 use object_store::gcp::{GoogleCloudStorage, GoogleCloudStorageBuilder};
 use tempfile::TempDir;
 
-use super::process::{Daemon, Probe, find_program, free_addr, short_tempdir, wait_for};
+use super::process::{Daemon, find_program, free_addr, short_tempdir};
 use super::seed::block_on;
 use super::store::{StoreServer, test_client_options, test_retry};
 
@@ -99,18 +99,18 @@ impl FakeGcs {
     }
 
     fn wait_serving(&mut self) {
-        let (daemon, addr) = (&mut self.daemon, self.addr);
-        let url = format!("/storage/v1/b/{BUCKET}");
-        let up = wait_for("fake-gcs-server", READY_TIMEOUT, || {
-            if let Err(e) = daemon.check_running() {
-                return Probe::Failed(e);
-            }
-            match super::process::http_status(addr, &url) {
-                Ok(200 | 404) => Probe::Ready(()),
-                Ok(code) => Probe::Pending(format!("status {code}")),
-                Err(e) => Probe::Pending(e.to_string()),
-            }
-        });
+        let (addr, url) = (self.addr, format!("/storage/v1/b/{BUCKET}"));
+        let up = self
+            .daemon
+            .wait_ready(
+                "fake-gcs-server",
+                READY_TIMEOUT,
+                || match super::process::http_status(addr, &url) {
+                    Ok(200 | 404) => Ok(()),
+                    Ok(code) => Err(format!("status {code}")),
+                    Err(e) => Err(e.to_string()),
+                },
+            );
         if let Err(e) = up {
             self.fail(&e);
         }
@@ -203,6 +203,18 @@ impl StoreServer for FakeGcs {
     fn fail(&self, why: &str) -> ! {
         panic!("fake-gcs-server: {why}\n{}", self.daemon.log_tail(40))
     }
+
+    /// Access log lines (at `info`): `… msg="127.0.0.1 - - [date] \"GET /berth/… HTTP/1.1\" 200 5\n"`,
+    /// those naming the bucket: object URLs (`/berth/…`) and the JSON API's (`/b/berth/o…`).
+    fn requests_served(&self) -> usize {
+        self.logs()
+            .lines()
+            .filter(|l| l.contains(" HTTP/1.1\\\" "))
+            .filter(|l| {
+                l.contains(&format!(" /{BUCKET}/")) || l.contains(&format!("/b/{BUCKET}/o"))
+            })
+            .count()
+    }
 }
 
 impl Drop for FakeGcs {
@@ -228,8 +240,9 @@ fn spawn(bin: &Path, addr: SocketAddr, root: &Path, log: &Path) -> Daemon {
         .arg("filesystem")
         .arg("-filesystem-root")
         .arg(root)
+        // One access log line per request (what requests_served counts).
         .arg("-log-level")
-        .arg("warn");
+        .arg("info");
     Daemon::spawn(
         "fake-gcs-server",
         &mut cmd,

@@ -396,6 +396,16 @@ impl StoreServer for Garage {
     fn fail(&self, why: &str) -> ! {
         Garage::fail(self, why)
     }
+
+    /// S3 API lines: `… generic_server: 127.0.0.1:PORT (key GK…) GET /berth/…` (an error answer
+    /// gets a second line, `… generic_server: error 404 … in response to 127.0.0.1:…`).
+    fn requests_served(&self) -> usize {
+        self.logs()
+            .lines()
+            .filter_map(|l| l.split_once("generic_server: ").map(|(_, rest)| rest))
+            .filter(|rest| rest.contains(" (key ") && !rest.starts_with("error "))
+            .count()
+    }
 }
 
 impl Drop for Garage {

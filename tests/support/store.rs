@@ -35,7 +35,7 @@ pub trait StoreServer {
     /// A client for the bucket (few, quick retries), for assertions.
     fn client(&self) -> Arc<dyn ObjectStore>;
 
-    /// Takes the server down (`SIGKILL`): its port refuses connections; data kept.
+    /// Takes the server down (killed): its port refuses connections; data kept.
     fn stop(&mut self);
 
     /// Starts it again on the same port with the same data, and waits until it serves.
@@ -43,6 +43,11 @@ pub trait StoreServer {
 
     /// Panics with the server's log tail.
     fn fail(&self, why: &str) -> !;
+
+    /// How many requests to the bucket the server has logged since it started (each attempt of
+    /// a retried request counts): what berth's `berth_object_store_requests_total` is checked
+    /// against.
+    fn requests_served(&self) -> usize;
 
     /// `(key, size)` of every object whose key starts with `prefix` (a plain string prefix,
     /// "" for all), sorted by key.
