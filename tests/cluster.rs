@@ -319,6 +319,7 @@ on_each_store!(
     all_replicas_restarted_with_empty_disks_pull_from_the_object_store_alone,
     object_store_down_hot_tier_serves_and_new_fills_still_stream,
     a_damaged_blob_in_the_store_is_never_served_and_gets_replaced,
+    a_blob_that_fails_its_digest_never_reaches_the_store,
     more_fills_than_upload_slots_all_reach_the_store_verified,
 );
 
@@ -703,13 +704,98 @@ fn a_damaged_blob_in_the_store_is_never_served_and_gets_replaced<S: StoreServer>
     );
 }
 
+fn a_blob_that_fails_its_digest_never_reaches_the_store<S: StoreServer>() {
+    // Upstream flips each blob's last byte: the fill fails at its end, after the uploads have
+    // sent what came before it (a 12 MiB blob: its first 8 MiB part, block or chunk).
+    let store = S::start();
+    let store: &dyn StoreServer = &store;
+    let rt = runtime();
+    let up = rt.block_on(fake_upstream::FakeUpstream::start());
+    let pattern = |n: usize, salt: u32| -> Bytes {
+        (0..n as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ salt as u8)
+            .collect::<Vec<u8>>()
+            .into()
+    };
+    let blobs = [pattern(12 * 1024 * 1024, 1), pattern(2 * 1024 * 1024, 2)];
+    let digests: Vec<String> = blobs.iter().map(|b| up.add_blob(b.clone())).collect();
+    up.set(fake_upstream::Behaviour::Corrupt);
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let berth = single_replica(&up.url(), store, &dirs.path().join("c"));
+    let get = |d: &str| {
+        let url = format!("{}/v2/library/bad/blobs/{d}", berth.url());
+        rt.block_on(async {
+            let resp = reqwest::get(&url).await.expect("request");
+            let status = resp.status();
+            (status, resp.bytes().await)
+        })
+    };
+    let served_before = store.requests_served();
+    for d in &digests {
+        match get(d) {
+            (status, Ok(body)) if status == 200 => {
+                panic!(
+                    "{d}: a whole 200 of {} bytes for a blob that fails its digest",
+                    body.len()
+                )
+            }
+            _ => {} // an error status or a cut body
+        }
+    }
+    let counted = settled_store_requests(std::slice::from_ref(&berth));
+    // Not counted by berth: an aborted upload's parts (and the abort).
+    eprintln!(
+        "{}: the failed fills cost {} store requests ({counted} counted by berth)",
+        store.name(),
+        store.requests_served() - served_before
+    );
+    let keys = store.list_keys("berth-test/blobs/");
+    assert!(
+        keys.is_empty(),
+        "{}: unverified bytes stored: {keys:?}",
+        store.name()
+    );
+    let m = admin_metrics(&berth);
+    assert!(
+        metric_with(
+            &m,
+            "berth_object_store_requests_total",
+            &["operation=\"part\""]
+        ) == 0.0,
+        "no upload counted as completed"
+    );
+    // Upstream mended: the same blobs are fetched again and stored, verified.
+    up.set(fake_upstream::Behaviour::Normal);
+    for (d, blob) in digests.iter().zip(&blobs) {
+        let (status, body) = get(d);
+        assert_eq!(status, 200);
+        assert_eq!(body.expect("body").len(), blob.len());
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (d, blob) in digests.iter().zip(&blobs) {
+        let key = format!("berth-test/blobs/sha256/{}", &d[7..]);
+        let stored = loop {
+            if let Some(stored) = store.get_object(&key) {
+                break stored;
+            }
+            assert!(Instant::now() < deadline, "{key} never stored");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert_eq!(stored.len(), blob.len(), "{key}");
+        assert_eq!(&sha256(&stored), d, "{key}");
+    }
+}
+
 fn more_fills_than_upload_slots_all_reach_the_store_verified<S: StoreServer>() {
     // 12 blobs filled at once against 4 upload slots: the waiting uploads read their verified
     // fills back from disk later, and every blob ends up stored with the right bytes.
     let store = S::start();
     let store: &dyn StoreServer = &store;
     let upstream = Registry::start();
-    let image = seed_blob_image(&upstream, "library/many", "v1", &[600 * 1024; 12]);
+    // And one of exactly two parts (no remainder: the last part is a whole one).
+    let mut sizes = vec![600 * 1024; 12];
+    sizes.push(16 * 1024 * 1024);
+    let image = seed_blob_image(&upstream, "library/many", "v1", &sizes);
     let dirs = tempfile::tempdir().expect("tempdir");
     let berth = single_replica(&upstream.url(), store, &dirs.path().join("c"));
     pull_everywhere(&[berth.url()], &image);

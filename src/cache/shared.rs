@@ -333,6 +333,19 @@ impl SharedStore {
         });
     }
 
+    /// Abandons a multipart upload: S3 aborts it and GCS cancels its session (one request
+    /// each, counted); Azure's uncommitted blocks are never committed (no request). The parts
+    /// already sent are not counted.
+    async fn abort(&self, writer: WriteMultipart) {
+        let result = writer.abort().await;
+        if self.kind != StoreKind::Azure {
+            self.record(StoreOp::Multipart, &result.as_ref().map(|_| ()));
+        }
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "abandoning a multipart upload failed");
+        }
+    }
+
     async fn upload_fill(&self, fill: Arc<Fill>) -> Result<u64, UploadError> {
         let len = fill.wait_started().await?;
         let _permit = self
@@ -371,13 +384,13 @@ impl SharedStore {
                 Some(Ok(chunk)) => chunk,
                 Some(Err(e)) => {
                     // Cut or wrong bytes: the parts sent so far are discarded, never visible.
-                    let _ = writer.abort().await;
+                    self.abort(writer).await;
                     return Err(UploadError::Fill(e));
                 }
             };
             if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
                 self.record(StoreOp::Multipart, &Err(&e));
-                let _ = writer.abort().await;
+                self.abort(writer).await;
                 return Err(e.into());
             }
             n += chunk.len() as u64;
