@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use fake_upstream::sha256;
 use sha2::{Digest as _, Sha256};
-use support::{Berth, Garage, Image, Registry, StoreServer, free_addr, seed_blob_image};
+use support::{
+    Berth, Garage, Image, Registry, StoreServer, free_addr, on_each_store, seed_blob_image,
+};
 
 /// What dockerd and containerd send: every manifest type.
 const ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, \
@@ -295,25 +297,6 @@ fn wait_stored(store: &dyn StoreServer, image: &Image) {
     }
 }
 
-/// A `#[test]` per scenario and backend: `garage::NAME`, `azurite::NAME` and `fake_gcs::NAME`
-/// each run the scenario `NAME::<S>()` against their own fresh server.
-macro_rules! on_each_store {
-    ($($scenario:ident),* $(,)?) => {
-        on_each_store!(@backend garage, Garage, $($scenario),*);
-        on_each_store!(@backend azurite, Azurite, $($scenario),*);
-        on_each_store!(@backend fake_gcs, FakeGcs, $($scenario),*);
-    };
-    (@backend $module:ident, $server:ident, $($scenario:ident),*) => {
-        mod $module {
-            $(
-                #[test]
-                fn $scenario() {
-                    super::$scenario::<super::support::$server>()
-                }
-            )*
-        }
-    };
-}
 on_each_store!(
     replicas_fetch_each_blob_once_and_share_it_through_the_object_store,
     all_replicas_restarted_with_empty_disks_pull_from_the_object_store_alone,
@@ -338,13 +321,13 @@ fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store<S: StoreS
     let replicas = Replicas::start(&upstream.url(), store, &dirs);
     let urls = replicas.urls();
 
-    let served_before = store.requests_served();
+    let served_before = store.requests_logged();
     let digests = pull_everywhere(&urls, &image);
     assert_eq!(digests.len(), 4);
     // berth's request counters are the server's own count (before the test's listing below).
     let counted = settled_store_requests(&replicas.berths);
     assert_eq!(
-        (store.requests_served() - served_before) as f64,
+        (store.requests_logged() - served_before) as f64,
         counted,
         "{} logged other than the {counted} requests the replicas counted",
         store.name()
@@ -412,7 +395,7 @@ fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store<S: StoreS
     let before = upstream.access_log().len();
     let dirs2 = tempfile::tempdir().expect("tempdir");
     let fresh = single_replica(&upstream.url(), store, &dirs2.path().join("c"));
-    let served_before = store.requests_served();
+    let served_before = store.requests_logged();
     runtime().block_on(async {
         pull(
             &reqwest::Client::new(),
@@ -424,7 +407,7 @@ fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store<S: StoreS
     });
     let m = admin_metrics(&fresh);
     assert_eq!(
-        (store.requests_served() - served_before) as f64,
+        (store.requests_logged() - served_before) as f64,
         metric(&m, "berth_object_store_requests_total"),
         "{}: the warm pull's requests as counted by the server and by berth",
         store.name()
@@ -730,7 +713,7 @@ fn a_blob_that_fails_its_digest_never_reaches_the_store<S: StoreServer>() {
             (status, resp.bytes().await)
         })
     };
-    let served_before = store.requests_served();
+    let served_before = store.requests_logged();
     for d in &digests {
         match get(d) {
             (status, Ok(body)) if status == 200 => {
@@ -747,7 +730,7 @@ fn a_blob_that_fails_its_digest_never_reaches_the_store<S: StoreServer>() {
     eprintln!(
         "{}: the failed fills cost {} store requests ({counted} counted by berth)",
         store.name(),
-        store.requests_served() - served_before
+        store.requests_logged() - served_before
     );
     let keys = store.list_keys("berth-test/blobs/");
     assert!(

@@ -204,14 +204,24 @@ impl StoreServer for FakeGcs {
         panic!("fake-gcs-server: {why}\n{}", self.daemon.log_tail(40))
     }
 
-    /// Access log lines (at `info`): `… msg="127.0.0.1 - - [date] \"GET /berth/… HTTP/1.1\" 200 5\n"`,
-    /// those naming the bucket: object URLs (`/berth/…`) and the JSON API's (`/b/berth/o…`).
+    /// Access log lines (at `info`):
+    /// `… msg="127.0.0.1 - - [date] \"GET /berth/mirror%2Fa HTTP/1.1\" 200 5\n"`, those naming
+    /// the bucket: the XML API's (`/berth/…`, `/berth?list-type=2`) and the JSON API's
+    /// (`…/b/berth/o…`).
     fn requests_served(&self) -> usize {
+        let bucket = format!("/{BUCKET}");
+        let json = format!("/b/{BUCKET}/o");
         self.logs()
             .lines()
-            .filter(|l| l.contains(" HTTP/1.1\\\" "))
-            .filter(|l| {
-                l.contains(&format!(" /{BUCKET}/")) || l.contains(&format!("/b/{BUCKET}/o"))
+            .filter_map(|l| {
+                let request = l.split_once("\\\"")?.1.split_once(" HTTP/1.1\\\"")?.0;
+                request.split_once(' ').map(|(_, path)| path.to_owned())
+            })
+            .filter(|path| {
+                path.contains(&json)
+                    || path
+                        .strip_prefix(&bucket)
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?']))
             })
             .count()
     }

@@ -71,6 +71,7 @@ pub use self::seed::{
     random_bytes, seed_blob_image, seed_image, seed_image_with, seed_index, seeded_bytes, tar,
 };
 pub use self::store::StoreServer;
+pub(crate) use self::store::on_each_store;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

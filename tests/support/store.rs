@@ -49,6 +49,21 @@ pub trait StoreServer {
     /// against.
     fn requests_served(&self) -> usize;
 
+    /// [`StoreServer::requests_served`] once it has stood still for 300 ms (a server may log a
+    /// request a moment after answering it); at most 10 s.
+    fn requests_logged(&self) -> usize {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut last = self.requests_served();
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let now = self.requests_served();
+            if now == last || std::time::Instant::now() > deadline {
+                return now;
+            }
+            last = now;
+        }
+    }
+
     /// `(key, size)` of every object whose key starts with `prefix` (a plain string prefix,
     /// "" for all), sorted by key.
     fn list_keys(&self, prefix: &str) -> Vec<(String, u64)> {
@@ -141,3 +156,26 @@ pub fn test_client_options() -> object_store::ClientOptions {
         .with_connect_timeout(std::time::Duration::from_secs(2))
         .with_timeout(std::time::Duration::from_secs(30))
 }
+
+/// A `#[test]` per scenario and backend: `garage::NAME`, `azurite::NAME` and `fake_gcs::NAME`
+/// each run the test file's generic `fn NAME<S: StoreServer>()` against a fresh server of
+/// their own. Use it at the top level of a test file that has `mod support;`.
+#[allow(unused_macros)] // test files without shared-tier scenarios
+macro_rules! on_each_store {
+    ($($scenario:ident),* $(,)?) => {
+        $crate::support::on_each_store!(@backend garage, Garage, $($scenario),*);
+        $crate::support::on_each_store!(@backend azurite, Azurite, $($scenario),*);
+        $crate::support::on_each_store!(@backend fake_gcs, FakeGcs, $($scenario),*);
+    };
+    (@backend $module:ident, $server:ident, $($scenario:ident),*) => {
+        mod $module {
+            $(
+                #[test]
+                fn $scenario() {
+                    super::$scenario::<$crate::support::$server>()
+                }
+            )*
+        }
+    };
+}
+pub(crate) use on_each_store;
