@@ -20,7 +20,7 @@ use object_store::gcp::GoogleCloudStorage;
 use object_store::path::Path;
 use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult, UploadPart,
+    PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult, UploadPart,
 };
 use tokio::sync::oneshot;
 
@@ -130,8 +130,17 @@ impl ObjectStore for GcsStore {
         &self,
         location: &Path,
         payload: PutPayload,
-        _opts: PutOptions,
+        opts: PutOptions,
     ) -> object_store::Result<PutResult> {
+        // berth overwrites (replicas write the same verified bytes); a conditional write is
+        // refused rather than made unconditional (fake-gcs-server, the emulator this is
+        // tested against, ignores ifGenerationMatch, so it could not be tested).
+        if opts.mode != PutMode::Overwrite {
+            return Err(object_store::Error::NotImplemented {
+                operation: "conditional put".to_owned(),
+                implementer: "berth's GCS uploads".to_owned(),
+            });
+        }
         let body: Bytes = payload.into();
         let req = self
             .http

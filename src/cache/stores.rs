@@ -113,8 +113,17 @@ fn azure(config: &ObjectStoreConfig) -> Result<MicrosoftAzureBuilder, SetupError
         // The account's URL, path style for Azurite (`http://host:10000/account`).
         builder = builder.with_endpoint(endpoint);
     }
-    if let Some(account) = config.azure_account() {
-        builder = builder.with_account(account);
+    match config.azure_account() {
+        Some(account) => builder = builder.with_account(account),
+        None if std::env::var_os("AZURE_STORAGE_ACCOUNT_NAME").is_none()
+            && std::env::var_os("AZURE_STORAGE_USE_EMULATOR").is_none() =>
+        {
+            return Err(SetupError::new(
+                "cache.object_store.account",
+                "no storage account: set account (or AZURE_STORAGE_ACCOUNT_NAME)",
+            ));
+        }
+        None => {}
     }
     if let Some(key) = config
         .azure_access_key()
