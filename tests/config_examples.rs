@@ -691,3 +691,61 @@ fn azure_and_gcs_credential_files_are_checked_and_never_printed() {
         );
     }
 }
+
+#[test]
+fn serve_names_a_missing_azure_account() {
+    // No account in the config, the endpoint or the environment: `serve` stops at once and
+    // names the key (rather than failing on the first request).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("berth.toml");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[cache]\ndir = {:?}\n\
+         [cache.object_store]\nurl = \"az://c/mirror\"\n[[registry]]\nname = \"a\"\n\
+         endpoints = [\"http://127.0.0.1:9\"]\n",
+        dir.path().join("cache")
+    );
+    std::fs::write(&path, text).expect("write config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .env_remove("AZURE_STORAGE_ACCOUNT_NAME")
+        .env_remove("AZURE_STORAGE_USE_EMULATOR")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run berth serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("berth serve kept running without an Azure account");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // The log (stdout) and stderr, a few lines each.
+    let mut printed = String::new();
+    use std::io::Read as _;
+    for out in [
+        child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn std::io::Read>),
+        child
+            .stderr
+            .take()
+            .map(|e| Box::new(e) as Box<dyn std::io::Read>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let mut out = out;
+        out.read_to_string(&mut printed).expect("read output");
+    }
+    assert!(!status.success(), "{printed}");
+    assert!(printed.contains("cache.object_store.account"), "{printed}");
+}
