@@ -247,8 +247,6 @@ fn spawn(program: &[PathBuf], addr: SocketAddr, data: &Path, key: &str, log: &Pa
         .arg(data)
         .arg("--skipApiVersionCheck")
         .arg("--disableProductStyleUrl")
-        .arg("--debug")
-        .arg(data.join("debug.log"))
         .env("AZURITE_ACCOUNTS", format!("{ACCOUNT}:{key}"));
     Daemon::spawn("azurite", &mut cmd, log, log, Duration::from_secs(5))
 }
