@@ -288,25 +288,45 @@ pub struct ClusterConfig {
     pub server_name: Option<String>,
 }
 
-/// `[cache.object_store]`: a shared S3-compatible bucket behind the local disk.
+/// `[cache.object_store]`: a shared bucket (S3, Azure Blob Storage or Google Cloud Storage)
+/// behind the local disk.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ObjectStoreConfig {
-    /// `s3://bucket/optional/prefix`.
+    /// `s3://bucket/prefix`, `az://container/prefix` (or `azure://`), `gs://bucket/prefix`.
     pub url: url::Url,
-    /// The S3 API endpoint; omitted for AWS.
+    /// The API endpoint: S3 (path style: Garage, MinIO), the Azure account URL (Azurite:
+    /// `http://127.0.0.1:10000/devstoreaccount1`) or the GCS base URL (fake-gcs-server);
+    /// omitted for the cloud's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<url::Url>,
+    /// S3 only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    /// S3 only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_key_id_env: Option<String>,
+    /// S3 only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_key_id_file: Option<PathBuf>,
+    /// S3 only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_access_key_env: Option<String>,
+    /// S3 only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_access_key_file: Option<PathBuf>,
+    /// Azure only: the storage account (else `AZURE_STORAGE_ACCOUNT_NAME`, else the first path
+    /// segment of a path-style `endpoint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// Azure only: a file holding the account's shared key (else `AZURE_STORAGE_ACCOUNT_KEY`,
+    /// else workload identity or managed identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_file: Option<PathBuf>,
+    /// GCS only: a service account key (JSON) file (else `GOOGLE_APPLICATION_CREDENTIALS`,
+    /// else the metadata server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_file: Option<PathBuf>,
     #[serde(default = "default_store_connect_timeout", with = "human_duration")]
     pub connect_timeout: Duration,
     /// How long a store request may stall (a single read) before it counts as failed.
@@ -314,7 +334,36 @@ pub struct ObjectStoreConfig {
     pub read_timeout: Duration,
 }
 
+/// Which service a `[cache.object_store]` URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    S3,
+    Azure,
+    Gcs,
+}
+
+impl StoreKind {
+    fn name(self) -> &'static str {
+        match self {
+            StoreKind::S3 => "s3:// (S3)",
+            StoreKind::Azure => "az:// (Azure Blob Storage)",
+            StoreKind::Gcs => "gs:// (Google Cloud Storage)",
+        }
+    }
+}
+
 impl ObjectStoreConfig {
+    /// The service the URL's scheme names (`None`: not one berth speaks).
+    pub fn kind(&self) -> Option<StoreKind> {
+        match self.url.scheme() {
+            "s3" => Some(StoreKind::S3),
+            "az" | "azure" => Some(StoreKind::Azure),
+            "gs" => Some(StoreKind::Gcs),
+            _ => None,
+        }
+    }
+
+    /// The bucket (S3, GCS) or container (Azure).
     pub fn bucket(&self) -> &str {
         self.url.host_str().unwrap_or_default()
     }
@@ -324,7 +373,7 @@ impl ObjectStoreConfig {
         self.url.path().trim_matches('/')
     }
 
-    /// The access key id and secret, when configured here (else the AWS environment is used).
+    /// S3: the access key id and secret, when configured here (else the AWS environment).
     pub fn credentials(&self) -> Result<Option<(Secret, Secret)>, ConfigError> {
         let id = read_secret(
             "cache.object_store.access_key_id",
@@ -344,6 +393,179 @@ impl ObjectStoreConfig {
                 "give both the access key id and the secret access key, or neither",
             )),
         }
+    }
+
+    /// Azure: the storage account: `account`, else a path-style endpoint's first segment
+    /// (`None`: left to `AZURE_STORAGE_ACCOUNT_NAME`).
+    pub fn azure_account(&self) -> Option<String> {
+        self.account.clone().or_else(|| {
+            let e = self.endpoint.as_ref()?;
+            let first = e.path_segments()?.find(|s| !s.is_empty())?;
+            Some(first.to_owned())
+        })
+    }
+
+    /// Azure: the shared key from `access_key_file` (checked to be base64, never printed).
+    pub fn azure_access_key(&self) -> Result<Option<Secret>, ConfigError> {
+        let key = "cache.object_store.access_key";
+        let Some(secret) = read_secret(key, self.access_key_file.as_deref(), None)? else {
+            return Ok(None);
+        };
+        use base64::Engine as _;
+        if base64::engine::general_purpose::STANDARD
+            .decode(secret.expose())
+            .is_err()
+        {
+            return Err(invalid(
+                format!("{key}_file"),
+                "is not a base64 account key (the storage account's key1 or key2)",
+            ));
+        }
+        Ok(Some(secret))
+    }
+
+    /// GCS: the service account key file's path, checked to be a service account key (its
+    /// contents are never printed).
+    pub fn gcs_service_account(&self) -> Result<Option<&Path>, ConfigError> {
+        let key = "cache.object_store.service_account_file";
+        let Some(path) = self.service_account_file.as_deref() else {
+            return Ok(None);
+        };
+        let bytes = read_file(key, path)?;
+        let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            invalid(
+                key,
+                format!("{}: not JSON (line {})", path.display(), e.line()),
+            )
+        })?;
+        if !json.get("private_key").is_some_and(|v| v.is_string())
+            || !json.get("client_email").is_some_and(|v| v.is_string())
+        {
+            return Err(invalid(
+                key,
+                format!(
+                    "{}: not a service account key (needs client_email and private_key)",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(Some(path))
+    }
+
+    /// Checks the table by itself (no file is read); errors name the key.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let Some(kind) = self.kind().filter(|_| !self.bucket().is_empty()) else {
+            return Err(invalid(
+                "cache.object_store.url",
+                "must be s3://bucket, az://container or gs://bucket, with an optional /prefix",
+            ));
+        };
+        for (key, url) in [
+            ("url", Some(&self.url)),
+            ("endpoint", self.endpoint.as_ref()),
+        ] {
+            if let Some(url) = url
+                && (!url.username().is_empty() || url.password().is_some())
+            {
+                return Err(invalid(
+                    format!("cache.object_store.{key}"),
+                    "must not carry credentials: give them in files (or the environment)",
+                ));
+            }
+        }
+        // Each key belongs to one service: a key of another is a mistake, not ignored.
+        let keys = [
+            ("region", self.region.is_some(), StoreKind::S3),
+            (
+                "access_key_id_env",
+                self.access_key_id_env.is_some(),
+                StoreKind::S3,
+            ),
+            (
+                "access_key_id_file",
+                self.access_key_id_file.is_some(),
+                StoreKind::S3,
+            ),
+            (
+                "secret_access_key_env",
+                self.secret_access_key_env.is_some(),
+                StoreKind::S3,
+            ),
+            (
+                "secret_access_key_file",
+                self.secret_access_key_file.is_some(),
+                StoreKind::S3,
+            ),
+            ("account", self.account.is_some(), StoreKind::Azure),
+            (
+                "access_key_file",
+                self.access_key_file.is_some(),
+                StoreKind::Azure,
+            ),
+            (
+                "service_account_file",
+                self.service_account_file.is_some(),
+                StoreKind::Gcs,
+            ),
+        ];
+        for (key, set, of) in keys {
+            if set && of != kind {
+                return Err(invalid(
+                    format!("cache.object_store.{key}"),
+                    format!(
+                        "is for {} URLs only, and the url is {}",
+                        of.name(),
+                        kind.name()
+                    ),
+                ));
+            }
+        }
+        if self.access_key_id_file.is_some() && self.access_key_id_env.is_some() {
+            return Err(invalid(
+                "cache.object_store.access_key_id_file",
+                "give access_key_id_file or access_key_id_env, not both",
+            ));
+        }
+        if self.secret_access_key_file.is_some() && self.secret_access_key_env.is_some() {
+            return Err(invalid(
+                "cache.object_store.secret_access_key_file",
+                "give secret_access_key_file or secret_access_key_env, not both",
+            ));
+        }
+        let has_id = self.access_key_id_file.is_some() || self.access_key_id_env.is_some();
+        let has_secret =
+            self.secret_access_key_file.is_some() || self.secret_access_key_env.is_some();
+        if has_id != has_secret {
+            return Err(invalid(
+                "cache.object_store",
+                "give both the access key id and the secret access key, or neither",
+            ));
+        }
+        if let Some(e) = &self.endpoint
+            && (!matches!(e.scheme(), "http" | "https") || e.host_str().is_none())
+        {
+            return Err(invalid(
+                "cache.object_store.endpoint",
+                "must be an http(s) URL with a host",
+            ));
+        }
+        if let Some(a) = &self.account
+            && (a.is_empty() || !a.bytes().all(|b| b.is_ascii_alphanumeric()))
+        {
+            return Err(invalid(
+                "cache.object_store.account",
+                "must be a storage account name (letters and digits)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the credential files the table names, as `serve` will; errors name the key.
+    fn check_files(&self) -> Result<(), ConfigError> {
+        self.credentials()?;
+        self.azure_access_key()?;
+        self.gcs_service_account()?;
+        Ok(())
     }
 }
 
@@ -909,54 +1131,7 @@ impl Config {
             return Err(invalid("server.client_burst", "must be at least 1"));
         }
         if let Some(store) = &self.cache.object_store {
-            if store.url.scheme() != "s3" || store.bucket().is_empty() {
-                return Err(invalid(
-                    "cache.object_store.url",
-                    "must be s3://bucket or s3://bucket/prefix",
-                ));
-            }
-            for (key, url) in [
-                ("url", Some(&store.url)),
-                ("endpoint", store.endpoint.as_ref()),
-            ] {
-                if let Some(url) = url
-                    && (!url.username().is_empty() || url.password().is_some())
-                {
-                    return Err(invalid(
-                        format!("cache.object_store.{key}"),
-                        "must not carry credentials: give access_key_id_file and secret_access_key_file (or _env)",
-                    ));
-                }
-            }
-            if store.access_key_id_file.is_some() && store.access_key_id_env.is_some() {
-                return Err(invalid(
-                    "cache.object_store.access_key_id_file",
-                    "give access_key_id_file or access_key_id_env, not both",
-                ));
-            }
-            if store.secret_access_key_file.is_some() && store.secret_access_key_env.is_some() {
-                return Err(invalid(
-                    "cache.object_store.secret_access_key_file",
-                    "give secret_access_key_file or secret_access_key_env, not both",
-                ));
-            }
-            let has_id = store.access_key_id_file.is_some() || store.access_key_id_env.is_some();
-            let has_secret =
-                store.secret_access_key_file.is_some() || store.secret_access_key_env.is_some();
-            if has_id != has_secret {
-                return Err(invalid(
-                    "cache.object_store",
-                    "give both the access key id and the secret access key, or neither",
-                ));
-            }
-            if let Some(e) = &store.endpoint
-                && (!matches!(e.scheme(), "http" | "https") || e.host_str().is_none())
-            {
-                return Err(invalid(
-                    "cache.object_store.endpoint",
-                    "must be an http(s) URL with a host",
-                ));
-            }
+            store.validate()?;
         }
         if let Some(cluster) = &self.cluster {
             if cluster.peers.is_empty() == cluster.dns.is_none() {
@@ -1066,7 +1241,7 @@ impl Config {
             }
         }
         if let Some(store) = &self.cache.object_store {
-            store.credentials()?;
+            store.check_files()?;
         }
         if let Some(tls) = &self.server.tls {
             read_file("server.tls.cert", &tls.cert)?;

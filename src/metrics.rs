@@ -115,7 +115,9 @@ label_values! {
 
 label_values! {
     /// A request to the shared object store, for `berth_object_store_requests_total{operation}`
-    /// (`Part`: one part of a multipart upload).
+    /// (`Multipart`: a large upload's start, completion or abandonment — each only where it is a
+    /// request: Azure starts and abandons one without; `Part`: an S3 part, an Azure block or a
+    /// GCS chunk other than the completing one).
     StoreOp {
         Get => "get",
         Head => "head",

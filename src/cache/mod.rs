@@ -5,8 +5,10 @@
 
 mod blobs;
 mod fill;
+mod gcs;
 mod manifests;
 mod shared;
+mod stores;
 
 pub use blobs::{BlobStore, CachedBlob};
 pub use fill::{Fill, FillReader, Piece, Source};

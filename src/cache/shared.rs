@@ -1,5 +1,6 @@
-//! The shared tier: an S3-compatible object store (through the `object_store` crate) that
-//! several replicas read and write, behind each replica's bounded local disk.
+//! The shared tier: an object store (S3, Azure Blob Storage or Google Cloud Storage, through
+//! the `object_store` crate; see `stores`) that several replicas read and write, behind each
+//! replica's bounded local disk.
 //!
 //! Keys mirror the disk layout under the configured prefix:
 //! `blobs/<alg>/<hex>`, `manifests/<registry>/<repo>/_manifests/<alg>/<hex>` (first line: media
@@ -8,7 +9,9 @@
 //! A blob is written only from a fill's verified stream: the uploader is a reader of the fill,
 //! and a fill hands out its last byte only after the digest matched, so a multipart upload is
 //! completed only for verified bytes and aborted otherwise — no partial or wrong object is
-//! ever visible under a blob's key. Nothing here coordinates through conditional writes: two
+//! ever visible under a blob's key (S3: a multipart upload completed or aborted; Azure: a block
+//! list committed, or its uncommitted blocks left to expire; GCS: a resumable session whose
+//! final chunk is sent, or which is cancelled). Nothing here coordinates through conditional writes: two
 //! replicas writing the same key write the same verified bytes.
 //!
 //! The store failing is not an outage: after an error it is skipped for a few seconds (reads
@@ -22,22 +25,18 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
-use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
-    WriteMultipart,
-};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
 use super::fill::Fill;
 use super::manifests::{Manifest, TagRecord};
-use crate::config::ObjectStoreConfig;
+use crate::config::{ObjectStoreConfig, StoreKind};
 use crate::error::{RegistryError, SetupError};
 use crate::metrics::{Metrics, StoreDirection, StoreOp, StoreResult};
 use crate::oci::{Digest, Hasher, RepoName, Tag};
 
 /// Blobs up to this size are uploaded with one PUT; larger ones in parts of this size (S3's
-/// smallest part is 5 MiB).
+/// smallest part is 5 MiB; Azure's blocks and GCS's resumable chunks take it too).
 const PART_BYTES: usize = 8 * 1024 * 1024;
 /// Parts uploading at once per blob.
 const PARTS_IN_FLIGHT: usize = 2;
@@ -64,6 +63,7 @@ pub struct SharedStore {
     epoch: Instant,
     metrics: Arc<Metrics>,
     uploads: tokio::sync::Semaphore,
+    kind: StoreKind,
 }
 
 /// Why a verified fill did not reach the object store.
@@ -84,49 +84,11 @@ impl SharedStore {
         config: &ObjectStoreConfig,
         metrics: Arc<Metrics>,
     ) -> Result<SharedStore, SetupError> {
-        let mut builder = AmazonS3Builder::from_env()
-            .with_bucket_name(config.bucket())
-            .with_client_options(
-                ClientOptions::new()
-                    .with_connect_timeout(config.connect_timeout)
-                    .with_read_timeout(config.read_timeout)
-                    // Blobs are large: no limit on a whole request, only on stalls.
-                    .with_timeout_disabled()
-                    .with_allow_http(true),
-            )
-            .with_retry(RetryConfig {
-                backoff: BackoffConfig {
-                    init_backoff: Duration::from_millis(100),
-                    max_backoff: Duration::from_secs(1),
-                    base: 2.0,
-                },
-                max_retries: 2,
-                retry_timeout: Duration::from_secs(10),
-            });
-        if let Some(endpoint) = &config.endpoint {
-            // A custom endpoint (Garage, MinIO, Ceph) is addressed path-style.
-            builder = builder
-                .with_endpoint(endpoint.as_str().trim_end_matches('/'))
-                .with_virtual_hosted_style_request(false);
-        }
-        if let Some(region) = &config.region {
-            builder = builder.with_region(region);
-        }
-        if let Some((id, secret)) = config
-            .credentials()
-            .map_err(|e| SetupError::new("cache.object_store", e))?
-        {
-            builder = builder
-                .with_access_key_id(id.expose())
-                .with_secret_access_key(secret.expose());
-        }
-        let store = builder
-            .build()
-            .map_err(|e| SetupError::new("cache.object_store.url", e))?;
+        let (store, kind) = super::stores::open(config)?;
         let prefix = config.prefix();
         metrics.enable_object_store();
         Ok(SharedStore {
-            store: Arc::new(store),
+            store,
             prefix: if prefix.is_empty() {
                 String::new()
             } else {
@@ -136,6 +98,7 @@ impl SharedStore {
             epoch: Instant::now(),
             metrics,
             uploads: tokio::sync::Semaphore::new(UPLOADS_AT_ONCE),
+            kind,
         })
     }
 
@@ -370,6 +333,19 @@ impl SharedStore {
         });
     }
 
+    /// Abandons a multipart upload: S3 aborts it and GCS cancels its session (one request
+    /// each, counted); Azure's uncommitted blocks are never committed (no request). The parts
+    /// already sent are not counted.
+    async fn abort(&self, writer: WriteMultipart) {
+        let result = writer.abort().await;
+        if self.kind != StoreKind::Azure {
+            self.record(StoreOp::Multipart, &result.as_ref().map(|_| ()));
+        }
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "abandoning a multipart upload failed");
+        }
+    }
+
     async fn upload_fill(&self, fill: Arc<Fill>) -> Result<u64, UploadError> {
         let len = fill.wait_started().await?;
         let _permit = self
@@ -396,7 +372,10 @@ impl SharedStore {
             return Ok(n);
         }
         let upload = self.store.put_multipart(&path).await;
-        self.record(StoreOp::Multipart, &upload.as_ref().map(|_| ()));
+        // Azure makes no request to start one (its block list is made up here).
+        if self.kind != StoreKind::Azure || upload.is_err() {
+            self.record(StoreOp::Multipart, &upload.as_ref().map(|_| ()));
+        }
         let mut writer = WriteMultipart::new_with_chunk_size(upload?, PART_BYTES);
         let mut n = 0u64;
         loop {
@@ -405,13 +384,13 @@ impl SharedStore {
                 Some(Ok(chunk)) => chunk,
                 Some(Err(e)) => {
                     // Cut or wrong bytes: the parts sent so far are discarded, never visible.
-                    let _ = writer.abort().await;
+                    self.abort(writer).await;
                     return Err(UploadError::Fill(e));
                 }
             };
             if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
                 self.record(StoreOp::Multipart, &Err(&e));
-                let _ = writer.abort().await;
+                self.abort(writer).await;
                 return Err(e.into());
             }
             n += chunk.len() as u64;
@@ -420,12 +399,15 @@ impl SharedStore {
         let result = writer.finish().await;
         self.record(StoreOp::Multipart, &result.as_ref().map(|_| ()));
         result?;
-        // The parts went out inside the writer: count them as the requests they were.
-        self.metrics.record_store(
-            StoreOp::Part,
-            StoreResult::Ok,
-            n.div_ceil(PART_BYTES as u64),
-        );
+        // The parts went out inside the writer: count them as the requests they were (GCS's
+        // last chunk is the request that completed the upload, counted above).
+        let parts = n.div_ceil(PART_BYTES as u64);
+        let parts = match self.kind {
+            StoreKind::Gcs => parts.saturating_sub(1),
+            StoreKind::S3 | StoreKind::Azure => parts,
+        };
+        self.metrics
+            .record_store(StoreOp::Part, StoreResult::Ok, parts);
         written.inc_by(n);
         Ok(n)
     }

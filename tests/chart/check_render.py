@@ -23,10 +23,13 @@ EXPECTATIONS, about one particular render:
     --expect-cluster-dns URL       [cluster] dns is URL
     --expect-no-cluster            no [cluster], and a Deployment has no headless Service
     --expect-object-store-secret NAME
-                                   [cache.object_store] takes the access key id from env
-                                   BERTH_S3_KEY_ID (secretKeyRef to Secret NAME) and the secret
-                                   access key from a file of Secret NAME
-    --expect-object-store-no-keys  [cache.object_store] without key settings (AWS environment)
+                                   [cache.object_store] takes its credentials from Secret NAME:
+                                   s3:// the access key id from env BERTH_S3_KEY_ID (secretKeyRef
+                                   to NAME) and the secret access key from a file of NAME; az://
+                                   the account key (access_key_file), gs:// the service account
+                                   key (service_account_file) from a file of NAME
+    --expect-object-store-no-keys  [cache.object_store] without key settings (the cloud's
+                                   environment or workload identity)
     --expect-no-object-store       no [cache.object_store]
 """
 
@@ -51,9 +54,18 @@ TLS_KEYS = {"cert", "key", "client_ca"}
 CACHE_KEYS = {"dir", "max_size", "tag_ttl", "object_store"}
 OBJECT_STORE_KEYS = {
     "url", "endpoint", "region", "access_key_id_env", "access_key_id_file",
-    "secret_access_key_env", "secret_access_key_file", "connect_timeout", "read_timeout",
+    "secret_access_key_env", "secret_access_key_file", "account", "access_key_file",
+    "service_account_file", "connect_timeout", "read_timeout",
 }
 OBJECT_STORE_CREDENTIALS = ("access_key_id", "secret_access_key")
+# The keys of each service's credentials files (Azure's account key, GCS's service account key).
+OBJECT_STORE_KEY_FILES = {"az": "access_key_file", "azure": "access_key_file", "gs": "service_account_file"}
+# Keys that belong to one service only.
+OBJECT_STORE_ONLY = {
+    "s3": {"region", "access_key_id_env", "access_key_id_file", "secret_access_key_env", "secret_access_key_file"},
+    "azure": {"account", "access_key_file"},
+    "gs": {"service_account_file"},
+}
 CLUSTER_KEYS = {"peers", "dns", "probe_interval", "connect_timeout", "read_timeout", "server_name", "ca_file"}
 LOG_KEYS = {"format"}
 ADMIN_KEYS = {"token_file"}
@@ -132,7 +144,12 @@ def check(docs, toml_out, expect):
     store = cache.get("object_store")
     if store is not None:
         c.expect(set(store) <= OBJECT_STORE_KEYS, f"unknown [cache.object_store] keys: {sorted(set(store) - OBJECT_STORE_KEYS)}")
-        c.expect(str(store.get("url", "")).startswith("s3://"), f"cache.object_store.url is not s3://...: {store.get('url')}")
+        scheme = str(store.get("url", "")).split("://", 1)[0]
+        c.expect(scheme in ("s3", "az", "azure", "gs"), f"cache.object_store.url is not s3://, az:// or gs://: {store.get('url')}")
+        family = "azure" if scheme == "az" else scheme
+        for other, keys in OBJECT_STORE_ONLY.items():
+            if other != family:
+                c.expect(not (set(store) & keys), f"cache.object_store keys {sorted(set(store) & keys)} do not fit {scheme}://")
         for cred in OBJECT_STORE_CREDENTIALS:
             c.expect(cred not in store, f"cache.object_store.{cred} inline")
         has = [any(f"{cred}_{how}" in store for how in ("env", "file")) for cred in OBJECT_STORE_CREDENTIALS]
@@ -232,15 +249,18 @@ def check(docs, toml_out, expect):
     for e in env.values():
         c.expect(not (S3_KEY_LINE.search(e["name"] + ":") and "value" in e),
                  f"env {e['name']} holds an S3 key as a plain value")
-    for cred in OBJECT_STORE_CREDENTIALS if store else ():
-        f = store.get(f"{cred}_file")
+    # S3's key files, Azure's account key, GCS's service account key.
+    file_keys = [f"{cred}_file" for cred in OBJECT_STORE_CREDENTIALS] + sorted(set(OBJECT_STORE_KEY_FILES.values()))
+    for key in file_keys if store else ():
+        f = store.get(key)
         if f:
             m = mounts.get(os.path.dirname(f))
             secret = volumes.get(m["name"], {}).get("secret") if m else None
             if c.expect(secret is not None and m.get("readOnly") is True,
-                        f"cache.object_store.{cred}_file {f}: not in a read-only Secret volume"):
+                        f"cache.object_store.{key} {f}: not in a read-only Secret volume"):
                 c.expect(os.path.basename(f) in [i["path"] for i in secret.get("items", [])],
-                         f"cache.object_store.{cred}_file: the Secret volume has no {os.path.basename(f)}")
+                         f"cache.object_store.{key}: the Secret volume has no {os.path.basename(f)}")
+    for cred in OBJECT_STORE_CREDENTIALS if store else ():
         var = store.get(f"{cred}_env")
         if var:
             ref = (env.get(var) or {}).get("valueFrom", {}).get("secretKeyRef")
@@ -313,10 +333,20 @@ def check(docs, toml_out, expect):
         c.expect(store is None, "berth.toml has a [cache.object_store]")
     if expect.object_store_no_keys:
         if c.expect(store is not None, "berth.toml has no [cache.object_store]"):
-            keys = [k for k in store if k.startswith(OBJECT_STORE_CREDENTIALS)]
+            keys = [k for k in store if k.startswith(OBJECT_STORE_CREDENTIALS) or k in OBJECT_STORE_KEY_FILES.values()]
             c.expect(not keys, f"[cache.object_store] has key settings {keys}")
         c.expect("BERTH_S3_KEY_ID" not in env, "env BERTH_S3_KEY_ID without objectStore.existingSecret")
     if expect.object_store_secret is not None and c.expect(store is not None, "berth.toml has no [cache.object_store]"):
+        name = expect.object_store_secret
+        scheme = str(store.get("url", "")).split("://", 1)[0]
+        if scheme in OBJECT_STORE_KEY_FILES:
+            f = store.get(OBJECT_STORE_KEY_FILES[scheme])
+            if c.expect(f is not None, f"cache.object_store has no {OBJECT_STORE_KEY_FILES[scheme]}: {store}"):
+                m = mounts.get(os.path.dirname(f)) or {}
+                secret = volumes.get(m.get("name"), {}).get("secret") or {}
+                c.expect(secret.get("secretName") == name, f"{f} is not mounted from Secret {name}")
+            c.expect("BERTH_S3_KEY_ID" not in env, f"env BERTH_S3_KEY_ID on a {scheme}:// store")
+    if expect.object_store_secret is not None and store is not None and str(store.get("url", "")).startswith("s3://"):
         name = expect.object_store_secret
         c.expect(store.get("access_key_id_env") == "BERTH_S3_KEY_ID" and "access_key_id_file" not in store,
                  f"cache.object_store access key id is not access_key_id_env = BERTH_S3_KEY_ID: {store}")

@@ -7,19 +7,19 @@
 //!
 //! Setup goes through Garage's own CLI (`garage -c FILE …`, which talks to the server over its
 //! RPC port). Objects are read and written for assertions through the `object_store` crate,
-//! the same client berth uses, path-style against [`Garage::endpoint`].
+//! the same client berth uses, path-style against [`Garage::endpoint`] (see
+//! [`StoreServer`](super::StoreServer)).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use object_store::ObjectStore;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
-use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
-};
 use tempfile::TempDir;
 
 use super::process::{
@@ -27,6 +27,7 @@ use super::process::{
     short_tempdir, wait_for,
 };
 use super::seed::block_on;
+use super::store::{StoreServer, test_client_options, test_retry};
 
 /// Start (or restart) until the S3 and admin APIs answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -292,60 +293,6 @@ api_bind_addr = "{admin_addr}"
         run(&mut cmd, CLI_TIMEOUT)?.into_result()
     }
 
-    /// `(key, size)` of every object whose key starts with `prefix` (a plain string prefix,
-    /// "" for all), sorted by key.
-    pub fn list_keys(&self, prefix: &str) -> Vec<(String, u64)> {
-        let store = self.store();
-        // object_store lists by whole path segments: list the prefix's directory, then filter.
-        let dir = prefix.rsplit_once('/').map(|(dir, _)| dir).unwrap_or("");
-        let listed: Result<Vec<(String, u64)>, object_store::Error> = block_on(async {
-            let dir = (!dir.is_empty()).then(|| ObjectPath::from(dir));
-            let mut stream = store.list(dir.as_ref());
-            let mut keys = Vec::new();
-            while let Some(meta) = stream.next().await {
-                let meta = meta?;
-                keys.push((meta.location.to_string(), meta.size));
-            }
-            Ok(keys)
-        });
-        let mut keys: Vec<(String, u64)> = listed
-            .unwrap_or_else(|e| self.fail(&format!("list {prefix:?} in bucket {BUCKET}: {e}")))
-            .into_iter()
-            .filter(|(key, _)| key.starts_with(prefix))
-            .collect();
-        keys.sort();
-        keys
-    }
-
-    /// The object's bytes, `None` if there is no such key.
-    pub fn get_object(&self, key: &str) -> Option<Vec<u8>> {
-        let store = self.store();
-        let got = block_on(async {
-            let result = store.get(&ObjectPath::from(key)).await?;
-            result.bytes().await
-        });
-        match got {
-            Ok(bytes) => Some(bytes.to_vec()),
-            Err(object_store::Error::NotFound { .. }) => None,
-            Err(e) => self.fail(&format!("get {key:?} from bucket {BUCKET}: {e}")),
-        }
-    }
-
-    /// Writes (or overwrites) an object, e.g. to plant a corrupt one.
-    pub fn put_object(&self, key: &str, bytes: impl Into<Vec<u8>>) {
-        let store = self.store();
-        let payload = PutPayload::from(bytes.into());
-        block_on(async { store.put(&ObjectPath::from(key), payload).await })
-            .unwrap_or_else(|e| self.fail(&format!("put {key:?} into bucket {BUCKET}: {e}")));
-    }
-
-    /// Deletes an object (no error if it does not exist).
-    pub fn delete_object(&self, key: &str) {
-        let store = self.store();
-        block_on(async { store.delete(&ObjectPath::from(key)).await })
-            .unwrap_or_else(|e| self.fail(&format!("delete {key:?} from bucket {BUCKET}: {e}")));
-    }
-
     /// An `object_store` client for the bucket with the fixture's key (few, quick retries).
     pub fn store(&self) -> AmazonS3 {
         AmazonS3Builder::new()
@@ -355,21 +302,8 @@ api_bind_addr = "{admin_addr}"
             .with_bucket_name(BUCKET)
             .with_access_key_id(&self.key_id)
             .with_secret_access_key(&self.secret)
-            .with_client_options(
-                ClientOptions::new()
-                    .with_allow_http(true)
-                    .with_connect_timeout(Duration::from_secs(2))
-                    .with_timeout(Duration::from_secs(30)),
-            )
-            .with_retry(RetryConfig {
-                backoff: BackoffConfig {
-                    init_backoff: Duration::from_millis(50),
-                    max_backoff: Duration::from_millis(500),
-                    base: 2.0,
-                },
-                max_retries: 2,
-                retry_timeout: Duration::from_secs(5),
-            })
+            .with_client_options(test_client_options())
+            .with_retry(test_retry())
             .build()
             .expect("build an object_store client for garage")
     }
@@ -425,6 +359,55 @@ api_bind_addr = "{admin_addr}"
     }
 }
 
+impl StoreServer for Garage {
+    fn start() -> Garage {
+        Garage::start()
+    }
+
+    fn name(&self) -> &'static str {
+        "garage"
+    }
+
+    fn berth_keys(&self, prefix: &str) -> String {
+        format!(
+            "url = \"s3://{BUCKET}/{prefix}\"\nendpoint = \"{}\"\nregion = \"{REGION}\"\n\
+             access_key_id_env = \"BERTH_S3_KEY_ID\"\nsecret_access_key_file = {:?}\n",
+            self.endpoint(),
+            self.secret_file.display().to_string(),
+        )
+    }
+
+    fn berth_env(&self) -> Vec<(&'static str, String)> {
+        vec![("BERTH_S3_KEY_ID", self.key_id.clone())]
+    }
+
+    fn client(&self) -> Arc<dyn ObjectStore> {
+        Arc::new(self.store())
+    }
+
+    fn stop(&mut self) {
+        Garage::stop(self)
+    }
+
+    fn restart(&mut self) {
+        Garage::restart(self)
+    }
+
+    fn fail(&self, why: &str) -> ! {
+        Garage::fail(self, why)
+    }
+
+    /// S3 API lines: `… generic_server: 127.0.0.1:PORT (key GK…) GET /berth/…` (an error answer
+    /// gets a second line, `… generic_server: error 404 … in response to 127.0.0.1:…`).
+    fn requests_served(&self) -> usize {
+        self.logs()
+            .lines()
+            .filter_map(|l| l.split_once("generic_server: ").map(|(_, rest)| rest))
+            .filter(|rest| rest.contains(" (key ") && !rest.starts_with("error "))
+            .count()
+    }
+}
+
 impl Drop for Garage {
     /// `SIGKILL`: a graceful `SIGTERM` shutdown takes Garage 1–3 s, and the data is thrown
     /// away anyway. (The daemon's own `Drop` then prints the log tail if the test panicked.)
@@ -433,26 +416,28 @@ impl Drop for Garage {
     }
 }
 
-/// `${BERTH_TOOLS_DIR:-$HOME/.cache/berth-tools}/bin/garage`, else `garage` on `$PATH`.
-pub fn garage_program() -> PathBuf {
-    let tools = std::env::var_os("BERTH_TOOLS_DIR")
+/// `${BERTH_TOOLS_DIR:-$HOME/.cache/berth-tools}`: where tests/setup.sh installs the programs
+/// that are not Debian packages.
+pub fn tools_dir() -> PathBuf {
+    std::env::var_os("BERTH_TOOLS_DIR")
         .map(PathBuf::from)
         .or_else(|| {
             std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache/berth-tools"))
-        });
-    if let Some(tools) = &tools {
-        let bin = tools.join("bin/garage");
-        if bin.is_file() {
-            return bin;
-        }
+        })
+        .unwrap_or_else(|| PathBuf::from("$HOME/.cache/berth-tools"))
+}
+
+/// `${BERTH_TOOLS_DIR:-$HOME/.cache/berth-tools}/bin/garage`, else `garage` on `$PATH`.
+pub fn garage_program() -> PathBuf {
+    let tools = tools_dir();
+    let bin = tools.join("bin/garage");
+    if bin.is_file() {
+        return bin;
     }
     find_program("garage").unwrap_or_else(|| {
         panic!(
             "garage not found (looked in {}/bin and $PATH): run tests/setup.sh",
-            tools
-                .as_deref()
-                .unwrap_or(Path::new("$HOME/.cache/berth-tools"))
-                .display()
+            tools.display()
         )
     })
 }

@@ -17,6 +17,9 @@
 //! - [`request`]: one blocking HTTP request (reqwest), for raw registry API checks.
 //! - [`Garage`]: a single-node Garage S3 object store with one bucket and key, for the shared
 //!   tier (built by `tests/setup.sh` into `$HOME/.cache/berth-tools`).
+//! - [`Azurite`] (Azure Blob Storage) and [`FakeGcs`] (Google Cloud Storage): the emulators of
+//!   the other two backends (installed by `tests/setup.sh` there too). All three implement
+//!   [`StoreServer`], so a shared-tier scenario runs against each.
 //!
 //! Every fixture listens on a free port on 127.0.0.1 (dockerd: a unix socket), lives in its own
 //! temp dir under `/tmp`, and cleans up on `Drop` (signals its child by PID, waits bounded,
@@ -34,9 +37,11 @@
 //! runtime on a scoped thread), so it works in plain `#[test]`s and in `#[tokio::test]`s alike.
 #![allow(dead_code, unused_imports)]
 
+mod azurite;
 mod berth;
 mod containerd;
 mod dockerd;
+mod fake_gcs;
 mod garage;
 mod http;
 mod inproc;
@@ -46,12 +51,15 @@ mod process;
 mod recorder;
 mod registry;
 mod seed;
+mod store;
 mod webhook;
 
+pub use self::azurite::{Azurite, azurite_program};
 pub use self::berth::{Berth, berth_config, berth_config_with, berth_multi_config};
 pub use self::containerd::{CTR_PULL_TIMEOUT, Containerd, default_server};
 pub use self::dockerd::{Dockerd, DockerdOptions, PULL_TIMEOUT};
-pub use self::garage::{Garage, garage_program};
+pub use self::fake_gcs::{FakeGcs, fake_gcs_program};
+pub use self::garage::{Garage, garage_program, tools_dir};
 pub use self::http::{Reply, request};
 pub use self::inproc::{InProc, InProcConfig, client, error_chain, loopback_listener};
 pub use self::metrics::{sample, try_sample};
@@ -67,6 +75,8 @@ pub use self::seed::{
     OCI_INDEX, OCI_LAYER, OCI_MANIFEST, Pusher, block_on, build_image, digest_of, gzip,
     random_bytes, seed_blob_image, seed_image, seed_image_with, seed_index, seeded_bytes, tar,
 };
+pub use self::store::StoreServer;
+pub(crate) use self::store::on_each_store;
 pub use self::webhook::{Delivery, Webhook};
 
 use std::path::{Path, PathBuf};

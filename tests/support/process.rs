@@ -361,6 +361,25 @@ impl Daemon {
         }
     }
 
+    /// [`wait_for`] `probe` (`Ok`: ready, `Err`: not yet, and why), failing at once when the
+    /// child exits.
+    pub(crate) fn wait_ready<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut probe: impl FnMut() -> Result<T, String>,
+    ) -> Result<T, String> {
+        wait_for(what, timeout, || {
+            if let Err(e) = self.check_running() {
+                return Probe::Failed(e);
+            }
+            match probe() {
+                Ok(v) => Probe::Ready(v),
+                Err(e) => Probe::Pending(e),
+            }
+        })
+    }
+
     pub(crate) fn is_running(&mut self) -> bool {
         self.check_running().is_ok()
     }

@@ -50,6 +50,8 @@ url = {{ include "berth.tomlString" .url }}
 {{- with .endpoint }}
 endpoint = {{ include "berth.tomlString" . }}
 {{- end }}
+{{- $kind := include "berth.objectStoreKind" $ }}
+{{- if eq $kind "s3" }}
 {{- with .region }}
 region = {{ include "berth.tomlString" . }}
 {{- end }}
@@ -57,6 +59,20 @@ region = {{ include "berth.tomlString" . }}
 # The keys stay in Secret {{ .existingSecret }}: the id is in the environment, the secret in a mounted file.
 access_key_id_env = "BERTH_S3_KEY_ID"
 secret_access_key_file = {{ include "berth.tomlString" (printf "%s/secret-access-key" (include "berth.objectStoreSecretDir" $)) }}
+{{- end }}
+{{- else if eq $kind "azure" }}
+{{- with .account }}
+account = {{ include "berth.tomlString" . }}
+{{- end }}
+{{- if .existingSecret }}
+# The account key stays in Secret {{ .existingSecret }}, mounted as a file.
+access_key_file = {{ include "berth.tomlString" (printf "%s/account-key" (include "berth.objectStoreSecretDir" $)) }}
+{{- end }}
+{{- else if eq $kind "gcs" }}
+{{- if .existingSecret }}
+# The service account key stays in Secret {{ .existingSecret }}, mounted as a file.
+service_account_file = {{ include "berth.tomlString" (printf "%s/service-account.json" (include "berth.objectStoreSecretDir" $)) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}

@@ -134,7 +134,7 @@ registry port the pods listen on. */}}
 
 {{/* The directory the object store's secret access key is mounted in. */}}
 {{- define "berth.objectStoreSecretDir" -}}
-/etc/berth/s3
+{{- if eq (include "berth.objectStoreKind" .) "s3" }}/etc/berth/s3{{ else }}/etc/berth/object-store{{ end }}
 {{- end }}
 
 {{/* The directory the admin token is mounted in. */}}
@@ -183,8 +183,15 @@ registry port the pods listen on. */}}
 {{- fail "workload=deployment with persistence.enabled would share one cache volume between replicas (each needs its own cache directory, also with objectStore): use workload=statefulset (one claim per pod), persistence.enabled=false (an emptyDir per pod; with objectStore.url the bucket keeps the cache), or replicaCount=1" }}
 {{- end }}
 {{- $os := .Values.objectStore }}
-{{- if and (not $os.url) (or $os.endpoint $os.region $os.existingSecret) }}
-{{- fail "objectStore.endpoint, objectStore.region and objectStore.existingSecret need objectStore.url (s3://BUCKET or s3://BUCKET/PREFIX)" }}
+{{- if and (not $os.url) (or $os.endpoint $os.region $os.account $os.existingSecret) }}
+{{- fail "objectStore.endpoint, objectStore.region, objectStore.account and objectStore.existingSecret need objectStore.url (s3://BUCKET, az://CONTAINER or gs://BUCKET, each with an optional /PREFIX)" }}
+{{- end }}
+{{- $kind := include "berth.objectStoreKind" . }}
+{{- if and $os.region (ne $kind "s3") }}
+{{- fail (printf "objectStore.region is for s3:// URLs only, and objectStore.url is %s" $os.url) }}
+{{- end }}
+{{- if and $os.account (ne $kind "azure") }}
+{{- fail (printf "objectStore.account is for az:// URLs only, and objectStore.url is %s" $os.url) }}
 {{- end }}
 {{- $all := deepCopy $names }}
 {{- range $i, $h := .Values.config.hosted }}
@@ -259,8 +266,16 @@ storageClassName: {{ .Values.persistence.storageClass | quote }}
 {{- $urls = append $urls . }}
 {{- end }}
 {{- end }}
-{{- if .Values.objectStore.url }}
-{{- $urls = append $urls (default "https://s3.amazonaws.com" .Values.objectStore.endpoint) }}
+{{- with .Values.objectStore }}
+{{- if .url }}
+{{- $kind := include "berth.objectStoreKind" $ }}
+{{- $default := get (dict "s3" "https://s3.amazonaws.com" "azure" "https://blob.core.windows.net" "gcs" "https://storage.googleapis.com") $kind }}
+{{- $urls = append $urls (default $default .endpoint) }}
+{{- if and (ne $kind "s3") (not .existingSecret) }}
+{{- /* Managed identity or the GKE metadata server (169.254.169.254:80). */}}
+{{- $urls = append $urls "http://169.254.169.254" }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- range .Values.config.notify }}
 {{- $urls = append $urls .url }}
@@ -299,4 +314,13 @@ https://NAME for the rest. */}}
 {{- $server = eq .name "docker.io" | ternary "https://registry-1.docker.io" (printf "https://%s" .name) }}
 {{- end }}
 {{- trimSuffix "/" $server }}
+{{- end }}
+
+{{/* The service objectStore.url names: s3, azure (az:// or azure://) or gcs (gs://); "" without
+a url. */}}
+{{- define "berth.objectStoreKind" -}}
+{{- with .Values.objectStore.url }}
+{{- $scheme := (urlParse .).scheme }}
+{{- get (dict "s3" "s3" "az" "azure" "azure" "azure" "gs" "gcs") $scheme }}
+{{- end }}
 {{- end }}

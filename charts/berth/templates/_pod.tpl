@@ -39,7 +39,8 @@ spec:
         - name: admin
           containerPort: {{ .Values.containerPorts.admin }}
           protocol: TCP
-      {{- $s3Secret := and .Values.objectStore.url .Values.objectStore.existingSecret }}
+      {{- $storeSecret := and .Values.objectStore.url .Values.objectStore.existingSecret }}
+      {{- $s3Secret := and $storeSecret (eq (include "berth.objectStoreKind" .) "s3") }}
       {{- if or .Values.config.log.level $s3Secret .Values.extraEnv }}
       env:
         {{- with .Values.config.log.level }}
@@ -108,7 +109,7 @@ spec:
           readOnly: true
         {{- end }}
         {{- end }}
-        {{- if $s3Secret }}
+        {{- if $storeSecret }}
         - name: object-store-credentials
           mountPath: {{ include "berth.objectStoreSecretDir" . }}
           readOnly: true
@@ -165,14 +166,25 @@ spec:
     {{- end }}
     {{- end }}
     {{- if and .Values.objectStore.url .Values.objectStore.existingSecret }}
-    # cache.object_store.secret_access_key_file; the access key id is in the environment.
+    {{- $kind := include "berth.objectStoreKind" . }}
     - name: object-store-credentials
       secret:
         secretName: {{ .Values.objectStore.existingSecret }}
         defaultMode: 0440
         items:
+          {{- if eq $kind "s3" }}
+          # cache.object_store.secret_access_key_file; the access key id is in the environment.
           - key: {{ .Values.objectStore.secretAccessKeyKey }}
             path: secret-access-key
+          {{- else if eq $kind "azure" }}
+          # cache.object_store.access_key_file
+          - key: {{ .Values.objectStore.accountKeyKey }}
+            path: account-key
+          {{- else }}
+          # cache.object_store.service_account_file
+          - key: {{ .Values.objectStore.serviceAccountKey }}
+            path: service-account.json
+          {{- end }}
     {{- end }}
     {{- if .Values.tls.enabled }}
     - name: tls
