@@ -33,6 +33,13 @@ enum Command {
         #[arg(long)]
         no_files: bool,
     },
+    /// What the cache of a running berth holds, and purging it (through its admin API).
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Garbage-collect the hosted registries: remove every blob no manifest references (and,
     /// with --untagged, manifests no tag reaches). Safe beside a running berth: nothing
     /// younger than `gc_grace` is removed. The same runs online as `POST /admin/gc`.
@@ -49,6 +56,42 @@ enum Command {
     },
 }
 
+/// How to reach a running berth's admin API.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The admin listener of the running berth.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:9090")]
+    admin: String,
+    /// A file holding the `[admin] token_file` token (else $BERTH_ADMIN_TOKEN, else none).
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// List cached images: registry, repository, tag, digest, bytes on disk.
+    Ls {
+        /// Print the admin API's JSON.
+        #[arg(long)]
+        json: bool,
+        /// Only this registry.
+        #[arg(long)]
+        registry: Option<String>,
+        /// Sort by: size (largest first) or name.
+        #[arg(long, default_value = "name", value_parser = ["name", "size"])]
+        sort: String,
+    },
+    /// Remove images: the tag, the manifest, and the blobs no cached manifest references any
+    /// more. IMAGE is docker-style (`alpine` is docker.io/library/alpine:latest).
+    Rm {
+        #[arg(required = true, value_name = "IMAGE")]
+        images: Vec<String>,
+        /// Print what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -62,6 +105,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Some(Command::Cache { command, admin }) => cache(command, &admin),
         Some(Command::Gc {
             config,
             dry_run,
@@ -70,6 +114,203 @@ fn main() -> ExitCode {
         Some(Command::Serve { config }) => serve(config),
         None => serve(None),
     }
+}
+
+/// Talks to a running berth's admin API.
+struct AdminClient {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl AdminClient {
+    fn new(args: &AdminArgs) -> Result<AdminClient, String> {
+        let token = match &args.token_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| format!("{}: {e}", f.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => std::env::var("BERTH_ADMIN_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
+        };
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(300))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(AdminClient {
+            base: args.admin.trim_end_matches('/').to_owned(),
+            token,
+            http,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+    ) -> Result<serde_json::Value, String> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path_and_query}", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let r = req
+            .send()
+            .await
+            .map_err(|e| format!("{}: {e}", self.base))?;
+        let status = r.status();
+        let v: serde_json::Value = r.json().await.map_err(|e| format!("{}: {e}", self.base))?;
+        if !status.is_success() {
+            return Err(format!(
+                "{status}: {}",
+                v["error"].as_str().unwrap_or("error")
+            ));
+        }
+        Ok(v)
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    bytesize::ByteSize::b(n).display().iec().to_string()
+}
+
+fn cache(command: CacheCommand, admin: &AdminArgs) -> ExitCode {
+    let client = match AdminClient::new(admin) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("berth: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("berth: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match command {
+            CacheCommand::Ls {
+                json,
+                registry,
+                sort,
+            } => {
+                let query = registry
+                    .map(|r| {
+                        format!(
+                            "?registry={}",
+                            url::form_urlencoded::byte_serialize(r.as_bytes()).collect::<String>()
+                        )
+                    })
+                    .unwrap_or_default();
+                let v = match client
+                    .call(reqwest::Method::GET, &format!("/admin/cache{query}"))
+                    .await
+                {
+                    Ok(v) => v,
+                    Err(e) => {
+                        eprintln!("berth: cache ls: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                if json {
+                    println!("{v}");
+                    return ExitCode::SUCCESS;
+                }
+                let mut images = v["images"].as_array().cloned().unwrap_or_default();
+                if sort == "size" {
+                    images.sort_by_key(|i| std::cmp::Reverse(i["bytes"].as_u64().unwrap_or(0)));
+                }
+                println!(
+                    "{:<40} {:<20} {:<19} {:>10}",
+                    "IMAGE", "TAG", "DIGEST", "SIZE"
+                );
+                for i in images {
+                    let name = format!(
+                        "{}/{}",
+                        i["registry"].as_str().unwrap_or(""),
+                        i["repository"].as_str().unwrap_or("")
+                    );
+                    let digest = i["digest"].as_str().unwrap_or("");
+                    println!(
+                        "{:<40} {:<20} {:<19} {:>10}",
+                        name,
+                        i["tag"].as_str().unwrap_or("<none>"),
+                        digest.get(..19).unwrap_or(digest),
+                        human_bytes(i["bytes"].as_u64().unwrap_or(0))
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            CacheCommand::Rm { images, dry_run } => {
+                let mut failed = Vec::new();
+                let (mut total, verb) = (0u64, if dry_run { "would remove" } else { "removed" });
+                for image in &images {
+                    let parsed = match image.parse::<berth::oci::ImageRef>() {
+                        Ok(p) => p,
+                        Err(e) => {
+                            eprintln!("berth: {e}");
+                            failed.push(image.clone());
+                            continue;
+                        }
+                    };
+                    let enc = |s: &str| {
+                        url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
+                    };
+                    let path = format!(
+                        "/admin/cache/rm?registry={}&repository={}&reference={}{}",
+                        enc(&parsed.registry),
+                        enc(parsed.repository.as_str()),
+                        enc(&parsed.reference.to_string()),
+                        if dry_run { "&dry_run=true" } else { "" }
+                    );
+                    match client.call(reqwest::Method::POST, &path).await {
+                        Ok(v) => {
+                            let list = |k: &str| v[k].as_array().cloned().unwrap_or_default();
+                            if list("tags").is_empty() && list("manifests").is_empty() {
+                                eprintln!("berth: {image}: not in the cache");
+                                failed.push(image.clone());
+                                continue;
+                            }
+                            for (kind, key) in [
+                                ("tag", "tags"),
+                                ("manifest", "manifests"),
+                                ("blob", "blobs"),
+                            ] {
+                                for x in list(key) {
+                                    println!("{verb} {kind} {}", x.as_str().unwrap_or(""));
+                                }
+                            }
+                            total += v["bytes_freed"].as_u64().unwrap_or(0);
+                        }
+                        Err(e) => {
+                            eprintln!("berth: {image}: {e}");
+                            failed.push(image.clone());
+                        }
+                    }
+                }
+                println!(
+                    "{} freed{}",
+                    human_bytes(total),
+                    if dry_run { " (dry run)" } else { "" }
+                );
+                if failed.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    eprintln!("berth: failed: {}", failed.join(", "));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    })
 }
 
 fn gc(path: &std::path::Path, dry_run: bool, untagged: bool) -> ExitCode {

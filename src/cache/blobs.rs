@@ -220,6 +220,24 @@ impl BlobStore {
     }
 
     /// Opens a cached blob, marking it recently used.
+    /// The size of a cached blob, if it is on disk.
+    pub fn len_of(&self, digest: &Digest) -> Option<u64> {
+        std::fs::metadata(blob_path(&self.root, digest))
+            .ok()
+            .map(|m| m.len())
+    }
+
+    /// Removes a blob from the cache (a purge). Clients streaming it keep reading their open
+    /// file; the next request fetches it again.
+    pub fn remove(&self, digest: &Digest) -> io::Result<bool> {
+        self.index.invalidate(digest);
+        match std::fs::remove_file(blob_path(&self.root, digest)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The file of a cached, verified blob (for a hosted push of the same bytes to link). A
     /// file at a blob's path is always complete and verified (fills rename it there after the
     /// digest matched), whether or not the index has caught up with it.

@@ -290,6 +290,81 @@ impl ManifestStore {
         Ok(n)
     }
 
+    /// The registries with cached manifests.
+    pub fn registries(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The tags of a cached repository and their records, sorted by tag.
+    pub fn tags_of(&self, registry: &str, repo: &RepoName) -> Vec<(Tag, TagRecord)> {
+        let dir = self.repo_dir(registry, repo).join("_tags");
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(Tag, TagRecord)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let tag = e.file_name().to_str()?.parse::<Tag>().ok()?;
+                let rec = serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?;
+                Some((tag, rec))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        out
+    }
+
+    /// The manifests cached for a repository.
+    pub fn manifests_of(&self, registry: &str, repo: &RepoName) -> Vec<Digest> {
+        let mut out = Vec::new();
+        for alg in ["sha256", "sha512"] {
+            let dir = self.repo_dir(registry, repo).join("_manifests").join(alg);
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            out.extend(entries.flatten().filter_map(|e| {
+                format!("{alg}:{}", e.file_name().to_str()?)
+                    .parse::<Digest>()
+                    .ok()
+            }));
+        }
+        out.sort();
+        out
+    }
+
+    /// Forgets a tag (its record on disk and in memory).
+    pub fn remove_tag(&self, registry: &Arc<str>, repo: &RepoName, tag: &Tag) -> io::Result<()> {
+        self.tags
+            .invalidate(&((registry.clone(), repo.clone()), tag.clone()));
+        match std::fs::remove_file(self.tag_path(registry, repo, tag)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Forgets a manifest of a repository.
+    pub fn remove_manifest(
+        &self,
+        registry: &Arc<str>,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> io::Result<()> {
+        self.by_digest
+            .invalidate(&((registry.clone(), repo.clone()), digest.clone()));
+        match std::fs::remove_file(self.manifest_path(registry, repo, digest)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Repositories of `registry` that have cached manifests, sorted.
     pub fn repositories(&self, registry: &str) -> Vec<String> {
         let mut out: Vec<String> = repos_under(&self.root.join(registry))

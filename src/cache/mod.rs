@@ -6,6 +6,7 @@
 mod blobs;
 mod fill;
 mod gcs;
+pub mod inventory;
 mod manifests;
 mod shared;
 mod stores;

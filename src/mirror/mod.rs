@@ -298,6 +298,11 @@ impl Mirror {
         })
     }
 
+    /// The manifest and tag store (for the admin API's inventory and purges).
+    pub fn manifest_store(&self) -> &Arc<ManifestStore> {
+        &self.core.manifests
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.core.metrics
     }

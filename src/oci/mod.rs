@@ -2,11 +2,13 @@
 //! safe to use in a file path or an upstream URL.
 
 mod digest;
+mod image;
 mod manifest;
 mod name;
 mod range;
 
 pub use digest::{Digest, DigestAlgorithm, Hasher};
+pub use image::ImageRef;
 pub use manifest::{
     MANIFEST_MEDIA_TYPES, OCI_INDEX, Parts as ManifestParts, accepts_media_type,
     manifest_media_type, named_manifest_types, parts as manifest_parts, referenced_digests,

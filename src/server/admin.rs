@@ -4,6 +4,9 @@
 //!
 //! - `POST /admin/gc[?dry_run=true][&untagged=true]`: garbage collection of the hosted
 //!   registries; answers the JSON report.
+//! - `GET /admin/cache[?registry=R]`: the cached images (`{"images": [...]}`).
+//! - `POST /admin/cache/rm?registry=R&repository=REPO&reference=TAG|DIGEST[&dry_run=true]`:
+//!   purges one image; answers what went and the bytes freed.
 
 use std::sync::Arc;
 
@@ -74,6 +77,12 @@ fn flag(query: Option<&str>, key: &str) -> bool {
         .any(|(k, v)| k == key && (v == "true" || v == "1" || v.is_empty()))
 }
 
+fn param(query: Option<&str>, key: &str) -> Option<String> {
+    url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+}
+
 async fn admin_api<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
     if let Err(refused) = admitted(&app, &req) {
         return *refused;
@@ -102,6 +111,73 @@ async fn admin_api<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
                         &serde_json::to_value(&report).unwrap_or_default(),
                     )
                 }
+                Err(e) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &serde_json::json!({"error": e.to_string()}),
+                ),
+            }
+        }
+        (&http::Method::GET, "/admin/cache") => {
+            let registry = param(req.uri().query(), "registry");
+            let (m, b) = (
+                app.mirror.manifest_store().clone(),
+                app.mirror.blobs.clone(),
+            );
+            match tokio::task::spawn_blocking(move || {
+                crate::cache::inventory::list(&m, &b, registry.as_deref())
+            })
+            .await
+            {
+                Ok(images) => json(StatusCode::OK, &serde_json::json!({ "images": images })),
+                Err(e) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &serde_json::json!({"error": e.to_string()}),
+                ),
+            }
+        }
+        (&http::Method::POST, "/admin/cache/rm") => {
+            let q = req.uri().query();
+            let target = param(q, "registry")
+                .zip(param(q, "repository"))
+                .zip(param(q, "reference"));
+            let Some(((registry, repository), reference)) = target else {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({"error": "registry, repository and reference are required"}),
+                );
+            };
+            let (Ok(repo), Ok(reference)) = (
+                repository.parse::<crate::oci::RepoName>(),
+                reference.parse::<crate::oci::Reference>(),
+            ) else {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({"error": "invalid repository or reference"}),
+                );
+            };
+            let dry_run = flag(q, "dry_run");
+            let registry: Arc<str> = registry.into();
+            let (m, b) = (
+                app.mirror.manifest_store().clone(),
+                app.mirror.blobs.clone(),
+            );
+            let reg = registry.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                crate::cache::inventory::remove(&m, &b, &reg, &repo, &reference, dry_run)
+            })
+            .await;
+            match done {
+                Ok(Ok(p)) => {
+                    tracing::info!(registry = %registry, repository, dry_run, bytes = p.bytes_freed, blobs = p.blobs.len(), "cache purge");
+                    json(
+                        StatusCode::OK,
+                        &serde_json::to_value(&p).unwrap_or_default(),
+                    )
+                }
+                Ok(Err(e)) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &serde_json::json!({"error": e.to_string()}),
+                ),
                 Err(e) => json(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     &serde_json::json!({"error": e.to_string()}),

@@ -1,0 +1,205 @@
+//! What the cache holds, image by image, and purging an image (`berth cache ls`, `berth cache
+//! rm` through the admin API). Read from the manifest and blob stores themselves: nothing here
+//! keeps books of its own. Blocking (it walks the cache's folders): run it off the runtime.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::{BlobStore, ManifestStore};
+use crate::oci::{Digest, Reference, RepoName, referenced_digests};
+
+/// One cached tag (or a manifest no tag points to).
+#[derive(Debug, Serialize)]
+pub struct CachedImage {
+    pub registry: String,
+    pub repository: String,
+    pub tag: Option<String>,
+    pub digest: String,
+    pub media_type: String,
+    /// Bytes on disk: the manifest's blobs that are cached (children of an index included).
+    pub bytes: u64,
+    /// When upstream last confirmed the tag (seconds since the epoch).
+    pub checked: Option<u64>,
+}
+
+/// What a purge removed (or, with `dry_run`, would remove).
+#[derive(Debug, Default, Serialize)]
+pub struct Purged {
+    pub dry_run: bool,
+    pub tags: Vec<String>,
+    pub manifests: Vec<String>,
+    pub blobs: Vec<String>,
+    pub bytes_freed: u64,
+}
+
+/// The digests a cached manifest reaches: its blobs and, for an index, its cached children's.
+fn reach(
+    manifests: &ManifestStore,
+    registry: &Arc<str>,
+    repo: &RepoName,
+    d: &Digest,
+) -> HashSet<Digest> {
+    let mut seen = HashSet::new();
+    let mut todo = vec![d.clone()];
+    // Bounded: an index lists at most what its 4 MiB hold, children are leaves.
+    while let Some(d) = todo.pop() {
+        if !seen.insert(d.clone()) || seen.len() > 100_000 {
+            continue;
+        }
+        if let Some(m) = manifests.get(registry, repo, &d) {
+            todo.extend(referenced_digests(&m.bytes));
+        }
+    }
+    seen
+}
+
+pub fn list(
+    manifests: &ManifestStore,
+    blobs: &BlobStore,
+    registry: Option<&str>,
+) -> Vec<CachedImage> {
+    let mut out = Vec::new();
+    for reg in manifests.registries() {
+        if registry.is_some_and(|r| r != reg) {
+            continue;
+        }
+        let reg_arc: Arc<str> = reg.as_str().into();
+        for repo_name in manifests.repositories(&reg) {
+            let Ok(repo) = repo_name.parse::<RepoName>() else {
+                continue;
+            };
+            let tags = manifests.tags_of(&reg, &repo);
+            let mut tagged: HashSet<Digest> = HashSet::new();
+            let size = |d: &Digest| -> u64 {
+                reach(manifests, &reg_arc, &repo, d)
+                    .iter()
+                    .filter_map(|b| blobs.len_of(b))
+                    .sum()
+            };
+            for (tag, rec) in &tags {
+                tagged.insert(rec.digest.clone());
+                out.push(CachedImage {
+                    registry: reg.clone(),
+                    repository: repo_name.clone(),
+                    tag: Some(tag.to_string()),
+                    digest: rec.digest.to_string(),
+                    media_type: rec.media_type.clone(),
+                    bytes: size(&rec.digest),
+                    checked: Some(rec.checked),
+                });
+            }
+            // Manifests pulled by digest that no tag (nor a tagged index) reaches.
+            let reached: HashSet<Digest> = tagged
+                .iter()
+                .flat_map(|d| reach(manifests, &reg_arc, &repo, d))
+                .collect();
+            for d in manifests.manifests_of(&reg, &repo) {
+                if reached.contains(&d) {
+                    continue;
+                }
+                let media_type = manifests
+                    .get(&reg_arc, &repo, &d)
+                    .map(|m| m.media_type.clone())
+                    .unwrap_or_default();
+                out.push(CachedImage {
+                    registry: reg.clone(),
+                    repository: repo_name.clone(),
+                    tag: None,
+                    bytes: size(&d),
+                    digest: d.to_string(),
+                    media_type,
+                    checked: None,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Purges an image: its tag (or, by digest, the manifest and every tag pointing to it), the
+/// manifests it reaches that nothing else cached reaches, and the blobs no remaining cached
+/// manifest references.
+pub fn remove(
+    manifests: &ManifestStore,
+    blobs: &BlobStore,
+    registry: &Arc<str>,
+    repo: &RepoName,
+    reference: &Reference,
+    dry_run: bool,
+) -> std::io::Result<Purged> {
+    let mut p = Purged {
+        dry_run,
+        ..Purged::default()
+    };
+    let tags = manifests.tags_of(registry, repo);
+    let (root, gone_tags): (Option<Digest>, Vec<_>) = match reference {
+        Reference::Tag(t) => {
+            let rec = tags.iter().find(|(tag, _)| tag == t);
+            (
+                rec.map(|(_, r)| r.digest.clone()),
+                rec.map(|(t, _)| t.clone()).into_iter().collect(),
+            )
+        }
+        Reference::Digest(d) => (
+            Some(d.clone()),
+            tags.iter()
+                .filter(|(_, r)| &r.digest == d)
+                .map(|(t, _)| t.clone())
+                .collect(),
+        ),
+    };
+    let Some(root) = root else {
+        return Ok(p);
+    };
+    // What every other tag and manifest of the whole cache still reaches.
+    let mut kept: HashSet<Digest> = HashSet::new();
+    for reg in manifests.registries() {
+        let reg_arc: Arc<str> = reg.as_str().into();
+        for name in manifests.repositories(&reg) {
+            let Ok(r) = name.parse::<RepoName>() else {
+                continue;
+            };
+            let same_repo = reg_arc == *registry && &r == repo;
+            for (tag, rec) in manifests.tags_of(&reg, &r) {
+                if same_repo && gone_tags.contains(&tag) {
+                    continue;
+                }
+                kept.extend(reach(manifests, &reg_arc, &r, &rec.digest));
+            }
+            if !same_repo {
+                for d in manifests.manifests_of(&reg, &r) {
+                    kept.extend(reach(manifests, &reg_arc, &r, &d));
+                }
+            }
+        }
+    }
+    let reached = reach(manifests, registry, repo, &root);
+    let repo_manifests: HashSet<Digest> =
+        manifests.manifests_of(registry, repo).into_iter().collect();
+    for t in &gone_tags {
+        p.tags.push(format!("{registry}/{repo}:{t}"));
+        if !dry_run {
+            manifests.remove_tag(registry, repo, t)?;
+        }
+    }
+    let mut digests: Vec<&Digest> = reached.iter().filter(|d| !kept.contains(*d)).collect();
+    digests.sort();
+    for d in digests {
+        if repo_manifests.contains(d) {
+            p.manifests.push(d.to_string());
+            if !dry_run {
+                manifests.remove_manifest(registry, repo, d)?;
+            }
+        }
+        if let Some(len) = blobs.len_of(d) {
+            p.blobs.push(d.to_string());
+            p.bytes_freed += len;
+            if !dry_run {
+                blobs.remove(d)?;
+            }
+        }
+    }
+    Ok(p)
+}
