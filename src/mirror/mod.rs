@@ -302,6 +302,11 @@ impl Mirror {
         &self.core.metrics
     }
 
+    /// The manifest store (repositories, their members and pull counts).
+    pub fn manifest_store(&self) -> &ManifestStore {
+        &self.core.manifests
+    }
+
     pub fn metrics_arc(&self) -> Arc<Metrics> {
         self.core.metrics.clone()
     }
