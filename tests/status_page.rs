@@ -1,9 +1,10 @@
 //! The status page (`GET /` on the admin listener) in a real headless Chromium: berth
-//! in-process before a fake upstream, images pulled through it (some twice, for hits; more
-//! than `max_size`, for evictions), then Chromium loads the page (`--dump-dom` and
-//! `--screenshot`) and every number in the DOM is checked against `/metrics` read at the same
-//! moment (before and after Chromium, unchanged), and against what the test itself pulled.
-//! The screenshot is kept as `target/status-page.png`.
+//! in-process before a fake upstream, with a hosted registry two blobs are pushed to; images
+//! pulled through it (some twice, for hits; more than `max_size`, for evictions); then
+//! Chromium loads the page (`--dump-dom` and `--screenshot`) and every number in the DOM is
+//! checked against `/metrics` read at the same moment (before and after Chromium, unchanged),
+//! and against what the test itself pulled and pushed. The screenshot is kept as
+//! `target/status-page.png`.
 //!
 //! Chromium (Debian's `chromium`, installed by tests/setup.sh) is required: a missing one fails
 //! the test.
@@ -363,9 +364,29 @@ async fn status_page_in_chromium_shows_the_numbers_of_metrics() {
         &[(250 * 1024, 4), (250 * 1024, 5), (250 * 1024, 6)],
     );
     // 1 MiB of cache for 1.1 MiB of images: pulling the last one evicts.
-    let config =
-        InProcConfig::mirror_of(&up.url(), "probe_interval = \"0s\"").cache("max_size = \"1MiB\"");
+    let config = InProcConfig::mirror_of(&up.url(), "probe_interval = \"0s\"")
+        .cache("max_size = \"1MiB\"")
+        .table("[[hosted]]\nname = \"local\"\nrepositories = [\"ci/*\"]\n");
     let berth = InProc::start(&config).await;
+
+    // Two blobs pushed to the hosted registry.
+    let mut hosted_bytes = 0;
+    for (n, seed) in [(3000, 7u8), (5000, 8)] {
+        let data = seeded_bytes(n, seed);
+        let r = berth
+            .client()
+            .post(format!(
+                "{}/v2/ci/tool/blobs/uploads/?digest={}",
+                berth.url(),
+                fake_upstream::sha256(&data)
+            ))
+            .body(data)
+            .send()
+            .await
+            .expect("push a blob");
+        assert_eq!(r.status(), 201, "monolithic push: {:?}", r.text().await);
+        hosted_bytes += n;
+    }
 
     let mut from_upstream = 0;
     let mut from_cache = 0;
@@ -612,10 +633,17 @@ async fn status_page_in_chromium_shows_the_numbers_of_metrics() {
     assert_eq!(dom.by_id("pinned-list").attrs["data-count"], "0");
     assert!(dom.by_id("pinned-none").text.starts_with("none"));
 
-    // Hosted registries: none configured, the gauges at what /metrics says.
+    // Hosted registries: the one configured, and what was pushed to it.
     assert_eq!(dom.value("hosted-bytes"), m("berth_hosted_bytes"));
+    assert_eq!(dom.value("hosted-bytes"), hosted_bytes as f64);
     assert_eq!(dom.value("hosted-blobs"), m("berth_hosted_blobs"));
-    assert!(dom.by_id("no-hosted").text.contains("no [[hosted]]"));
+    assert_eq!(dom.value("hosted-blobs"), 2.0);
+    let hosted: Vec<&str> = dom
+        .with_class("hosted")
+        .iter()
+        .map(|t| t.text.as_str())
+        .collect();
+    assert_eq!(hosted, vec!["local"]);
 
     // The screenshot: a PNG of the window's size.
     let png =
