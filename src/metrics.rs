@@ -466,6 +466,33 @@ impl Metrics {
             .inc();
     }
 
+    /// The current value of every counter and gauge series, gathered at once from the same
+    /// registry `/metrics` renders (so a page built from it shows exactly what a scrape at
+    /// that moment reads). Histograms and summaries are left out.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut series = Vec::new();
+        for family in self.registry.gather() {
+            for m in family.get_metric() {
+                let value = match family.get_field_type() {
+                    prometheus::proto::MetricType::COUNTER => m.get_counter().value(),
+                    prometheus::proto::MetricType::GAUGE => m.get_gauge().value(),
+                    _ => continue,
+                };
+                let labels = m
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.name().to_owned(), l.value().to_owned()))
+                    .collect();
+                series.push(Series {
+                    name: family.name().to_owned(),
+                    labels,
+                    value,
+                });
+            }
+        }
+        Snapshot { series }
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> Vec<u8> {
         let mut buf = Vec::new();
@@ -473,6 +500,51 @@ impl Metrics {
             tracing::warn!(error = %e, "cannot encode metrics");
         }
         buf
+    }
+}
+
+/// One counter or gauge series: its name, labels and value.
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+impl Series {
+    /// The value of label `name`, or "" (as Prometheus reads a missing label).
+    pub fn label(&self, name: &str) -> &str {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or("", |(_, v)| v.as_str())
+    }
+}
+
+/// Counter and gauge values read at one moment (see [`Metrics::snapshot`]).
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    series: Vec<Series>,
+}
+
+impl Snapshot {
+    /// Every series of the metric `name`.
+    pub fn series<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Series> + 'a {
+        self.series.iter().filter(move |s| s.name == name)
+    }
+
+    /// The value of the series of `name` whose labels include all of `labels`, summed over
+    /// the series that match (0 when none does).
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.series(name)
+            .filter(|s| labels.iter().all(|(k, v)| s.label(k) == *v))
+            .map(|s| s.value)
+            .sum()
+    }
+
+    /// The value of the unlabelled (or only) series of `name`, if it is exported.
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.series(name).next().map(|s| s.value)
     }
 }
 
@@ -499,6 +571,37 @@ mod tests {
         ] {
             assert!(t.contains(line), "{line} missing from\n{t}");
         }
+    }
+
+    #[test]
+    fn a_snapshot_reads_what_the_text_format_says() {
+        let m = Metrics::new();
+        m.add_registry("docker.io");
+        m.record_cache(RequestKind::Blob, CacheResult::Hit);
+        m.record_cache(RequestKind::Blob, CacheResult::Hit);
+        m.record_cache(RequestKind::Manifest, CacheResult::Miss);
+        m.cache_size_bytes.set(1234);
+        m.upstream_up
+            .with_label_values(&["docker.io", "https://a.example"])
+            .set(1);
+        let s = m.snapshot();
+        assert_eq!(s.get("berth_cache_size_bytes"), Some(1234.0));
+        assert_eq!(
+            s.sum(
+                "berth_cache_requests_total",
+                &[("kind", "blob"), ("result", "hit")]
+            ),
+            2.0
+        );
+        assert_eq!(s.sum("berth_cache_requests_total", &[]), 3.0);
+        let up: Vec<_> = s.series("berth_upstream_up").collect();
+        assert_eq!(up.len(), 1);
+        assert_eq!(up[0].label("endpoint"), "https://a.example");
+        assert_eq!(s.get("berth_cache_scan_duration_seconds"), None);
+        assert!(
+            text(&m).contains("berth_cache_size_bytes 1234\n"),
+            "the text format disagrees"
+        );
     }
 
     #[test]

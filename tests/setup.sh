@@ -28,10 +28,10 @@ azurite_version=3.35.0
 fake_gcs_wrapper_version=0.1.1
 
 packages=(docker.io docker-registry containerd runc podman skopeo nginx wrk prometheus jq curl
-  openssl apache2-utils iproute2 ca-certificates git busybox-static)
+  openssl apache2-utils iproute2 ca-certificates git busybox-static chromium)
 # One program per package above, to tell whether it is installed.
 programs=(dockerd docker containerd runc podman skopeo nginx wrk promtool jq curl
-  openssl htpasswd ip update-ca-certificates git docker-registry busybox)
+  openssl htpasswd ip update-ca-certificates git docker-registry busybox chromium)
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
 

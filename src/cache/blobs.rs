@@ -4,7 +4,7 @@
 //!
 //! This is the seam a shared object store plugs into: callers only `lookup`, `fill` and read.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -38,6 +38,32 @@ pub struct BlobStore {
     fills: Mutex<HashMap<Digest, Arc<Fill>>>,
     metrics: Arc<Metrics>,
     ready: AtomicBool,
+    /// The last [`RECENT_EVICTIONS`] blobs evicted, newest last (for the status page; the
+    /// counts are `berth_cache_evictions_total` and `berth_cache_evicted_bytes_total`).
+    recent_evictions: Arc<Mutex<VecDeque<Eviction>>>,
+}
+
+/// How many evicted blobs [`BlobStore::recent_evictions`] remembers.
+pub const RECENT_EVICTIONS: usize = 20;
+
+/// A blob evicted from the cache: which, how large, and when.
+#[derive(Debug, Clone)]
+pub struct Eviction {
+    pub digest: Digest,
+    pub bytes: u64,
+    pub at: SystemTime,
+}
+
+fn remember_eviction(recent: &Mutex<VecDeque<Eviction>>, digest: Digest, bytes: u64) {
+    let mut r = recent.lock();
+    if r.len() >= RECENT_EVICTIONS {
+        r.pop_front();
+    }
+    r.push_back(Eviction {
+        digest,
+        bytes,
+        at: SystemTime::now(),
+    });
 }
 
 /// What the index knows of a cached blob.
@@ -69,6 +95,8 @@ impl BlobStore {
             })?;
         metrics.cache_max_size_bytes.set(max_size as i64);
         let evict_metrics = metrics.clone();
+        let recent_evictions = Arc::new(Mutex::new(VecDeque::with_capacity(RECENT_EVICTIONS)));
+        let evict_recent = recent_evictions.clone();
         // Evicted files are deleted off the async threads (moka runs the listener wherever its
         // maintenance happens to run, which is often a request's thread).
         let (delete_tx, delete_rx) = std::sync::mpsc::channel::<Digest>();
@@ -87,6 +115,7 @@ impl BlobStore {
                 if cause == RemovalCause::Size {
                     evict_metrics.cache_evictions.inc();
                     evict_metrics.cache_evicted_bytes.inc_by(len);
+                    remember_eviction(&evict_recent, (*digest).clone(), len);
                     let _ = delete_tx.send((*digest).clone());
                     tracing::debug!(digest = %digest, bytes = len, "evicted blob");
                 }
@@ -100,6 +129,7 @@ impl BlobStore {
             fills: Mutex::new(HashMap::new()),
             metrics,
             ready: AtomicBool::new(false),
+            recent_evictions,
         });
         let weak = Arc::downgrade(&store);
         std::thread::Builder::new()
@@ -208,6 +238,7 @@ impl BlobStore {
                 freed += e.len;
                 self.metrics.cache_evictions.inc();
                 self.metrics.cache_evicted_bytes.inc_by(e.len);
+                remember_eviction(&self.recent_evictions, (*digest).clone(), e.len);
             }
         }
         self.index.run_pending_tasks();
@@ -356,6 +387,17 @@ impl BlobStore {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         tracing::warn!("shutting down with fills still in flight; they restart on demand");
+    }
+
+    /// The last blobs evicted, newest first (at most [`RECENT_EVICTIONS`]).
+    pub fn recent_evictions(&self) -> Vec<Eviction> {
+        self.recent_evictions.lock().iter().rev().cloned().collect()
+    }
+
+    /// The size of every blob in the index (without marking any as used). Blocking: it walks
+    /// the whole index.
+    pub fn sizes(&self) -> HashMap<Arc<Digest>, u64> {
+        self.index.iter().map(|(d, e)| (d, e.len)).collect()
     }
 
     /// Applies pending evictions now (tests and metrics scrapes).

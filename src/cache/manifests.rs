@@ -98,6 +98,21 @@ pub struct ManifestStore {
     /// Digests upstream recently said a repository does not hold, so repeated probes for a
     /// foreign digest cost one upstream request a minute, not one each.
     non_members: moka::sync::Cache<(RepoKey, Digest), ()>,
+    /// Manifest GETs answered per repository since start (in memory only; at most
+    /// [`MAX_PULL_COUNTED`] repositories are counted).
+    pulls: RwLock<HashMap<RepoKey, u64>>,
+}
+
+/// How many repositories [`ManifestStore::record_pull`] counts pulls of.
+const MAX_PULL_COUNTED: usize = 100_000;
+
+/// A cached repository's size: the blobs in the cache it is known to hold.
+#[derive(Debug, Clone)]
+pub struct RepoSize {
+    pub registry: Arc<str>,
+    pub repo: RepoName,
+    pub bytes: u64,
+    pub blobs: usize,
 }
 
 impl ManifestStore {
@@ -118,6 +133,7 @@ impl ManifestStore {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(60))
                 .build(),
+            pulls: RwLock::new(HashMap::new()),
         })
     }
 
@@ -363,6 +379,67 @@ impl ManifestStore {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
+    }
+
+    /// Counts one manifest GET answered for the repository.
+    pub fn record_pull(&self, registry: &Arc<str>, repo: &RepoName) {
+        let key = (registry.clone(), repo.clone());
+        let mut pulls = self.pulls.write();
+        if let Some(n) = pulls.get_mut(&key) {
+            *n += 1;
+        } else if pulls.len() < MAX_PULL_COUNTED {
+            pulls.insert(key, 1);
+        }
+    }
+
+    /// The `n` repositories with the most manifest GETs since start, most first (ties by
+    /// name), with their counts.
+    pub fn top_pulled(&self, n: usize) -> Vec<(Arc<str>, RepoName, u64)> {
+        let pulls = self.pulls.read();
+        let mut all: Vec<(Arc<str>, RepoName, u64)> = pulls
+            .iter()
+            .map(|((reg, repo), &c)| (reg.clone(), repo.clone(), c))
+            .collect();
+        drop(pulls);
+        all.sort_by(|a, b| {
+            b.2.cmp(&a.2)
+                .then_with(|| a.0.cmp(&b.0))
+                .then_with(|| a.1.as_str().cmp(b.1.as_str()))
+        });
+        all.truncate(n);
+        all
+    }
+
+    /// The `n` largest repositories by the bytes of cached blobs (`sizes`: every cached
+    /// blob's size) they are known to hold, largest first (ties by name). A blob two
+    /// repositories share counts in both.
+    pub fn top_by_size(&self, sizes: &HashMap<Arc<Digest>, u64>, n: usize) -> Vec<RepoSize> {
+        let members = self.members.read();
+        let mut all: Vec<RepoSize> = members
+            .iter()
+            .map(|((reg, repo), digests)| {
+                let (bytes, blobs) = digests
+                    .iter()
+                    .filter_map(|d| sizes.get(d))
+                    .fold((0u64, 0usize), |(b, k), len| (b + len, k + 1));
+                RepoSize {
+                    registry: reg.clone(),
+                    repo: repo.clone(),
+                    bytes,
+                    blobs,
+                }
+            })
+            .filter(|r| r.blobs > 0)
+            .collect();
+        drop(members);
+        all.sort_by(|a, b| {
+            b.bytes
+                .cmp(&a.bytes)
+                .then_with(|| a.registry.cmp(&b.registry))
+                .then_with(|| a.repo.as_str().cmp(b.repo.as_str()))
+        });
+        all.truncate(n);
+        all
     }
 
     /// Repositories of `registry` that have cached manifests, sorted.

@@ -11,7 +11,7 @@ mod manifests;
 mod shared;
 mod stores;
 
-pub use blobs::{BlobStore, CachedBlob};
+pub use blobs::{BlobStore, CachedBlob, Eviction};
 pub use fill::{Fill, FillReader, Piece, Source};
 pub use manifests::{Manifest, ManifestStore, TagRecord};
 pub use shared::{Lookup, SharedStore};

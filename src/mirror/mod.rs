@@ -298,7 +298,8 @@ impl Mirror {
         })
     }
 
-    /// The manifest and tag store (for the admin API's inventory and purges).
+    /// The manifest and tag store (repositories, their members and pull counts; the admin
+    /// API's inventory and purges).
     pub fn manifest_store(&self) -> &Arc<ManifestStore> {
         &self.core.manifests
     }

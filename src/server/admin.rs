@@ -1,5 +1,5 @@
-//! The admin listener: `/healthz`, `/readyz` and `/metrics`, open to anyone who reaches the
-//! port; and the admin API under `/admin/`, which needs the `[admin]` token (or, without one, a
+//! The admin listener: the status page (`/`), `/healthz`, `/readyz` and `/metrics`, open to
+//! anyone who reaches the port; and the admin API under `/admin/`, which needs the `[admin]` token (or, without one, a
 //! loopback `admin_listen`):
 //!
 //! - `POST /admin/gc[?dry_run=true][&untagged=true]`: garbage collection of the hosted
@@ -195,11 +195,52 @@ async fn admin_api<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
     }
 }
 
+/// The status page (see [`super::status`]), open like `/metrics`.
+async fn status_page(app: Arc<App>, method: &http::Method) -> Response<Body> {
+    if method != http::Method::GET && method != http::Method::HEAD {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let page = tokio::task::spawn_blocking(move || {
+        let data = super::status::StatusData::read(&app);
+        super::status::render(&data, std::time::SystemTime::now())
+    })
+    .await;
+    let Ok(page) = page else {
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot render the status page\n",
+        );
+    };
+    let mut r = Response::new(Body::full(Bytes::from(page)));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    // Nothing but the page itself and its inline style: no script, no outside asset.
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
 pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
     if req.uri().path().starts_with("/admin/") {
         return admin_api(app, req).await;
     }
     match req.uri().path() {
+        "/" => status_page(app, req.method()).await,
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
             if !app.mirror.blobs.is_ready() {

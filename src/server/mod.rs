@@ -14,6 +14,7 @@ mod meter;
 mod pipeline;
 pub mod request;
 mod response;
+pub mod status;
 pub(crate) mod tls;
 
 use std::convert::Infallible;

@@ -347,6 +347,9 @@ async fn answer(
                 .metrics()
                 .record_cache(RequestKind::Manifest, result);
             if !head {
+                app.mirror
+                    .manifest_store()
+                    .record_pull(&target.registry, &target.repo);
                 let tag = match &reference {
                     crate::oci::Reference::Tag(t) => Some(t.to_string()),
                     crate::oci::Reference::Digest(_) => None,
