@@ -21,6 +21,7 @@ use crate::cache::{
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::{ErrorCode, RegistryError, SetupError};
+use crate::metrics::UpstreamFailure;
 use crate::metrics::{CacheResult, Metrics};
 use crate::oci::{
     self, Digest, Hasher, MANIFEST_MEDIA_TYPES, Reference, Tag, accepts_media_type,
@@ -28,7 +29,7 @@ use crate::oci::{
 };
 use crate::route::Target;
 use crate::upstream::policy::OutboundPolicy;
-use crate::upstream::{Upstream, UpstreamError, UpstreamPath, Urgency, read_limited};
+use crate::upstream::{Upstream, UpstreamError, UpstreamPath, Urgency, endpoint_of};
 
 /// Registries refuse manifests larger than this; so does berth.
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
@@ -708,7 +709,7 @@ impl Mirror {
             )
             .await
             .map_err(|e| upstream_error(&e, Kind::Tags, &what))?;
-        read_limited(resp, MAX_TAGS_BYTES)
+        up.read_body(resp, MAX_TAGS_BYTES)
             .await
             .map_err(|e| upstream_error(&e, Kind::Tags, &what))
     }
@@ -972,7 +973,12 @@ impl Core {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<Digest>().ok());
-        let body = read_limited(resp, MAX_MANIFEST_BYTES)
+        let up = self
+            .upstream(&t.registry)
+            .map_err(|e| FetchError::Upstream(UpstreamError::Invalid(e.message)))?;
+        let endpoint = endpoint_of(&resp);
+        let body = up
+            .read_body(resp, MAX_MANIFEST_BYTES)
             .await
             .map_err(FetchError::Upstream)?;
         self.metrics
@@ -997,6 +1003,11 @@ impl Core {
                     return Err(FetchError::Unservable(mt.to_owned()));
                 }
                 tracing::error!(registry = %t.registry, repository = %t.repo, reference = ?path, claimed = %claimed, actual = %digest, "upstream manifest does not match its digest; discarded");
+                up.record_failure(
+                    &endpoint,
+                    UpstreamFailure::BadBody,
+                    "manifest does not match its digest",
+                );
                 return Err(FetchError::Upstream(UpstreamError::Invalid(format!(
                     "manifest bytes hash to {digest}, not {claimed}"
                 ))));
