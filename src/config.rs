@@ -355,6 +355,10 @@ pub struct CacheConfig {
     /// How long a tag → digest answer is trusted before it is revalidated upstream.
     #[serde(default = "default_tag_ttl", with = "human_duration")]
     pub tag_ttl: Duration,
+    /// How long upstream's 404 for a tag or manifest is remembered (per registry and
+    /// repository) and answered without asking again; `0s`: never.
+    #[serde(default = "default_negative_ttl", with = "human_duration")]
+    pub negative_ttl: Duration,
     /// A shared object store; the local disk becomes a bounded hot tier in front of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object_store: Option<ObjectStoreConfig>,
@@ -560,6 +564,9 @@ fn default_max_size() -> u64 {
 fn default_tag_ttl() -> Duration {
     Duration::from_secs(600)
 }
+fn default_negative_ttl() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
 }
@@ -615,6 +622,7 @@ impl Default for CacheConfig {
             dir: default_cache_dir(),
             max_size: default_max_size(),
             tag_ttl: default_tag_ttl(),
+            negative_ttl: default_negative_ttl(),
             object_store: None,
         }
     }
