@@ -66,13 +66,18 @@ pub enum Behaviour {
     Negotiate,
     /// The first `times` blob GETs after this is set send `bytes` bytes of their body, then
     /// reset the connection (RST).
-    ResetAfter { bytes: usize, times: usize },
+    ResetAfter {
+        bytes: usize,
+        times: usize,
+    },
     /// Blob GETs ignore `Range` (answer 200 with the whole blob).
     IgnoreRange,
     /// The bearer token (when one is required) expires after `after` registry requests were
     /// accepted with it: the next request with it gets 401 and `/token` issues a new one
     /// (once per `set`).
-    ExpireToken { after: usize },
+    ExpireToken {
+        after: usize,
+    },
     /// Several of [`ResetAfter`](Behaviour::ResetAfter), [`IgnoreRange`](Behaviour::IgnoreRange),
     /// [`ExpireToken`](Behaviour::ExpireToken) at once (other behaviours apply only alone).
     Each(Vec<Behaviour>),
@@ -407,7 +412,8 @@ async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>, fd: RawFd) 
             serde_json::json!({"token": token, "expires_in": 300}).to_string(),
         );
     }
-    if let Some(token) = st.token.lock().expect("lock").clone() {
+    let token = st.token.lock().expect("lock").clone();
+    if let Some(token) = token {
         let ok = req
             .headers()
             .get("authorization")
