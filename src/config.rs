@@ -182,6 +182,32 @@ pub struct ClusterConfig {
     /// is checked against (and sent as SNI), e.g. the Service's name. Default: the address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
+    /// A client certificate (PEM, with `client_key`) sent on every request to a peer, for
+    /// replicas whose `[server.tls] client_ca` requires one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<PathBuf>,
+    /// The private key (PEM) of `client_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<PathBuf>,
+}
+
+impl ClusterConfig {
+    /// The client certificate and key sent to peers, read and parsed (errors name the key).
+    pub fn client_identity(
+        &self,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<reqwest::Identity, ConfigError> {
+        let mut pem = read_file("cluster.client_cert", cert)?;
+        pem.push(b'\n');
+        pem.extend(read_file("cluster.client_key", key)?);
+        reqwest::Identity::from_pem(&pem).map_err(|e| {
+            invalid(
+                "cluster.client_cert",
+                format!("{} with {}: {e}", cert.display(), key.display()),
+            )
+        })
+    }
 }
 
 /// `[cache.object_store]`: a shared S3-compatible bucket behind the local disk.
@@ -852,6 +878,16 @@ impl Config {
             if cluster.probe_interval < Duration::from_millis(100) {
                 return Err(invalid("cluster.probe_interval", "must be at least 100ms"));
             }
+            if cluster.client_cert.is_some() != cluster.client_key.is_some() {
+                let key = match cluster.client_cert {
+                    Some(_) => "cluster.client_key",
+                    None => "cluster.client_cert",
+                };
+                return Err(invalid(
+                    key,
+                    "client_cert and client_key go together: give both or neither",
+                ));
+            }
         }
         Ok(())
     }
@@ -893,8 +929,13 @@ impl Config {
                 ));
             }
         }
-        if let Some(path) = self.cluster.as_ref().and_then(|c| c.ca_file.as_ref()) {
-            read_file("cluster.ca_file", path)?;
+        if let Some(cluster) = &self.cluster {
+            if let Some(path) = &cluster.ca_file {
+                read_file("cluster.ca_file", path)?;
+            }
+            if let (Some(cert), Some(key)) = (&cluster.client_cert, &cluster.client_key) {
+                cluster.client_identity(cert, key)?;
+            }
         }
         Ok(())
     }
