@@ -637,26 +637,38 @@ fn tls_replicas_verify_each_other_by_server_name_and_fetch_once() {
         let (replicas, addrs) = start_tls_replicas(dir.path(), &pki, &up.url(), Mtls::No).await;
         wait_tls_peers_verified(&replicas).await;
         pull_by_server_name_from_each_replica(&pki.ca_pem, &addrs, None).await;
-        assert_eq!(
-            up.count(&format!("GET /v2/library/tls/blobs/{layer}")),
-            1,
-            "one upstream GET across the TLS replicas"
-        );
-        let asked: u64 = replicas
-            .iter()
-            .map(|r| {
-                r.running()
-                    .metrics
-                    .peer_requests
-                    .with_label_values(&["ok"])
-                    .get()
-            })
-            .sum();
-        assert!(asked >= 1, "non-owners asked the owner over TLS");
+        filled_once_by_the_owner(&up, &layer, &replicas, "TLS");
         for r in replicas {
             r.stop().await;
         }
     });
+}
+
+/// The layer was fetched upstream once across the replicas, the others asking its owner
+/// (`how`: over what); returns the peer requests the owner answered.
+fn filled_once_by_the_owner(
+    up: &fake_upstream::FakeUpstream,
+    layer: &str,
+    replicas: &[support::InProc],
+    how: &str,
+) -> u64 {
+    assert_eq!(
+        up.count(&format!("GET /v2/library/tls/blobs/{layer}")),
+        1,
+        "one upstream GET across the {how} replicas"
+    );
+    let asked: u64 = replicas
+        .iter()
+        .map(|r| {
+            r.running()
+                .metrics
+                .peer_requests
+                .with_label_values(&["ok"])
+                .get()
+        })
+        .sum();
+    assert!(asked >= 1, "non-owners asked the owner over {how}");
+    asked
 }
 
 /// Replicas that need client certificates (`[server.tls] client_ca`) see their peers with
@@ -720,23 +732,8 @@ fn mtls_replicas_share_fills_with_the_cluster_client_certificate() {
             .await;
         assert!(refused.is_err(), "a client without a certificate was served");
         pull_by_server_name_from_each_replica(&pki.ca_pem, &addrs, Some(&pki.client_pem)).await;
-        assert_eq!(
-            up.count(&format!("GET /v2/library/tls/blobs/{layer}")),
-            1,
-            "one upstream GET across the mTLS replicas"
-        );
-        let asked: u64 = replicas
-            .iter()
-            .map(|r| {
-                r.running()
-                    .metrics
-                    .peer_requests
-                    .with_label_values(&["ok"])
-                    .get()
-            })
-            .sum();
+        let asked = filled_once_by_the_owner(&up, &layer, &replicas, "mTLS");
         println!("[mtls] 9 pulls over 3 mTLS replicas: 1 upstream blob GET, {asked} peer requests answered");
-        assert!(asked >= 1, "non-owners asked the owner over mTLS");
         for r in replicas {
             r.stop().await;
         }
