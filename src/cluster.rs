@@ -364,6 +364,8 @@ mod tests {
             read_timeout: Duration::from_secs(1),
             ca_file: None,
             server_name: None,
+            client_cert: None,
+            client_key: None,
         };
         let c = Cluster::new(&config, Arc::new(Metrics::new())).unwrap();
         for p in c.snapshot() {

@@ -535,7 +535,7 @@ fn soak_cycling_upstream() {
         let toml = support::berth_config_with(
             &up.url(),
             &cache,
-            "128MiB",
+            "32MiB",
             "connect_timeout = \"1s\"\nread_timeout = \"2s\"\nrevalidate_timeout = \"500ms\"",
         )
         .replace("tag_ttl = \"10m\"", "tag_ttl = \"5s\"");
@@ -543,7 +543,7 @@ fn soak_cycling_upstream() {
         let pid = berth.pid().expect("berth pid");
         let soak = Duration::from_secs(secs);
         println!(
-            "[soak-cycle] {CYCLE_CLIENTS} clients for {soak:?}, {IMAGES} images ({} blobs, {:.1} MiB), max_size 128 MiB, tag_ttl 5 s; upstream phases of {phase:?}: hang, reset mid-body, 429, 503, healthy",
+            "[soak-cycle] {CYCLE_CLIENTS} clients for {soak:?}, {IMAGES} images ({} blobs, {:.1} MiB), max_size 32 MiB (blobs evicted and filled again throughout), tag_ttl 5 s; upstream phases of {phase:?}: hang, reset mid-body, 429, 503, healthy",
             images.blobs,
             images.bytes as f64 / MIB as f64
         );
