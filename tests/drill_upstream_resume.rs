@@ -184,6 +184,77 @@ fn reset_is_resumed_from_an_upstream_that_ignores_range() {
     run_drill(reset_once(30, true));
 }
 
+/// Two endpoints, each resetting its first blob GET: the resume goes to the other endpoint
+/// first (which resets too), the next one back to the first, which sends the rest.
+#[test]
+fn a_resume_asks_the_next_endpoint_first() {
+    run_drill(async {
+        let (a, b) = (FakeUpstream::start().await, FakeUpstream::start().await);
+        let layer = upstream_image(&a, &[8 * MIB]).remove(0);
+        for (k, v) in a.state.blobs.lock().expect("lock").iter() {
+            b.state
+                .blobs
+                .lock()
+                .expect("lock")
+                .insert(k.clone(), v.clone());
+        }
+        for (k, v) in a.state.manifests.lock().expect("lock").iter() {
+            b.state
+                .manifests
+                .lock()
+                .expect("lock")
+                .insert(k.clone(), v.clone());
+        }
+        let cfg = InProcConfig::new()
+            .registry(
+                "docker.io",
+                true,
+                &[&a.url(), &b.url()],
+                "connect_timeout = \"1s\"\nread_timeout = \"1s\"",
+            )
+            .cache(r#"max_size = "1GiB""#);
+        let berth = InProc::start(&cfg).await;
+        assert_eq!(manifest_status(&berth, "v1").await, 200);
+        for up in [&a, &b] {
+            up.set(Behaviour::ResetAfter {
+                bytes: 2 * MIB,
+                times: 1,
+            });
+        }
+        let (got, took) = waiters(&berth, &layer, 2).await;
+        let m = berth.metrics_text().await;
+        let (ga, gb) = (blob_gets(&a, &layer), blob_gets(&b, &layer));
+        let ranges = |up: &FakeUpstream| up.state.ranges.lock().expect("lock").clone();
+        println!(
+            "[resume] two endpoints: {:?} in {took:?}; GETs a={ga} {:?}, b={gb} {:?}; resumes ok={}",
+            got.iter().map(Got::short).collect::<Vec<_>>(),
+            ranges(&a),
+            ranges(&b),
+            resumes(&m, "ok")
+        );
+        for g in &got {
+            assert!(g.is_verified(), "{}", g.short());
+        }
+        assert_eq!(ga + gb, 3, "the GET and two resumes");
+        // Had the first resume gone to the endpoint that broke, it would have sent the rest (it
+        // resets only its first GET): two resumes mean it went to the other one, which reset,
+        // and the second back to the first.
+        assert_eq!(resumes(&m, "ok"), 2.0);
+        let (first, other) = if ga == 2 { (&a, &b) } else { (&b, &a) };
+        assert_eq!(
+            ranges(first).len(),
+            1,
+            "the first endpoint: its GET, then the last resume"
+        );
+        assert_eq!(
+            ranges(other).len(),
+            1,
+            "the other endpoint: only the first resume"
+        );
+        assert_eq!(blob_gets(other, &layer), 1);
+    });
+}
+
 /// Every resume breaks again: after 3 the clients get an aborted body, as without resumes,
 /// and nothing is cached.
 #[test]
@@ -258,6 +329,17 @@ fn token_expiring_between_two_layers_is_renewed_once() {
         );
         assert_eq!(tokens, 2, "one token, and one renewal");
         assert_eq!(blob_gets(&up, &layers[1]), 2, "the 401, then the GET");
+        // Expired again before a manifest GET: renewed once more.
+        let image_config = up.add_blob(Bytes::from_static(br#"{"os":"linux","v":2}"#));
+        up.add_image("library/app", "v2", &image_config, &layers);
+        *up.state.token.lock().expect("lock") = Some("third".into());
+        assert_eq!(manifest_status(&berth, "v2").await, 200);
+        assert_eq!(up.count("GET /token"), 3, "one renewal for the manifest");
+        assert_eq!(
+            up.count("GET /v2/library/app/manifests/v2"),
+            2,
+            "the 401, then the GET"
+        );
     });
 }
 

@@ -53,7 +53,10 @@ OBJECT_STORE_KEYS = {
     "secret_access_key_env", "secret_access_key_file", "connect_timeout", "read_timeout",
 }
 OBJECT_STORE_CREDENTIALS = ("access_key_id", "secret_access_key")
-CLUSTER_KEYS = {"peers", "dns", "probe_interval", "connect_timeout", "read_timeout", "server_name", "ca_file"}
+CLUSTER_KEYS = {
+    "peers", "dns", "probe_interval", "connect_timeout", "read_timeout", "server_name", "ca_file",
+    "client_cert", "client_key",
+}
 LOG_KEYS = {"format"}
 REGISTRY_KEYS = {
     "name", "default", "endpoints", "username", "password_file", "password_env",
