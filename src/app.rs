@@ -12,8 +12,10 @@ use crate::cache::{self, BlobStore, ManifestStore, SharedStore};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::{ErrorCode, RegistryError, SetupError};
+use crate::hosted::Hosted;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
+use crate::notify::Notifier;
 use crate::route::Router;
 use crate::server::auth::Auth;
 
@@ -64,6 +66,14 @@ pub struct App {
     client_limit: Option<Arc<ClientLimiter>>,
     pub(crate) limits: Limits,
     pub(crate) cache_dir: PathBuf,
+    /// The hosted registries (None: berth only mirrors).
+    pub(crate) hosted: Option<Arc<Hosted>>,
+    /// Webhooks (None: none configured).
+    pub(crate) notify: Option<Notifier>,
+    /// `[admin] token_file`'s token: `/admin/` requires it (None: only on a loopback
+    /// `admin_listen`).
+    pub(crate) admin_token: Option<String>,
+    pub(crate) admin_loopback: bool,
 }
 
 impl App {
@@ -113,6 +123,41 @@ impl App {
             None => None,
         };
         let in_cluster = cluster.is_some();
+        let hosted = if config.hosted.is_empty() {
+            None
+        } else {
+            let (hc, d, m, b) = (
+                config.hosted.clone(),
+                dir.clone(),
+                metrics.clone(),
+                blobs.clone(),
+            );
+            let h = tokio::task::spawn_blocking(move || Hosted::open(&hc, &d, m, Some(b)))
+                .await
+                .map_err(|e| StartError::Scan(std::io::Error::other(e)))?
+                .map_err(store_error("hosted registry store"))?;
+            h.spawn_janitor();
+            tracing::info!(
+                registries = config.hosted.len(),
+                "hosted registries: {}",
+                config
+                    .hosted
+                    .iter()
+                    .map(|h| h.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Some(Arc::new(h))
+        };
+        let notify = if config.notify.is_empty() {
+            None
+        } else {
+            Some(Notifier::start(
+                &config.notify,
+                metrics.clone(),
+                config.server.listen.to_string(),
+            )?)
+        };
         let mirror = Mirror::new(config, blobs, manifests, shared, cluster, metrics)?;
         let auth = match &config.auth {
             Some(a) => Some(Auth::load(a)?),
@@ -122,8 +167,37 @@ impl App {
             Some(t) => Some(crate::server::tls::acceptor(t)?),
             None => None,
         };
+        let admin_token = match config.admin.as_ref().and_then(|a| a.token_file.as_ref()) {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| SetupError::file("admin.token_file", path, e))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let admin_loopback = config.server.admin_listen.ip().is_loopback();
+        if admin_token.is_none() && !admin_loopback {
+            tracing::warn!(
+                admin_listen = %config.server.admin_listen,
+                "the admin API (/admin/) is refused: admin_listen is not a loopback address and [admin] token_file is not set"
+            );
+        }
+        let mut router = router(config, auth.is_some(), in_cluster);
+        if let Some(h) = &hosted {
+            router = router.with_hosted(
+                h.registries()
+                    .iter()
+                    .map(|r| (r.name.clone(), r.globs.clone()))
+                    .collect(),
+            );
+        }
         Ok(Arc::new(App {
-            router: router(config, auth.is_some(), in_cluster),
+            router,
+            hosted,
+            notify,
+            admin_token,
+            admin_loopback,
             mirror,
             auth,
             tls,
@@ -166,6 +240,24 @@ fn router(config: &Config, token: bool, peer_id: bool) -> Router {
         .find(|r| r.default)
         .map(|r| Arc::<str>::from(r.name.as_str()));
     let mut router = Router::new(names, default);
+    for r in config
+        .registries
+        .iter()
+        .filter(|r| !r.allow.is_empty() || !r.deny.is_empty())
+    {
+        let globs = |list: &[String]| {
+            list.iter()
+                .filter_map(|g| crate::route::RepoGlob::new(g).ok())
+                .collect()
+        };
+        router = router.with_filter(
+            r.name.as_str().into(),
+            crate::route::RepoFilter {
+                allow: globs(&r.allow),
+                deny: globs(&r.deny),
+            },
+        );
+    }
     if token {
         router = router.with_token_endpoint();
     }

@@ -152,6 +152,110 @@ pub struct Config {
     /// Replicas that share fills (and, with `cache.object_store`, one cache).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
+    /// The admin API under `/admin/` on `server.admin_listen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminConfig>,
+    /// Registries berth stores itself: push, pull, delete.
+    #[serde(rename = "hosted", default, skip_serializing_if = "Vec::is_empty")]
+    pub hosted: Vec<HostedConfig>,
+    /// Webhooks told of pushes, deletes and pulls.
+    #[serde(rename = "notify", default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<NotifyConfig>,
+}
+
+/// `[admin]`: who may use the admin API.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `/admin/` requires `Authorization: Bearer <the file's content>`. Without it, `/admin/`
+    /// answers only when `server.admin_listen` is a loopback address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// `[[hosted]]`: a registry whose repositories berth stores itself (no upstream).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostedConfig {
+    /// How clients may name it: `?ns=<name>` or a first path component `/v2/<name>/...`.
+    pub name: String,
+    /// Repository globs (`*` within one path component, `**` across any): requests that name
+    /// no registry and match one are served from here, before the default registry.
+    #[serde(default)]
+    pub repositories: Vec<String>,
+    /// Allow DELETE of manifests, tags and blobs (otherwise 405).
+    #[serde(default)]
+    pub delete: bool,
+    /// Uploads larger than this are refused with 413 (default: no limit).
+    #[serde(
+        default,
+        with = "human_size_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_blob_size: Option<u64>,
+    /// Unfinished uploads untouched this long are removed.
+    #[serde(default = "default_upload_ttl", with = "human_duration")]
+    pub upload_ttl: Duration,
+    /// Garbage collection never removes a blob or manifest younger than this.
+    #[serde(default = "default_gc_grace", with = "human_duration")]
+    pub gc_grace: Duration,
+}
+
+fn default_upload_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+fn default_gc_grace() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// `[[notify]]`: a webhook that receives distribution's event envelopes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    pub url: url::Url,
+    /// Which actions are sent: "push", "delete", "pull" (default: push and delete).
+    #[serde(default = "default_notify_events")]
+    pub events: Vec<NotifyEvent>,
+    /// Headers sent with every delivery (for a secret, prefer `header_file`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// A file of `Name: value` lines sent as headers (kept out of the config and its printout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_file: Option<PathBuf>,
+    /// How long one delivery may take.
+    #[serde(default = "default_notify_timeout", with = "human_duration")]
+    pub timeout: Duration,
+    /// Deliveries retried this many times (exponential back-off) before the event is dropped.
+    #[serde(default = "default_notify_retries")]
+    pub retries: u32,
+    /// Events waiting for this endpoint; beyond it new events are dropped and counted.
+    #[serde(default = "default_notify_queue")]
+    pub queue: usize,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyEvent {
+    Push,
+    Delete,
+    Pull,
+}
+
+fn default_notify_events() -> Vec<NotifyEvent> {
+    vec![NotifyEvent::Push, NotifyEvent::Delete]
+}
+
+fn default_notify_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_notify_retries() -> u32 {
+    5
+}
+
+fn default_notify_queue() -> usize {
+    1000
 }
 
 /// `[cluster]`: the replicas of one berth deployment. Each blob has an owner among the live
@@ -339,6 +443,41 @@ pub struct AuthRule {
     /// "anonymous", user names, or "*" (any authenticated user).
     pub users: Vec<String>,
     pub allow: Vec<String>,
+    /// What the rule allows: "pull" (the default), "push", "delete".
+    #[serde(default = "default_actions")]
+    pub actions: Vec<Action>,
+}
+
+/// What a request does to a repository (the actions of a token scope).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Pull,
+    Push,
+    Delete,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Pull => "pull",
+            Action::Push => "push",
+            Action::Delete => "delete",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Action> {
+        match s {
+            "pull" => Some(Action::Pull),
+            "push" => Some(Action::Push),
+            "delete" => Some(Action::Delete),
+            _ => None,
+        }
+    }
+}
+
+fn default_actions() -> Vec<Action> {
+    vec![Action::Pull]
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -465,6 +604,15 @@ pub struct RegistryConfig {
     /// Accept any certificate from this registry's endpoints. Dangerous; logged loudly.
     #[serde(default)]
     pub insecure: bool,
+    /// Only repositories matching one of these globs may be pulled through (default: all).
+    /// `*` matches within one path component, `**` across any; Docker Hub's official images
+    /// are `library/<name>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Repositories matching one of these are refused (403 DENIED, never sent upstream);
+    /// checked before `allow`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
 }
 
 /// `balance = "round-robin" | "least-requests" | "consistent-hash"`.
@@ -676,9 +824,13 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.registries.is_empty() {
-            return Err(invalid("registry", "at least one [[registry]] is required"));
+        if self.registries.is_empty() && self.hosted.is_empty() {
+            return Err(invalid(
+                "registry",
+                "at least one [[registry]] or [[hosted]] is required",
+            ));
         }
+        self.validate_hosted()?;
         if self.cache.max_size < 1024 * 1024 {
             return Err(invalid("cache.max_size", "must be at least 1MiB"));
         }
@@ -726,6 +878,12 @@ impl Config {
                     ));
                 }
                 default = Some(&r.name);
+            }
+            for (field, globs) in [("allow", &r.allow), ("deny", &r.deny)] {
+                for (j, g) in globs.iter().enumerate() {
+                    crate::route::RepoGlob::new(g)
+                        .map_err(|e| invalid(key(&format!("{field}[{j}]")), e))?;
+                }
             }
             if r.endpoints.is_empty() {
                 return Err(invalid(
@@ -892,6 +1050,52 @@ impl Config {
         Ok(())
     }
 
+    fn validate_hosted(&self) -> Result<(), ConfigError> {
+        for (i, h) in self.hosted.iter().enumerate() {
+            let key = |k: &str| format!("hosted[{i}].{k}");
+            // A hosted name is the first component of a path or an `ns` value: a registry
+            // name, or a plain repository-like component.
+            let plain = !h.name.is_empty()
+                && h.name.len() <= 64
+                && h.name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+                });
+            if !plain && !valid_registry_name(&h.name) {
+                return Err(invalid(
+                    key("name"),
+                    format!(
+                        "{:?} is not a registry name (host[:port] or lowercase letters, digits, - and _)",
+                        h.name
+                    ),
+                ));
+            }
+            if self.registries.iter().any(|r| r.name == h.name)
+                || self.hosted[..i].iter().any(|o| o.name == h.name)
+            {
+                return Err(invalid(
+                    key("name"),
+                    format!("{:?} is configured twice", h.name),
+                ));
+            }
+            for (j, g) in h.repositories.iter().enumerate() {
+                crate::route::RepoGlob::new(g)
+                    .map_err(|e| invalid(format!("hosted[{i}].repositories[{j}]"), e))?;
+            }
+        }
+        for (i, n) in self.notify.iter().enumerate() {
+            if !matches!(n.url.scheme(), "http" | "https") {
+                return Err(invalid(
+                    format!("notify[{i}].url"),
+                    "must be http:// or https://",
+                ));
+            }
+            if n.queue == 0 {
+                return Err(invalid(format!("notify[{i}].queue"), "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks what the config refers to outside itself, as `serve` would need it: password
     /// and credential files and variables, TLS, CA, htpasswd and token key files. Errors name
     /// the key.
@@ -935,6 +1139,25 @@ impl Config {
             }
             if let (Some(cert), Some(key)) = (&cluster.client_cert, &cluster.client_key) {
                 cluster.client_identity(cert, key)?;
+            }
+        }
+        if let Some(path) = self.admin.as_ref().and_then(|a| a.token_file.as_ref())
+            && String::from_utf8_lossy(&read_file("admin.token_file", path)?)
+                .trim()
+                .len()
+                < 16
+        {
+            return Err(invalid(
+                "admin.token_file",
+                format!("{}: the token needs at least 16 characters", path.display()),
+            ));
+        }
+        for (i, n) in self.notify.iter().enumerate() {
+            if let Some(path) = &n.header_file {
+                let key = format!("notify[{i}].header_file");
+                let text = read_file(&key, path)?;
+                crate::notify::parse_header_lines(&String::from_utf8_lossy(&text))
+                    .map_err(|e| invalid(key, format!("{}: {e}", path.display())))?;
             }
         }
         Ok(())
@@ -1123,6 +1346,25 @@ pub mod human_size {
             .map(|(size, name)| format!("{}{name}", v / size))
             .min_by_key(String::len)
             .unwrap_or_else(|| format!("{v}B"))
+    }
+}
+
+/// An optional [`human_size`].
+pub mod human_size_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    struct Wrapped(#[serde(deserialize_with = "super::human_size::deserialize")] u64);
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        Option::<Wrapped>::deserialize(d).map(|w| w.map(|w| w.0))
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => super::human_size::serialize(v, s),
+            None => s.serialize_none(),
+        }
     }
 }
 

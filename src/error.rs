@@ -6,7 +6,11 @@ use http::StatusCode;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     BlobUnknown,
+    BlobUploadUnknown,
+    BlobUploadInvalid,
     DigestInvalid,
+    SizeInvalid,
+    ManifestBlobUnknown,
     ManifestUnknown,
     ManifestInvalid,
     NameInvalid,
@@ -25,6 +29,10 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BlobUnknown => "BLOB_UNKNOWN",
+            ErrorCode::BlobUploadUnknown => "BLOB_UPLOAD_UNKNOWN",
+            ErrorCode::BlobUploadInvalid => "BLOB_UPLOAD_INVALID",
+            ErrorCode::SizeInvalid => "SIZE_INVALID",
+            ErrorCode::ManifestBlobUnknown => "MANIFEST_BLOB_UNKNOWN",
             ErrorCode::DigestInvalid => "DIGEST_INVALID",
             ErrorCode::ManifestUnknown => "MANIFEST_UNKNOWN",
             ErrorCode::ManifestInvalid => "MANIFEST_INVALID",
@@ -42,12 +50,16 @@ impl ErrorCode {
 
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorCode::BlobUnknown | ErrorCode::ManifestUnknown | ErrorCode::NameUnknown => {
-                StatusCode::NOT_FOUND
-            }
-            ErrorCode::DigestInvalid | ErrorCode::ManifestInvalid | ErrorCode::NameInvalid => {
-                StatusCode::BAD_REQUEST
-            }
+            ErrorCode::BlobUnknown
+            | ErrorCode::BlobUploadUnknown
+            | ErrorCode::ManifestUnknown
+            | ErrorCode::NameUnknown => StatusCode::NOT_FOUND,
+            ErrorCode::DigestInvalid
+            | ErrorCode::ManifestInvalid
+            | ErrorCode::NameInvalid
+            | ErrorCode::BlobUploadInvalid
+            | ErrorCode::SizeInvalid
+            | ErrorCode::ManifestBlobUnknown => StatusCode::BAD_REQUEST,
             ErrorCode::RangeInvalid => StatusCode::RANGE_NOT_SATISFIABLE,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Denied => StatusCode::FORBIDDEN,
@@ -69,6 +81,8 @@ pub struct RegistryError {
     pub status: Option<StatusCode>,
     /// Seconds for a `Retry-After` header.
     pub retry_after: Option<u64>,
+    /// A 401 for a valid token that lacks the scope (`error="insufficient_scope"`).
+    pub insufficient_scope: bool,
 }
 
 impl RegistryError {
@@ -78,7 +92,13 @@ impl RegistryError {
             message: message.into(),
             status: None,
             retry_after: None,
+            insufficient_scope: false,
         }
+    }
+
+    pub fn insufficient_scope(mut self) -> RegistryError {
+        self.insufficient_scope = true;
+        self
     }
 
     pub fn with_status(mut self, status: StatusCode) -> RegistryError {

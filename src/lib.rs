@@ -18,8 +18,10 @@ pub(crate) mod app;
 pub(crate) mod cache;
 pub(crate) mod cluster;
 pub(crate) mod error;
+pub(crate) mod hosted;
 pub(crate) mod metrics;
 pub(crate) mod mirror;
+pub(crate) mod notify;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,6 +53,15 @@ impl Running {
         let left = self.app.limits.grace.saturating_sub(started.elapsed());
         self.app.mirror.blobs.wait_idle(left).await;
     }
+}
+
+/// Garbage collection of the hosted registries of `config`, offline (`berth gc`): safe beside a
+/// running berth on the same directory, as blobs younger than `gc_grace` are never removed.
+/// Returns the report as JSON.
+pub fn gc(config: &Config, dry_run: bool, untagged: bool) -> std::io::Result<serde_json::Value> {
+    let metrics = Arc::new(Metrics::new());
+    let hosted = hosted::Hosted::open(&config.hosted, &config.cache.dir, metrics, None)?;
+    serde_json::to_value(hosted.gc(dry_run, untagged)).map_err(std::io::Error::other)
 }
 
 /// Opens the cache, binds the listeners named in the config and starts serving.

@@ -33,6 +33,20 @@ enum Command {
         #[arg(long)]
         no_files: bool,
     },
+    /// Garbage-collect the hosted registries: remove every blob no manifest references (and,
+    /// with --untagged, manifests no tag reaches). Safe beside a running berth: nothing
+    /// younger than `gc_grace` is removed. The same runs online as `POST /admin/gc`.
+    Gc {
+        /// The TOML config file of the berth whose hosted registries to collect.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Print what would be removed and how many bytes, and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also remove manifests that no tag (or tagged index, or subject) reaches.
+        #[arg(long)]
+        untagged: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -48,8 +62,63 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Some(Command::Gc {
+            config,
+            dry_run,
+            untagged,
+        }) => gc(&config, dry_run, untagged),
         Some(Command::Serve { config }) => serve(config),
         None => serve(None),
+    }
+}
+
+fn gc(path: &std::path::Path, dry_run: bool, untagged: bool) -> ExitCode {
+    let config = match load(path, false) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("berth: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    if config.hosted.is_empty() {
+        eprintln!(
+            "berth: {}: no [[hosted]] registry to collect",
+            path.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    match berth::gc(&config, dry_run, untagged) {
+        Ok(report) => {
+            let verb = if dry_run { "would remove" } else { "removed" };
+            let list = |key: &str| {
+                report[key]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(str::to_owned))
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default()
+            };
+            for m in list("manifests") {
+                println!("{verb} manifest {m}");
+            }
+            let blobs = list("blobs");
+            for b in &blobs {
+                println!("{verb} blob {b}");
+            }
+            println!(
+                "{verb} {} blobs, {} bytes; {} kept as younger than gc_grace",
+                blobs.len(),
+                report["bytes"],
+                report["kept_young"]
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("berth: gc: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

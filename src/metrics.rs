@@ -33,6 +33,10 @@ pub struct Metrics {
     pub object_store_up: IntGauge,
     pub peer_requests: IntCounterVec,
     pub peers_up: IntGauge,
+    pub hosted_bytes: IntGauge,
+    pub hosted_blobs: IntGauge,
+    pub notifications: IntCounterVec,
+    pub notification_queue: IntGaugeVec,
 }
 
 /// An enum per label: `as_str` is the value exported, `ALL` every value (to create each series
@@ -65,6 +69,9 @@ label_values! {
         Blob => "blob",
         Tags => "tags",
         Catalog => "catalog",
+        Referrers => "referrers",
+        Push => "push",
+        Delete => "delete",
         Other => "other",
     }
 }
@@ -356,6 +363,28 @@ impl Metrics {
             peers_up: unregistered_gauge(
                 "berth_cluster_peers_up",
                 "Replicas (this one included) currently answering peer probes.",
+            ),
+            hosted_bytes: gauge(
+                &r,
+                "berth_hosted_bytes",
+                "Bytes of blobs and manifests stored by the hosted registries.",
+            ),
+            hosted_blobs: gauge(
+                &r,
+                "berth_hosted_blobs",
+                "Blobs and manifests stored by the hosted registries.",
+            ),
+            notifications: counter(
+                &r,
+                "berth_notifications_total",
+                "Webhook events by endpoint and result (sent, failed after retries, dropped).",
+                &["endpoint", "result"],
+            ),
+            notification_queue: gauge_vec(
+                &r,
+                "berth_notification_queue_length",
+                "Events waiting to be sent to a webhook.",
+                &["endpoint"],
             ),
             cache_scan_seconds: Histogram::with_opts(HistogramOpts::new(
                 "berth_cache_scan_duration_seconds",

@@ -18,9 +18,10 @@ pub struct Target {
 pub enum Route {
     /// `GET /v2/`
     Ping,
-    /// `GET /v2/_catalog`
+    /// `GET /v2/_catalog`: of the registry `ns` names, or (None) of the hosted registries and
+    /// the default one.
     Catalog {
-        registry: Arc<str>,
+        registry: Option<Arc<str>>,
     },
     Manifest {
         target: Target,
@@ -33,8 +34,20 @@ pub enum Route {
     Tags {
         target: Target,
     },
-    /// Push and delete endpoints: 405 UNSUPPORTED.
-    Unsupported,
+    /// `/v2/<name>/blobs/uploads/`: start an upload (or mount, or push a blob whole).
+    Uploads {
+        target: Target,
+    },
+    /// `/v2/<name>/blobs/uploads/<id>`: an upload session.
+    Upload {
+        target: Target,
+        id: String,
+    },
+    /// `GET /v2/<name>/referrers/<digest>` (OCI 1.1).
+    Referrers {
+        target: Target,
+        digest: Digest,
+    },
     /// `/token`, the token endpoint (only with `[auth]`).
     Token,
     /// `/_berth/peer`, a replica's instance id (only in a cluster).
@@ -47,15 +60,56 @@ impl Route {
         match self {
             Route::Manifest { target, .. }
             | Route::Blob { target, .. }
-            | Route::Tags { target } => Some(target),
+            | Route::Tags { target }
+            | Route::Uploads { target }
+            | Route::Upload { target, .. }
+            | Route::Referrers { target, .. } => Some(target),
             _ => None,
         }
+    }
+}
+
+/// A repository glob (`[[hosted]] repositories`, a registry's `allow` and `deny`): `*` matches within one path component,
+/// `**` across any number of them.
+#[derive(Debug, Clone)]
+pub struct RepoGlob(globset::GlobMatcher);
+
+impl RepoGlob {
+    pub fn new(pattern: &str) -> Result<RepoGlob, String> {
+        globset::GlobBuilder::new(pattern)
+            .literal_separator(true)
+            .build()
+            .map(|g| RepoGlob(g.compile_matcher()))
+            .map_err(|e| format!("{pattern:?} is not a glob: {e}"))
+    }
+
+    pub fn matches(&self, repo: &str) -> bool {
+        self.0.is_match(repo)
+    }
+}
+
+/// A mirrored registry's `allow` and `deny` globs.
+#[derive(Debug, Clone, Default)]
+pub struct RepoFilter {
+    pub allow: Vec<RepoGlob>,
+    pub deny: Vec<RepoGlob>,
+}
+
+impl RepoFilter {
+    /// Deny first; then, if there is an allow list, the repository must be on it.
+    pub fn permits(&self, repo: &str) -> bool {
+        !self.deny.iter().any(|g| g.matches(repo))
+            && (self.allow.is_empty() || self.allow.iter().any(|g| g.matches(repo)))
     }
 }
 
 pub struct Router {
     registries: Vec<Arc<str>>,
     default: Option<Arc<str>>,
+    /// Hosted registries with the repository globs they serve when no registry is named.
+    hosted: Vec<(Arc<str>, Vec<RepoGlob>)>,
+    /// Per mirrored registry, the repositories that may be pulled through it.
+    filters: Vec<(Arc<str>, RepoFilter)>,
     token: bool,
     peer_id: bool,
 }
@@ -69,9 +123,24 @@ impl Router {
         Router {
             registries,
             default,
+            hosted: Vec::new(),
+            filters: Vec::new(),
             token: false,
             peer_id: false,
         }
+    }
+
+    /// Routes to hosted registries: by name (`ns`, a path prefix) and, for names that name no
+    /// registry, by these globs, before the default registry.
+    pub fn with_hosted(mut self, hosted: Vec<(Arc<str>, Vec<RepoGlob>)>) -> Router {
+        self.hosted = hosted;
+        self
+    }
+
+    /// Limits what may be pulled through a registry (`allow` / `deny` of its `[[registry]]`).
+    pub fn with_filter(mut self, registry: Arc<str>, filter: RepoFilter) -> Router {
+        self.filters.push((registry, filter));
+        self
     }
 
     /// Routes `/token` (berth issues tokens: `[auth]` is on).
@@ -87,7 +156,29 @@ impl Router {
     }
 
     fn configured(&self, name: &str) -> Option<Arc<str>> {
-        self.registries.iter().find(|r| &***r == name).cloned()
+        self.registries
+            .iter()
+            .chain(self.hosted.iter().map(|(n, _)| n))
+            .find(|r| &***r == name)
+            .cloned()
+    }
+
+    /// The hosted registry whose globs match a name that names no registry.
+    fn hosted_for(&self, name: &str) -> Option<Arc<str>> {
+        self.hosted
+            .iter()
+            .find(|(_, globs)| globs.iter().any(|g| g.matches(name)))
+            .map(|(n, _)| n.clone())
+    }
+
+    /// The registry requests that name none go to (after the hosted globs).
+    pub fn default_registry(&self) -> Option<&Arc<str>> {
+        self.default.as_ref()
+    }
+
+    /// Whether a registry name is a hosted one.
+    pub fn is_hosted(&self, registry: &str) -> bool {
+        self.hosted.iter().any(|(n, _)| &**n == registry)
     }
 
     /// Parses `path` (and the `ns` query parameter) into a route.
@@ -108,20 +199,58 @@ impl Router {
             .strip_prefix('/')
             .ok_or_else(|| RegistryError::new(ErrorCode::NameUnknown, "not a registry API path"))?;
         if rest == "_catalog" {
-            return Ok(Route::Catalog {
-                registry: self.registry_for(ns, None)?.0,
-            });
+            let registry = match ns {
+                Some(_) => Some(self.registry_for(ns, None)?.0),
+                None => None,
+            };
+            return Ok(Route::Catalog { registry });
         }
         // Split from the right so repository names of any depth work.
         if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
             let target = self.target(name, ns)?;
-            let reference = reference
-                .parse::<Reference>()
-                .map_err(|e| invalid_name(format!("invalid reference {:?}", e.0)))?;
+            // A tag that cannot exist is unknown (404, as the spec's conformance suite wants);
+            // a malformed digest is invalid (400).
+            let reference = reference.parse::<Reference>().map_err(|e| {
+                if reference.contains(':') {
+                    RegistryError::new(
+                        ErrorCode::DigestInvalid,
+                        format!("invalid digest {:?}", e.0),
+                    )
+                } else {
+                    RegistryError::new(
+                        ErrorCode::ManifestUnknown,
+                        format!("manifest unknown: {:?} is not a valid tag", e.0),
+                    )
+                }
+            })?;
             return Ok(Route::Manifest { target, reference });
         }
-        if rest.contains("/blobs/uploads") {
-            return Ok(Route::Unsupported);
+        if let Some((name, id)) = rest.rsplit_once("/blobs/uploads") {
+            let target = self.target(name, ns)?;
+            let id = id.strip_prefix('/').unwrap_or(id);
+            if id.is_empty() {
+                return Ok(Route::Uploads { target });
+            }
+            if !crate::hosted::valid_upload_id(id) {
+                return Err(RegistryError::new(
+                    ErrorCode::BlobUploadUnknown,
+                    "no such upload",
+                ));
+            }
+            return Ok(Route::Upload {
+                target,
+                id: id.to_owned(),
+            });
+        }
+        if let Some((name, digest)) = rest.rsplit_once("/referrers/") {
+            let target = self.target(name, ns)?;
+            let digest = digest.parse::<Digest>().map_err(|e| {
+                RegistryError::new(
+                    ErrorCode::DigestInvalid,
+                    format!("invalid digest {:?}", e.0),
+                )
+            })?;
+            return Ok(Route::Referrers { target, digest });
         }
         if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
             let target = self.target(name, ns)?;
@@ -181,6 +310,9 @@ impl Router {
                 ));
             }
         }
+        if let Some(hosted) = name.and_then(|n| self.hosted_for(n)) {
+            return Ok((hosted, name));
+        }
         match &self.default {
             Some(d) => Ok((d.clone(), name)),
             None => Err(RegistryError::new(
@@ -193,8 +325,27 @@ impl Router {
     fn target(&self, name: &str, ns: Option<&str>) -> Result<Target, RegistryError> {
         let (registry, name) = self.registry_for(ns, Some(name))?;
         let name = name.unwrap_or_default();
-        self.make_target(registry, name)
-            .ok_or_else(|| invalid_name(format!("invalid repository name {:?}", truncate(name))))
+        let target = self
+            .make_target(registry, name)
+            .ok_or_else(|| invalid_name(format!("invalid repository name {:?}", truncate(name))))?;
+        if !self.permitted(&target) {
+            return Err(RegistryError::new(
+                ErrorCode::Denied,
+                format!(
+                    "{}/{} may not be pulled through this mirror (the registry's allow/deny list)",
+                    target.registry, target.repo
+                ),
+            ));
+        }
+        Ok(target)
+    }
+
+    /// Whether a registry's allow/deny lists let `t` through.
+    pub fn permitted(&self, t: &Target) -> bool {
+        self.filters
+            .iter()
+            .find(|(r, _)| *r == t.registry)
+            .is_none_or(|(_, f)| f.permits(t.repo.as_str()))
     }
 }
 
@@ -207,9 +358,13 @@ impl Router {
         {
             return self.make_target(reg, rest).into_iter().collect();
         }
+        if let Some(hosted) = self.hosted_for(name) {
+            return self.make_target(hosted, name).into_iter().collect();
+        }
         self.registries
             .iter()
             .filter_map(|r| self.make_target(r.clone(), name))
+            .filter(|t| self.permitted(t))
             .collect()
     }
 
@@ -226,7 +381,9 @@ impl Router {
 pub fn url_name(path: &str) -> Option<&str> {
     let rest = path.strip_prefix("/v2/")?;
     rest.rsplit_once("/manifests/")
+        .or_else(|| rest.rsplit_once("/blobs/uploads"))
         .or_else(|| rest.rsplit_once("/blobs/"))
+        .or_else(|| rest.rsplit_once("/referrers/"))
         .map(|(n, _)| n)
         .or_else(|| rest.strip_suffix("/tags/list"))
 }
@@ -315,12 +472,12 @@ mod tests {
         assert_eq!(r.route("/v2/", None).unwrap(), Route::Ping);
         assert_eq!(r.route("/v2", None).unwrap(), Route::Ping);
         assert!(
-            matches!(r.route("/v2/_catalog", Some("ghcr.io")).unwrap(), Route::Catalog { registry } if &*registry == "ghcr.io")
+            matches!(r.route("/v2/_catalog", Some("ghcr.io")).unwrap(), Route::Catalog { registry: Some(registry) } if &*registry == "ghcr.io")
         );
-        assert_eq!(
+        assert!(matches!(
             r.route("/v2/a/blobs/uploads/", None).unwrap(),
-            Route::Unsupported
-        );
+            Route::Uploads { .. }
+        ));
     }
 
     #[test]
@@ -363,9 +520,14 @@ mod tests {
             (
                 "/v2/a/manifests/bad:tag".into(),
                 None,
-                ErrorCode::NameInvalid,
+                ErrorCode::DigestInvalid,
             ),
-            ("/v2/a/manifests/".into(), None, ErrorCode::NameInvalid),
+            (
+                "/v2/a/manifests/.INVALID_MANIFEST_NAME".into(),
+                None,
+                ErrorCode::ManifestUnknown,
+            ),
+            ("/v2/a/manifests/".into(), None, ErrorCode::ManifestUnknown),
             (
                 "/v2/a/blobs/sha256:123".into(),
                 None,
@@ -390,6 +552,104 @@ mod tests {
         assert_eq!(
             full.route(crate::cluster::ID_PATH, None).unwrap(),
             Route::PeerId
+        );
+    }
+
+    #[test]
+    fn hosted_registries_by_name_and_by_glob() {
+        let globs = vec![
+            RepoGlob::new("team/*").unwrap(),
+            RepoGlob::new("ci/**").unwrap(),
+        ];
+        let r = router().with_hosted(vec![("local".into(), globs)]);
+        let table: &[(&str, Option<&str>, (&str, &str))] = &[
+            ("/v2/team/app/manifests/1", None, ("local", "team/app")),
+            ("/v2/ci/a/b/c/manifests/1", None, ("local", "ci/a/b/c")),
+            // `*` stays within one component: deeper names go to the default registry.
+            ("/v2/team/a/b/manifests/1", None, ("docker.io", "team/a/b")),
+            ("/v2/local/misc/manifests/1", None, ("local", "misc")),
+            ("/v2/misc/manifests/1", Some("local"), ("local", "misc")),
+            (
+                "/v2/team/app/manifests/1",
+                Some("docker.io"),
+                ("docker.io", "team/app"),
+            ),
+            (
+                "/v2/alpine/manifests/1",
+                None,
+                ("docker.io", "library/alpine"),
+            ),
+        ];
+        for (path, ns, want) in table {
+            let route = r.route(path, *ns).unwrap();
+            assert_eq!(target(&route), *want, "{path} ns={ns:?}");
+        }
+        assert!(r.is_hosted("local") && !r.is_hosted("docker.io"));
+        let id = "0123456789abcdef0123456789abcdef";
+        assert!(matches!(
+            r.route(&format!("/v2/team/app/blobs/uploads/{id}"), None).unwrap(),
+            Route::Upload { id: i, .. } if i == id
+        ));
+        assert_eq!(
+            r.route("/v2/team/app/blobs/uploads/../../x", None)
+                .unwrap_err()
+                .code,
+            ErrorCode::BlobUploadUnknown
+        );
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert!(matches!(
+            r.route(&format!("/v2/team/app/referrers/{d}"), None)
+                .unwrap(),
+            Route::Referrers { .. }
+        ));
+        assert_eq!(url_name("/v2/team/app/blobs/uploads/"), Some("team/app"));
+        assert_eq!(
+            url_name(&format!("/v2/local/x/referrers/{d}")),
+            Some("local/x")
+        );
+        // Tokens: a hosted name means the hosted registry only.
+        let t = r.targets_for_name("team/app");
+        assert_eq!(t.len(), 1);
+        assert_eq!(&*t[0].registry, "local");
+    }
+
+    #[test]
+    fn allow_and_deny_lists_apply_to_every_way_of_naming_a_registry() {
+        let glob = |g: &str| RepoGlob::new(g).unwrap();
+        let filter = RepoFilter {
+            allow: vec![glob("library/*"), glob("bitnami/*")],
+            deny: vec![glob("*/*-miner*")],
+        };
+        let r = router().with_filter("docker.io".into(), filter);
+        for (path, ns) in [
+            ("/v2/alpine/manifests/1", None),
+            ("/v2/library/alpine/manifests/1", Some("docker.io")),
+            ("/v2/docker.io/bitnami/redis/manifests/1", None),
+        ] {
+            assert!(r.route(path, ns).is_ok(), "{path} {ns:?}");
+        }
+        for (path, ns) in [
+            ("/v2/someone/app/manifests/1", None),
+            ("/v2/someone/app/manifests/1", Some("docker.io")),
+            (
+                "/v2/docker.io/someone/app/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000",
+                None,
+            ),
+            ("/v2/bitnami/xmr-miner/manifests/1", None),
+            ("/v2/library/coin-miner/tags/list", None),
+        ] {
+            assert_eq!(
+                r.route(path, ns).unwrap_err().code,
+                ErrorCode::Denied,
+                "{path} {ns:?}"
+            );
+        }
+        // Other registries are not filtered; tokens are never issued for denied names.
+        assert!(r.route("/v2/x/y/manifests/1", Some("ghcr.io")).is_ok());
+        assert!(
+            r.targets_for_name("someone/app")
+                .iter()
+                .all(|t| &*t.registry != "docker.io")
         );
     }
 

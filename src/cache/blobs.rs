@@ -220,6 +220,14 @@ impl BlobStore {
     }
 
     /// Opens a cached blob, marking it recently used.
+    /// The file of a cached, verified blob (for a hosted push of the same bytes to link). A
+    /// file at a blob's path is always complete and verified (fills rename it there after the
+    /// digest matched), whether or not the index has caught up with it.
+    pub fn path_if_cached(&self, digest: &Digest) -> Option<PathBuf> {
+        let path = blob_path(&self.root, digest);
+        path.exists().then_some(path)
+    }
+
     pub fn lookup(&self, digest: &Digest) -> Option<CachedBlob> {
         let known = self.index.get(digest).map(|e| {
             e.used.store(

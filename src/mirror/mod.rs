@@ -2,7 +2,10 @@
 //! look up (local disk, then the shared object store), revalidate tags, fill once (asking the
 //! blob's owner among the replicas first), serve stale when upstream fails.
 
+mod referrers;
 mod sources;
+
+pub(crate) use referrers::filter_index;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -62,6 +65,8 @@ pub struct Mirror {
     tag_ttl: Duration,
     locks: Mutex<HashMap<LockKey, Weak<tokio::sync::Mutex<()>>>>,
     cluster: Option<Arc<Cluster>>,
+    /// Referrers lists fetched from upstream (see [`referrers`]).
+    referrers: moka::sync::Cache<(Target, Digest), Arc<referrers::Fetched>>,
 }
 
 /// The parts of the mirror a tag revalidation uses, cheap to clone (each is shared), so that
@@ -304,6 +309,7 @@ impl Mirror {
             tag_ttl: config.cache.tag_ttl,
             locks: Mutex::new(HashMap::new()),
             cluster,
+            referrers: moka::sync::Cache::builder().max_capacity(10_000).build(),
         })
     }
 

@@ -101,6 +101,86 @@ pub fn referenced_digests(bytes: &[u8]) -> Vec<Digest> {
     out
 }
 
+/// What a pushed manifest refers to, as a hosted registry checks it.
+#[derive(Debug, Default)]
+pub struct Parts {
+    /// The `mediaType` the manifest declares.
+    pub media_type: Option<String>,
+    /// `artifactType`, or else the config's media type (what the referrers API reports).
+    pub artifact_type: Option<String>,
+    /// Blobs that must be in the repository: config and layers (those with `urls`, foreign
+    /// layers, are fetched elsewhere and not checked).
+    pub blobs: Vec<Digest>,
+    /// Manifests an index lists, which must be in the repository.
+    pub manifests: Vec<Digest>,
+    pub subject: Option<Digest>,
+    pub annotations: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct FullDescriptor {
+    digest: String,
+    #[serde(rename = "mediaType")]
+    media_type: Option<String>,
+    #[serde(default)]
+    urls: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PushedManifest {
+    schema_version: Option<u32>,
+    media_type: Option<String>,
+    artifact_type: Option<String>,
+    config: Option<FullDescriptor>,
+    #[serde(default)]
+    layers: Vec<FullDescriptor>,
+    #[serde(default)]
+    manifests: Vec<FullDescriptor>,
+    #[serde(default)]
+    blobs: Vec<FullDescriptor>,
+    subject: Option<FullDescriptor>,
+    annotations: Option<serde_json::Value>,
+}
+
+/// Reads a pushed manifest: Err with the reason when it is not a manifest berth can store
+/// (not JSON, no schemaVersion 2, or a descriptor whose digest does not parse).
+pub fn parts(bytes: &[u8]) -> Result<Parts, String> {
+    let m: PushedManifest =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a JSON manifest: {e}"))?;
+    if m.schema_version != Some(2) {
+        return Err("schemaVersion must be 2".into());
+    }
+    let digest = |d: &FullDescriptor| {
+        d.digest.parse::<Digest>().map_err(|_| {
+            format!(
+                "invalid digest {:?}",
+                d.digest.chars().take(100).collect::<String>()
+            )
+        })
+    };
+    let mut out = Parts {
+        artifact_type: m
+            .artifact_type
+            .clone()
+            .or_else(|| m.config.as_ref().and_then(|c| c.media_type.clone())),
+        media_type: m.media_type,
+        annotations: m.annotations,
+        ..Parts::default()
+    };
+    for d in m.config.iter().chain(&m.layers).chain(&m.blobs) {
+        let dg = digest(d)?;
+        if d.urls.is_empty() {
+            out.blobs.push(dg);
+        }
+    }
+    for d in &m.manifests {
+        out.manifests.push(digest(d)?);
+    }
+    out.subject = m.subject.as_ref().map(digest).transpose()?;
+    Ok(out)
+}
+
 /// Whether a client's `Accept` header admits a manifest of `media_type`. No header, `*/*` and
 /// `application/*` admit everything.
 pub fn accepts_media_type(accept: &[&str], media_type: &str) -> bool {

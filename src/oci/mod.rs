@@ -8,8 +8,8 @@ mod range;
 
 pub use digest::{Digest, DigestAlgorithm, Hasher};
 pub use manifest::{
-    MANIFEST_MEDIA_TYPES, accepts_media_type, manifest_media_type, named_manifest_types,
-    referenced_digests,
+    MANIFEST_MEDIA_TYPES, OCI_INDEX, Parts as ManifestParts, accepts_media_type,
+    manifest_media_type, named_manifest_types, parts as manifest_parts, referenced_digests,
 };
 pub use name::{Reference, RepoName, Tag};
 pub use range::{ByteRange, RangeError, parse_range};

@@ -1,4 +1,9 @@
-//! The admin listener: `/healthz`, `/readyz` and `/metrics`.
+//! The admin listener: `/healthz`, `/readyz` and `/metrics`, open to anyone who reaches the
+//! port; and the admin API under `/admin/`, which needs the `[admin]` token (or, without one, a
+//! loopback `admin_listen`):
+//!
+//! - `POST /admin/gc[?dry_run=true][&untagged=true]`: garbage collection of the hosted
+//!   registries; answers the JSON report.
 
 use std::sync::Arc;
 
@@ -19,7 +24,105 @@ fn text(status: StatusCode, s: &'static str) -> Response<Body> {
     r
 }
 
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Body::full(Bytes::from(v.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Whether a request may use `/admin/`: it carries the token, or there is none and the
+/// listener is loopback-only.
+fn admitted<B>(app: &App, req: &Request<B>) -> Result<(), Box<Response<Body>>> {
+    match &app.admin_token {
+        Some(token) => {
+            let sent = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            // Compared in constant time: the token is a password.
+            let same = sent.len() == token.len()
+                && sent
+                    .bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0;
+            if same {
+                Ok(())
+            } else {
+                Err(Box::new(json(
+                    StatusCode::UNAUTHORIZED,
+                    &serde_json::json!({"error": "the admin API needs Authorization: Bearer <[admin] token_file>"}),
+                )))
+            }
+        }
+        None if app.admin_loopback => Ok(()),
+        None => Err(Box::new(json(
+            StatusCode::FORBIDDEN,
+            &serde_json::json!({"error": "the admin API is off: admin_listen is not loopback and [admin] token_file is not set"}),
+        ))),
+    }
+}
+
+fn flag(query: Option<&str>, key: &str) -> bool {
+    url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .any(|(k, v)| k == key && (v == "true" || v == "1" || v.is_empty()))
+}
+
+async fn admin_api<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
+    if let Err(refused) = admitted(&app, &req) {
+        return *refused;
+    }
+    match (req.method(), req.uri().path()) {
+        (&http::Method::POST, "/admin/gc") => {
+            let Some(hosted) = app.hosted.clone() else {
+                return json(
+                    StatusCode::NOT_FOUND,
+                    &serde_json::json!({"error": "no [[hosted]] registry is configured"}),
+                );
+            };
+            let dry_run = flag(req.uri().query(), "dry_run");
+            let untagged = flag(req.uri().query(), "untagged");
+            match tokio::task::spawn_blocking(move || hosted.gc(dry_run, untagged)).await {
+                Ok(report) => {
+                    tracing::info!(
+                        dry_run,
+                        blobs = report.blobs.len(),
+                        bytes = report.bytes,
+                        manifests = report.manifests.len(),
+                        "garbage collection"
+                    );
+                    json(
+                        StatusCode::OK,
+                        &serde_json::to_value(&report).unwrap_or_default(),
+                    )
+                }
+                Err(e) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &serde_json::json!({"error": e.to_string()}),
+                ),
+            }
+        }
+        (_, "/admin/gc") => json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &serde_json::json!({"error": "use POST"}),
+        ),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": "not found"}),
+        ),
+    }
+}
+
 pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
+    if req.uri().path().starts_with("/admin/") {
+        return admin_api(app, req).await;
+    }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {

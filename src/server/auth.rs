@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
 use super::request::Credentials;
-use crate::config::AuthConfig;
+use crate::config::{Action, AuthConfig};
 use crate::error::{ErrorCode, RegistryError, SetupError};
 use crate::route::{Router, Target};
 
@@ -43,6 +43,7 @@ impl Identity {
 struct Rule {
     users: Vec<String>,
     allow: Vec<wildmatch::WildMatch>,
+    actions: Vec<Action>,
 }
 
 pub(crate) struct Auth {
@@ -167,6 +168,7 @@ impl Auth {
                         .iter()
                         .map(|a| wildmatch::WildMatch::new(a))
                         .collect(),
+                    actions: r.actions.clone(),
                 })
                 .collect(),
             encoding: EncodingKey::from_secret(&key),
@@ -180,18 +182,21 @@ impl Auth {
         })
     }
 
-    /// Whether `who` may pull `target` (`registry/repository`).
-    pub(crate) fn allowed(&self, who: &Identity, target: &Target) -> bool {
+    /// Whether `who` may do `action` to `target` (`registry/repository`).
+    pub(crate) fn allowed(&self, who: &Identity, target: &Target, action: Action) -> bool {
         let full = format!("{}/{}", target.registry, target.repo);
-        self.rules.iter().any(|r| {
-            r.users.iter().any(|u| match (u.as_str(), who) {
-                // What anyone may pull without credentials, users who log in may pull too.
-                ("anonymous", _) => true,
-                ("*", Identity::User(_)) => true,
-                (name, Identity::User(user)) => name == user,
-                _ => false,
-            }) && r.allow.iter().any(|g| g.matches(&full))
-        })
+        self.rules
+            .iter()
+            .filter(|r| r.actions.contains(&action))
+            .any(|r| {
+                r.users.iter().any(|u| match (u.as_str(), who) {
+                    // What anyone may pull without credentials, users who log in may pull too.
+                    ("anonymous", _) => true,
+                    ("*", Identity::User(_)) => true,
+                    (name, Identity::User(user)) => name == user,
+                    _ => false,
+                }) && r.allow.iter().any(|g| g.matches(&full))
+            })
     }
 
     /// Checks a user's password: from the cache of recently verified credentials, or with
@@ -315,20 +320,33 @@ impl Auth {
             else {
                 continue;
             };
-            if !actions.split(',').any(|a| a == "pull") {
-                continue;
-            }
             // The name as the client will use it in URLs; it may route to any registry (a
             // containerd ?ns= is not in the token request), and each request is checked again.
-            if router
-                .targets_for_name(name)
-                .iter()
-                .any(|t| self.allowed(who, t))
-            {
+            let targets = router.targets_for_name(name);
+            // `*` asks for every action (skopeo delete sends `repository:<name>:*`), as in
+            // distribution's token access sets.
+            let mut wanted: Vec<Action> = Vec::new();
+            for a in actions.split(',') {
+                let parsed = match a {
+                    "*" => vec![Action::Pull, Action::Push, Action::Delete],
+                    _ => Action::parse(a).into_iter().collect(),
+                };
+                for p in parsed {
+                    if !wanted.contains(&p) {
+                        wanted.push(p);
+                    }
+                }
+            }
+            let granted: Vec<String> = wanted
+                .into_iter()
+                .filter(|a| targets.iter().any(|t| self.allowed(who, t, *a)))
+                .map(|a| a.as_str().to_owned())
+                .collect();
+            if !granted.is_empty() {
                 access.push(Access {
                     kind: "repository".into(),
                     name: name.to_owned(),
-                    actions: vec!["pull".into()],
+                    actions: granted,
                 });
             }
         }
@@ -370,8 +388,13 @@ impl Auth {
         name: Option<&str>,
         target: Option<&Target>,
         client: IpAddr,
+        action: Action,
     ) -> Result<Identity, Denial> {
-        let scope = name.map(|n| format!("repository:{n}:pull"));
+        let scope = name.map(|n| match action {
+            Action::Pull => format!("repository:{n}:pull"),
+            Action::Push => format!("repository:{n}:pull,push"),
+            Action::Delete => format!("repository:{n}:delete"),
+        });
         let who = match credentials {
             None => Identity::Anonymous,
             Some(Credentials::Bearer(token)) => {
@@ -382,11 +405,20 @@ impl Auth {
                     let covered = claims.access.iter().any(|a| {
                         a.kind == "repository"
                             && a.name == n
-                            && a.actions.iter().any(|x| x == "pull")
+                            && a.actions.iter().any(|x| x == action.as_str())
                     });
                     if !covered {
-                        return Err(Denial::challenge(
-                            "token does not cover this repository",
+                        // A valid token without this scope: the challenge says
+                        // error="insufficient_scope" (the answer stays 401 UNAUTHORIZED).
+                        return Err(Denial::Challenge(
+                            RegistryError::new(
+                                ErrorCode::Unauthorized,
+                                format!(
+                                    "token does not cover {} on this repository",
+                                    action.as_str()
+                                ),
+                            )
+                            .insufficient_scope(),
                             scope,
                         ));
                     }
@@ -417,13 +449,19 @@ impl Auth {
                 Err(Denial::challenge("authentication required", None))
             }
             None => Ok(who),
-            Some(t) if self.allowed(&who, t) => Ok(who),
+            Some(t) if self.allowed(&who, t, action) => Ok(who),
             Some(_) if who == Identity::Anonymous => {
                 Err(Denial::challenge("authentication required", scope))
             }
             Some(t) => Err(Denial::Forbidden(RegistryError::new(
                 ErrorCode::Denied,
-                format!("{} may not pull {}/{}", who.name(), t.registry, t.repo),
+                format!(
+                    "{} may not {} {}/{}",
+                    who.name(),
+                    action.as_str(),
+                    t.registry,
+                    t.repo
+                ),
             ))),
         }
     }
@@ -529,14 +567,17 @@ mod tests {
                 AuthRule {
                     users: vec!["anonymous".into()],
                     allow: vec!["docker.io/library/*".into()],
+                    actions: vec![Action::Pull],
                 },
                 AuthRule {
                     users: vec!["ci".into()],
                     allow: vec!["*".into()],
+                    actions: vec![Action::Pull],
                 },
                 AuthRule {
                     users: vec!["*".into()],
                     allow: vec!["docker.io/*".into()],
+                    actions: vec![Action::Pull],
                 },
             ],
         };
@@ -573,12 +614,12 @@ mod tests {
         let anon = Identity::Anonymous;
         let ci = Identity::User("ci".into());
         let bob = Identity::User("bob".into());
-        assert!(a.allowed(&anon, &target("docker.io", "library/alpine")));
-        assert!(!a.allowed(&anon, &target("docker.io", "bitnami/redis")));
-        assert!(!a.allowed(&anon, &target("private.example", "team/app")));
-        assert!(a.allowed(&ci, &target("private.example", "team/app")));
-        assert!(a.allowed(&bob, &target("docker.io", "bitnami/redis")));
-        assert!(!a.allowed(&bob, &target("private.example", "team/app")));
+        assert!(a.allowed(&anon, &target("docker.io", "library/alpine"), Action::Pull));
+        assert!(!a.allowed(&anon, &target("docker.io", "bitnami/redis"), Action::Pull));
+        assert!(!a.allowed(&anon, &target("private.example", "team/app"), Action::Pull));
+        assert!(a.allowed(&ci, &target("private.example", "team/app"), Action::Pull));
+        assert!(a.allowed(&bob, &target("docker.io", "bitnami/redis"), Action::Pull));
+        assert!(!a.allowed(&bob, &target("private.example", "team/app"), Action::Pull));
     }
 
     #[tokio::test]
@@ -590,7 +631,8 @@ mod tests {
                 Some(&basic("ci", "s3cret")),
                 Some("team/app"),
                 Some(&private),
-                CLIENT
+                CLIENT,
+                Action::Pull,
             )
             .await,
             Ok(Identity::User(_))
@@ -600,7 +642,8 @@ mod tests {
                 Some(&basic("ci", "wrong")),
                 Some("team/app"),
                 Some(&private),
-                CLIENT
+                CLIENT,
+                Action::Pull,
             )
             .await,
             Err(Denial::Challenge(..))
@@ -610,18 +653,19 @@ mod tests {
                 Some(&basic("bob", "s3cret")),
                 Some("team/app"),
                 Some(&private),
-                CLIENT
+                CLIENT,
+                Action::Pull,
             )
             .await,
             Err(Denial::Forbidden(_))
         ));
         assert!(matches!(
-            a.authorize(None, Some("team/app"), Some(&private), CLIENT)
+            a.authorize(None, Some("team/app"), Some(&private), CLIENT, Action::Pull)
                 .await,
             Err(Denial::Challenge(..))
         ));
         assert!(matches!(
-            a.authorize(None, None, None, CLIENT).await,
+            a.authorize(None, None, None, CLIENT, Action::Pull).await,
             Err(Denial::Challenge(..))
         ));
 
@@ -643,7 +687,8 @@ mod tests {
                 Some(&bearer),
                 Some("private.example/team/app"),
                 Some(&prefixed),
-                CLIENT
+                CLIENT,
+                Action::Pull,
             )
             .await
             .is_ok()
@@ -653,7 +698,8 @@ mod tests {
                 Some(&bearer),
                 Some("other/app"),
                 Some(&target("docker.io", "other/app")),
-                CLIENT
+                CLIENT,
+                Action::Pull,
             )
             .await,
             Err(Denial::Challenge(..))
@@ -672,7 +718,8 @@ mod tests {
                 Some(&bearer),
                 Some("private.example/team/app"),
                 Some(&prefixed),
-                CLIENT
+                CLIENT,
+                Action::Pull,
             )
             .await
             .is_err()
@@ -681,7 +728,7 @@ mod tests {
         let mut forged = t.token.clone();
         forged.pop();
         assert!(
-            a.authorize(Some(&bearer_of(&forged)), None, None, CLIENT)
+            a.authorize(Some(&bearer_of(&forged)), None, None, CLIENT, Action::Pull)
                 .await
                 .is_err()
         );
@@ -723,6 +770,35 @@ mod tests {
         assert!(a.login("bob", "s3cret", other).await.is_ok());
         assert!(matches!(
             a.login("nobody", "x", IpAddr::from([127, 0, 0, 3])).await,
+            Err(Denial::Challenge(..))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_star_scope_grants_every_allowed_action() {
+        let (a, router, _d) = auth();
+        // ci may only pull (the rules above): `*` grants pull, nothing more.
+        let t = a
+            .issue(
+                &Identity::User("ci".into()),
+                &["repository:private.example/team/app:*"],
+                &router,
+            )
+            .unwrap();
+        let claims = a.decode(&t.token).unwrap();
+        assert_eq!(claims.access.len(), 1);
+        assert_eq!(claims.access[0].actions, vec!["pull".to_owned()]);
+        let prefixed = target("private.example", "team/app");
+        let bearer = bearer_of(&t.token);
+        let name = Some("private.example/team/app");
+        assert!(
+            a.authorize(Some(&bearer), name, Some(&prefixed), CLIENT, Action::Pull)
+                .await
+                .is_ok()
+        );
+        assert!(matches!(
+            a.authorize(Some(&bearer), name, Some(&prefixed), CLIENT, Action::Delete)
+                .await,
             Err(Denial::Challenge(..))
         ));
     }

@@ -198,7 +198,7 @@ pub async fn serve(
         };
         buf.advance(n);
         let Taken { head, keep_alive } = taken;
-        let reply = pipeline::handle(&app, head).await;
+        let reply = pipeline::handle(&app, head, None).await;
         if send(&mut stream, reply, keep_alive).await.is_err() || !keep_alive {
             return Outcome::Done;
         }

@@ -8,6 +8,7 @@ mod admin;
 pub(crate) mod auth;
 mod body;
 mod fast;
+mod hosted;
 mod hyper_transport;
 mod meter;
 mod pipeline;

@@ -23,7 +23,9 @@ use super::request::{Credentials, Method, RequestHead};
 use super::response::{Length, Payload, ResponseHead};
 use crate::app::App;
 use crate::cache::{Fill, Manifest};
+use crate::config::{Action, NotifyEvent};
 use crate::error::{ErrorCode, RegistryError};
+use crate::hosted::BodyStream;
 use crate::metrics::{CacheResult, RequestKind};
 use crate::mirror::{BlobAnswer, Via};
 use crate::oci::{ByteRange, Digest, RangeError, parse_range};
@@ -48,6 +50,13 @@ pub enum Answer {
         len: Option<u64>,
     },
     Error(Box<Refusal>),
+    /// Any other answer: a status, its headers and a small body (push, delete, listings).
+    Custom {
+        status: StatusCode,
+        headers: Vec<(http::HeaderName, String)>,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+    },
 }
 
 /// Where a blob's bytes come from.
@@ -91,10 +100,10 @@ pub struct Reply {
     pub meter: Meter,
 }
 
-/// Runs a request through every phase.
-pub async fn handle(app: &App, req: RequestHead) -> Reply {
+/// Runs a request through every phase. `body` is the request body, for requests that have one.
+pub async fn handle(app: &App, req: RequestHead, body: Option<BodyStream>) -> Reply {
     let mut meter = Meter::start(app.mirror.metrics_arc(), &req);
-    let (answer, cache) = match run(app, &req, &mut meter).await {
+    let (answer, cache) = match run(app, &req, &mut meter, body).await {
         Ok(a) => a,
         Err(e) => (Answer::from(e), None),
     };
@@ -117,16 +126,25 @@ async fn run(
     app: &App,
     req: &RequestHead,
     meter: &mut Meter,
+    body: Option<BodyStream>,
 ) -> Result<(Answer, Option<CacheResult>), RegistryError> {
     admit(app, req)?;
     let route = route(app, req)?;
-    meter.kind = kind_of(&route);
+    meter.kind = kind_of(&route, req.method);
     meter.registry = route.target().map(|t| t.registry.clone());
     let who = match authorize(app, req, &route).await {
         Ok(who) => who,
         Err(refusal) => return Ok((Answer::Error(refusal), None)),
     };
     meter.user = who.as_ref().map(|w| w.name().to_owned());
+    if let Some(hosted) = &app.hosted
+        && route
+            .target()
+            .is_some_and(|t| hosted.registry(&t.registry).is_some())
+    {
+        let a = super::hosted::answer(app, hosted, req, route, who.as_ref(), body).await?;
+        return Ok((a, None));
+    }
     answer(app, req, route, who).await
 }
 
@@ -152,23 +170,67 @@ fn route(app: &App, req: &RequestHead) -> Result<Route, RegistryError> {
     let route = app
         .router
         .route(&req.path, ns_param(req.query.as_deref()))?;
-    if !req.method.is_read() {
-        return Err(RegistryError::new(
-            ErrorCode::Unsupported,
-            "this mirror is read-only: only GET and HEAD are supported",
-        ));
+    let hosted = route
+        .target()
+        .is_some_and(|t| app.router.is_hosted(&t.registry));
+    let m = req.method;
+    let ok = match &route {
+        Route::Manifest { .. } => {
+            m.is_read() || (hosted && matches!(m, Method::Put | Method::Delete))
+        }
+        Route::Blob { .. } => m.is_read() || (hosted && m == Method::Delete),
+        Route::Uploads { .. } => hosted && m == Method::Post,
+        Route::Upload { .. } => {
+            hosted
+                && matches!(
+                    m,
+                    Method::Get | Method::Head | Method::Patch | Method::Put | Method::Delete
+                )
+        }
+        _ => m.is_read(),
+    };
+    if ok {
+        return Ok(route);
     }
-    Ok(route)
+    Err(match route.target() {
+        Some(t) if !hosted => RegistryError::new(
+            ErrorCode::Unsupported,
+            format!(
+                "{} is mirrored from upstream: only GET and HEAD are supported (push to a [[hosted]] registry)",
+                t.registry
+            ),
+        ),
+        _ => RegistryError::new(
+            ErrorCode::Unsupported,
+            "method not allowed on this endpoint",
+        ),
+    })
 }
 
-fn kind_of(route: &Route) -> RequestKind {
+fn kind_of(route: &Route, method: Method) -> RequestKind {
+    if method == Method::Delete {
+        return RequestKind::Delete;
+    }
     match route {
         Route::Ping => RequestKind::Ping,
+        Route::Manifest { .. } if method == Method::Put => RequestKind::Push,
         Route::Manifest { .. } => RequestKind::Manifest,
         Route::Blob { .. } => RequestKind::Blob,
+        Route::Uploads { .. } | Route::Upload { .. } => RequestKind::Push,
         Route::Tags { .. } => RequestKind::Tags,
         Route::Catalog { .. } => RequestKind::Catalog,
-        Route::Token | Route::PeerId | Route::Unsupported => RequestKind::Other,
+        Route::Referrers { .. } => RequestKind::Referrers,
+        Route::Token | Route::PeerId => RequestKind::Other,
+    }
+}
+
+/// What a request does to its repository, for the rules of `[auth]`.
+fn action_of(route: &Route, method: Method) -> Action {
+    match (route, method) {
+        (_, Method::Delete) => Action::Delete,
+        (Route::Uploads { .. } | Route::Upload { .. }, _) => Action::Push,
+        (Route::Manifest { .. }, Method::Put) => Action::Push,
+        _ => Action::Pull,
     }
 }
 
@@ -186,14 +248,21 @@ async fn authorize(
         return Ok(None);
     }
     let credentials = req.authorization.as_ref().map(|a| &a.credentials);
+    let action = action_of(route, req.method);
     match auth
-        .authorize(credentials, url_name(&req.path), route.target(), req.client)
+        .authorize(
+            credentials,
+            url_name(&req.path),
+            route.target(),
+            req.client,
+            action,
+        )
         .await
     {
         Ok(who) => Ok(Some(who)),
         Err(Denial::Forbidden(error) | Denial::Limited(error)) => Err(Box::new(error.into())),
         Err(Denial::Challenge(error, scope)) => {
-            let insufficient = error.code == ErrorCode::Denied;
+            let insufficient = error.code == ErrorCode::Denied || error.insufficient_scope;
             let challenge = auth.challenge(
                 req.host.as_deref(),
                 app.tls.is_some(),
@@ -225,29 +294,38 @@ async fn answer(
             Ok((Answer::Text(Bytes::from(id)), None))
         }
         Route::Token => token(app, req).await.map(|b| (Answer::Json(b), None)),
-        Route::Unsupported => Err(RegistryError::new(
-            ErrorCode::Unsupported,
-            "this mirror is read-only: push is not supported",
-        )),
         Route::Catalog { registry } => {
             let n = parse_n(req)?;
-            let mut repos = app.mirror.catalog(&registry, req.query_param("last"));
-            // With [auth], list only what the caller may pull.
-            if let (Some(auth), Some(who)) = (&app.auth, &who) {
-                repos.retain(|r| {
-                    r.parse().is_ok_and(|repo| {
-                        let t = Target {
-                            registry: registry.clone(),
-                            repo,
-                        };
-                        auth.allowed(who, &t)
-                    })
-                });
-            }
-            if let Some(n) = n {
-                repos.truncate(n as usize);
-            }
+            let repos = catalog(app, registry, who.as_ref(), req.query_param("last"), n);
             json(serde_json::json!({ "repositories": repos }).to_string())
+        }
+        Route::Uploads { .. } | Route::Upload { .. } => Err(RegistryError::new(
+            ErrorCode::Unsupported,
+            "push goes to a [[hosted]] registry",
+        )),
+        Route::Referrers { target, digest } => {
+            let index = app.mirror.referrers(&target, &digest).await?;
+            let filter = req.query_decoded("artifactType");
+            let mut headers = Vec::new();
+            let body = match &filter {
+                Some(f) => {
+                    headers.push((
+                        http::HeaderName::from_static("oci-filters-applied"),
+                        "artifactType".to_owned(),
+                    ));
+                    crate::mirror::filter_index(&index, f)
+                }
+                None => index,
+            };
+            Ok((
+                Answer::Custom {
+                    status: StatusCode::OK,
+                    headers,
+                    content_type: Some(HeaderValue::from_static(crate::oci::OCI_INDEX)),
+                    body,
+                },
+                None,
+            ))
         }
         Route::Tags { target } => {
             let n = parse_n(req)?;
@@ -268,6 +346,24 @@ async fn answer(
             app.mirror
                 .metrics()
                 .record_cache(RequestKind::Manifest, result);
+            if !head {
+                let tag = match &reference {
+                    crate::oci::Reference::Tag(t) => Some(t.to_string()),
+                    crate::oci::Reference::Digest(_) => None,
+                };
+                let size = m.bytes.len() as u64;
+                super::hosted::notify(
+                    app,
+                    req,
+                    who.as_ref(),
+                    NotifyEvent::Pull,
+                    &target,
+                    &m.media_type,
+                    &m.digest,
+                    size,
+                    tag,
+                );
+            }
             Ok((Answer::Manifest(m), Some(result)))
         }
         Route::Blob { target, digest } => {
@@ -285,6 +381,73 @@ async fn answer(
             Ok((Answer::Blob { digest, body, len }, Some(result)))
         }
     }
+}
+
+/// The repositories of `_catalog`: of the registry `ns` named, or of every hosted registry
+/// (named as a client names them without `ns`) and the default registry; only what the caller
+/// may pull, sorted, after `last`, at most `n`.
+fn catalog(
+    app: &App,
+    registry: Option<Arc<str>>,
+    who: Option<&Identity>,
+    last: Option<&str>,
+    n: Option<u32>,
+) -> Vec<String> {
+    let mut found: Vec<(String, Target)> = Vec::new();
+    let mut add = |registry: &Arc<str>, repos: Vec<String>, shown: &dyn Fn(&str) -> String| {
+        for r in repos {
+            if let Ok(repo) = r.parse() {
+                let t = Target {
+                    registry: registry.clone(),
+                    repo,
+                };
+                found.push((shown(&r), t));
+            }
+        }
+    };
+    let list = |registry: &Arc<str>| match app
+        .hosted
+        .as_ref()
+        .filter(|h| h.registry(registry).is_some())
+    {
+        Some(h) => h.catalog(registry),
+        None => app.mirror.catalog(registry, None),
+    };
+    match registry {
+        Some(r) => add(&r, list(&r), &|s: &str| s.to_owned()),
+        None => {
+            if let Some(h) = &app.hosted {
+                for reg in h.registries() {
+                    let shown = |s: &str| {
+                        if reg.globs.iter().any(|g| g.matches(s)) {
+                            s.to_owned()
+                        } else {
+                            format!("{}/{s}", reg.name)
+                        }
+                    };
+                    add(&reg.name, h.catalog(&reg.name), &shown);
+                }
+            }
+            if let Some(d) = app.router.default_registry() {
+                add(d, list(d), &|s: &str| s.to_owned());
+            }
+        }
+    }
+    // With [auth], list only what the caller may pull.
+    if let (Some(auth), Some(who)) = (&app.auth, who) {
+        found.retain(|(_, t)| auth.allowed(who, t, Action::Pull));
+    }
+    let mut repos: Vec<String> = found
+        .into_iter()
+        .map(|(s, _)| s)
+        .filter(|s| last.is_none_or(|l| s.as_str() > l))
+        .collect();
+    repos.sort();
+    repos.dedup();
+    if let Some(n) = n {
+        repos.truncate(n as usize);
+    }
+    repos
 }
 
 /// The token endpoint of `[auth]`: Basic credentials (or none, for anonymous) in, a token for
@@ -321,7 +484,7 @@ async fn token(app: &App, req: &RequestHead) -> Result<Bytes, RegistryError> {
         .map_err(|e| RegistryError::new(ErrorCode::Internal, e.to_string()))
 }
 
-fn parse_n(req: &RequestHead) -> Result<Option<u32>, RegistryError> {
+pub(super) fn parse_n(req: &RequestHead) -> Result<Option<u32>, RegistryError> {
     req.query_param("n")
         .map(|n| {
             n.parse::<u32>().map_err(|_| {
@@ -391,6 +554,32 @@ pub fn render(answer: Answer, req: &RequestHead) -> (ResponseHead, Payload) {
         }
         Answer::Blob { digest, body, len } => blob(&digest, body, len, req),
         Answer::Error(r) => refusal(*r, bodyless),
+        Answer::Custom {
+            status,
+            headers,
+            content_type,
+            body,
+        } => {
+            // A 204 has no body and announces none.
+            let length = if status == StatusCode::NO_CONTENT {
+                Length::Unknown
+            } else {
+                Length::Known(body.len() as u64)
+            };
+            let mut head = ResponseHead::new(status, length);
+            if let Some(ct) = content_type {
+                head = head.header(header::CONTENT_TYPE, ct);
+            }
+            for (name, value) in &headers {
+                head = head.header_str(name.clone(), value);
+            }
+            let payload = if bodyless || body.is_empty() {
+                Payload::Empty
+            } else {
+                Payload::Bytes(body)
+            };
+            (head, payload)
+        }
     }
 }
 

@@ -243,6 +243,14 @@ pub struct RequestHead {
     pub if_range: Option<String>,
     /// Sent by another replica asking this one as a blob's owner (`x-berth-peer`).
     pub from_peer: bool,
+    /// `Content-Type` (of a pushed manifest).
+    pub content_type: Option<String>,
+    /// `Content-Range` (of an upload chunk).
+    pub content_range: Option<String>,
+    /// `Content-Length`, when it parses.
+    pub content_length: Option<u64>,
+    /// `User-Agent` (for notifications).
+    pub user_agent: Option<String>,
     /// The client's address.
     pub client: IpAddr,
     /// Set when a header was refused: the pipeline answers it with 400 before anything else.
@@ -268,6 +276,10 @@ impl RequestHead {
             if_none_match: None,
             if_range: None,
             from_peer: false,
+            content_type: None,
+            content_range: None,
+            content_length: None,
+            user_agent: None,
             client,
             defect: None,
         }
@@ -314,6 +326,15 @@ impl RequestHead {
             self.if_range = Some(ascii("if-range")?);
         } else if name.eq_ignore_ascii_case(crate::cluster::PEER_HEADER) {
             self.from_peer = true;
+        } else if name.eq_ignore_ascii_case("content-type") {
+            self.content_type = Some(ascii("content-type")?);
+        } else if name.eq_ignore_ascii_case("content-range") {
+            self.content_range = Some(ascii("content-range")?);
+        } else if name.eq_ignore_ascii_case("content-length") {
+            self.content_length = ascii("content-length")?.parse().ok();
+        } else if name.eq_ignore_ascii_case("user-agent") {
+            // Only for logs and webhooks: a value that is not visible ASCII is dropped.
+            self.user_agent = ascii("user-agent").ok();
         }
         Ok(())
     }
@@ -379,6 +400,13 @@ impl RequestHead {
     /// The `Authorization` value as sent, for passing on to a peer.
     pub fn raw_authorization(&self) -> Option<&str> {
         self.authorization.as_ref().map(|a| a.raw.as_str())
+    }
+
+    /// The value of a query parameter, percent-decoded (the first one of that name).
+    pub fn query_decoded(&self, key: &str) -> Option<String> {
+        url::form_urlencoded::parse(self.query.as_deref()?.as_bytes())
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.into_owned())
     }
 
     /// The value of a query parameter (the first one of that name).

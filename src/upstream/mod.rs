@@ -104,6 +104,8 @@ pub(crate) enum UpstreamPath<'a> {
     ManifestDigest(&'a Digest),
     /// `blobs/<digest>`
     Blob(&'a Digest),
+    /// `referrers/<digest>` (OCI 1.1).
+    Referrers(&'a Digest),
     /// `tags/list`, with the client's `n` and `last` passed on.
     Tags {
         n: Option<u32>,
@@ -119,6 +121,7 @@ impl UpstreamPath<'_> {
             UpstreamPath::ManifestTag(t) => format!("{base}/v2/{repo}/manifests/{t}"),
             UpstreamPath::ManifestDigest(d) => format!("{base}/v2/{repo}/manifests/{d}"),
             UpstreamPath::Blob(d) => format!("{base}/v2/{repo}/blobs/{d}"),
+            UpstreamPath::Referrers(d) => format!("{base}/v2/{repo}/referrers/{d}"),
             UpstreamPath::Tags { .. } => format!("{base}/v2/{repo}/tags/list"),
         };
         let (n, last) = match self {

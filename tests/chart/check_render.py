@@ -10,7 +10,8 @@ Checks: exactly one berth.toml ConfigMap whose TOML parses and holds only keys b
 no password or object-store key in any ConfigMap and no Secret rendered at all (credentials come
 only from an existingSecret, mounted as a file that `password_file` or
 `secret_access_key_file` names, or set as an environment variable from a secretKeyRef that
-`access_key_id_env` names); [cluster] dns names a headless Service of the pods that lists only
+`access_key_id_env` names; the admin token and webhook headers likewise as files of Secret
+volumes that `token_file` and `header_file` name, no secret header inline); [cluster] dns names a headless Service of the pods that lists only
 ready pods, on the registry port; the berth container runs as
 non-root 65532 with a read-only root filesystem, no privilege escalation, no capabilities and
 the RuntimeDefault seccomp profile; probes /healthz and /readyz on the admin port; ports, mounts
@@ -58,6 +59,11 @@ CLUSTER_KEYS = {
     "client_cert", "client_key",
 }
 LOG_KEYS = {"format"}
+ADMIN_KEYS = {"token_file"}
+HOSTED_KEYS = {"name", "repositories", "delete", "max_blob_size", "upload_ttl", "gc_grace"}
+NOTIFY_KEYS = {"url", "events", "headers", "header_file", "timeout", "retries", "queue"}
+# Headers that hold credentials: only from a header_file (a mounted Secret), never inline.
+SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie"}
 REGISTRY_KEYS = {
     "name", "default", "endpoints", "username", "password_file", "password_env",
     "connect_timeout", "read_timeout",
@@ -110,7 +116,17 @@ def check(docs, toml_out, expect):
     except tomllib.TOMLDecodeError as e:
         c.expect(False, f"berth.toml does not parse as TOML: {e}")
         return c.problems
-    c.expect(set(cfg) <= {"server", "cache", "log", "registry", "cluster", "auth"}, f"unknown top-level keys: {sorted(set(cfg))}")
+    c.expect(set(cfg) <= {"server", "cache", "log", "registry", "cluster", "auth", "admin", "hosted", "notify"},
+             f"unknown top-level keys: {sorted(set(cfg))}")
+    admin = cfg.get("admin")
+    if admin is not None:
+        c.expect(set(admin) <= ADMIN_KEYS, f"unknown [admin] keys: {sorted(set(admin) - ADMIN_KEYS)}")
+    for h in cfg.get("hosted", []):
+        c.expect(set(h) <= HOSTED_KEYS, f"hosted {h.get('name')}: unknown keys {sorted(set(h) - HOSTED_KEYS)}")
+    for n in cfg.get("notify", []):
+        c.expect(set(n) <= NOTIFY_KEYS, f"notify {n.get('url')}: unknown keys {sorted(set(n) - NOTIFY_KEYS)}")
+        inline = {k.lower() for k in n.get("headers", {})} & SECRET_HEADERS
+        c.expect(not inline, f"notify {n.get('url')}: secret headers inline: {sorted(inline)}")
     server, cache = cfg.get("server", {}), cfg.get("cache", {})
     c.expect(set(server) <= SERVER_KEYS, f"unknown [server] keys: {sorted(set(server) - SERVER_KEYS)}")
     c.expect(set(server.get("tls", {})) <= TLS_KEYS, "unknown [server.tls] keys")
@@ -233,6 +249,17 @@ def check(docs, toml_out, expect):
             ref = (env.get(var) or {}).get("valueFrom", {}).get("secretKeyRef")
             c.expect(ref is not None and ref.get("name") and ref.get("key"),
                      f"cache.object_store.{cred}_env: env {var} does not come from a secretKeyRef")
+    # The admin token and webhook headers: files of read-only Secret volumes.
+    secret_files = [("admin.token_file", (admin or {}).get("token_file"))]
+    secret_files += [(f"notify[{i}].header_file", n.get("header_file")) for i, n in enumerate(cfg.get("notify", []))]
+    for key, f in secret_files:
+        if not f:
+            continue
+        m = mounts.get(os.path.dirname(f))
+        secret = volumes.get(m["name"], {}).get("secret") if m else None
+        if c.expect(secret is not None and m.get("readOnly") is True, f"{key} {f}: not in a read-only Secret volume"):
+            c.expect(os.path.basename(f) in [i["path"] for i in secret.get("items", [])],
+                     f"{key}: the Secret volume has no {os.path.basename(f)}")
     tls = server.get("tls")
     if tls:
         for key in ("cert", "key"):

@@ -439,3 +439,76 @@ pub fn metric_lines(metrics: &str, prefixes: &[&str]) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// A small tmpfs mounted on a temp dir (root only), unmounted on drop, even on panic
+/// (lazily, if something still holds a file open on it).
+pub struct Tmpfs {
+    pub path: PathBuf,
+    // Removed after the unmount.
+    _dir: tempfile::TempDir,
+}
+
+fn cstring(p: &Path) -> std::ffi::CString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path without NUL")
+}
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::Builder::new()
+            .prefix("drill-disk-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let path = dir.path().to_owned();
+        let (target, fstype) = (cstring(&path), std::ffi::CString::new("tmpfs").expect("c"));
+        let data = std::ffi::CString::new(format!("size={size},mode=0755")).expect("c");
+        // SAFETY: every pointer is a valid NUL-terminated string that outlives the call.
+        let rc = unsafe {
+            libc::mount(
+                fstype.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                data.as_ptr().cast(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "mount -t tmpfs -o size={size} tmpfs {}: {} (this drill needs root)",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        Tmpfs { path, _dir: dir }
+    }
+
+    /// (size, used) in bytes.
+    pub fn usage(&self) -> (u64, u64) {
+        let target = cstring(&self.path);
+        // SAFETY: statvfs fills the zeroed struct; the path is a valid C string.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::statvfs(target.as_ptr(), &mut st) };
+        assert_eq!(rc, 0, "statvfs");
+        let frsize = st.f_frsize as u64;
+        (
+            st.f_blocks as u64 * frsize,
+            (st.f_blocks as u64 - st.f_bfree as u64) * frsize,
+        )
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let target = cstring(&self.path);
+        // SAFETY: a valid C string; unmounting our own mount.
+        if unsafe { libc::umount2(target.as_ptr(), 0) } != 0 {
+            eprintln!(
+                "umount {}: {}; detaching it lazily",
+                self.path.display(),
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: as above.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}

@@ -13,6 +13,8 @@
 //! - [`Containerd`]: a private `containerd` for `ctr images pull --hosts-dir` (hosts.toml).
 //! - [`Podman`]: `podman` with private storage, config and `registries.conf` mirrors.
 //! - [`Recorder`]: a loopback TCP relay recording the HTTP requests a client sends.
+//! - [`Webhook`]: a loopback HTTP receiver recording the webhook deliveries berth sends.
+//! - [`request`]: one blocking HTTP request (reqwest), for raw registry API checks.
 //! - [`Garage`]: a single-node Garage S3 object store with one bucket and key, for the shared
 //!   tier (built by `tests/setup.sh` into `$HOME/.cache/berth-tools`).
 //!
@@ -36,6 +38,7 @@ mod berth;
 mod containerd;
 mod dockerd;
 mod garage;
+mod http;
 mod inproc;
 mod metrics;
 mod podman;
@@ -43,11 +46,13 @@ mod process;
 mod recorder;
 mod registry;
 mod seed;
+mod webhook;
 
 pub use self::berth::{Berth, berth_config, berth_config_with, berth_multi_config};
 pub use self::containerd::{CTR_PULL_TIMEOUT, Containerd, default_server};
 pub use self::dockerd::{Dockerd, DockerdOptions, PULL_TIMEOUT};
 pub use self::garage::{Garage, garage_program};
+pub use self::http::{Reply, request};
 pub use self::inproc::{InProc, InProcConfig, client, error_chain, loopback_listener};
 pub use self::metrics::{sample, try_sample};
 pub use self::podman::{PODMAN_PULL_TIMEOUT, Podman};
@@ -62,6 +67,7 @@ pub use self::seed::{
     OCI_INDEX, OCI_LAYER, OCI_MANIFEST, Pusher, block_on, build_image, digest_of, gzip,
     random_bytes, seed_blob_image, seed_image, seed_image_with, seed_index, seeded_bytes, tar,
 };
+pub use self::webhook::{Delivery, Webhook};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,6 +1,7 @@
 {{/*
-berth.toml, rendered from .Values.config, .Values.objectStore and .Values.cluster (see
-values.yaml). Every string goes through berth.tomlString; optional keys (tls, balance, fallback,
+berth.toml, rendered from .Values.config, .Values.objectStore, .Values.cluster and
+.Values.admin (see values.yaml). [admin], [[hosted]] and [[notify]] come before the registries, so
+that config.extraConfig still follows the last [[registry]]. Every string goes through berth.tomlString; optional keys (tls, balance, fallback,
 rate limits, timeouts) are rendered only when they are set, so berth's defaults apply otherwise.
 config.extraConfig is appended last, as written.
 */}}
@@ -87,6 +88,60 @@ ca_file = "/etc/berth/tls/ca.crt"
 client_cert = "/etc/berth/cluster-tls/tls.crt"
 client_key = "/etc/berth/cluster-tls/tls.key"
 {{- end }}
+{{- end }}
+{{- end }}
+{{- if .Values.admin.enabled }}
+
+[admin]
+# The token stays in Secret {{ .Values.admin.tokenSecret }}, mounted as a file.
+token_file = {{ include "berth.tomlString" (printf "%s/token" (include "berth.adminSecretDir" .)) }}
+{{- end }}
+{{- range $c.hosted }}
+
+[[hosted]]
+name = {{ include "berth.tomlString" .name }}
+repositories = [
+{{- range (default list .repositories) }}
+  {{ include "berth.tomlString" . }},
+{{- end }}
+]
+delete = {{ default false .delete }}
+{{- if not (kindIs "invalid" .maxBlobSize) }}
+max_blob_size = {{ include "berth.tomlNumber" .maxBlobSize }}
+{{- end }}
+{{- with .uploadTtl }}
+upload_ttl = {{ include "berth.tomlString" . }}
+{{- end }}
+{{- with .gcGrace }}
+gc_grace = {{ include "berth.tomlString" . }}
+{{- end }}
+{{- end }}
+{{- range $i, $n := $c.notify }}
+
+[[notify]]
+url = {{ include "berth.tomlString" $n.url }}
+{{- with $n.events }}
+events = [{{ range $j, $e := . }}{{ if $j }}, {{ end }}{{ include "berth.tomlString" $e }}{{ end }}]
+{{- end }}
+{{- with $n.headers }}
+{{- $pairs := list }}
+{{- range $k, $v := . }}
+{{- $pairs = append $pairs (printf "%s = %s" (include "berth.tomlString" $k) (include "berth.tomlString" $v)) }}
+{{- end }}
+headers = { {{ join ", " $pairs }} }
+{{- end }}
+{{- if $n.headersSecret }}
+# Headers from Secret {{ $n.headersSecret }} (`Name: value` lines), mounted as a file.
+header_file = {{ include "berth.tomlString" (printf "%s/headers" (include "berth.notifySecretDir" $i)) }}
+{{- end }}
+{{- with $n.timeout }}
+timeout = {{ include "berth.tomlString" . }}
+{{- end }}
+{{- if not (kindIs "invalid" $n.retries) }}
+retries = {{ include "berth.tomlNumber" $n.retries }}
+{{- end }}
+{{- if not (kindIs "invalid" $n.queue) }}
+queue = {{ include "berth.tomlNumber" $n.queue }}
 {{- end }}
 {{- end }}
 {{- range $c.registries }}

@@ -137,6 +137,16 @@ registry port the pods listen on. */}}
 /etc/berth/s3
 {{- end }}
 
+{{/* The directory the admin token is mounted in. */}}
+{{- define "berth.adminSecretDir" -}}
+/etc/berth/admin
+{{- end }}
+
+{{/* The directory the headers of webhook number N (config.notify) are mounted in. */}}
+{{- define "berth.notifySecretDir" -}}
+{{- printf "/etc/berth/notify/%d" (int .) }}
+{{- end }}
+
 {{/* The cache directory inside the container. */}}
 {{- define "berth.cacheDir" -}}
 /var/lib/berth
@@ -176,6 +186,31 @@ registry port the pods listen on. */}}
 {{- if and (not $os.url) (or $os.endpoint $os.region $os.existingSecret) }}
 {{- fail "objectStore.endpoint, objectStore.region and objectStore.existingSecret need objectStore.url (s3://BUCKET or s3://BUCKET/PREFIX)" }}
 {{- end }}
+{{- $all := deepCopy $names }}
+{{- range $i, $h := .Values.config.hosted }}
+{{- if hasKey $all $h.name }}
+{{- fail (printf "config.hosted[%d].name: %q is configured twice (in config.registries or config.hosted)" $i $h.name) }}
+{{- end }}
+{{- $_ := set $all $h.name true }}
+{{- end }}
+{{- if .Values.config.hosted }}
+{{- if not .Values.persistence.enabled }}
+{{- fail "config.hosted needs persistence.enabled: pushed images live in the cache directory (/var/lib/berth/hosted), which would be an emptyDir, lost with the pod" }}
+{{- end }}
+{{- if gt (int .Values.replicaCount) 1 }}
+{{- fail "config.hosted needs replicaCount=1: each replica keeps the pushed images on its own volume (not in objectStore), so a push to one would be missing on the others" }}
+{{- end }}
+{{- end }}
+{{- range $i, $n := .Values.config.notify }}
+{{- range $k, $_ := (default dict $n.headers) }}
+{{- if has (lower $k) (list "authorization" "proxy-authorization" "cookie") }}
+{{- fail (printf "config.notify[%d].headers.%s: a secret header does not belong in the ConfigMap; put it in a Secret named by headersSecret (`Name: value` lines)" $i $k) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and .Values.admin.enabled (not .Values.admin.tokenSecret) }}
+{{- fail "admin.enabled needs admin.tokenSecret (a Secret holding the admin token): the chart's admin_listen is not a loopback address, so berth answers /admin/ only with a token" }}
+{{- end }}
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) }}
 {{- fail "tls.enabled needs tls.existingSecret (a kubernetes.io/tls Secret with tls.crt and tls.key)" }}
 {{- end }}
@@ -214,8 +249,8 @@ storageClassName: {{ .Values.persistence.storageClass | quote }}
 {{- end }}
 {{- end }}
 
-{{/* The TCP ports of all upstream endpoint and fallback URLs and of the object store's endpoint
-(443 for AWS), sorted, as a YAML list. */}}
+{{/* The TCP ports of all upstream endpoint and fallback URLs, of the object store's endpoint
+(443 for AWS) and of the webhooks (config.notify), sorted, as a YAML list. */}}
 {{- define "berth.upstreamPorts" -}}
 {{- $urls := list }}
 {{- range .Values.config.registries }}
@@ -232,6 +267,9 @@ storageClassName: {{ .Values.persistence.storageClass | quote }}
 {{- end }}
 {{- if .Values.objectStore.url }}
 {{- $urls = append $urls (default "https://s3.amazonaws.com" .Values.objectStore.endpoint) }}
+{{- end }}
+{{- range .Values.config.notify }}
+{{- $urls = append $urls .url }}
 {{- end }}
 {{- $ports := dict }}
 {{- range $urls }}

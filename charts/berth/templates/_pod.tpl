@@ -128,6 +128,18 @@ spec:
           readOnly: true
         {{- end }}
         {{- end }}
+        {{- if .Values.admin.enabled }}
+        - name: admin-token
+          mountPath: {{ include "berth.adminSecretDir" . }}
+          readOnly: true
+        {{- end }}
+        {{- range $i, $n := .Values.config.notify }}
+        {{- if $n.headersSecret }}
+        - name: notify-headers-{{ $i }}
+          mountPath: {{ include "berth.notifySecretDir" $i }}
+          readOnly: true
+        {{- end }}
+        {{- end }}
         {{- with .Values.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -207,6 +219,28 @@ spec:
             path: tls.crt
           - key: tls.key
             path: tls.key
+    {{- end }}
+    {{- end }}
+    {{- if .Values.admin.enabled }}
+    # admin.token_file
+    - name: admin-token
+      secret:
+        secretName: {{ .Values.admin.tokenSecret }}
+        defaultMode: 0440
+        items:
+          - key: {{ .Values.admin.tokenKey }}
+            path: token
+    {{- end }}
+    {{- range $i, $n := .Values.config.notify }}
+    {{- if $n.headersSecret }}
+    # notify[{{ $i }}].header_file
+    - name: notify-headers-{{ $i }}
+      secret:
+        secretName: {{ $n.headersSecret }}
+        defaultMode: 0440
+        items:
+          - key: {{ default "headers" $n.headersKey }}
+            path: headers
     {{- end }}
     {{- end }}
     {{- with .Values.extraVolumes }}
