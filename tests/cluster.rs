@@ -625,15 +625,7 @@ fn tls_replicas_verify_each_other_by_server_name_and_fetch_once() {
     let pki = write_cluster_pki(dir.path());
     let rt = runtime();
     rt.block_on(async {
-        let up = fake_upstream::FakeUpstream::start().await;
-        let layer = up.add_blob(Bytes::from(vec![7u8; 3 * 1024 * 1024]));
-        let config_blob = up.add_blob(Bytes::from_static(b"{}"));
-        up.add_image(
-            "library/tls",
-            "v1",
-            &config_blob,
-            std::slice::from_ref(&layer),
-        );
+        let (up, layer) = tls_upstream(7u8).await;
         let (replicas, addrs) = start_tls_replicas(dir.path(), &pki, &up.url(), Mtls::No).await;
         wait_tls_peers_verified(&replicas).await;
         pull_by_server_name_from_each_replica(&pki.ca_pem, &addrs, None).await;
@@ -642,6 +634,20 @@ fn tls_replicas_verify_each_other_by_server_name_and_fetch_once() {
             r.stop().await;
         }
     });
+}
+
+/// An upstream holding `library/tls:v1`, one 3 MiB layer of `byte`s; and the layer's digest.
+async fn tls_upstream(byte: u8) -> (fake_upstream::FakeUpstream, String) {
+    let up = fake_upstream::FakeUpstream::start().await;
+    let layer = up.add_blob(Bytes::from(vec![byte; 3 * 1024 * 1024]));
+    let config_blob = up.add_blob(Bytes::from_static(b"{}"));
+    up.add_image(
+        "library/tls",
+        "v1",
+        &config_blob,
+        std::slice::from_ref(&layer),
+    );
+    (up, layer)
 }
 
 /// The layer was fetched upstream once across the replicas, the others asking its owner
@@ -690,15 +696,7 @@ fn mtls_replicas_share_fills_with_the_cluster_client_certificate() {
     let pki = write_cluster_pki(dir.path());
     let rt = runtime();
     rt.block_on(async {
-        let up = fake_upstream::FakeUpstream::start().await;
-        let layer = up.add_blob(Bytes::from(vec![9u8; 3 * 1024 * 1024]));
-        let config_blob = up.add_blob(Bytes::from_static(b"{}"));
-        up.add_image(
-            "library/tls",
-            "v1",
-            &config_blob,
-            std::slice::from_ref(&layer),
-        );
+        let (up, layer) = tls_upstream(9u8).await;
         // Without the certificate: every peer probe is refused in the handshake.
         let without = dir.path().join("without");
         let (replicas, _) =
