@@ -61,6 +61,8 @@ pub struct Cluster {
     id: String,
     config: ClusterConfig,
     roots: Vec<reqwest::Certificate>,
+    /// The client certificate sent to peers (`client_cert`, `client_key`).
+    identity: Option<reqwest::Identity>,
     peers: RwLock<Vec<Arc<Peer>>>,
     /// The peers' addresses, so their requests are not rate-limited as a client's.
     peer_ips: RwLock<HashSet<IpAddr>>,
@@ -88,12 +90,21 @@ impl Cluster {
             }
             None => Vec::new(),
         };
+        let identity = match (&config.client_cert, &config.client_key) {
+            (Some(cert), Some(key)) => Some(
+                config
+                    .client_identity(cert, key)
+                    .map_err(|e| SetupError::new("cluster.client_cert", e))?,
+            ),
+            _ => None,
+        };
         let id = format!("{:032x}", rand::random::<u128>());
         metrics.enable_cluster();
         let mut cluster = Cluster {
             id,
             config: config.clone(),
             roots,
+            identity,
             peers: RwLock::new(Vec::new()),
             peer_ips: RwLock::new(HashSet::new()),
             probed: AtomicBool::new(false),
@@ -118,6 +129,9 @@ impl Cluster {
             .tcp_nodelay(true);
         for c in &self.roots {
             b = b.add_root_certificate(c.clone());
+        }
+        if let Some(id) = &self.identity {
+            b = b.identity(id.clone());
         }
         let mut target = base.to_owned();
         if let (Some(name), Ok(url)) = (&self.config.server_name, url::Url::parse(base))
@@ -350,6 +364,8 @@ mod tests {
             read_timeout: Duration::from_secs(1),
             ca_file: None,
             server_name: None,
+            client_cert: None,
+            client_key: None,
         };
         let c = Cluster::new(&config, Arc::new(Metrics::new())).unwrap();
         for p in c.snapshot() {

@@ -286,6 +286,32 @@ pub struct ClusterConfig {
     /// is checked against (and sent as SNI), e.g. the Service's name. Default: the address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
+    /// A client certificate (PEM, with `client_key`) sent on every request to a peer, for
+    /// replicas whose `[server.tls] client_ca` requires one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<PathBuf>,
+    /// The private key (PEM) of `client_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<PathBuf>,
+}
+
+impl ClusterConfig {
+    /// The client certificate and key sent to peers, read and parsed (errors name the key).
+    pub fn client_identity(
+        &self,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<reqwest::Identity, ConfigError> {
+        let mut pem = read_file("cluster.client_cert", cert)?;
+        pem.push(b'\n');
+        pem.extend(read_file("cluster.client_key", key)?);
+        reqwest::Identity::from_pem(&pem).map_err(|e| {
+            invalid(
+                "cluster.client_cert",
+                format!("{} with {}: {e}", cert.display(), key.display()),
+            )
+        })
+    }
 }
 
 /// `[cache.object_store]`: a shared bucket (S3, Azure Blob Storage or Google Cloud Storage)
@@ -716,6 +742,10 @@ pub struct CacheConfig {
     /// How long a tag → digest answer is trusted before it is revalidated upstream.
     #[serde(default = "default_tag_ttl", with = "human_duration")]
     pub tag_ttl: Duration,
+    /// How long upstream's 404 for a tag or manifest is remembered (per registry and
+    /// repository) and answered without asking again; `0s`: never.
+    #[serde(default = "default_negative_ttl", with = "human_duration")]
+    pub negative_ttl: Duration,
     /// A shared object store; the local disk becomes a bounded hot tier in front of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object_store: Option<ObjectStoreConfig>,
@@ -930,6 +960,9 @@ fn default_max_size() -> u64 {
 fn default_tag_ttl() -> Duration {
     Duration::from_secs(600)
 }
+fn default_negative_ttl() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
 }
@@ -985,6 +1018,7 @@ impl Default for CacheConfig {
             dir: default_cache_dir(),
             max_size: default_max_size(),
             tag_ttl: default_tag_ttl(),
+            negative_ttl: default_negative_ttl(),
             object_store: None,
         }
     }
@@ -1177,6 +1211,16 @@ impl Config {
             if cluster.probe_interval < Duration::from_millis(100) {
                 return Err(invalid("cluster.probe_interval", "must be at least 100ms"));
             }
+            if cluster.client_cert.is_some() != cluster.client_key.is_some() {
+                let key = match cluster.client_cert {
+                    Some(_) => "cluster.client_key",
+                    None => "cluster.client_cert",
+                };
+                return Err(invalid(
+                    key,
+                    "client_cert and client_key go together: give both or neither",
+                ));
+            }
         }
         Ok(())
     }
@@ -1264,8 +1308,13 @@ impl Config {
                 ));
             }
         }
-        if let Some(path) = self.cluster.as_ref().and_then(|c| c.ca_file.as_ref()) {
-            read_file("cluster.ca_file", path)?;
+        if let Some(cluster) = &self.cluster {
+            if let Some(path) = &cluster.ca_file {
+                read_file("cluster.ca_file", path)?;
+            }
+            if let (Some(cert), Some(key)) = (&cluster.client_cert, &cluster.client_key) {
+                cluster.client_identity(cert, key)?;
+            }
         }
         if let Some(path) = self.admin.as_ref().and_then(|a| a.token_file.as_ref())
             && String::from_utf8_lossy(&read_file("admin.token_file", path)?)

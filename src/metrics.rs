@@ -19,6 +19,8 @@ pub struct Metrics {
     pub upstream_ratelimit_remaining: IntGaugeVec,
     pub fills_in_flight: IntGauge,
     pub fill_failures: IntCounterVec,
+    pub fill_resumes: IntCounterVec,
+    pub upstream_failures: IntCounterVec,
     pub cache_size_bytes: IntGauge,
     pub cache_max_size_bytes: IntGauge,
     pub cache_blobs: IntGauge,
@@ -110,6 +112,31 @@ label_values! {
         UpstreamError => "upstream_error",
         Cancelled => "cancelled",
         Disk => "disk",
+    }
+}
+
+label_values! {
+    /// How one attempt to resume a fill whose stream broke ended, for
+    /// `berth_fill_resumes_total{result}`: `ok`, the rest of the blob is on its way; `failed`,
+    /// the request for it failed (the next attempt, if any, follows after a pause).
+    ResumeResult {
+        Ok => "ok",
+        Failed => "failed",
+    }
+}
+
+label_values! {
+    /// What went wrong with an upstream request, for `berth_upstream_failures_total{kind}`:
+    /// no connection; no answer (or no next byte of the body) within the timeout; the
+    /// connection reset or closed early; a 5xx or a 429 answer; a body that is not what it
+    /// should be (wrong digest or length, oversized, unparseable).
+    UpstreamFailure {
+        Connect => "connect",
+        Timeout => "timeout",
+        Reset => "reset",
+        Status5xx => "status_5xx",
+        Status429 => "status_429",
+        BadBody => "bad_body",
     }
 }
 
@@ -284,6 +311,18 @@ impl Metrics {
                 "Blob fills that did not end in the cache.",
                 &["registry", "reason"],
             ),
+            fill_resumes: counter(
+                &r,
+                "berth_fill_resumes_total",
+                "Attempts to resume a blob fill whose stream broke, by how they ended.",
+                &["registry", "result"],
+            ),
+            upstream_failures: counter(
+                &r,
+                "berth_upstream_failures_total",
+                "Upstream requests and bodies that failed, by kind.",
+                &["registry", "endpoint", "kind"],
+            ),
             cache_size_bytes: gauge(&r, "berth_cache_size_bytes", "Bytes of blobs in the cache."),
             cache_max_size_bytes: gauge(
                 &r,
@@ -378,12 +417,36 @@ impl Metrics {
         m
     }
 
-    /// Creates a configured registry's fill-failure series at 0.
+    /// Creates a configured registry's fill-failure and fill-resume series at 0.
     pub fn add_registry(&self, registry: &str) {
         for &reason in FillFailure::ALL {
             self.fill_failures
                 .with_label_values(&[registry, reason.as_str()]);
         }
+        for &result in ResumeResult::ALL {
+            self.fill_resumes
+                .with_label_values(&[registry, result.as_str()]);
+        }
+    }
+
+    /// Creates an endpoint's failure series at 0.
+    pub fn add_endpoint(&self, registry: &str, endpoint: &str) {
+        for &kind in UpstreamFailure::ALL {
+            self.upstream_failures
+                .with_label_values(&[registry, endpoint, kind.as_str()]);
+        }
+    }
+
+    pub fn record_resume(&self, registry: &str, result: ResumeResult) {
+        self.fill_resumes
+            .with_label_values(&[registry, result.as_str()])
+            .inc();
+    }
+
+    pub fn record_upstream_failure(&self, registry: &str, endpoint: &str, kind: UpstreamFailure) {
+        self.upstream_failures
+            .with_label_values(&[registry, endpoint, kind.as_str()])
+            .inc();
     }
 
     pub fn record_cache(&self, kind: RequestKind, result: CacheResult) {

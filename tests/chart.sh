@@ -137,7 +137,7 @@ expect_of() {
     shared-cache-gcs-key) echo --expect-cluster-dns "$peers_dns" --expect-object-store-secret berth-gcs ;;
     cluster-off) echo --expect-no-cluster ;;
     cluster-forced) echo --expect-cluster-dns "$peers_dns" ;;
-    cluster-tls) echo --expect-cluster-dns https://berth-headless.berth.svc.cluster.local:5000 ;;
+    cluster-tls | cluster-mtls) echo --expect-cluster-dns https://berth-headless.berth.svc.cluster.local:5000 ;;
     esac
 }
 
@@ -264,6 +264,15 @@ run "cluster-tls: peers checked against the Service's name and the Secret's ca.c
     has_lines "$out/cluster-tls.toml" '^server_name = "berth.berth.svc.cluster.local"$' \
     '^ca_file = "/etc/berth/tls/ca.crt"$'
 run "cluster-tls: the Secret's ca.crt is mounted" grep -q 'path: ca.crt' "$out/cluster-tls.yaml"
+# Clients need certificates: the replicas send the cluster's client certificate to each other.
+render cluster-mtls -f "$future" --set replicaCount=3 --set tls.clientCaSecret=berth-client-ca \
+    --set cluster.clientCertSecret=berth-peer-tls
+run "cluster-mtls: client_ca, and the peers' client_cert and client_key" \
+    has_lines "$out/cluster-mtls.toml" '^client_ca = "/etc/berth/client-ca/ca.crt"$' \
+    '^client_cert = "/etc/berth/cluster-tls/tls.crt"$' '^client_key = "/etc/berth/cluster-tls/tls.key"$'
+run "cluster-mtls: both Secrets mounted" \
+    has_lines "$out/cluster-mtls.yaml" 'secretName: berth-client-ca$' 'secretName: berth-peer-tls$' \
+    'mountPath: /etc/berth/client-ca$' 'mountPath: /etc/berth/cluster-tls$'
 
 # Hosted registries, webhooks and the admin token (ci/hosted): rendered into berth.toml, the
 # secrets only as files of the Secrets named, egress to the webhook's port.
@@ -392,6 +401,9 @@ refuse "an objectStore.region on a gs:// url" "objectStore.region is for s3:// U
 refuse "an inline Azure account key (schema: keys only via existingSecret)" "additional properties .accountKey. not allowed" --set objectStore.url=az://c --set objectStore.accountKey=hunter2
 refuse "cluster.enabled=maybe (schema)" "/cluster/enabled" --set cluster.enabled=maybe
 refuse "tls.enabled without a Secret" "tls.existingSecret" --set tls.enabled=true
+refuse "tls.clientCaSecret with a cluster but no cluster.clientCertSecret" "needs cluster.clientCertSecret" \
+    -f "$future" --set replicaCount=3 --set tls.clientCaSecret=berth-client-ca
+refuse "cluster.clientCertSecret without tls.enabled" "need tls.enabled" --set cluster.clientCertSecret=berth-peer-tls
 refuse "nodeConfig.target=nodePort without a node port" "nodePort" --set nodeConfig.enabled=true --set nodeConfig.target=nodePort
 hosted=(--set 'config.hosted[0].name=local')
 refuse "hosted without persistence (an emptyDir would lose pushed images)" "config.hosted needs persistence.enabled" "${hosted[@]}" --set persistence.enabled=false

@@ -800,47 +800,130 @@ fn tls_replicas_verify_each_other_by_server_name_and_fetch_once() {
     let pki = write_cluster_pki(dir.path());
     let rt = runtime();
     rt.block_on(async {
-        let up = fake_upstream::FakeUpstream::start().await;
-        let layer = up.add_blob(Bytes::from(vec![7u8; 3 * 1024 * 1024]));
-        let config_blob = up.add_blob(Bytes::from_static(b"{}"));
-        up.add_image(
-            "library/tls",
-            "v1",
-            &config_blob,
-            std::slice::from_ref(&layer),
-        );
-        let (replicas, addrs) = start_tls_replicas(dir.path(), &pki, &up.url()).await;
+        let (up, layer) = tls_upstream(7u8).await;
+        let (replicas, addrs) = start_tls_replicas(dir.path(), &pki, &up.url(), Mtls::No).await;
         wait_tls_peers_verified(&replicas).await;
-        pull_by_server_name_from_each_replica(&pki.ca_pem, &addrs).await;
-        assert_eq!(
-            up.count(&format!("GET /v2/library/tls/blobs/{layer}")),
-            1,
-            "one upstream GET across the TLS replicas"
-        );
-        let asked: u64 = replicas
-            .iter()
-            .map(|r| {
-                r.running()
-                    .metrics
-                    .peer_requests
-                    .with_label_values(&["ok"])
-                    .get()
-            })
-            .sum();
-        assert!(asked >= 1, "non-owners asked the owner over TLS");
+        pull_by_server_name_from_each_replica(&pki.ca_pem, &addrs, None).await;
+        filled_once_by_the_owner(&up, &layer, &replicas, "TLS");
         for r in replicas {
             r.stop().await;
         }
     });
 }
 
-/// A cluster CA and a certificate (with its key) issued by it for `berth.test` only, written
-/// under `dir`.
+/// An upstream holding `library/tls:v1`, one 3 MiB layer of `byte`s; and the layer's digest.
+async fn tls_upstream(byte: u8) -> (fake_upstream::FakeUpstream, String) {
+    let up = fake_upstream::FakeUpstream::start().await;
+    let layer = up.add_blob(Bytes::from(vec![byte; 3 * 1024 * 1024]));
+    let config_blob = up.add_blob(Bytes::from_static(b"{}"));
+    up.add_image(
+        "library/tls",
+        "v1",
+        &config_blob,
+        std::slice::from_ref(&layer),
+    );
+    (up, layer)
+}
+
+/// The layer was fetched upstream once across the replicas, the others asking its owner
+/// (`how`: over what); returns the peer requests the owner answered.
+fn filled_once_by_the_owner(
+    up: &fake_upstream::FakeUpstream,
+    layer: &str,
+    replicas: &[support::InProc],
+    how: &str,
+) -> u64 {
+    assert_eq!(
+        up.count(&format!("GET /v2/library/tls/blobs/{layer}")),
+        1,
+        "one upstream GET across the {how} replicas"
+    );
+    let asked: u64 = replicas
+        .iter()
+        .map(|r| {
+            r.running()
+                .metrics
+                .peer_requests
+                .with_label_values(&["ok"])
+                .get()
+        })
+        .sum();
+    assert!(asked >= 1, "non-owners asked the owner over {how}");
+    asked
+}
+
+/// Replicas that need client certificates (`[server.tls] client_ca`) see their peers with
+/// one ([`Mtls::Peers`]: `[cluster] client_cert` and `client_key`), without, or do not ask.
+#[derive(Clone, Copy, PartialEq)]
+enum Mtls {
+    No,
+    Peers,
+    PeersWithoutCertificate,
+}
+
+/// With `[server.tls] client_ca`, replicas fetch from each other with `[cluster] client_cert`
+/// and `client_key`: three mTLS replicas share fills as the TLS ones do (one upstream GET),
+/// a client without a certificate is refused. Without the cluster's client certificate the
+/// replicas cannot reach each other at all.
+#[test]
+fn mtls_replicas_share_fills_with_the_cluster_client_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = write_cluster_pki(dir.path());
+    let rt = runtime();
+    rt.block_on(async {
+        let (up, layer) = tls_upstream(9u8).await;
+        // Without the certificate: every peer probe is refused in the handshake.
+        let without = dir.path().join("without");
+        let (replicas, _) =
+            start_tls_replicas(&without, &pki, &up.url(), Mtls::PeersWithoutCertificate).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let seen: Vec<i64> = replicas
+            .iter()
+            .map(|r| r.running().metrics.peers_up.get())
+            .collect();
+        assert!(
+            seen.iter().all(|&n| n <= 1),
+            "replicas without a client certificate reached their mTLS peers: {seen:?}"
+        );
+        for r in replicas {
+            r.stop().await;
+        }
+
+        let (replicas, addrs) = start_tls_replicas(dir.path(), &pki, &up.url(), Mtls::Peers).await;
+        wait_tls_peers_verified(&replicas).await;
+        let anonymous = reqwest::Client::builder()
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).expect("ca"),
+            )
+            .resolve("berth.test", addrs[0])
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("client");
+        let refused = anonymous
+            .get(format!("https://berth.test:{}/v2/", addrs[0].port()))
+            .send()
+            .await;
+        assert!(refused.is_err(), "a client without a certificate was served");
+        pull_by_server_name_from_each_replica(&pki.ca_pem, &addrs, Some(&pki.client_pem)).await;
+        let asked = filled_once_by_the_owner(&up, &layer, &replicas, "mTLS");
+        println!("[mtls] 9 pulls over 3 mTLS replicas: 1 upstream blob GET, {asked} peer requests answered");
+        for r in replicas {
+            r.stop().await;
+        }
+    });
+}
+
+/// A cluster CA, a certificate (with its key) issued by it for `berth.test` only, and a
+/// client certificate for the replicas, written under `dir`.
 struct ClusterPki {
     ca_pem: String,
     ca_path: std::path::PathBuf,
     cert_path: std::path::PathBuf,
     key_path: std::path::PathBuf,
+    client_cert_path: std::path::PathBuf,
+    client_key_path: std::path::PathBuf,
+    /// The client certificate and its key, for a test client.
+    client_pem: String,
 }
 
 fn write_cluster_pki(dir: &std::path::Path) -> ClusterPki {
@@ -860,22 +943,47 @@ fn write_cluster_pki(dir: &std::path::Path) -> ClusterPki {
     std::fs::write(&ca_path, ca.pem()).expect("write");
     std::fs::write(&cert_path, cert.pem()).expect("write");
     std::fs::write(&key_path, key.serialize_pem()).expect("write");
+    let client_key = KeyPair::generate().expect("key");
+    let client = CertificateParams::new(vec!["berth-replica".to_owned()])
+        .expect("params")
+        .signed_by(&client_key, &ca)
+        .expect("client cert");
+    let (client_cert_path, client_key_path) = (dir.join("client.crt"), dir.join("client.key"));
+    std::fs::write(&client_cert_path, client.pem()).expect("write");
+    std::fs::write(&client_key_path, client_key.serialize_pem()).expect("write");
     ClusterPki {
         ca_pem: ca.pem(),
         ca_path,
         cert_path,
         key_path,
+        client_cert_path,
+        client_key_path,
+        client_pem: format!("{}{}", client.pem(), client_key.serialize_pem()),
     }
 }
 
 /// Three in-process replicas serving TLS with `pki`'s certificate, peers of each other by
-/// IP (`https://127.0.0.1:…`) with `server_name = "berth.test"`, before `upstream`; returns
-/// them with their addresses.
+/// IP (`https://127.0.0.1:…`) with `server_name = "berth.test"`, before `upstream`, needing
+/// client certificates as `mtls` says; returns them with their addresses.
 async fn start_tls_replicas(
     dir: &std::path::Path,
     pki: &ClusterPki,
     upstream: &str,
+    mtls: Mtls,
 ) -> (Vec<support::InProc>, Vec<std::net::SocketAddr>) {
+    let ca = pki.ca_path.display();
+    let client_ca = match mtls {
+        Mtls::No => String::new(),
+        _ => format!("client_ca = \"{ca}\"\n"),
+    };
+    let client_cert = match mtls {
+        Mtls::Peers => format!(
+            "client_cert = \"{}\"\nclient_key = \"{}\"\n",
+            pki.client_cert_path.display(),
+            pki.client_key_path.display()
+        ),
+        _ => String::new(),
+    };
     let listeners =
         futures_util::future::join_all((0..3).map(|_| support::loopback_listener())).await;
     let addrs: Vec<_> = listeners
@@ -894,14 +1002,14 @@ shutdown_grace = "1s"
 [server.tls]
 cert = "{cert}"
 key = "{key}"
-[cache]
+{client_ca}[cache]
 dir = "{cache}"
 [cluster]
 peers = [{peers}]
 server_name = "berth.test"
 ca_file = "{ca}"
 probe_interval = "200ms"
-[[registry]]
+{client_cert}[[registry]]
 name = "docker.io"
 default = true
 endpoints = ["{upstream}"]
@@ -912,7 +1020,6 @@ endpoints = ["{upstream}"]
             key = pki.key_path.display(),
             cache = dir.join(format!("c{i}")).display(),
             peers = peers.join(", "),
-            ca = pki.ca_path.display(),
             upstream = upstream,
         );
         replicas.push(support::InProc::start_on(&text, listener, admin).await);
@@ -937,14 +1044,21 @@ async fn wait_tls_peers_verified(replicas: &[support::InProc]) {
 
 /// Nine concurrent pulls of `library/tls:v1`, three to each replica, by the name
 /// `berth.test` and verified against the cluster CA.
-async fn pull_by_server_name_from_each_replica(ca_pem: &str, addrs: &[std::net::SocketAddr]) {
+async fn pull_by_server_name_from_each_replica(
+    ca_pem: &str,
+    addrs: &[std::net::SocketAddr],
+    identity: Option<&str>,
+) {
     let ca_cert = reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("ca");
     let pulls = (0..9).map(|i| {
-        let client = reqwest::Client::builder()
+        let mut b = reqwest::Client::builder()
             .add_root_certificate(ca_cert.clone())
             .resolve("berth.test", addrs[i % 3])
-            .build()
-            .expect("client");
+            .timeout(Duration::from_secs(30));
+        if let Some(pem) = identity {
+            b = b.identity(reqwest::Identity::from_pem(pem.as_bytes()).expect("identity"));
+        }
+        let client = b.build().expect("client");
         let port = addrs[i % 3].port();
         async move {
             pull(

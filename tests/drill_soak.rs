@@ -505,3 +505,306 @@ impl Rng {
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 }
+
+/// Clients of the cycling soak.
+const CYCLE_CLIENTS: usize = 64;
+/// Images of the cycling soak: each a config, one of [`BASE_LAYERS`] shared base layers and a
+/// layer of its own.
+const IMAGES: usize = 200;
+const BASE_LAYERS: usize = 20;
+
+/// The soak a person runs (not in CI; `benches/soak.sh` runs it): 64 clients pull 200 images
+/// (manifest, config, two layers each, every body verified) through berth while the upstream
+/// cycles through hang, mid-body resets, 429, 503 and healthy, a phase each `SOAK_PHASE_SECS`
+/// (default 3), for `SOAK_SECS` (default 60, at most 1800). Prints the outcomes, p50/p99
+/// latencies, berth's peak RSS, resumes and upstream failures by kind; fails on a corrupt
+/// body, a panic, or an image not served whole once the upstream is healthy again.
+#[test]
+#[ignore = "a soak a person runs: benches/soak.sh (SOAK_SECS)"]
+fn soak_cycling_upstream() {
+    run_drill(async {
+        let secs = env_secs("SOAK_SECS", 60, 10, 1800);
+        let phase = Duration::from_secs(env_secs("SOAK_PHASE_SECS", 3, 1, 60));
+        let up = FakeUpstream::start().await;
+        let images = Arc::new(seed_images(&up));
+        let work = tempfile::Builder::new()
+            .prefix("drill-soak-cycle-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let cache = work.path().join("cache");
+        let toml = support::berth_config_with(
+            &up.url(),
+            &cache,
+            "32MiB",
+            "connect_timeout = \"1s\"\nread_timeout = \"2s\"\nrevalidate_timeout = \"500ms\"",
+        )
+        .replace("tag_ttl = \"10m\"", "tag_ttl = \"5s\"");
+        let berth = Berth::start(&toml);
+        let pid = berth.pid().expect("berth pid");
+        let soak = Duration::from_secs(secs);
+        println!(
+            "[soak-cycle] {CYCLE_CLIENTS} clients for {soak:?}, {IMAGES} images ({} blobs, {:.1} MiB), max_size 32 MiB (blobs evicted and filled again throughout), tag_ttl 5 s; upstream phases of {phase:?}: hang, reset mid-body, 429, 503, healthy",
+            images.blobs,
+            images.bytes as f64 / MIB as f64
+        );
+        let memory = MemorySampler::start(pid);
+        let started = Instant::now();
+        let deadline = started + soak;
+        let cycler = tokio::spawn(cycle_upstream(up.state.clone(), phase, deadline));
+        let c = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(CYCLE_CLIENTS)
+            .no_proxy()
+            .build()
+            .expect("client");
+        let hard_stop = tokio::time::Instant::from_std(deadline + Duration::from_secs(10));
+        let tasks: Vec<_> = (0..CYCLE_CLIENTS)
+            .map(|t| {
+                let (c, base, images) = (c.clone(), berth.url(), images.clone());
+                tokio::spawn(puller(t, c, base, images, deadline, hard_stop))
+            })
+            .collect();
+        let mut all = Pulls::default();
+        for t in tasks {
+            let joined = tokio::time::timeout(soak + Duration::from_secs(60), t).await;
+            all.merge(joined.expect("a client ended").expect("client task"));
+        }
+        let phases = cycler.await.unwrap_or_default();
+        let soaked = started.elapsed();
+        // Healthy again: every image is served whole.
+        *up.state.behaviour.lock().expect("lock") = Some(Behaviour::Normal);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut after = Pulls::default();
+        for i in 0..IMAGES {
+            pull_image(&c, &berth.url(), &images.repos[i], &mut after).await;
+        }
+        let (peak_rss, hwm, rss_end) = memory.stop().await;
+        let m = http_get_text(berth.admin_addr(), "/metrics").unwrap_or_default();
+        let logs = berth.logs();
+        all.print("soak-cycle", soaked);
+        after.print("soak-cycle after (upstream healthy)", Duration::ZERO);
+        println!(
+            "[soak-cycle] upstream phases run: {phases}; berth peak VmRSS={:.1} MiB, VmHWM={:.1} MiB, at end={:.1} MiB; panics in log={}",
+            peak_rss as f64 / 1024.0,
+            hwm as f64 / 1024.0,
+            rss_end as f64 / 1024.0,
+            logs.matches("panicked").count()
+        );
+        println!(
+            "{}",
+            metric_lines(
+                &m,
+                &[
+                    "berth_fill_resumes_total",
+                    "berth_upstream_failures_total",
+                    "berth_fill_failures_total",
+                    "berth_cache_requests_total{kind=",
+                    "berth_cache_evictions_total",
+                ]
+            )
+        );
+        assert_eq!(all.tally.corrupt + after.tally.corrupt, 0, "corrupt bodies");
+        assert!(!logs.contains("panicked"), "berth panicked during the soak");
+        assert!(
+            all.tally.count("verified") > 0,
+            "nothing was served during the soak"
+        );
+        assert_eq!(
+            after.tally.count("verified"),
+            after.tally.requests,
+            "after the soak, with the upstream healthy, every image is served whole: {:?}",
+            after.tally.samples
+        );
+        assert!(
+            hwm.max(peak_rss) < 512 * 1024,
+            "berth's peak RSS {} KiB is over 512 MiB",
+            hwm.max(peak_rss)
+        );
+        drop(berth);
+        drop(work);
+    });
+}
+
+fn env_secs(name: &str, default: u64, min: u64, max: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+        .clamp(min, max)
+}
+
+/// The images of the cycling soak.
+struct Images {
+    repos: Vec<String>,
+    blobs: usize,
+    bytes: u64,
+}
+
+fn seed_images(up: &FakeUpstream) -> Images {
+    let mut bytes = 0u64;
+    let mut layer = |i: usize| {
+        // 32 KiB to about 768 KiB.
+        let size = 32 * KIB + (i * 7919) % (736 * KIB);
+        bytes += size as u64;
+        up.add_blob(random_bytes(size))
+    };
+    let base: Vec<String> = (0..BASE_LAYERS).map(&mut layer).collect();
+    let repos: Vec<String> = (0..IMAGES)
+        .map(|i| {
+            let repo = format!("soak/img{i:03}");
+            let own = layer(BASE_LAYERS + i);
+            let config = up.add_blob(Bytes::from(format!(r#"{{"os":"linux","image":{i}}}"#)));
+            up.add_image(&repo, "v1", &config, &[base[i % BASE_LAYERS].clone(), own]);
+            repo
+        })
+        .collect();
+    Images {
+        repos,
+        blobs: BASE_LAYERS + 2 * IMAGES,
+        bytes,
+    }
+}
+
+/// Sets the upstream's behaviour to each phase in turn until `deadline`; returns how many
+/// phases ran.
+async fn cycle_upstream(
+    state: Arc<fake_upstream::State>,
+    phase: Duration,
+    deadline: Instant,
+) -> usize {
+    let phases = [
+        Behaviour::Hang,
+        Behaviour::ResetAfter {
+            bytes: 192 * KIB,
+            times: usize::MAX,
+        },
+        Behaviour::Status(429),
+        Behaviour::Status(503),
+        Behaviour::Normal,
+    ];
+    let mut n = 0;
+    while Instant::now() < deadline {
+        let b = phases[n % phases.len()].clone();
+        state.resets.store(0, Ordering::Relaxed);
+        *state.behaviour.lock().expect("lock") = Some(b);
+        n += 1;
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(phase.min(left)).await;
+    }
+    *state.behaviour.lock().expect("lock") = Some(Behaviour::Normal);
+    n
+}
+
+/// What pulling clients saw: outcomes and latencies (seconds) of manifests and blobs.
+#[derive(Default)]
+struct Pulls {
+    tally: Tally,
+    manifest_secs: Vec<f64>,
+    blob_secs: Vec<f64>,
+    images_whole: usize,
+    unfinished: usize,
+}
+
+impl Pulls {
+    fn merge(&mut self, other: Pulls) {
+        self.tally.merge(&other.tally);
+        self.manifest_secs.extend(other.manifest_secs);
+        self.blob_secs.extend(other.blob_secs);
+        self.images_whole += other.images_whole;
+        self.unfinished += other.unfinished;
+    }
+
+    fn print(&self, what: &str, took: Duration) {
+        self.tally.print(what);
+        self.tally.print_samples(what);
+        println!(
+            "[{what}] images pulled whole={} requests dropped at the end={}; manifest latency p50={:.3}s p99={:.3}s max={:.3}s; blob latency p50={:.3}s p99={:.3}s max={:.3}s{}",
+            self.images_whole,
+            self.unfinished,
+            percentile(&self.manifest_secs, 0.50),
+            percentile(&self.manifest_secs, 0.99),
+            percentile(&self.manifest_secs, 1.0),
+            percentile(&self.blob_secs, 0.50),
+            percentile(&self.blob_secs, 0.99),
+            percentile(&self.blob_secs, 1.0),
+            if took.is_zero() {
+                String::new()
+            } else {
+                format!(
+                    "; {:.0} requests/s, {:.1} MiB/s to clients",
+                    self.tally.requests as f64 / took.as_secs_f64(),
+                    self.tally.bytes as f64 / MIB as f64 / took.as_secs_f64()
+                )
+            }
+        );
+    }
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let i = ((s.len() as f64 * p).ceil() as usize).clamp(1, s.len()) - 1;
+    s[i]
+}
+
+/// One image pulled as a client does: the manifest, then its config and layers, each body
+/// verified. A failed manifest ends the pull.
+async fn pull_image(c: &reqwest::Client, base: &str, repo: &str, out: &mut Pulls) {
+    let t = Instant::now();
+    let (got, body) = fetch(c, &format!("{base}/v2/{repo}/manifests/v1")).await;
+    out.manifest_secs.push(t.elapsed().as_secs_f64());
+    out.tally.record(&got);
+    if !got.is_verified() {
+        return;
+    }
+    let Ok(manifest) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        out.tally.corrupt += 1;
+        return;
+    };
+    let digests: Vec<String> = std::iter::once(&manifest["config"])
+        .chain(manifest["layers"].as_array().into_iter().flatten())
+        .filter_map(|d| d["digest"].as_str().map(str::to_owned))
+        .collect();
+    let mut whole = digests.len() == 3;
+    for d in &digests {
+        let t = Instant::now();
+        let got = fetch_blob(c, &format!("{base}/v2/{repo}/blobs/{d}"), d).await;
+        out.blob_secs.push(t.elapsed().as_secs_f64());
+        out.tally.record(&got);
+        whole &= got.is_verified();
+    }
+    out.images_whole += usize::from(whole);
+}
+
+async fn puller(
+    t: usize,
+    c: reqwest::Client,
+    base: String,
+    images: Arc<Images>,
+    deadline: Instant,
+    hard_stop: tokio::time::Instant,
+) -> Pulls {
+    let mut out = Pulls::default();
+    let mut rng = Rng(0x51ed_270b_2774_1f6d ^ (t as u64 + 1).wrapping_mul(0x1000_0001));
+    let mut n = 0usize;
+    while Instant::now() < deadline && n < 100_000 {
+        n += 1;
+        let repo = &images.repos[(rng.next() % IMAGES as u64) as usize];
+        let (requests, verified) = (out.tally.requests, out.tally.count("verified"));
+        if tokio::time::timeout_at(hard_stop, pull_image(&c, &base, repo, &mut out))
+            .await
+            .is_err()
+        {
+            out.unfinished += 1;
+            break;
+        }
+        if out.tally.count("verified") - verified < out.tally.requests - requests {
+            // A real client backs off a little before retrying.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    out
+}

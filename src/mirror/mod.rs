@@ -24,6 +24,7 @@ use crate::cache::{
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::{ErrorCode, RegistryError, SetupError};
+use crate::metrics::UpstreamFailure;
 use crate::metrics::{CacheResult, Metrics};
 use crate::oci::{
     self, Digest, Hasher, MANIFEST_MEDIA_TYPES, Reference, Tag, accepts_media_type,
@@ -31,7 +32,7 @@ use crate::oci::{
 };
 use crate::route::Target;
 use crate::upstream::policy::OutboundPolicy;
-use crate::upstream::{Upstream, UpstreamError, UpstreamPath, Urgency, read_limited};
+use crate::upstream::{Upstream, UpstreamError, UpstreamPath, Urgency, endpoint_of};
 
 /// Registries refuse manifests larger than this; so does berth.
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
@@ -80,6 +81,9 @@ struct Core {
     /// such clients cost one upstream GET per tag and set of types per TTL, not one each.
     negotiated: moka::sync::Cache<(Target, Tag, u8), Arc<Negotiated>>,
     shared: Option<Arc<SharedStore>>,
+    /// Tags and manifests upstream answered 404 for (by reference, as written), remembered for
+    /// `negative_ttl` and answered 404 without asking upstream again. None: `0s`.
+    missing: Option<moka::sync::Cache<(Target, String), ()>>,
     /// Tags being revalidated, with when the request that started it stops waiting for it:
     /// past that, the revalidation is in the background and the tag's requests are answered
     /// from the cache at once. An entry lives as long as its revalidation.
@@ -286,6 +290,17 @@ impl Mirror {
                 )
                 .build(),
             shared,
+            missing: (!config.cache.negative_ttl.is_zero()).then(|| {
+                moka::sync::Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(
+                        config
+                            .cache
+                            .negative_ttl
+                            .min(Duration::from_secs(100 * 365 * 86_400)),
+                    )
+                    .build()
+            }),
             revalidating: Arc::new(Mutex::new(HashMap::new())),
         };
         Ok(Mirror {
@@ -377,10 +392,13 @@ impl Mirror {
         if let Some(m) = self.core.manifests.get(&t.registry, &t.repo, d) {
             return Ok((m, CacheResult::Hit));
         }
+        let reference = d.to_string();
+        self.core.not_missing(t, &reference)?;
         let _guard = self.lock(LockKey::Digest(t.clone(), d.clone())).await;
         if let Some(m) = self.core.manifests.get(&t.registry, &t.repo, d) {
             return Ok((m, CacheResult::Coalesced));
         }
+        self.core.not_missing(t, &reference)?;
         if let Some(m) = self.core.shared_manifest(t, d).await {
             return Ok((m, CacheResult::Hit));
         }
@@ -390,6 +408,7 @@ impl Mirror {
             .await
             .map_err(|e| match e {
                 FetchError::Upstream(e) => {
+                    self.core.remember_missing(t, &reference, &e);
                     upstream_error(&e, Kind::Manifest, &format!("manifest {d}"))
                 }
                 FetchError::Unservable(mt) => RegistryError::new(
@@ -434,6 +453,7 @@ impl Mirror {
         if let Some(answer) = self.negotiated(t, tag, accept) {
             return answer;
         }
+        self.core.not_missing(t, tag.as_str())?;
         let deadline = tokio::time::Instant::now() + self.core.revalidate_timeout(&t.registry);
         let lock = self.lock(LockKey::Tag(t.clone(), tag.clone()));
         let guard = match stale {
@@ -451,10 +471,12 @@ impl Mirror {
             None => lock.await,
         };
         let state = self.tag_state(t, tag, accept);
-        if !matches!(state, TagState::Fresh(_))
-            && let Some(answer) = self.negotiated(t, tag, accept)
-        {
-            return answer;
+        if !matches!(state, TagState::Fresh(_)) {
+            if let Some(answer) = self.negotiated(t, tag, accept) {
+                return answer;
+            }
+            // Another request may have been told 404 while this one waited for the lock.
+            self.core.not_missing(t, tag.as_str())?;
         }
         match self.newer_shared_tag(t, tag, accept, state).await {
             TagState::Fresh(m) => Ok((m, CacheResult::Hit)),
@@ -720,7 +742,7 @@ impl Mirror {
             )
             .await
             .map_err(|e| upstream_error(&e, Kind::Tags, &what))?;
-        read_limited(resp, MAX_TAGS_BYTES)
+        up.read_body(resp, MAX_TAGS_BYTES)
             .await
             .map_err(|e| upstream_error(&e, Kind::Tags, &what))
     }
@@ -780,8 +802,41 @@ impl Core {
             .is_some_and(|deadline| *deadline <= tokio::time::Instant::now())
     }
 
+    /// Err(404) while upstream's 404 for `reference` of `t` is remembered (`negative_ttl`).
+    fn not_missing(&self, t: &Target, reference: &str) -> Result<(), RegistryError> {
+        let Some(missing) = &self.missing else {
+            return Ok(());
+        };
+        if !missing.contains_key(&(t.clone(), reference.to_owned())) {
+            return Ok(());
+        }
+        tracing::debug!(registry = %t.registry, repository = %t.repo, reference, "upstream answered 404 within negative_ttl: answering 404 again");
+        let not_found = UpstreamError::Status {
+            status: StatusCode::NOT_FOUND,
+            retry_after: None,
+        };
+        let what = if reference.contains(':') {
+            format!("manifest {reference}")
+        } else {
+            format!("manifest {}:{reference}", t.repo)
+        };
+        Err(upstream_error(&not_found, Kind::Manifest, &what))
+    }
+
+    /// Remembers upstream's 404 for `reference` of `t` (a tag or digest) for `negative_ttl`.
+    fn remember_missing(&self, t: &Target, reference: &str, e: &UpstreamError) {
+        if let (Some(missing), UpstreamError::Status { status, .. }) = (&self.missing, e)
+            && *status == StatusCode::NOT_FOUND
+        {
+            missing.insert((t.clone(), reference.to_owned()), ());
+        }
+    }
+
     /// Stores a tag record here and in the shared store.
     fn record_tag(&self, t: &Target, tag: &Tag, rec: TagRecord) {
+        if let Some(missing) = &self.missing {
+            missing.invalidate(&(t.clone(), tag.as_str().to_owned()));
+        }
         if let Some(shared) = &self.shared {
             shared.put_tag(&t.registry, &t.repo, tag, &rec);
         }
@@ -924,6 +979,7 @@ impl Core {
                 ..
             }
         );
+        self.remember_missing(t, tag.as_str(), e);
         match stale {
             Some(m) if !gone => {
                 tracing::warn!(registry = %t.registry, repository = %t.repo, tag = %tag, error = %e, "upstream failed: serving the cached manifest (stale)");
@@ -984,7 +1040,12 @@ impl Core {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<Digest>().ok());
-        let body = read_limited(resp, MAX_MANIFEST_BYTES)
+        let up = self
+            .upstream(&t.registry)
+            .map_err(|e| FetchError::Upstream(UpstreamError::Invalid(e.message)))?;
+        let endpoint = endpoint_of(&resp);
+        let body = up
+            .read_body(resp, MAX_MANIFEST_BYTES)
             .await
             .map_err(FetchError::Upstream)?;
         self.metrics
@@ -1009,6 +1070,11 @@ impl Core {
                     return Err(FetchError::Unservable(mt.to_owned()));
                 }
                 tracing::error!(registry = %t.registry, repository = %t.repo, reference = ?path, claimed = %claimed, actual = %digest, "upstream manifest does not match its digest; discarded");
+                up.record_failure(
+                    &endpoint,
+                    UpstreamFailure::BadBody,
+                    "manifest does not match its digest",
+                );
                 return Err(FetchError::Upstream(UpstreamError::Invalid(format!(
                     "manifest bytes hash to {digest}, not {claimed}"
                 ))));

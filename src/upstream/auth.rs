@@ -197,6 +197,13 @@ impl TokenCache {
             .map(|(t, _)| t.clone())
     }
 
+    /// Drops the token for (realm, service, scope): upstream refused it (it expired early, or
+    /// was revoked), so the next request fetches a new one.
+    pub fn remove(&self, realm: &str, service: Option<&str>, scope: &str) {
+        let key = TokenKey::new(realm, service, scope);
+        self.tokens.lock().remove(&key);
+    }
+
     pub fn put(
         &self,
         realm: &str,
@@ -332,6 +339,8 @@ mod tests {
             Some("t1")
         );
         assert_eq!(c.get("r", Some("s"), "repository:b:pull"), None);
+        c.remove("r", Some("s"), "repository:a:pull");
+        assert_eq!(c.get("r", Some("s"), "repository:a:pull"), None);
         c.put("r", None, "x", "t2".into(), Duration::from_secs(5));
         // A token shorter-lived than the renewal margin is not reused.
         assert_eq!(c.get("r", None, "x"), None);

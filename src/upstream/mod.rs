@@ -18,7 +18,7 @@ use reqwest::Url;
 
 use crate::config::{EndpointConfig, RegistryConfig, Secret};
 use crate::error::SetupError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UpstreamFailure};
 use crate::oci::{Digest, RepoName, Tag};
 use auth::{Challenge, TokenCache, TokenResponse, parse_challenge, realm_gets_credentials};
 use endpoints::{Endpoint, Endpoints};
@@ -60,6 +60,30 @@ pub(crate) enum UpstreamError {
     /// the request was not sent.
     #[error("upstream request budget exhausted")]
     Budget { retry_after: u64 },
+}
+
+/// The configured endpoint (its base URL) that answered a response, kept in the response's
+/// extensions: the label of its metrics, whatever URL a redirect led to.
+#[derive(Clone)]
+struct AnsweredBy(String);
+
+/// The configured endpoint that answered `resp` ("" for a response berth did not send).
+pub(crate) fn endpoint_of(resp: &reqwest::Response) -> String {
+    resp.extensions()
+        .get::<AnsweredBy>()
+        .map(|a| a.0.clone())
+        .unwrap_or_default()
+}
+
+/// The kind of failure of a request or body read that got no (complete) answer.
+pub(crate) fn failure_kind(e: &reqwest::Error) -> UpstreamFailure {
+    if e.is_timeout() {
+        UpstreamFailure::Timeout
+    } else if e.is_connect() {
+        UpstreamFailure::Connect
+    } else {
+        UpstreamFailure::Reset
+    }
 }
 
 /// Whether a request may wait for the upstream budget.
@@ -289,6 +313,7 @@ impl Upstream {
                 .upstream_up
                 .with_label_values(&[&cfg.name, &e.base])
                 .set(1);
+            metrics.add_endpoint(&cfg.name, &e.base);
         }
         let rate = cfg.max_requests_per_second;
         let budget = (rate > 0.0)
@@ -422,6 +447,70 @@ impl Upstream {
         from: u64,
         urgency: Urgency,
     ) -> Result<reqwest::Response, UpstreamError> {
+        self.send_ordered(method, repo, path, accept, from, urgency, None)
+            .await
+    }
+
+    /// A GET of the rest of a blob, from byte `from` on, for a fill whose stream from the
+    /// endpoint `broke` broke: the registry's other endpoints are asked first, that one last
+    /// (with one endpoint: that one again).
+    pub(crate) async fn resume_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        from: u64,
+        broke: &str,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let path = UpstreamPath::Blob(digest);
+        self.send_ordered(
+            Method::GET,
+            repo,
+            path,
+            None,
+            from,
+            Urgency::Fetch,
+            Some(broke),
+        )
+        .await
+    }
+
+    /// Counts and logs a failure of an upstream request or body at `endpoint` (a configured
+    /// endpoint's base).
+    pub(crate) fn record_failure(&self, endpoint: &str, kind: UpstreamFailure, detail: &str) {
+        self.metrics
+            .record_upstream_failure(&self.name, endpoint, kind);
+        tracing::warn!(registry = %self.name, endpoint, kind = kind.as_str(), error = detail, "upstream failure");
+    }
+
+    /// Reads a whole (small) body as [`read_limited`] does, counting a failure (a body over
+    /// the limit, one that broke off) against the endpoint that answered.
+    pub(crate) async fn read_body(
+        &self,
+        resp: reqwest::Response,
+        limit: usize,
+    ) -> Result<bytes::Bytes, UpstreamError> {
+        let endpoint = endpoint_of(&resp);
+        read_limited(resp, limit).await.inspect_err(|e| {
+            let kind = match e {
+                UpstreamError::TimedOut(_) => UpstreamFailure::Timeout,
+                UpstreamError::Unreachable(_) => UpstreamFailure::Reset,
+                _ => UpstreamFailure::BadBody,
+            };
+            self.record_failure(&endpoint, kind, &e.to_string());
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send_ordered(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        path: UpstreamPath<'_>,
+        accept: Option<&str>,
+        from: u64,
+        urgency: Urgency,
+        last: Option<&str>,
+    ) -> Result<reqwest::Response, UpstreamError> {
         self.take_budget(urgency).await?;
         let scope = format!("repository:{repo}:pull");
         // Hash blobs on their digest, everything else on the repository.
@@ -443,7 +532,11 @@ impl Upstream {
                 }
                 tokio::time::sleep(RETRY_PAUSE).await;
             }
-            let order = self.endpoints.order(Some(repo.as_str()), key);
+            let mut order = self.endpoints.order(Some(repo.as_str()), key);
+            if let Some(i) = last.and_then(|l| order.iter().position(|e| e.base == l)) {
+                let broke = order.remove(i);
+                order.push(broke);
+            }
             // Every endpoint marked down: a revalidation is not sent (the cached answer is
             // served at once); a fetch tries them still (one may be back before the probes
             // notice), but waits at most `connect_timeout` for an answer.
@@ -474,7 +567,12 @@ impl Upstream {
                         Ok(answer) => answer,
                         Err(_) => {
                             self.mark(ep, false);
-                            tracing::warn!(registry = %self.name, endpoint = %ep.base, "endpoint is down and did not answer within connect_timeout");
+                            self.metrics.record_upstream_failure(
+                                &self.name,
+                                &ep.base,
+                                UpstreamFailure::Timeout,
+                            );
+                            tracing::warn!(registry = %self.name, endpoint = %ep.base, kind = "timeout", "endpoint is down and did not answer within connect_timeout");
                             Err(self.down_error())
                         }
                     },
@@ -510,8 +608,9 @@ impl Upstream {
             if from > 0 {
                 req = req.header(header::RANGE, format!("bytes={from}-"));
             }
-            if let Some(value) = self.auth_header(ep, scope) {
-                req = req.header(header::AUTHORIZATION, value);
+            let sent_auth = self.auth_header(ep, scope);
+            if let Some(value) = &sent_auth {
+                req = req.header(header::AUTHORIZATION, value.clone());
             }
             let started = Instant::now();
             let resp = match req.send().await {
@@ -532,7 +631,7 @@ impl Upstream {
                     // Refused, reset or timed out: down until a probe or the cool-down says
                     // otherwise, so the next requests do not wait on it too.
                     self.mark(ep, false);
-                    tracing::warn!(registry = %self.name, endpoint = label, error = %error_chain(&e), "upstream request failed");
+                    self.record_failure(label, failure_kind(&e), &error_chain(&e));
                     return Err(if e.is_timeout() {
                         UpstreamError::TimedOut(error_chain(&e))
                     } else {
@@ -551,6 +650,17 @@ impl Upstream {
             self.read_ratelimit(resp.headers());
             if status == StatusCode::UNAUTHORIZED && !authorized_retry {
                 authorized_retry = true;
+                // A token refused in the middle of a pull (expired early, revoked): unless
+                // another request has fetched a new one meanwhile, it is dropped and a new one
+                // fetched; the request is sent once more either way.
+                if sent_auth.is_some() {
+                    let now = self.auth_header(ep, scope);
+                    if now.is_some() && now != sent_auth {
+                        continue;
+                    }
+                    tracing::info!(registry = %self.name, endpoint = label, "upstream refused berth's credentials (an expired token?): asking for a new token");
+                    self.drop_token(ep, scope);
+                }
                 let challenge = resp
                     .headers()
                     .get(header::WWW_AUTHENTICATE)
@@ -562,12 +672,18 @@ impl Upstream {
             }
             if status.is_success() {
                 self.mark(ep, true);
+                let mut resp = resp;
+                resp.extensions_mut().insert(AnsweredBy(ep.base.clone()));
                 return Ok(resp);
             }
             if status.is_server_error() {
                 self.mark(ep, false);
+                self.record_failure(label, UpstreamFailure::Status5xx, status.as_str());
             } else {
                 self.mark(ep, true);
+                if status == StatusCode::TOO_MANY_REQUESTS {
+                    self.record_failure(label, UpstreamFailure::Status429, status.as_str());
+                }
             }
             let retry_after = resp
                 .headers()
@@ -608,6 +724,15 @@ impl Upstream {
             .upstream_up
             .with_label_values(&[&self.name, &ep.base])
             .set(i64::from(healthy));
+    }
+
+    /// Drops the cached bearer token `ep` would send for `scope`.
+    fn drop_token(&self, ep: &Endpoint, scope: Option<&str>) {
+        let mode = ep.auth.lock().clone();
+        if let AuthMode::Bearer { realm, service } = mode {
+            self.tokens
+                .remove(&realm, service.as_deref(), scope.unwrap_or(""));
+        }
     }
 
     fn basic_value(&self) -> Option<HeaderValue> {
@@ -710,6 +835,11 @@ impl Upstream {
         }
         let started = Instant::now();
         let resp = req.send().await.map_err(|e| {
+            self.record_failure(
+                &ep.base,
+                failure_kind(&e),
+                &format!("token endpoint: {}", error_chain(&e)),
+            );
             UpstreamError::Unreachable(format!("token endpoint: {}", error_chain(&e)))
         })?;
         self.metrics.record_upstream(
@@ -720,6 +850,20 @@ impl Upstream {
             started.elapsed().as_secs_f64(),
         );
         if !resp.status().is_success() {
+            let status = resp.status();
+            if status.is_server_error() {
+                self.record_failure(
+                    &ep.base,
+                    UpstreamFailure::Status5xx,
+                    &format!("token endpoint answered {status}"),
+                );
+            } else if status == StatusCode::TOO_MANY_REQUESTS {
+                self.record_failure(
+                    &ep.base,
+                    UpstreamFailure::Status429,
+                    &format!("token endpoint answered {status}"),
+                );
+            }
             return Err(UpstreamError::Status {
                 status: if resp.status() == StatusCode::TOO_MANY_REQUESTS {
                     resp.status()
@@ -729,12 +873,20 @@ impl Upstream {
                 retry_after: None,
             });
         }
-        let body = read_limited(resp, MAX_TOKEN_BYTES).await?;
+        let bad = |e: UpstreamError| {
+            let kind = match e {
+                UpstreamError::Invalid(_) => UpstreamFailure::BadBody,
+                _ => UpstreamFailure::Reset,
+            };
+            self.record_failure(&ep.base, kind, &format!("token endpoint: {e}"));
+            e
+        };
+        let body = read_limited(resp, MAX_TOKEN_BYTES).await.map_err(bad)?;
         let parsed: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| UpstreamError::Invalid(format!("token response: {e}")))?;
+            .map_err(|e| bad(UpstreamError::Invalid(format!("token response: {e}"))))?;
         parsed
             .into_token()
-            .ok_or_else(|| UpstreamError::Invalid("token response has no token".into()))
+            .ok_or_else(|| bad(UpstreamError::Invalid("token response has no token".into())))
     }
 
     fn read_ratelimit(&self, headers: &HeaderMap) {
@@ -786,6 +938,7 @@ pub(crate) async fn read_limited(
                 buf.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(buf.freeze()),
+            Err(e) if e.is_timeout() => return Err(UpstreamError::TimedOut(error_chain(&e))),
             Err(e) => return Err(UpstreamError::Unreachable(error_chain(&e))),
         }
     }

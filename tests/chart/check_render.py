@@ -66,7 +66,10 @@ OBJECT_STORE_ONLY = {
     "azure": {"account", "access_key_file"},
     "gs": {"service_account_file"},
 }
-CLUSTER_KEYS = {"peers", "dns", "probe_interval", "connect_timeout", "read_timeout", "server_name", "ca_file"}
+CLUSTER_KEYS = {
+    "peers", "dns", "probe_interval", "connect_timeout", "read_timeout", "server_name", "ca_file",
+    "client_cert", "client_key",
+}
 LOG_KEYS = {"format"}
 ADMIN_KEYS = {"token_file"}
 HOSTED_KEYS = {"name", "repositories", "delete", "max_blob_size", "upload_ttl", "gc_grace"}

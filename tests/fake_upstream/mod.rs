@@ -1,11 +1,13 @@
 //! A small in-process upstream registry for fault injection: it serves the manifests and blobs
 //! a test puts in it, counts every request, and can be told to misbehave (corrupt or cut
-//! bodies, error statuses, slow streams, a token challenge).
+//! bodies, error statuses, slow streams, a token challenge). Blob GETs honour
+//! `Range: bytes=<n>-` (206 with `Content-Range`) unless told to ignore it.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,7 +52,8 @@ pub enum Behaviour {
     /// behaviour. When it changes, the waiting requests are answered by the new one (after
     /// 120 s at most they get a 503).
     Hang,
-    /// Blob bodies send their first half, go silent for this long, then send the rest.
+    /// Blob bodies go silent for this long when they reach the middle of the blob, then send
+    /// the rest (a body asked for from past the middle does not stall).
     StallMidway(Duration),
     /// Every new connection is reset (RST) at once, before its request is read.
     Reset,
@@ -61,6 +64,33 @@ pub enum Behaviour {
     /// and otherwise the answer is a signed schema-1 manifest (whose Docker-Content-Digest is
     /// the hash of its payload, not of its bytes).
     Negotiate,
+    /// The first `times` blob GETs after this is set send `bytes` bytes of their body, then
+    /// reset the connection (RST).
+    ResetAfter {
+        bytes: usize,
+        times: usize,
+    },
+    /// Blob GETs ignore `Range` (answer 200 with the whole blob).
+    IgnoreRange,
+    /// The bearer token (when one is required) expires after `after` registry requests were
+    /// accepted with it: the next request with it gets 401 and `/token` issues a new one
+    /// (once per `set`).
+    ExpireToken {
+        after: usize,
+    },
+    /// Several of [`ResetAfter`](Behaviour::ResetAfter), [`IgnoreRange`](Behaviour::IgnoreRange),
+    /// [`ExpireToken`](Behaviour::ExpireToken) at once (other behaviours apply only alone).
+    Each(Vec<Behaviour>),
+}
+
+impl Behaviour {
+    /// This behaviour, or those it combines.
+    fn parts(&self) -> Vec<&Behaviour> {
+        match self {
+            Behaviour::Each(all) => all.iter().collect(),
+            one => vec![one],
+        }
+    }
 }
 
 /// The signed schema-1 manifest [`Behaviour::Negotiate`] answers, and its claimed digest.
@@ -113,6 +143,12 @@ pub struct State {
     pub blob_gets: AtomicUsize,
     /// Connections accepted.
     pub connections: AtomicUsize,
+    /// Blob GETs reset by `ResetAfter` since the behaviour was set.
+    pub resets: AtomicUsize,
+    /// Requests accepted with the current token since the behaviour was set (`ExpireToken`).
+    pub token_uses: AtomicUsize,
+    /// The `Range` header of every blob GET that had one.
+    pub ranges: Mutex<Vec<String>>,
 }
 
 pub struct FakeUpstream {
@@ -205,10 +241,11 @@ impl FakeUpstream {
                     continue;
                 }
                 let st = st.clone();
+                let fd = stream.as_raw_fd();
                 conns.spawn(async move {
                     let svc = service_fn(move |req| {
                         let st = st.clone();
-                        async move { Ok::<_, Infallible>(handle(st, req).await) }
+                        async move { Ok::<_, Infallible>(handle(st, req, fd).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
@@ -243,6 +280,8 @@ impl FakeUpstream {
     }
 
     pub fn set(&self, b: Behaviour) {
+        self.state.resets.store(0, Ordering::Relaxed);
+        self.state.token_uses.store(0, Ordering::Relaxed);
         *self.state.behaviour.lock().expect("lock") = Some(b);
     }
 
@@ -319,7 +358,13 @@ impl FakeUpstream {
     }
 }
 
-async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+/// The first byte of a `Range: bytes=<n>-` header (other forms are not honoured).
+fn range_start(req: &Request<hyper::body::Incoming>) -> Option<usize> {
+    let v = req.headers().get("range")?.to_str().ok()?;
+    v.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok()
+}
+
+async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>, fd: RawFd) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let query = req
         .uri()
@@ -344,6 +389,16 @@ async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response
         .expect("lock")
         .clone()
         .unwrap_or(Behaviour::Normal);
+    let parts = behaviour.parts();
+    let reset_after = parts.iter().find_map(|b| match b {
+        Behaviour::ResetAfter { bytes, times } => Some((*bytes, *times)),
+        _ => None,
+    });
+    let ignore_range = parts.iter().any(|b| **b == Behaviour::IgnoreRange);
+    let expire_after = parts.iter().find_map(|b| match b {
+        Behaviour::ExpireToken { after } => Some(*after),
+        _ => None,
+    });
     if path == "/token" {
         if let Behaviour::GarbageToken(body) = &behaviour {
             let mut r = full(StatusCode::OK, body.clone());
@@ -357,7 +412,8 @@ async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response
             serde_json::json!({"token": token, "expires_in": 300}).to_string(),
         );
     }
-    if let Some(token) = st.token.lock().expect("lock").clone() {
+    let token = st.token.lock().expect("lock").clone();
+    if let Some(token) = token {
         let ok = req
             .headers()
             .get("authorization")
@@ -380,6 +436,12 @@ async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response
             r.headers_mut()
                 .insert("www-authenticate", v.parse().expect("header"));
             return r;
+        }
+        if let Some(after) = expire_after
+            && st.token_uses.fetch_add(1, Ordering::Relaxed) + 1 == after
+        {
+            // This request was the token's last: later ones with it get 401.
+            *st.token.lock().expect("lock") = Some(format!("{token}-renewed"));
         }
     }
     if let Behaviour::Status(s) = behaviour {
@@ -407,7 +469,7 @@ async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response
         return match found {
             Some(data) => {
                 let len = data.len();
-                let mut r = Response::new(blob_body(data, Behaviour::Normal));
+                let mut r = Response::new(plain_body(data));
                 r.headers_mut().insert("content-length", len.into());
                 r
             }
@@ -496,7 +558,35 @@ async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response
         };
         let len = data.len();
         let mut behaviour = behaviour;
+        let mut reset_at = None;
+        let range = req
+            .headers()
+            .get("range")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        if let Some(range) = &range
+            && !head
+        {
+            st.ranges.lock().expect("lock").push(range.clone());
+        }
+        let from = match range_start(&req) {
+            Some(n) if !head && !ignore_range => n,
+            _ => 0,
+        };
+        if from > 0 && from >= len {
+            let mut r = full(StatusCode::RANGE_NOT_SATISFIABLE, "");
+            r.headers_mut().insert(
+                "content-range",
+                format!("bytes */{len}").parse().expect("header"),
+            );
+            return r;
+        }
         if !head {
+            if let Some((bytes, times)) = reset_after
+                && st.resets.fetch_add(1, Ordering::Relaxed) < times
+            {
+                reset_at = Some(bytes);
+            }
             let n = st.blob_gets.fetch_add(1, Ordering::Relaxed) + 1;
             match &behaviour {
                 Behaviour::Redirect(to) => {
@@ -524,18 +614,33 @@ async fn handle(st: Arc<State>, req: Request<hyper::body::Incoming>) -> Response
             }
         }
         let announced = if behaviour == Behaviour::LyingLength {
-            len + 1024 * 1024
+            len - from + 1024 * 1024
         } else {
-            len
+            len - from
         };
         let body: Body = if head {
             Full::new(Bytes::new())
                 .map_err(|never| match never {})
                 .boxed()
         } else {
-            blob_body(data, behaviour)
+            let part = Part {
+                offset: from,
+                total: len,
+                reset_at,
+                fd,
+            };
+            blob_body(data.slice(from..), behaviour, part)
         };
         let mut r = Response::new(body);
+        if from > 0 {
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+            r.headers_mut().insert(
+                "content-range",
+                format!("bytes {from}-{}/{len}", len - 1)
+                    .parse()
+                    .expect("header"),
+            );
+        }
         r.headers_mut().insert("content-length", announced.into());
         r.headers_mut()
             .insert("docker-content-digest", digest.parse().expect("header"));
@@ -571,7 +676,30 @@ async fn wait_while_hanging(st: &State) -> bool {
     !hanging()
 }
 
-fn blob_body(data: Bytes, behaviour: Behaviour) -> Body {
+/// Which part of a blob a body is, and how it ends.
+struct Part {
+    /// Where in the blob the body starts.
+    offset: usize,
+    /// The blob's length.
+    total: usize,
+    /// Reset the connection after this many bytes of the body.
+    reset_at: Option<usize>,
+    /// The connection's socket.
+    fd: RawFd,
+}
+
+fn plain_body(data: Bytes) -> Body {
+    let total = data.len();
+    let part = Part {
+        offset: 0,
+        total,
+        reset_at: None,
+        fd: -1,
+    };
+    blob_body(data, Behaviour::Normal, part)
+}
+
+fn blob_body(data: Bytes, behaviour: Behaviour, part: Part) -> Body {
     let pieces: Vec<Bytes> = {
         let mut v = Vec::new();
         let mut i = 0;
@@ -582,21 +710,62 @@ fn blob_body(data: Bytes, behaviour: Behaviour) -> Body {
         }
         v
     };
-    let stream = async_stream(pieces, behaviour, data.len());
+    let stream = async_stream(pieces, behaviour, data.len(), part);
     BodyExt::boxed(StreamBody::new(stream))
+}
+
+/// Sets SO_LINGER to zero on a connection's socket and fails its body: hyper closes the
+/// connection, which resets it (RST) instead of closing it.
+fn reset_connection(fd: RawFd) {
+    if fd < 0 {
+        return;
+    }
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `fd` is the socket of the connection whose body is being sent: open while its
+    // body streams. setsockopt only reads `linger`.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
 }
 
 fn async_stream(
     pieces: Vec<Bytes>,
     behaviour: Behaviour,
     len: usize,
+    part: Part,
 ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + Sync + 'static
 {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
     tokio::spawn(async move {
         let mut sent = 0usize;
         let n = pieces.len();
+        // The middle of the blob, as an offset into this body (StallMidway).
+        let mid = (part.total / 2).checked_sub(part.offset);
         for (i, mut p) in pieces.into_iter().enumerate() {
+            if let Some(at) = part.reset_at
+                && sent + p.len() > at
+            {
+                let head = p.slice(..at - sent);
+                if !head.is_empty() && tx.send(Ok(Frame::data(head))).await.is_err() {
+                    return;
+                }
+                // Let hyper write what was sent before the connection goes.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                reset_connection(part.fd);
+                let _ = tx
+                    .send(Err(std::io::Error::other("reset by the fake upstream")))
+                    .await;
+                return;
+            }
             match &behaviour {
                 Behaviour::Cut if sent + p.len() > len / 2 => {
                     let _ = tx
@@ -612,9 +781,11 @@ fn async_stream(
                     p = Bytes::from(v);
                 }
                 Behaviour::Slow(d) => tokio::time::sleep(*d).await,
-                Behaviour::StallMidway(d) if sent < len / 2 && sent + p.len() >= len / 2 => {
+                Behaviour::StallMidway(d)
+                    if mid.is_some_and(|m| m > 0 && sent < m && sent + p.len() >= m) =>
+                {
                     // Send up to the middle, then go silent.
-                    let mid = len / 2 - sent;
+                    let mid = mid.unwrap_or(0) - sent;
                     let head = p.slice(..mid);
                     p = p.slice(mid..);
                     sent += head.len();
@@ -650,7 +821,7 @@ fn huge_manifest() -> Response<Body> {
     v.resize(SIZE - 3, b'a');
     v.extend_from_slice(b"\"}}");
     let data = Bytes::from(v);
-    let mut r = Response::new(blob_body(data, Behaviour::Normal));
+    let mut r = Response::new(plain_body(data));
     r.headers_mut().insert(
         "content-type",
         "application/vnd.oci.image.manifest.v1+json"

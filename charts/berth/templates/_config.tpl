@@ -36,6 +36,9 @@ header_read_timeout = {{ include "berth.tomlString" $c.server.headerReadTimeout 
 [server.tls]
 cert = "/etc/berth/tls/tls.crt"
 key = "/etc/berth/tls/tls.key"
+{{- if .Values.tls.clientCaSecret }}
+client_ca = "/etc/berth/client-ca/ca.crt"
+{{- end }}
 {{- end }}
 
 [cache]
@@ -95,6 +98,11 @@ connect_timeout = {{ include "berth.tomlString" . }}
 server_name = {{ include "berth.tomlString" (include "berth.clusterServerName" .) }}
 {{- if .Values.cluster.tlsCaFromSecret }}
 ca_file = "/etc/berth/tls/ca.crt"
+{{- end }}
+{{- if .Values.cluster.clientCertSecret }}
+# Peers require client certificates: this one goes with every request to them.
+client_cert = "/etc/berth/cluster-tls/tls.crt"
+client_key = "/etc/berth/cluster-tls/tls.key"
 {{- end }}
 {{- end }}
 {{- end }}

@@ -221,6 +221,12 @@ registry port the pods listen on. */}}
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) }}
 {{- fail "tls.enabled needs tls.existingSecret (a kubernetes.io/tls Secret with tls.crt and tls.key)" }}
 {{- end }}
+{{- if and (or .Values.tls.clientCaSecret .Values.cluster.clientCertSecret) (not .Values.tls.enabled) }}
+{{- fail "tls.clientCaSecret and cluster.clientCertSecret need tls.enabled" }}
+{{- end }}
+{{- if and .Values.tls.clientCaSecret (include "berth.clusterEnabled" .) (not .Values.cluster.clientCertSecret) }}
+{{- fail "tls.clientCaSecret with a cluster needs cluster.clientCertSecret: replicas that require client certificates must send one to each other" }}
+{{- end }}
 {{- if .Values.nodeConfig.enabled }}
 {{- if and (eq .Values.nodeConfig.target "nodePort") (or (eq .Values.service.type "ClusterIP") (not .Values.service.nodePorts.registry)) }}
 {{- fail "nodeConfig.target=nodePort needs service.type NodePort or LoadBalancer and a fixed service.nodePorts.registry" }}

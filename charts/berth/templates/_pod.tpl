@@ -118,6 +118,16 @@ spec:
         - name: tls
           mountPath: /etc/berth/tls
           readOnly: true
+        {{- if .Values.tls.clientCaSecret }}
+        - name: client-ca
+          mountPath: /etc/berth/client-ca
+          readOnly: true
+        {{- end }}
+        {{- if and .Values.cluster.clientCertSecret (include "berth.clusterEnabled" .) }}
+        - name: cluster-tls
+          mountPath: /etc/berth/cluster-tls
+          readOnly: true
+        {{- end }}
         {{- end }}
         {{- if .Values.admin.enabled }}
         - name: admin-token
@@ -200,6 +210,28 @@ spec:
           - key: ca.crt
             path: ca.crt
           {{- end }}
+    {{- if .Values.tls.clientCaSecret }}
+    # [server.tls] client_ca: client certificates must be signed by this CA.
+    - name: client-ca
+      secret:
+        secretName: {{ .Values.tls.clientCaSecret }}
+        defaultMode: 0440
+        items:
+          - key: ca.crt
+            path: ca.crt
+    {{- end }}
+    {{- if and .Values.cluster.clientCertSecret (include "berth.clusterEnabled" .) }}
+    # [cluster] client_cert and client_key: sent to peers that require client certificates.
+    - name: cluster-tls
+      secret:
+        secretName: {{ .Values.cluster.clientCertSecret }}
+        defaultMode: 0440
+        items:
+          - key: tls.crt
+            path: tls.crt
+          - key: tls.key
+            path: tls.key
+    {{- end }}
     {{- end }}
     {{- if .Values.admin.enabled }}
     # admin.token_file
