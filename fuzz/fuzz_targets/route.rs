@@ -35,14 +35,20 @@ fn check(router: &Router, has_default: bool, path: &str, ns: Option<&str>) {
     };
     let target = match &route {
         // Every route that carries a Target must be listed here.
-        Route::Manifest { target, .. } | Route::Blob { target, .. } | Route::Tags { target } => {
-            target
-        }
+        Route::Manifest { target, .. }
+        | Route::Blob { target, .. }
+        | Route::Tags { target }
+        | Route::Uploads { target }
+        | Route::Upload { target, .. }
+        | Route::Referrers { target, .. } => target,
         Route::Catalog { registry } => {
-            assert!(REGISTRIES.contains(&&**registry), "{path:?} ns={ns:?}: catalog of {registry:?}");
+            // None: the catalog of the default (and any hosted) registry, named by no one.
+            if let Some(registry) = registry {
+                assert!(REGISTRIES.contains(&&**registry), "{path:?} ns={ns:?}: catalog of {registry:?}");
+            }
             return;
         }
-        // Ping, Unsupported, Token and anything newer that names no repository.
+        // Ping, Token and anything newer that names no repository.
         _ => return,
     };
     let registry = &*target.registry;
