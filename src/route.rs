@@ -244,22 +244,12 @@ impl Router {
         }
         if let Some((name, digest)) = rest.rsplit_once("/referrers/") {
             let target = self.target(name, ns)?;
-            let digest = digest.parse::<Digest>().map_err(|e| {
-                RegistryError::new(
-                    ErrorCode::DigestInvalid,
-                    format!("invalid digest {:?}", e.0),
-                )
-            })?;
+            let digest = parse_digest(digest)?;
             return Ok(Route::Referrers { target, digest });
         }
         if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
             let target = self.target(name, ns)?;
-            let digest = digest.parse::<Digest>().map_err(|e| {
-                RegistryError::new(
-                    ErrorCode::DigestInvalid,
-                    format!("invalid digest {:?}", e.0),
-                )
-            })?;
+            let digest = parse_digest(digest)?;
             return Ok(Route::Blob { target, digest });
         }
         if let Some(name) = rest.strip_suffix("/tags/list") {
@@ -375,6 +365,16 @@ impl Router {
         }
         Some(Target { registry, repo })
     }
+}
+
+/// A digest from a path or query, or 400 `DIGEST_INVALID`.
+pub fn parse_digest(s: &str) -> Result<Digest, RegistryError> {
+    s.parse::<Digest>().map_err(|e| {
+        RegistryError::new(
+            ErrorCode::DigestInvalid,
+            format!("invalid digest {:?}", e.0),
+        )
+    })
 }
 
 /// The repository name exactly as a registry API path names it (what a token scope names).

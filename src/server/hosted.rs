@@ -18,7 +18,7 @@ use crate::error::{ErrorCode, RegistryError};
 use crate::hosted::{BodyStream, Hosted, parse_content_range};
 use crate::notify::{Actor, Event, EventRequest, EventTarget};
 use crate::oci::{Digest, Reference};
-use crate::route::{Route, Target, url_name};
+use crate::route::{Route, Target, parse_digest, url_name};
 
 const DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
 const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
@@ -89,14 +89,7 @@ fn blob_created(base: &Base, d: &Digest) -> Answer {
 
 fn query_digest(req: &RequestHead) -> Result<Option<Digest>, RegistryError> {
     req.query_decoded("digest")
-        .map(|d| {
-            d.parse::<Digest>().map_err(|e| {
-                RegistryError::new(
-                    ErrorCode::DigestInvalid,
-                    format!("invalid digest {:?}", e.0),
-                )
-            })
-        })
+        .map(|d| parse_digest(&d))
         .transpose()
 }
 
@@ -126,7 +119,7 @@ pub(super) async fn answer(
                     NotifyEvent::Pull,
                     &target,
                     &m.media_type,
-                    &m.digest,
+                    Some(&m.digest),
                     m.bytes.len() as u64,
                     tag,
                 );
@@ -158,7 +151,7 @@ pub(super) async fn answer(
                 NotifyEvent::Push,
                 &target,
                 &pushed.media_type,
-                &pushed.digest,
+                Some(&pushed.digest),
                 pushed.size,
                 tag,
             );
@@ -178,27 +171,20 @@ pub(super) async fn answer(
             hosted.delete_manifest(&target, &reference).await?;
             tracing::info!(registry = %target.registry, repository = %target.repo, reference = %reference, user = who.map_or("anonymous", |w| w.name()), "delete");
             let (digest, tag) = match &reference {
-                Reference::Digest(d) => (d.to_string(), None),
-                Reference::Tag(t) => (String::new(), Some(t.to_string())),
+                Reference::Digest(d) => (Some(d), None),
+                Reference::Tag(t) => (None, Some(t.to_string())),
             };
-            if let Some(n) = &app.notify
-                && n.wants(NotifyEvent::Delete)
-            {
-                n.emit(
-                    NotifyEvent::Delete,
-                    event(
-                        app,
-                        req,
-                        who,
-                        NotifyEvent::Delete,
-                        &target,
-                        "",
-                        &digest,
-                        0,
-                        tag,
-                    ),
-                );
-            }
+            notify(
+                app,
+                req,
+                who,
+                NotifyEvent::Delete,
+                &target,
+                "",
+                digest,
+                0,
+                tag,
+            );
             Ok(headers(StatusCode::ACCEPTED, Vec::new()))
         }
         (Route::Blob { target, digest }, Method::Get | Method::Head) => {
@@ -211,7 +197,7 @@ pub(super) async fn answer(
                     NotifyEvent::Pull,
                     &target,
                     "application/octet-stream",
-                    &digest,
+                    Some(&digest),
                     blob.len,
                     None,
                 );
@@ -224,36 +210,24 @@ pub(super) async fn answer(
         }
         (Route::Blob { target, digest }, Method::Delete) => {
             hosted.delete_blob(&target, &digest).await?;
-            if let Some(n) = &app.notify
-                && n.wants(NotifyEvent::Delete)
-            {
-                n.emit(
-                    NotifyEvent::Delete,
-                    event(
-                        app,
-                        req,
-                        who,
-                        NotifyEvent::Delete,
-                        &target,
-                        "",
-                        &digest.to_string(),
-                        0,
-                        None,
-                    ),
-                );
-            }
+            notify(
+                app,
+                req,
+                who,
+                NotifyEvent::Delete,
+                &target,
+                "",
+                Some(&digest),
+                0,
+                None,
+            );
             Ok(headers(StatusCode::ACCEPTED, Vec::new()))
         }
         (Route::Uploads { target }, Method::Post) => {
             if let (Some(mount), Some(from)) =
                 (req.query_decoded("mount"), req.query_decoded("from"))
             {
-                let d = mount.parse::<Digest>().map_err(|e| {
-                    RegistryError::new(
-                        ErrorCode::DigestInvalid,
-                        format!("invalid digest {:?}", e.0),
-                    )
-                })?;
+                let d = parse_digest(&mount)?;
                 if let Some(from) = mount_source(app, req, &from, who)
                     && hosted.mount(&target, &d, &from).await?
                 {
@@ -391,7 +365,7 @@ pub(super) fn notify(
     kind: NotifyEvent,
     target: &Target,
     media_type: &str,
-    digest: &Digest,
+    digest: Option<&Digest>,
     size: u64,
     tag: Option<String>,
 ) {
@@ -408,7 +382,7 @@ pub(super) fn notify(
             kind,
             target,
             media_type,
-            &digest.to_string(),
+            &digest.map(Digest::to_string).unwrap_or_default(),
             size,
             tag,
         ),

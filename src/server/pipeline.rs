@@ -362,7 +362,7 @@ async fn answer(
                     NotifyEvent::Pull,
                     &target,
                     &m.media_type,
-                    &m.digest,
+                    Some(&m.digest),
                     size,
                     tag,
                 );
