@@ -343,34 +343,14 @@ impl Store {
 
     /// The repositories of a hosted registry that hold at least one manifest or tag, sorted.
     pub(crate) fn repositories(&self, registry: &str) -> Vec<String> {
-        let base = self.repos.join(registry);
-        let mut out = Vec::new();
-        // Depth-first over the repository folders (bounded: names have at most 255 bytes).
-        let mut stack = vec![(base.clone(), 0usize)];
-        while let Some((dir, depth)) = stack.pop() {
-            if depth > 64 {
-                continue;
-            }
-            let Ok(entries) = fs::read_dir(&dir) else {
-                continue;
-            };
-            let mut is_repo = false;
-            for e in entries.flatten() {
-                let name = e.file_name();
-                let name = name.to_string_lossy();
-                if name == "_manifests" || name == "_tags" {
-                    is_repo |= read_names(&e.path()).iter().any(|_| true);
-                } else if !name.starts_with('_') && e.path().is_dir() {
-                    stack.push((e.path(), depth + 1));
-                }
-            }
-            if is_repo
-                && let Ok(rel) = dir.strip_prefix(&base)
-                && let Some(s) = rel.to_str()
-            {
-                out.push(s.to_owned());
-            }
-        }
+        let mut out: Vec<String> = repo_dirs(&self.repos.join(registry))
+            .into_iter()
+            .filter(|(_, dir)| {
+                !read_names(&dir.join("_manifests")).is_empty()
+                    || !read_names(&dir.join("_tags")).is_empty()
+            })
+            .map(|(name, _)| name)
+            .collect();
         out.sort();
         out
     }
@@ -400,39 +380,42 @@ impl Store {
 
     /// Every (registry, repository) folder that exists, for garbage collection.
     pub(crate) fn all_repositories(&self) -> Vec<(String, RepoName)> {
+        // Repositories with only blob links count too (their blobs are still reachable by a
+        // manifest push to come).
         let mut out = Vec::new();
         for registry in read_names(&self.repos) {
-            // Repositories with only blob links count too (their blobs are still reachable
-            // by a manifest push to come).
-            let base = self.repos.join(&registry);
-            let mut stack = vec![(base.clone(), 0usize)];
-            while let Some((dir, depth)) = stack.pop() {
-                if depth > 64 {
-                    continue;
-                }
-                let Ok(entries) = fs::read_dir(&dir) else {
-                    continue;
-                };
-                let mut is_repo = false;
-                for e in entries.flatten() {
-                    let name = e.file_name();
-                    let name = name.to_string_lossy();
-                    if name.starts_with('_') {
-                        is_repo = true;
-                    } else if e.path().is_dir() {
-                        stack.push((e.path(), depth + 1));
-                    }
-                }
-                if is_repo
-                    && let Ok(rel) = dir.strip_prefix(&base)
-                    && let Some(repo) = rel.to_str().and_then(|s| s.parse::<RepoName>().ok())
-                {
+            for (name, _) in repo_dirs(&self.repos.join(&registry)) {
+                if let Ok(repo) = name.parse::<RepoName>() {
                     out.push((registry.clone(), repo));
                 }
             }
         }
         out
     }
+}
+
+/// Every repository folder under a registry's folder (one with a `_` folder in it), with its
+/// name relative to `base`: depth-first, bounded (names have at most 255 bytes).
+fn repo_dirs(base: &Path) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    let mut stack = vec![(base.to_path_buf(), 0usize)];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut is_repo = false;
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with('_') {
+                is_repo = true;
+            } else if depth < 64 && e.path().is_dir() {
+                stack.push((e.path(), depth + 1));
+            }
+        }
+        if is_repo && let Some(rel) = dir.strip_prefix(base).ok().and_then(|r| r.to_str()) {
+            out.push((rel.to_owned(), dir.clone()));
+        }
+    }
+    out
 }
 
 fn remove_if_exists(path: &Path) -> io::Result<bool> {
