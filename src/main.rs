@@ -116,6 +116,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// Builds a runtime, or says why not.
+fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    builder
+        .enable_all()
+        .build()
+        .inspect_err(|e| eprintln!("berth: cannot start the runtime: {e}"))
+        .ok()
+}
+
 /// Talks to a running berth's admin API.
 struct AdminClient {
     base: String,
@@ -186,15 +195,8 @@ fn cache(command: CacheCommand, admin: &AdminArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("berth: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async move {
         match command {
@@ -400,15 +402,8 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
     if let Some(w) = filter_warning {
         tracing::warn!("{w}");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("berth: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async move {
         let running = match berth::start(config).await {
