@@ -746,6 +746,21 @@ pub struct CacheConfig {
     /// repository) and answered without asking again; `0s`: never.
     #[serde(default = "default_negative_ttl", with = "human_duration")]
     pub negative_ttl: Duration,
+    /// Blobs not pulled for this long are evicted even below `max_size` (pinned ones never).
+    #[serde(
+        default,
+        with = "human_duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_idle: Option<Duration>,
+    /// Images that are never evicted (their manifests, index children for `platforms`, and
+    /// blobs), warmed at start; `berth pin` adds to them at run time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pin: Vec<String>,
+    /// The platforms `berth warm` and pins fetch of a multi-platform image when not told
+    /// otherwise (`os/arch` or `os/arch/variant`).
+    #[serde(default = "default_platforms")]
+    pub platforms: Vec<String>,
     /// A shared object store; the local disk becomes a bounded hot tier in front of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object_store: Option<ObjectStoreConfig>,
@@ -960,6 +975,10 @@ fn default_max_size() -> u64 {
 fn default_tag_ttl() -> Duration {
     Duration::from_secs(600)
 }
+fn default_platforms() -> Vec<String> {
+    vec!["linux/amd64".to_owned()]
+}
+
 fn default_negative_ttl() -> Duration {
     Duration::from_secs(30)
 }
@@ -1019,6 +1038,9 @@ impl Default for CacheConfig {
             max_size: default_max_size(),
             tag_ttl: default_tag_ttl(),
             negative_ttl: default_negative_ttl(),
+            max_idle: None,
+            pin: Vec::new(),
+            platforms: default_platforms(),
             object_store: None,
         }
     }
@@ -1058,6 +1080,27 @@ impl Config {
         }
         if self.cache.dir.as_os_str().is_empty() {
             return Err(invalid("cache.dir", "must not be empty"));
+        }
+        if self.cache.max_idle.is_some_and(|d| d.is_zero()) {
+            return Err(invalid(
+                "cache.max_idle",
+                "must be longer than 0s (leave it out to never evict idle blobs)",
+            ));
+        }
+        for (i, image) in self.cache.pin.iter().enumerate() {
+            image
+                .parse::<crate::oci::ImageRef>()
+                .map_err(|e| invalid(format!("cache.pin[{i}]"), e))?;
+        }
+        if self.cache.platforms.is_empty() {
+            return Err(invalid(
+                "cache.platforms",
+                "must name at least one platform",
+            ));
+        }
+        for (i, p) in self.cache.platforms.iter().enumerate() {
+            crate::oci::Platform::parse(p)
+                .map_err(|e| invalid(format!("cache.platforms[{i}]"), e))?;
         }
         let (api, admin) = (self.server.listen, self.server.admin_listen);
         if api.port() != 0
@@ -1596,6 +1639,16 @@ pub mod human_duration {
             #[derive(Deserialize)]
             struct W(#[serde(with = "super")] Duration);
             Ok(Some(W::deserialize(d)?.0))
+        }
+
+        pub fn serialize<S: serde::Serializer>(
+            v: &Option<Duration>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(d) => super::serialize(d, s),
+                None => s.serialize_none(),
+            }
         }
     }
 }

@@ -5,6 +5,7 @@ mod digest;
 mod image;
 mod manifest;
 mod name;
+mod platform;
 mod range;
 
 pub use digest::{Digest, DigestAlgorithm, Hasher};
@@ -14,4 +15,5 @@ pub use manifest::{
     manifest_media_type, named_manifest_types, parts as manifest_parts, referenced_digests,
 };
 pub use name::{Reference, RepoName, Tag};
+pub use platform::{Platform, index_children};
 pub use range::{ByteRange, RangeError, parse_range};
