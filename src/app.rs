@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cache::{self, BlobStore, ManifestStore, SharedStore};
+use crate::cache::{self, BlobStore, ManifestStore, Pins, SharedStore};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::{ErrorCode, RegistryError, SetupError};
@@ -74,7 +74,15 @@ pub struct App {
     /// `admin_listen`).
     pub(crate) admin_token: Option<String>,
     pub(crate) admin_loopback: bool,
+    /// Pinned images (`[cache] pin`, `berth pin`).
+    pub(crate) pins: Arc<Pins>,
+    /// `[cache] max_idle`.
+    max_idle: Option<Duration>,
 }
+
+/// How often pins are resolved again (children and blobs cached since are pinned then) and
+/// pull counts saved when they changed.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
 
 impl App {
     /// Opens the cache (waiting for the manifest index; blobs are indexed in the background),
@@ -158,6 +166,16 @@ impl App {
                 config.server.listen.to_string(),
             )?)
         };
+        let (m, b, d) = (manifests.clone(), blobs.clone(), dir.clone());
+        let (pin, platforms) = (config.cache.pin.clone(), config.cache.platforms.clone());
+        let pins = tokio::task::spawn_blocking(move || {
+            let pins = Pins::open(&d, &pin, &platforms)?;
+            pins.refresh(&m, &b);
+            Ok::<_, std::io::Error>(pins)
+        })
+        .await
+        .map_err(|e| StartError::Scan(std::io::Error::other(e)))?
+        .map_err(store_error("pins"))?;
         let mirror = Mirror::new(config, blobs, manifests, shared, cluster, metrics)?;
         let auth = match &config.auth {
             Some(a) => Some(Auth::load(a)?),
@@ -208,7 +226,52 @@ impl App {
                 max_connections_per_client: config.server.max_connections_per_client,
             },
             cache_dir: dir,
+            pins: Arc::new(pins),
+            max_idle: config.cache.max_idle,
         }))
+    }
+
+    /// Starts the background upkeep: pins resolved again, pull counts saved (at most once per
+    /// [`HOUSEKEEPING_EVERY`]) and, with `max_idle`, idle blobs evicted. Ends with the app.
+    pub(crate) fn spawn_housekeeping(self: &Arc<App>) {
+        let weak = Arc::downgrade(self);
+        // Idle eviction runs a tenth of max_idle apart (between 1 s and 10 min).
+        let idle_every = self
+            .max_idle
+            .map(|d| (d / 10).clamp(Duration::from_secs(1), Duration::from_secs(600)));
+        tokio::spawn(async move {
+            let mut last_idle = tokio::time::Instant::now();
+            loop {
+                tokio::time::sleep(
+                    HOUSEKEEPING_EVERY.min(idle_every.unwrap_or(HOUSEKEEPING_EVERY)),
+                )
+                .await;
+                let Some(app) = weak.upgrade() else { return };
+                let idle = match (app.max_idle, idle_every) {
+                    (Some(max), Some(every)) if last_idle.elapsed() >= every => {
+                        last_idle = tokio::time::Instant::now();
+                        Some(max)
+                    }
+                    _ => None,
+                };
+                let _ = tokio::task::spawn_blocking(move || {
+                    app.housekeeping(idle);
+                })
+                .await;
+            }
+        });
+    }
+
+    /// One round of upkeep (see [`App::spawn_housekeeping`]). Blocking.
+    pub(crate) fn housekeeping(&self, evict_idle: Option<Duration>) {
+        let manifests = self.mirror.manifest_store();
+        self.pins.refresh(manifests, &self.mirror.blobs);
+        if let Some(max_idle) = evict_idle {
+            self.mirror.blobs.evict_idle(max_idle);
+        }
+        if let Err(e) = manifests.pulls().save() {
+            tracing::warn!(error = %e, "cannot save the pull counts");
+        }
     }
 
     /// The 429 a client over its request rate gets, or None.

@@ -52,6 +52,8 @@ impl Running {
         let _ = self.task.await;
         let left = self.app.limits.grace.saturating_sub(started.elapsed());
         self.app.mirror.blobs.wait_idle(left).await;
+        let app = self.app.clone();
+        let _ = tokio::task::spawn_blocking(move || app.housekeeping(None)).await;
     }
 }
 
@@ -89,6 +91,7 @@ pub async fn start_on(
     let addr = local(&listener, config.server.listen)?;
     let admin_addr = local(&admin_listener, config.server.admin_listen)?;
     let app = App::open(&config).await?;
+    app.spawn_housekeeping();
     let (tx, rx) = watch::channel(false);
     let listeners = server::Listeners {
         registry: listener,

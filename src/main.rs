@@ -5,6 +5,8 @@ use clap::{Parser, Subcommand};
 
 use berth::config::{Config, LogFormat};
 
+mod cli;
+
 /// A pull-through caching mirror for container registries.
 #[derive(Parser)]
 #[command(version, about)]
@@ -40,6 +42,22 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Pin images in a running berth's cache: the manifest, the index children for
+    /// `[cache] platforms` and every blob are fetched and never evicted, across restarts.
+    /// IMAGE is docker-style (`alpine` is docker.io/library/alpine:latest).
+    Pin {
+        #[arg(required = true, value_name = "IMAGE")]
+        images: Vec<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Unpin images: they become evictable again (least recently used first).
+    Unpin {
+        #[arg(required = true, value_name = "IMAGE")]
+        images: Vec<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Garbage-collect the hosted registries: remove every blob no manifest references (and,
     /// with --untagged, manifests no tag reaches). Safe beside a running berth: nothing
     /// younger than `gc_grace` is removed. The same runs online as `POST /admin/gc`.
@@ -69,7 +87,8 @@ struct AdminArgs {
 
 #[derive(Subcommand)]
 enum CacheCommand {
-    /// List cached images: registry, repository, tag, digest, bytes on disk.
+    /// List cached images: registry, repository, tag, digest, bytes on disk, pull count,
+    /// last pulled, pinned.
     Ls {
         /// Print the admin API's JSON.
         #[arg(long)]
@@ -77,9 +96,20 @@ enum CacheCommand {
         /// Only this registry.
         #[arg(long)]
         registry: Option<String>,
-        /// Sort by: size (largest first) or name.
-        #[arg(long, default_value = "name", value_parser = ["name", "size"])]
+        /// Sort by: name, size (largest first), pulls (most first) or last-pulled (most
+        /// recent first).
+        #[arg(long, default_value = "name", value_parser = ["name", "size", "pulls", "last-pulled"])]
         sort: String,
+    },
+    /// Remove every image not pulled for the given time (like `cache rm` of each; pinned
+    /// images stay). A tag never pulled counts from when it was cached or last checked.
+    Prune {
+        /// Like 30d, 12h.
+        #[arg(long, required = true, value_name = "DURATION")]
+        not_pulled_for: String,
+        /// Print what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Remove images: the tag, the manifest, and the blobs no cached manifest references any
     /// more. IMAGE is docker-style (`alpine` is docker.io/library/alpine:latest).
@@ -106,6 +136,8 @@ fn main() -> ExitCode {
             }
         },
         Some(Command::Cache { command, admin }) => cache(command, &admin),
+        Some(Command::Pin { images, admin }) => cli::pins::pin(&images, false, &admin),
+        Some(Command::Unpin { images, admin }) => cli::pins::pin(&images, true, &admin),
         Some(Command::Gc {
             config,
             dry_run,
@@ -228,12 +260,18 @@ fn cache(command: CacheCommand, admin: &AdminArgs) -> ExitCode {
                     return ExitCode::SUCCESS;
                 }
                 let mut images = v["images"].as_array().cloned().unwrap_or_default();
-                if sort == "size" {
-                    images.sort_by_key(|i| std::cmp::Reverse(i["bytes"].as_u64().unwrap_or(0)));
+                let key = match sort.as_str() {
+                    "size" => "bytes",
+                    "pulls" => "pulls",
+                    "last-pulled" => "last_pulled",
+                    _ => "",
+                };
+                if !key.is_empty() {
+                    images.sort_by_key(|i| std::cmp::Reverse(i[key].as_u64().unwrap_or(0)));
                 }
                 println!(
-                    "{:<40} {:<20} {:<19} {:>10}",
-                    "IMAGE", "TAG", "DIGEST", "SIZE"
+                    "{:<40} {:<20} {:<19} {:>10} {:>6} {:<20} PINNED",
+                    "IMAGE", "TAG", "DIGEST", "SIZE", "PULLS", "LAST PULLED"
                 );
                 for i in images {
                     let name = format!(
@@ -242,16 +280,34 @@ fn cache(command: CacheCommand, admin: &AdminArgs) -> ExitCode {
                         i["repository"].as_str().unwrap_or("")
                     );
                     let digest = i["digest"].as_str().unwrap_or("");
+                    let last = i["last_pulled"]
+                        .as_u64()
+                        .map(|t| {
+                            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t);
+                            humantime::format_rfc3339_seconds(at).to_string()
+                        })
+                        .unwrap_or_else(|| "never".into());
                     println!(
-                        "{:<40} {:<20} {:<19} {:>10}",
+                        "{:<40} {:<20} {:<19} {:>10} {:>6} {:<20} {}",
                         name,
                         i["tag"].as_str().unwrap_or("<none>"),
                         digest.get(..19).unwrap_or(digest),
-                        human_bytes(i["bytes"].as_u64().unwrap_or(0))
+                        human_bytes(i["bytes"].as_u64().unwrap_or(0)),
+                        i["pulls"].as_u64().unwrap_or(0),
+                        last,
+                        if i["pinned"].as_bool().unwrap_or(false) {
+                            "yes"
+                        } else {
+                            "no"
+                        }
                     );
                 }
                 ExitCode::SUCCESS
             }
+            CacheCommand::Prune {
+                not_pulled_for,
+                dry_run,
+            } => cli::pins::prune(&client, &not_pulled_for, dry_run).await,
             CacheCommand::Rm { images, dry_run } => {
                 let mut failed = Vec::new();
                 let (mut total, verb) = (0u64, if dry_run { "would remove" } else { "removed" });

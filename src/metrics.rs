@@ -24,6 +24,7 @@ pub struct Metrics {
     pub cache_size_bytes: IntGauge,
     pub cache_max_size_bytes: IntGauge,
     pub cache_blobs: IntGauge,
+    pub cache_pinned_bytes: IntGauge,
     pub cache_evictions: IntCounter,
     pub cache_evicted_bytes: IntCounter,
     /// Start-up scan time, for operators sizing a large cache.
@@ -330,9 +331,14 @@ impl Metrics {
                 "The configured cache.max_size.",
             ),
             cache_blobs: gauge(&r, "berth_cache_blobs", "Blobs in the cache."),
+            cache_pinned_bytes: gauge(
+                &r,
+                "berth_cache_pinned_bytes",
+                "Bytes of cached blobs that are pinned (never evicted; counted in berth_cache_size_bytes).",
+            ),
             cache_evictions: IntCounter::new(
                 "berth_cache_evictions_total",
-                "Blobs evicted to stay under cache.max_size.",
+                "Blobs evicted to stay under cache.max_size, or not pulled for cache.max_idle.",
             )
             .unwrap_or_else(|e| panic!("metric: {e}")),
             cache_evicted_bytes: IntCounter::new(

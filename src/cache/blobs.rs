@@ -4,20 +4,21 @@
 //!
 //! This is the seam a shared object store plugs into: callers only `lookup`, `fill` and read.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use parking_lot::Mutex;
-use std::time::{Instant, SystemTime};
+use parking_lot::{Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
 
 use super::fill::{self, Fill, FillOutcome, SourceFuture};
+use super::{unix_now, unix_secs};
 use crate::metrics::{FillFailure, Metrics};
 use crate::oci::{Digest, DigestAlgorithm};
 use crate::route::Target;
@@ -41,7 +42,17 @@ pub struct BlobStore {
     /// The last [`RECENT_EVICTIONS`] blobs evicted, newest last (for the status page; the
     /// counts are `berth_cache_evictions_total` and `berth_cache_evicted_bytes_total`).
     recent_evictions: Arc<Mutex<VecDeque<Eviction>>>,
+    max_size: u64,
+    /// Pinned blobs that are cached: kept out of the LRU index, so never evicted.
+    pinned: Mutex<HashMap<Digest, Arc<Entry>>>,
+    /// Every pinned digest, cached or not yet: a blob in it is pinned when it is stored.
+    pin_set: RwLock<HashSet<Digest>>,
+    pinned_bytes: AtomicU64,
 }
+
+/// A blob's file gets its modification time set to its last pull at most this often, so that
+/// last-pulled times (`max_idle`) survive a restart at one metadata write per blob per period.
+const TOUCH_EVERY: u64 = 3600;
 
 /// How many evicted blobs [`BlobStore::recent_evictions`] remembers.
 pub const RECENT_EVICTIONS: usize = 20;
@@ -70,6 +81,10 @@ fn remember_eviction(recent: &Mutex<VecDeque<Eviction>>, digest: Digest, bytes: 
 struct Entry {
     len: u64,
     used: AtomicU64,
+    /// When it was last pulled (seconds since the epoch).
+    pulled: AtomicU64,
+    /// When its file's modification time was last set to `pulled`.
+    touched: AtomicU64,
 }
 
 /// Index weights are KiB (moka weighs in u32), so one blob may be up to 4 TiB.
@@ -130,6 +145,10 @@ impl BlobStore {
             metrics,
             ready: AtomicBool::new(false),
             recent_evictions,
+            max_size,
+            pinned: Mutex::new(HashMap::new()),
+            pin_set: RwLock::new(HashSet::new()),
+            pinned_bytes: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&store);
         std::thread::Builder::new()
@@ -186,10 +205,10 @@ impl BlobStore {
                         continue;
                     };
                     if let Ok(meta) = f.metadata() {
-                        let when = meta
-                            .accessed()
-                            .or_else(|_| meta.modified())
-                            .unwrap_or(SystemTime::UNIX_EPOCH);
+                        // The last pull: the modification time (set on pulls, see
+                        // TOUCH_EVERY), or the access time where the file system keeps it.
+                        let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                        let when = meta.accessed().map_or(modified, |a| a.max(modified));
                         found.push((when, digest, meta.len()));
                     }
                 }
@@ -197,8 +216,8 @@ impl BlobStore {
         }
         found.sort_by_key(|(when, _, _)| *when);
         let n = found.len();
-        for (_, digest, len) in found {
-            self.insert(digest, len);
+        for (when, digest, len) in found {
+            self.insert(digest, len, unix_secs(when));
         }
         self.index.run_pending_tasks();
         self.ready.store(true, Ordering::Release);
@@ -213,19 +232,35 @@ impl BlobStore {
         Ok(n)
     }
 
-    fn insert(&self, digest: Digest, len: u64) {
+    /// Indexes a blob on disk: in the pinned table when it is pinned, else in the LRU index.
+    fn insert(&self, digest: Digest, len: u64, pulled: u64) {
         if self.index.contains_key(&digest) {
             return;
         }
+        let entry = Arc::new(Entry {
+            len,
+            used: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
+            pulled: AtomicU64::new(pulled),
+            touched: AtomicU64::new(pulled),
+        });
+        if self.pin_set.read().contains(&digest) {
+            let mut pinned = self.pinned.lock();
+            if pinned.contains_key(&digest) {
+                return;
+            }
+            pinned.insert(digest, entry);
+            self.pinned_bytes.fetch_add(len, Ordering::Relaxed);
+            self.metrics.cache_pinned_bytes.add(len as i64);
+        } else {
+            self.index.insert(digest, entry);
+        }
         self.metrics.cache_size_bytes.add(len as i64);
         self.metrics.cache_blobs.inc();
-        let used = AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed));
-        self.index.insert(digest, Arc::new(Entry { len, used }));
     }
 
-    /// Disk full: deletes the least recently used blobs until `need` bytes are freed (or the
-    /// cache is empty). Returns the bytes freed. Blocking.
-    pub fn make_room(&self, need: u64) -> u64 {
+    /// Deletes the least recently used evictable blobs until `need` bytes are freed (or none
+    /// is left). Returns the bytes freed. Blocking.
+    fn evict_lru(&self, need: u64) -> u64 {
         let mut entries: Vec<(Arc<Digest>, Arc<Entry>)> = self.index.iter().collect();
         entries.sort_by_key(|(_, e)| e.used.load(Ordering::Relaxed));
         let mut freed = 0;
@@ -233,21 +268,155 @@ impl BlobStore {
             if freed >= need {
                 break;
             }
-            self.index.invalidate(&*digest);
-            if std::fs::remove_file(blob_path(&self.root, &digest)).is_ok() {
+            if self.evict(&digest, &e) {
                 freed += e.len;
-                self.metrics.cache_evictions.inc();
-                self.metrics.cache_evicted_bytes.inc_by(e.len);
-                remember_eviction(&self.recent_evictions, (*digest).clone(), e.len);
             }
         }
         self.index.run_pending_tasks();
+        freed
+    }
+
+    /// Evicts one blob of the LRU index: forgets it, deletes its file, counts it.
+    fn evict(&self, digest: &Digest, e: &Entry) -> bool {
+        self.index.invalidate(digest);
+        if std::fs::remove_file(blob_path(&self.root, digest)).is_err() {
+            return false;
+        }
+        self.metrics.cache_evictions.inc();
+        self.metrics.cache_evicted_bytes.inc_by(e.len);
+        remember_eviction(&self.recent_evictions, digest.clone(), e.len);
+        true
+    }
+
+    /// Disk full: deletes the least recently used blobs until `need` bytes are freed (or the
+    /// cache is empty). Returns the bytes freed. Blocking.
+    pub fn make_room(&self, need: u64) -> u64 {
+        let freed = self.evict_lru(need);
         tracing::warn!(
             need,
             freed,
             "disk full: evicted least recently used blobs to make room"
         );
         freed
+    }
+
+    /// Pinned bytes count toward `max_size` but are not in the LRU index (whose capacity is
+    /// `max_size`): with pins, evict from the index until both together fit. Blocking.
+    fn enforce_max_size(&self) {
+        let pinned = self.pinned_bytes.load(Ordering::Relaxed);
+        if pinned == 0 {
+            return;
+        }
+        self.index.run_pending_tasks();
+        let used = self.index.weighted_size() * 1024 + pinned;
+        if used > self.max_size {
+            self.evict_lru(used - self.max_size);
+        }
+    }
+
+    /// Pins exactly `set`: its cached blobs leave the LRU index (never evicted), blobs of it
+    /// stored later are pinned as they arrive, and blobs no longer in it become evictable
+    /// again (most recently used). Blocking (it may evict to keep `max_size`).
+    pub fn set_pinned(&self, set: HashSet<Digest>) {
+        {
+            let mut pinned = self.pinned.lock();
+            *self.pin_set.write() = set.clone();
+            let unpinned: Vec<Digest> = pinned
+                .keys()
+                .filter(|d| !set.contains(*d))
+                .cloned()
+                .collect();
+            for d in unpinned {
+                if let Some(e) = pinned.remove(&d) {
+                    self.pinned_bytes.fetch_sub(e.len, Ordering::Relaxed);
+                    self.metrics.cache_pinned_bytes.sub(e.len as i64);
+                    e.used.store(
+                        self.clock.fetch_add(1, Ordering::Relaxed),
+                        Ordering::Relaxed,
+                    );
+                    self.index.insert(d, e);
+                }
+            }
+            for d in &set {
+                if pinned.contains_key(d) {
+                    continue;
+                }
+                // Removing from the index counts the blob out of the size metrics (an
+                // explicit removal deletes no file); the pinned table counts it back in.
+                if let Some(e) = self.index.remove(d) {
+                    self.pinned_bytes.fetch_add(e.len, Ordering::Relaxed);
+                    self.metrics.cache_pinned_bytes.add(e.len as i64);
+                    self.metrics.cache_size_bytes.add(e.len as i64);
+                    self.metrics.cache_blobs.inc();
+                    pinned.insert(d.clone(), e);
+                }
+            }
+        }
+        self.enforce_max_size();
+    }
+
+    /// Forgets a pinned blob whose file is gone (it stays in the pin set).
+    fn forget_pinned(&self, digest: &Digest) {
+        if let Some(e) = self.pinned.lock().remove(digest) {
+            self.pinned_bytes.fetch_sub(e.len, Ordering::Relaxed);
+            self.metrics.cache_pinned_bytes.sub(e.len as i64);
+            self.metrics.cache_size_bytes.sub(e.len as i64);
+            self.metrics.cache_blobs.dec();
+        }
+    }
+
+    pub fn is_pinned(&self, digest: &Digest) -> bool {
+        self.pin_set.read().contains(digest)
+    }
+
+    /// Bytes of pinned blobs on disk.
+    pub fn pinned_bytes(&self) -> u64 {
+        self.pinned_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether a new fill of `digest` may start: pinned blobs always; others not once pinned
+    /// blobs fill `max_size` (the cache would exceed it by more than the one blob).
+    pub fn may_fill(&self, digest: &Digest) -> bool {
+        self.pinned_bytes() < self.max_size || self.is_pinned(digest)
+    }
+
+    /// Evicts the blobs not pulled for `max_idle` (pinned blobs never). Returns how many
+    /// and their bytes. Blocking.
+    pub fn evict_idle(&self, max_idle: Duration) -> (usize, u64) {
+        let cutoff = unix_now().saturating_sub(max_idle.as_secs());
+        let (mut n, mut bytes) = (0, 0);
+        let idle: Vec<(Arc<Digest>, Arc<Entry>)> = self
+            .index
+            .iter()
+            .filter(|(_, e)| e.pulled.load(Ordering::Relaxed) < cutoff)
+            .collect();
+        for (digest, e) in idle {
+            // A fill of the same digest may have replaced the entry since.
+            let still = self
+                .index
+                .get(&*digest)
+                .is_some_and(|now| Arc::ptr_eq(&now, &e));
+            if still && self.evict(&digest, &e) {
+                n += 1;
+                bytes += e.len;
+            }
+        }
+        self.index.run_pending_tasks();
+        if n > 0 {
+            tracing::info!(
+                blobs = n,
+                bytes,
+                max_idle = %humantime::format_duration(max_idle),
+                "evicted blobs not pulled within max_idle"
+            );
+        }
+        (n, bytes)
+    }
+
+    fn entry(&self, digest: &Digest) -> Option<Arc<Entry>> {
+        self.index
+            .get(digest)
+            .or_else(|| self.pinned.lock().get(digest).cloned())
     }
 
     /// Opens a cached blob, marking it recently used.
@@ -262,6 +431,7 @@ impl BlobStore {
     /// file; the next request fetches it again.
     pub fn remove(&self, digest: &Digest) -> io::Result<bool> {
         self.index.invalidate(digest);
+        self.forget_pinned(digest);
         match std::fs::remove_file(blob_path(&self.root, digest)) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -278,13 +448,14 @@ impl BlobStore {
     }
 
     pub fn lookup(&self, digest: &Digest) -> Option<CachedBlob> {
-        let known = self.index.get(digest).map(|e| {
+        let entry = self.entry(digest);
+        if let Some(e) = &entry {
             e.used.store(
                 self.clock.fetch_add(1, Ordering::Relaxed),
                 Ordering::Relaxed,
             );
-            e.len
-        });
+        }
+        let known = entry.as_ref().map(|e| e.len);
         if known.is_none() && self.is_ready() {
             return None;
         }
@@ -296,10 +467,13 @@ impl BlobStore {
                     None => {
                         // Still scanning at start-up: the file on disk is authoritative.
                         let len = file.metadata().ok()?.len();
-                        self.insert(digest.clone(), len);
+                        self.insert(digest.clone(), len, unix_now());
                         len
                     }
                 };
+                if let Some(e) = &entry {
+                    touch(e, &file);
+                }
                 Some(CachedBlob {
                     file: Arc::new(file),
                     len,
@@ -309,6 +483,7 @@ impl BlobStore {
                 if known.is_some() {
                     tracing::warn!(digest = %digest, "indexed blob is missing on disk; forgetting it");
                     self.index.invalidate(digest);
+                    self.forget_pinned(digest);
                 }
                 None
             }
@@ -367,9 +542,10 @@ impl BlobStore {
         if let Ok(d) = File::open(shard) {
             let _ = d.sync_all();
         }
-        self.insert(digest.clone(), len);
+        self.insert(digest.clone(), len, unix_now());
         // Evict now, so the disk never holds much more than max_size.
         self.index.run_pending_tasks();
+        self.enforce_max_size();
         Ok(())
     }
 
@@ -397,12 +573,29 @@ impl BlobStore {
     /// The size of every blob in the index (without marking any as used). Blocking: it walks
     /// the whole index.
     pub fn sizes(&self) -> HashMap<Arc<Digest>, u64> {
-        self.index.iter().map(|(d, e)| (d, e.len)).collect()
+        let mut all: HashMap<Arc<Digest>, u64> =
+            self.index.iter().map(|(d, e)| (d, e.len)).collect();
+        for (d, e) in self.pinned.lock().iter() {
+            all.insert(Arc::new(d.clone()), e.len);
+        }
+        all
     }
 
     /// Applies pending evictions now (tests and metrics scrapes).
     pub fn run_pending(&self) {
         self.index.run_pending_tasks();
+    }
+}
+
+/// Marks a blob pulled now; at most every [`TOUCH_EVERY`], also on its file (see there).
+fn touch(e: &Entry, file: &File) {
+    let now = unix_now();
+    e.pulled.store(now, Ordering::Relaxed);
+    if now >= e.touched.load(Ordering::Relaxed) + TOUCH_EVERY {
+        e.touched.store(now, Ordering::Relaxed);
+        if let Err(err) = file.set_modified(SystemTime::now()) {
+            tracing::debug!(error = %err, "cannot record a blob's last pull on its file");
+        }
     }
 }
 

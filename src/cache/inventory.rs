@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{BlobStore, ManifestStore};
+use super::{BlobStore, ManifestStore, Pins, PullStat};
 use crate::oci::{Digest, Reference, RepoName, referenced_digests};
 
 /// One cached tag (or a manifest no tag points to).
@@ -22,6 +22,24 @@ pub struct CachedImage {
     pub bytes: u64,
     /// When upstream last confirmed the tag (seconds since the epoch).
     pub checked: Option<u64>,
+    /// Manifest GETs of the tag or of its digest (kept across restarts).
+    pub pulls: u64,
+    /// The last of those (seconds since the epoch).
+    pub last_pulled: Option<u64>,
+    /// Pinned by name (`berth pin`, `[cache] pin`): never evicted.
+    pub pinned: bool,
+}
+
+/// An image's pulls: by its tag and by the digest the tag names.
+fn pulls_of(manifests: &ManifestStore, registry: &str, repo: &RepoName, refs: &[&str]) -> PullStat {
+    let mut total = PullStat::default();
+    for r in refs {
+        if let Some(s) = manifests.pulls().get(registry, repo, r) {
+            total.count += s.count;
+            total.last = total.last.max(s.last);
+        }
+    }
+    total
 }
 
 /// What a purge removed (or, with `dry_run`, would remove).
@@ -58,6 +76,7 @@ fn reach(
 pub fn list(
     manifests: &ManifestStore,
     blobs: &BlobStore,
+    pins: &Pins,
     registry: Option<&str>,
 ) -> Vec<CachedImage> {
     let mut out = Vec::new();
@@ -80,11 +99,17 @@ pub fn list(
             };
             for (tag, rec) in &tags {
                 tagged.insert(rec.digest.clone());
+                let digest = rec.digest.to_string();
+                let pulls = pulls_of(manifests, &reg, &repo, &[tag.as_str(), &digest]);
                 out.push(CachedImage {
+                    pulls: pulls.count,
+                    last_pulled: (pulls.count > 0).then_some(pulls.last),
+                    pinned: pins.names(&reg, &repo_name, tag.as_str())
+                        || pins.names(&reg, &repo_name, &digest),
                     registry: reg.clone(),
                     repository: repo_name.clone(),
                     tag: Some(tag.to_string()),
-                    digest: rec.digest.to_string(),
+                    digest,
                     media_type: rec.media_type.clone(),
                     bytes: size(&rec.digest),
                     checked: Some(rec.checked),
@@ -103,12 +128,17 @@ pub fn list(
                     .get(&reg_arc, &repo, &d)
                     .map(|m| m.media_type.clone())
                     .unwrap_or_default();
+                let digest = d.to_string();
+                let pulls = pulls_of(manifests, &reg, &repo, &[&digest]);
                 out.push(CachedImage {
+                    pulls: pulls.count,
+                    last_pulled: (pulls.count > 0).then_some(pulls.last),
+                    pinned: pins.names(&reg, &repo_name, &digest),
                     registry: reg.clone(),
                     repository: repo_name.clone(),
                     tag: None,
                     bytes: size(&d),
-                    digest: d.to_string(),
+                    digest,
                     media_type,
                     checked: None,
                 });
@@ -182,6 +212,7 @@ pub fn remove(
         p.tags.push(format!("{registry}/{repo}:{t}"));
         if !dry_run {
             manifests.remove_tag(registry, repo, t)?;
+            manifests.pulls().forget(registry, repo, t.as_str());
         }
     }
     let mut digests: Vec<&Digest> = reached.iter().filter(|d| !kept.contains(*d)).collect();
@@ -191,7 +222,12 @@ pub fn remove(
             p.manifests.push(d.to_string());
             if !dry_run {
                 manifests.remove_manifest(registry, repo, d)?;
+                manifests.pulls().forget(registry, repo, &d.to_string());
             }
+        }
+        // A blob another pinned image holds stays.
+        if blobs.is_pinned(d) {
+            continue;
         }
         if let Some(len) = blobs.len_of(d) {
             p.blobs.push(d.to_string());
@@ -202,4 +238,57 @@ pub fn remove(
         }
     }
     Ok(p)
+}
+
+/// What a prune removed (or, with `dry_run`, would remove).
+#[derive(Debug, Default, Serialize)]
+pub struct Pruned {
+    pub dry_run: bool,
+    /// The images not pulled since the cutoff, as `registry/repository:tag` or `@digest`.
+    pub images: Vec<String>,
+    pub blobs: Vec<String>,
+    pub bytes_freed: u64,
+}
+
+/// Purges every image not pulled since `cutoff` (seconds since the epoch; a tag never pulled
+/// counts from when upstream last confirmed it, a manifest by digest never pulled is kept).
+/// Pinned images stay. A dry run counts only the blobs no other image references (blobs only
+/// two pruned images share are freed by the real run but not counted by the dry one).
+/// Blocking.
+pub fn prune(
+    manifests: &ManifestStore,
+    blobs: &BlobStore,
+    pins: &Pins,
+    cutoff: u64,
+    dry_run: bool,
+) -> std::io::Result<Pruned> {
+    let mut out = Pruned {
+        dry_run,
+        ..Pruned::default()
+    };
+    for image in list(manifests, blobs, pins, None) {
+        let last = image.last_pulled.or(image.checked);
+        if image.pinned || last.is_none_or(|t| t >= cutoff) {
+            continue;
+        }
+        let (Ok(repo), reference) = (
+            image.repository.parse::<RepoName>(),
+            match &image.tag {
+                Some(t) => t.parse::<Reference>(),
+                None => image.digest.parse::<Reference>(),
+            },
+        ) else {
+            continue;
+        };
+        let Ok(reference) = reference else { continue };
+        let registry: Arc<str> = image.registry.as_str().into();
+        let p = remove(manifests, blobs, &registry, &repo, &reference, dry_run)?;
+        out.images.push(match &image.tag {
+            Some(t) => format!("{}/{}:{t}", image.registry, image.repository),
+            None => format!("{}/{}@{}", image.registry, image.repository, image.digest),
+        });
+        out.bytes_freed += p.bytes_freed;
+        out.blobs.extend(p.blobs);
+    }
+    Ok(out)
 }

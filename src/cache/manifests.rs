@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::HeaderValue;
 
+use super::Pulls;
 use crate::oci::{Digest, Hasher, RepoName, Tag, referenced_digests};
 
 /// A manifest with its exact bytes and the response headers that go with it.
@@ -98,13 +99,9 @@ pub struct ManifestStore {
     /// Digests upstream recently said a repository does not hold, so repeated probes for a
     /// foreign digest cost one upstream request a minute, not one each.
     non_members: moka::sync::Cache<(RepoKey, Digest), ()>,
-    /// Manifest GETs answered per repository since start (in memory only; at most
-    /// [`MAX_PULL_COUNTED`] repositories are counted).
-    pulls: RwLock<HashMap<RepoKey, u64>>,
+    /// Manifest GETs answered per image, kept across restarts.
+    pulls: Pulls,
 }
-
-/// How many repositories [`ManifestStore::record_pull`] counts pulls of.
-const MAX_PULL_COUNTED: usize = 100_000;
 
 /// A cached repository's size: the blobs in the cache it is known to hold.
 #[derive(Debug, Clone)]
@@ -133,7 +130,7 @@ impl ManifestStore {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(60))
                 .build(),
-            pulls: RwLock::new(HashMap::new()),
+            pulls: Pulls::open(dir),
         })
     }
 
@@ -381,33 +378,20 @@ impl ManifestStore {
         }
     }
 
-    /// Counts one manifest GET answered for the repository.
-    pub fn record_pull(&self, registry: &Arc<str>, repo: &RepoName) {
-        let key = (registry.clone(), repo.clone());
-        let mut pulls = self.pulls.write();
-        if let Some(n) = pulls.get_mut(&key) {
-            *n += 1;
-        } else if pulls.len() < MAX_PULL_COUNTED {
-            pulls.insert(key, 1);
-        }
+    /// Counts one manifest GET answered for `reference` (a tag or digest) of the repository.
+    pub fn record_pull(&self, registry: &Arc<str>, repo: &RepoName, reference: &str) {
+        self.pulls.record(registry, repo, reference);
     }
 
-    /// The `n` repositories with the most manifest GETs since start, most first (ties by
-    /// name), with their counts.
+    /// Pull counts and last-pulled times.
+    pub fn pulls(&self) -> &Pulls {
+        &self.pulls
+    }
+
+    /// The `n` repositories with the most manifest GETs, most first (ties by name), with
+    /// their counts.
     pub fn top_pulled(&self, n: usize) -> Vec<(Arc<str>, RepoName, u64)> {
-        let pulls = self.pulls.read();
-        let mut all: Vec<(Arc<str>, RepoName, u64)> = pulls
-            .iter()
-            .map(|((reg, repo), &c)| (reg.clone(), repo.clone(), c))
-            .collect();
-        drop(pulls);
-        all.sort_by(|a, b| {
-            b.2.cmp(&a.2)
-                .then_with(|| a.0.cmp(&b.0))
-                .then_with(|| a.1.as_str().cmp(b.1.as_str()))
-        });
-        all.truncate(n);
-        all
+        self.pulls.top_repositories(n)
     }
 
     /// The `n` largest repositories by the bytes of cached blobs (`sizes`: every cached

@@ -703,6 +703,14 @@ impl Mirror {
             cluster: self.cluster.clone().filter(|_| !via.peer),
             authorization: via.authorization.map(str::to_owned),
         };
+        if !self.blobs.may_fill(digest) {
+            tracing::warn!(digest = %digest, pinned_bytes = self.blobs.pinned_bytes(), "refusing a fill: pinned blobs fill cache.max_size (unpin images or raise max_size)");
+            return Err(RegistryError::new(
+                ErrorCode::Internal,
+                "the cache is full of pinned images: unpin some or raise cache.max_size",
+            )
+            .with_status(http::StatusCode::INSUFFICIENT_STORAGE));
+        }
         let (fill, joined) = self.blobs.fill(digest, t, |fill| {
             sources::open(Arc::new(plan), fill.clone()).boxed()
         });

@@ -54,6 +54,22 @@ impl std::str::FromStr for ImageRef {
     }
 }
 
+/// The full form, which parses back to the same reference: `docker.io/library/alpine:3.20`,
+/// `ghcr.io/owner/app@sha256:…`.
+impl std::fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sep = match self.reference {
+            Reference::Tag(_) => ':',
+            Reference::Digest(_) => '@',
+        };
+        write!(
+            f,
+            "{}/{}{sep}{}",
+            self.registry, self.repository, self.reference
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +94,7 @@ mod tests {
         ];
         for (s, (reg, repo, r)) in table {
             let i: ImageRef = s.parse().unwrap();
+            assert_eq!(i.to_string().parse::<ImageRef>().unwrap(), i, "{s}");
             assert_eq!(
                 (
                     i.registry.as_str(),

@@ -6,7 +6,15 @@
 //!   registries; answers the JSON report.
 //! - `GET /admin/cache[?registry=R]`: the cached images (`{"images": [...]}`).
 //! - `POST /admin/cache/rm?registry=R&repository=REPO&reference=TAG|DIGEST[&dry_run=true]`:
-//!   purges one image; answers what went and the bytes freed.
+//!   purges one image; answers what went and the bytes freed (409 for a pinned image).
+//! - `POST /admin/cache/prune?not_pulled_for=30d[&dry_run=true]`: purges every image not
+//!   pulled for that long (pinned ones stay); answers the images, blobs and bytes freed.
+//! - `GET /admin/pins`: the pinned images (`{"pins": [{"image", "configured"}],
+//!   "pinned_bytes"}`).
+//! - `POST /admin/pin?image=IMAGE[&image=…]` / `POST /admin/unpin?image=IMAGE[&image=…]`:
+//!   pins (and fetches) or unpins images, IMAGE in the full form `registry/repository:tag` or
+//!   `…@digest`; answers `{"pinned": [...]}` / `{"unpinned": [...]}` (409 for an image
+//!   `[cache] pin` configures).
 
 use std::sync::Arc;
 
@@ -77,6 +85,207 @@ fn flag(query: Option<&str>, key: &str) -> bool {
         .any(|(k, v)| k == key && (v == "true" || v == "1" || v.is_empty()))
 }
 
+/// Runs blocking work off the runtime; a panic in it answers 500.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Box<Response<Body>>> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        Box::new(json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({"error": e.to_string()}),
+        ))
+    })
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> {
+    json(status, &serde_json::json!({"error": message.to_string()}))
+}
+
+/// Every `image` of the query, parsed; Err answers 400 naming the first that does not parse.
+fn images(query: Option<&str>) -> Result<Vec<crate::oci::ImageRef>, Box<Response<Body>>> {
+    let list: Vec<String> = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .filter(|(k, _)| k == "image")
+        .map(|(_, v)| v.into_owned())
+        .collect();
+    if list.is_empty() {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "name at least one image: ?image=registry/repository:tag",
+        )));
+    }
+    list.iter()
+        .map(|i| {
+            i.parse()
+                .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, e)))
+        })
+        .collect()
+}
+
+/// Caches the manifests of pinned images (the tag, and an index's children for the
+/// platforms) so that the pins cover every blob before the blobs are fetched; the mirrored
+/// registries' allow/deny lists apply. Returns each image that failed, with the reason.
+pub(crate) async fn fetch_pinned_manifests(
+    app: &App,
+    images: &[crate::oci::ImageRef],
+) -> Vec<(String, String)> {
+    let accept = crate::oci::MANIFEST_MEDIA_TYPES;
+    let mut failed = Vec::new();
+    for image in images {
+        let t = crate::route::Target {
+            registry: image.registry.as_str().into(),
+            repo: image.repository.clone(),
+        };
+        let fetch = async {
+            if !app.router.permitted(&t) {
+                return Err(format!(
+                    "{}/{} is denied by the registry's allow/deny lists",
+                    t.registry, t.repo
+                ));
+            }
+            let (m, _) = app
+                .mirror
+                .manifest(&t, &image.reference, &accept)
+                .await
+                .map_err(|e| e.to_string())?;
+            let children = crate::oci::index_children(&m.bytes, app.pins.platforms(), false);
+            for child in children {
+                app.mirror
+                    .manifest(&t, &crate::oci::Reference::Digest(child), &accept)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        };
+        if let Err(e) = fetch.await {
+            failed.push((image.to_string(), e));
+        }
+    }
+    failed
+}
+
+/// `/admin/pins`, `/admin/pin`, `/admin/unpin` and `/admin/cache/prune`.
+async fn pins_api(
+    app: Arc<App>,
+    method: &http::Method,
+    path: &str,
+    query: Option<&str>,
+) -> Response<Body> {
+    let answer = async {
+        match (method, path) {
+            (&http::Method::GET, "/admin/pins") => {
+                let a = app.clone();
+                let pins = blocking(move || a.pins.list()).await?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"pins": pins, "pinned_bytes": app.mirror.blobs.pinned_bytes()}),
+                ))
+            }
+            (&http::Method::POST, "/admin/pin") => {
+                let wanted = images(query)?;
+                let a = app.clone();
+                let w = wanted.clone();
+                let done = blocking(move || a.pins.pin(&w)).await?;
+                if let Err(e) = done {
+                    return Ok(error(StatusCode::INTERNAL_SERVER_ERROR, e));
+                }
+                // Pinned even if fetching fails now: the pin covers the image once cached.
+                let failed = fetch_pinned_manifests(&app, &wanted).await;
+                let a = app.clone();
+                blocking(move || a.pins.refresh(a.mirror.manifest_store(), &a.mirror.blobs))
+                    .await?;
+                let names: Vec<String> = wanted.iter().map(ToString::to_string).collect();
+                tracing::info!(images = names.join(", "), "pinned");
+                let failed: Vec<serde_json::Value> = failed
+                    .into_iter()
+                    .map(|(image, error)| serde_json::json!({"image": image, "error": error}))
+                    .collect();
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "pinned": names, "not_fetched": failed }),
+                ))
+            }
+            (&http::Method::POST, "/admin/unpin") => {
+                let wanted = images(query)?;
+                let a = app.clone();
+                let done = blocking(move || {
+                    let gone = a.pins.unpin(&wanted);
+                    a.pins.refresh(a.mirror.manifest_store(), &a.mirror.blobs);
+                    gone
+                })
+                .await?;
+                match done {
+                    Ok(gone) => {
+                        let names: Vec<String> = gone.iter().map(ToString::to_string).collect();
+                        tracing::info!(images = names.join(", "), "unpinned");
+                        Ok(json(
+                            StatusCode::OK,
+                            &serde_json::json!({ "unpinned": names }),
+                        ))
+                    }
+                    Err(e @ crate::cache::pins::UnpinError::Configured(_)) => {
+                        Ok(error(StatusCode::CONFLICT, e))
+                    }
+                    Err(e) => Ok(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
+                }
+            }
+            (&http::Method::POST, "/admin/cache/prune") => {
+                let Some(age) = param(query, "not_pulled_for") else {
+                    return Ok(error(
+                        StatusCode::BAD_REQUEST,
+                        "not_pulled_for is required (like 30d)",
+                    ));
+                };
+                let age = match humantime::parse_duration(&age) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        return Ok(error(
+                            StatusCode::BAD_REQUEST,
+                            format!("not_pulled_for {age:?} is not a duration like \"30d\": {e}"),
+                        ));
+                    }
+                };
+                let dry_run = flag(query, "dry_run");
+                let cutoff = crate::cache::unix_now().saturating_sub(age.as_secs());
+                let a = app.clone();
+                let done = blocking(move || {
+                    crate::cache::inventory::prune(
+                        a.mirror.manifest_store(),
+                        &a.mirror.blobs,
+                        &a.pins,
+                        cutoff,
+                        dry_run,
+                    )
+                })
+                .await?;
+                match done {
+                    Ok(p) => {
+                        tracing::info!(
+                            dry_run,
+                            images = p.images.len(),
+                            bytes = p.bytes_freed,
+                            "cache prune"
+                        );
+                        Ok(json(
+                            StatusCode::OK,
+                            &serde_json::to_value(&p).unwrap_or_default(),
+                        ))
+                    }
+                    Err(e) => Ok(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
+                }
+            }
+            _ => Ok(error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "use GET for /admin/pins, POST for the others",
+            )),
+        }
+    };
+    let answer: Result<Response<Body>, Box<Response<Body>>> = answer.await;
+    match answer {
+        Ok(r) => r,
+        Err(refused) => *refused,
+    }
+}
+
 fn param(query: Option<&str>, key: &str) -> Option<String> {
     url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
         .find(|(k, _)| k == key)
@@ -86,6 +295,12 @@ fn param(query: Option<&str>, key: &str) -> Option<String> {
 async fn admin_api<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
     if let Err(refused) = admitted(&app, &req) {
         return *refused;
+    }
+    if matches!(
+        req.uri().path(),
+        "/admin/pins" | "/admin/pin" | "/admin/unpin" | "/admin/cache/prune"
+    ) {
+        return pins_api(app, req.method(), req.uri().path(), req.uri().query()).await;
     }
     match (req.method(), req.uri().path()) {
         (&http::Method::POST, "/admin/gc") => {
@@ -119,12 +334,14 @@ async fn admin_api<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
         }
         (&http::Method::GET, "/admin/cache") => {
             let registry = param(req.uri().query(), "registry");
-            let (m, b) = (
-                app.mirror.manifest_store().clone(),
-                app.mirror.blobs.clone(),
-            );
+            let a = app.clone();
             match tokio::task::spawn_blocking(move || {
-                crate::cache::inventory::list(&m, &b, registry.as_deref())
+                crate::cache::inventory::list(
+                    a.mirror.manifest_store(),
+                    &a.mirror.blobs,
+                    &a.pins,
+                    registry.as_deref(),
+                )
             })
             .await
             {
@@ -156,6 +373,15 @@ async fn admin_api<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
                 );
             };
             let dry_run = flag(q, "dry_run");
+            let named = |r: &str| app.pins.names(&registry, repo.as_str(), r);
+            if named(&reference.to_string()) {
+                return error(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "{registry}/{repo} {reference} is pinned: unpin it first (berth unpin)"
+                    ),
+                );
+            }
             let registry: Arc<str> = registry.into();
             let (m, b) = (
                 app.mirror.manifest_store().clone(),

@@ -347,9 +347,11 @@ async fn answer(
                 .metrics()
                 .record_cache(RequestKind::Manifest, result);
             if !head {
-                app.mirror
-                    .manifest_store()
-                    .record_pull(&target.registry, &target.repo);
+                app.mirror.manifest_store().record_pull(
+                    &target.registry,
+                    &target.repo,
+                    &reference.to_string(),
+                );
                 let tag = match &reference {
                     crate::oci::Reference::Tag(t) => Some(t.to_string()),
                     crate::oci::Reference::Digest(_) => None,
