@@ -12,7 +12,10 @@
 #     a missing binary is a failure, never a skip)
 #   - hosted registries, webhooks and the admin token (ci/hosted, hosted-minimal, admin-token):
 #     rendered into berth.toml, their secrets only as files of the Secrets named
-#   - the values schema and the templates reject bad values
+#   - the [cache] keys pin, max_idle, negative_ttl and platforms (tests/chart/values/cache-keys):
+#     rendered as given, absent by default
+#   - the values schema and the templates reject bad values, and `berth check-config` those the
+#     schema cannot judge (a pin that is no image reference, maxIdle 0s)
 #   - the node-config DaemonSet's script writes and removes hosts.toml files (run with /bin/sh)
 #   - every metric the dashboard and the alerts query is in tests/chart/contract-metrics.txt, and
 #     in BERTH_METRICS_FILE (a real berth's /metrics output) or BERTH_CLUSTER_METRICS_FILE (that of
@@ -183,6 +186,34 @@ run "future-keys: berth.toml has [server.tls], balance, fallback, rate limits, I
     '^key = "/etc/berth/tls/tls.key"$' '^balance = "least-requests"$' '^fallback = \[$' \
     '^max_requests_per_second = 10$' '^max_requests_per_second = 2.5$' '^burst = 20$' \
     '^listen = "\[::\]:5000"$' '^max_size = 21474836480$'
+
+# The [cache] keys beyond maxSize and tagTtl (pin, max_idle, negative_ttl, platforms): rendered
+# with the values given, check-config'd; left empty (the default render), not rendered at all.
+render cache-keys -f tests/chart/values/cache-keys-values.yaml
+run "cache-keys: berth.toml [cache] has max_idle, negative_ttl, platforms and pin as given" \
+    "$py" - "$out/cache-keys.toml" "$out/default.toml" <<'EOF'
+import sys
+try:
+    import tomllib
+except ModuleNotFoundError:
+    import tomli as tomllib
+cache = tomllib.load(open(sys.argv[1], "rb"))["cache"]
+want = {
+    "max_idle": "30d",
+    "negative_ttl": "1m",
+    "platforms": ["linux/amd64", "linux/arm64/v8"],
+    "pin": [
+        "docker.io/library/alpine:3.20",
+        "ghcr.io/org/base@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "busybox",
+    ],
+}
+got = {k: cache.get(k) for k in want}
+assert got == want, got
+default = tomllib.load(open(sys.argv[2], "rb"))["cache"]
+assert not set(want) & set(default), f"the default render sets {set(want) & set(default)}"
+print("max_idle, negative_ttl, platforms and pin as given; none in the default render")
+EOF
 
 # config.extraConfig is appended as written, after the rendered registries.
 run "ci/extra-config: berth.toml ends with config.extraConfig" \
@@ -417,6 +448,39 @@ refuse "an ftp:// webhook (schema pattern)" "/config/notify/0/url.*does not matc
 refuse "an inline Authorization webhook header (headersSecret only)" "notify\[0\].headers.Authorization.*headersSecret" --set 'config.notify[0].url=https://h' --set 'config.notify[0].headers.Authorization=Bearer hunter2'
 refuse "admin.enabled without a token Secret" "admin.enabled needs admin.tokenSecret" --set admin.enabled=true
 refuse "an inline admin token (schema: the token only from a Secret)" "additional properties .token. not allowed" --set admin.enabled=true --set admin.token=hunter2
+
+refuse "cache.maxIdle=soon (schema pattern)" "/config/cache/maxIdle.*'soon'" --set config.cache.maxIdle=soon
+refuse "cache.negativeTtl=never (schema pattern)" "/config/cache/negativeTtl.*'never'" --set config.cache.negativeTtl=never
+refuse "a cache.platforms entry without an arch (schema pattern)" "/config/cache/platforms/0.*'linux'" --set 'config.cache.platforms[0]=linux'
+refuse "cache.pin as a string, not a list (schema type)" "/config/cache/pin.*want array" --set config.cache.pin=alpine
+refuse "a cache.pin entry with a space (schema pattern)" "/config/cache/pin/0.*does not match" --set 'config.cache.pin[0]=alpine 3'
+
+# --- values the schema lets through and berth check-config refuses ---------------------------------
+# refuse_config NAME EXPECTED_MESSAGE_REGEX helm-args...: the chart renders, berth check-config of
+# its berth.toml fails, naming the problem.
+refuse_config() {
+    local name=$1 expect=$2
+    shift 2
+    local rendered=$out/refuse-config.yaml toml=$out/refuse-config.toml log=$out/refuse-config.log
+    if ! helm_template "$rendered" "$@" >"$log" 2>&1 ||
+        ! "$py" tests/chart/check_render.py "$rendered" --toml-out "$toml" >>"$log" 2>&1; then
+        fail "check-config rejects $name: the chart did not render it"
+        sed 's/^/      /' "$log" | head -n 20
+        return
+    fi
+    if check_config "$toml" >"$log" 2>&1; then
+        fail "check-config rejects $name: berth check-config accepted it"
+    elif grep -Eq -- "$expect" "$log"; then
+        pass "check-config rejects $name"
+    else
+        fail "check-config rejects $name: the error does not match /$expect/"
+        sed 's/^/      /' "$log" | head -n 20
+    fi
+}
+refuse_config "cache.maxIdle=0s" "cache.max_idle: must be longer than 0s" --set config.cache.maxIdle=0s
+refuse_config "cache.maxIdle=30 fortnights" "cache.max_idle" --set 'config.cache.maxIdle=30 fortnights'
+refuse_config "a cache.pin that is no image reference" 'cache.pin\[1\]: "docker.io/Library/Alpine:3" is not an image reference' \
+    --set 'config.cache.pin[0]=alpine:3.20' --set 'config.cache.pin[1]=docker.io/Library/Alpine:3'
 
 # --- pieces -----------------------------------------------------------------------------------------
 if [[ -f $out/ci/edge-tier.yaml ]] &&

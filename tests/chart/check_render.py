@@ -51,7 +51,7 @@ SERVER_KEYS = {
     "max_connections_per_client", "client_requests_per_second", "client_burst",
 }
 TLS_KEYS = {"cert", "key", "client_ca"}
-CACHE_KEYS = {"dir", "max_size", "tag_ttl", "object_store"}
+CACHE_KEYS = {"dir", "max_size", "tag_ttl", "negative_ttl", "max_idle", "pin", "platforms", "object_store"}
 OBJECT_STORE_KEYS = {
     "url", "endpoint", "region", "access_key_id_env", "access_key_id_file",
     "secret_access_key_env", "secret_access_key_file", "account", "access_key_file",

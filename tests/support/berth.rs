@@ -114,8 +114,19 @@ impl Berth {
     /// Starts berth as a mirror of `upstream_url` (see [`berth_config`]) with its cache in
     /// its own temp dir ([`Berth::cache_dir`]).
     pub fn start_mirror(upstream_url: &str) -> Berth {
+        Berth::start_mirror_with(upstream_url, "")
+    }
+
+    /// Like [`Berth::start_mirror`], with extra keys for the `[[registry]]` table (see
+    /// [`berth_config_with`]), e.g. `allow = ["library/*"]`.
+    pub fn start_mirror_with(upstream_url: &str, registry_keys: &str) -> Berth {
         let dir = short_tempdir("berth-");
-        let config = berth_config(upstream_url, &dir.path().join("cache"));
+        let config = berth_config_with(
+            upstream_url,
+            &dir.path().join("cache"),
+            "1GiB",
+            registry_keys,
+        );
         Berth::start_in(dir, &config, &[]).unwrap_or_else(|e| panic!("{e}"))
     }
 

@@ -2,7 +2,7 @@
 berth.toml, rendered from .Values.config, .Values.objectStore, .Values.cluster and
 .Values.admin (see values.yaml). [admin], [[hosted]] and [[notify]] come before the registries, so
 that config.extraConfig still follows the last [[registry]]. Every string goes through berth.tomlString; optional keys (tls, balance, fallback,
-rate limits, timeouts) are rendered only when they are set, so berth's defaults apply otherwise.
+rate limits, timeouts, the cache's negative_ttl, max_idle, pin and platforms) are rendered only when they are set, so berth's defaults apply otherwise.
 config.extraConfig is appended last, as written.
 */}}
 {{- define "berth.tomlNumber" -}}
@@ -45,6 +45,22 @@ client_ca = "/etc/berth/client-ca/ca.crt"
 dir = {{ include "berth.tomlString" (include "berth.cacheDir" .) }}
 max_size = {{ include "berth.tomlNumber" $c.cache.maxSize }}
 tag_ttl = {{ include "berth.tomlString" $c.cache.tagTtl }}
+{{- with $c.cache.negativeTtl }}
+negative_ttl = {{ include "berth.tomlString" . }}
+{{- end }}
+{{- with $c.cache.maxIdle }}
+max_idle = {{ include "berth.tomlString" . }}
+{{- end }}
+{{- with $c.cache.pin }}
+pin = [
+{{- range . }}
+  {{ include "berth.tomlString" . }},
+{{- end }}
+]
+{{- end }}
+{{- with $c.cache.platforms }}
+platforms = [{{ range $i, $p := . }}{{ if $i }}, {{ end }}{{ include "berth.tomlString" $p }}{{ end }}]
+{{- end }}
 {{- with .Values.objectStore }}
 {{- if .url }}
 
