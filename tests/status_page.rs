@@ -396,6 +396,14 @@ async fn status_page_in_chromium_shows_the_numbers_of_metrics() {
     from_cache += pull(&berth, &busybox).await;
     from_upstream += pull(&berth, &app).await;
 
+    // A pinned image (not cached: its pin covers it once it is).
+    let pin = format!(
+        "{}/admin/pin?image=docker.io/library/pinned-later:1",
+        berth.admin_url()
+    );
+    let r = berth.client().post(&pin).send().await.expect("pin");
+    assert_eq!(r.status(), 200);
+
     // Every blob filled: in the cache, or in it and evicted since (a fill commits just after
     // its last byte went out).
     let blob_count = [&alpine, &busybox, &app]
@@ -629,9 +637,15 @@ async fn status_page_in_chromium_shows_the_numbers_of_metrics() {
         "no blob is shared"
     );
 
-    // Pinning is not built yet: an empty list, said so.
-    assert_eq!(dom.by_id("pinned-list").attrs["data-count"], "0");
-    assert!(dom.by_id("pinned-none").text.starts_with("none"));
+    // The pinned image, and the bytes pins hold as /metrics says.
+    assert_eq!(dom.by_id("pinned-list").attrs["data-count"], "1");
+    let pinned = dom.with_class("pinned");
+    assert_eq!(pinned.len(), 1);
+    assert_eq!(
+        pinned[0].attrs["data-image"],
+        "docker.io/library/pinned-later:1"
+    );
+    assert_eq!(dom.value("pinned-bytes"), m("berth_cache_pinned_bytes"));
 
     // Hosted registries: the one configured, and what was pushed to it.
     assert_eq!(dom.value("hosted-bytes"), m("berth_hosted_bytes"));

@@ -97,7 +97,8 @@ pub struct StatusData {
     pub recent_evictions: Vec<Eviction>,
     /// Names of the hosted registries (None: no `[[hosted]]`).
     pub hosted: Option<Vec<String>>,
-    /// Pinned images (pinning does not exist yet: always empty).
+    /// Pinned images (`[cache] pin`, `berth pin`), and the bytes their cached blobs take
+    /// (`berth_cache_pinned_bytes`).
     pub pinned: Vec<String>,
 }
 
@@ -132,7 +133,7 @@ impl StatusData {
             top_size,
             recent_evictions,
             hosted,
-            pinned: Vec::new(),
+            pinned: app.pins.list().into_iter().map(|p| p.image).collect(),
         }
     }
 }
@@ -191,7 +192,11 @@ pub fn render(d: &StatusData, now: SystemTime) -> String {
     evictions_section(&mut out, m, &d.recent_evictions, now);
     upstream_section(&mut out, m);
     top_sections(&mut out, d);
-    pinned_section(&mut out, &d.pinned);
+    pinned_section(
+        &mut out,
+        &d.pinned,
+        d.metrics.get("berth_cache_pinned_bytes").unwrap_or(0.0),
+    );
     hosted_section(&mut out, m, d.hosted.as_deref());
     out.push_str("</main></body></html>\n");
     out
@@ -397,18 +402,24 @@ fn top_sections(out: &mut String, d: &StatusData) {
     out.push_str("</section>");
 }
 
-fn pinned_section(out: &mut String, pinned: &[String]) {
+fn pinned_section(out: &mut String, pinned: &[String], pinned_bytes: f64) {
     let _ = write!(
         out,
-        "<section id=\"pinned\"><h2>Pinned images</h2><ul id=\"pinned-list\" data-count=\"{}\">",
+        "<section id=\"pinned\"><h2>Pinned images</h2><p>Never evicted: <span id=\"pinned-bytes\" data-value=\"{}\">{}</span> on disk.</p><ul id=\"pinned-list\" data-count=\"{}\">",
+        pinned_bytes,
+        human_bytes(pinned_bytes),
         pinned.len()
     );
     for p in pinned {
-        let _ = write!(out, "<li class=\"pinned\"><code>{}</code></li>", escape(p));
+        let p = escape(p);
+        let _ = write!(
+            out,
+            "<li class=\"pinned\" data-image=\"{p}\"><code>{p}</code></li>"
+        );
     }
     out.push_str("</ul>");
     if pinned.is_empty() {
-        out.push_str("<p class=\"none\" id=\"pinned-none\">none (pinning is not available in this version)</p>");
+        out.push_str("<p class=\"none\" id=\"pinned-none\">none (<code>berth pin IMAGE</code> or <code>[cache] pin</code>)</p>");
     }
     out.push_str("</section>");
 }
