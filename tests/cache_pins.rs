@@ -391,3 +391,70 @@ async fn with_a_token_no_pin_unpin_or_prune_changes_anything_without_it() {
     assert!(!on_disk(&berth, &layer), "{out}");
     berth.stop().await;
 }
+
+/// Pinning an image while its blob is being filled pins the blob as it lands; purging an image
+/// while a client streams one of its blobs lets the stream finish whole (the file goes at once,
+/// the open handle keeps reading).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pin_during_a_fill_and_purge_during_a_stream() {
+    use futures_util::StreamExt;
+    let up = FakeUpstream::start().await;
+    const M: usize = 1024 * 1024;
+    let slow = image(&up, "library/slow", 7, 2 * M);
+    let big = image(&up, "library/big", 8, 16 * M);
+    let berth = InProc::start(&InProcConfig::mirror_of(
+        &up.url(),
+        "probe_interval = \"0s\"",
+    ))
+    .await;
+
+    // 2 MiB in 64 KiB pieces 20 ms apart: the fill takes about 0.6 s.
+    up.set(fake_upstream::Behaviour::Slow(Duration::from_millis(20)));
+    let r = berth.get("/v2/library/slow/manifests/v1").await;
+    assert_eq!(r.status(), 200);
+    let url = format!("{}/v2/library/slow/blobs/{slow}", berth.url());
+    let client = berth.client().clone();
+    let fill =
+        tokio::spawn(async move { client.get(url).send().await.expect("get").bytes().await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(!on_disk(&berth, &slow), "the fill was over before the pin");
+    let (ok, out) = cli(&berth, &["pin", "slow:v1"]);
+    assert!(ok, "{out}");
+    let body = fill.await.expect("task").expect("body");
+    assert_eq!(fake_upstream::sha256(&body), slow);
+    up.set(fake_upstream::Behaviour::Normal);
+    eventually("the blob filled during the pin is cached", || {
+        on_disk(&berth, &slow)
+    })
+    .await;
+    let metrics = berth.metrics_text().await;
+    let pinned: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("berth_cache_pinned_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(pinned >= (2 * M) as f64, "pinned bytes {pinned}");
+
+    // A cached 16 MiB blob, read slowly while its image is purged.
+    pull(&berth, "library/big").await;
+    eventually("the big layer is cached", || on_disk(&berth, &big)).await;
+    let r = berth.get(&format!("/v2/library/big/blobs/{big}")).await;
+    assert_eq!(r.status(), 200);
+    let mut stream = r.bytes_stream();
+    let mut got = Vec::with_capacity(16 * M);
+    let first = stream.next().await.expect("a first chunk").expect("chunk");
+    got.extend_from_slice(&first);
+    let (ok, out) = cli(&berth, &["cache", "rm", "big:v1"]);
+    assert!(ok && out.contains(&format!("removed blob {big}")), "{out}");
+    assert!(
+        !on_disk(&berth, &big),
+        "the purged blob's file is still there"
+    );
+    while let Some(chunk) = stream.next().await {
+        got.extend_from_slice(&chunk.expect("the stream of a purged blob completes"));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(got.len(), 16 * M);
+    assert_eq!(fake_upstream::sha256(&got), big);
+    berth.stop().await;
+}
