@@ -18,6 +18,7 @@ use crate::mirror::Mirror;
 use crate::notify::Notifier;
 use crate::route::Router;
 use crate::server::auth::Auth;
+use crate::server::warm::Warmer;
 
 /// Why berth could not start. Each names the part and keeps its cause.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +75,8 @@ pub struct App {
     /// `admin_listen`).
     pub(crate) admin_token: Option<String>,
     pub(crate) admin_loopback: bool,
+    /// Warm jobs (`POST /admin/warm`, pins).
+    pub(crate) warm: Warmer,
 }
 
 impl App {
@@ -208,6 +211,15 @@ impl App {
                 max_connections_per_client: config.server.max_connections_per_client,
             },
             cache_dir: dir,
+            // Checked by Config::validate: each parses.
+            warm: Warmer::new(
+                config
+                    .cache
+                    .platforms
+                    .iter()
+                    .filter_map(|p| crate::oci::Platform::parse(p).ok())
+                    .collect(),
+            ),
         }))
     }
 

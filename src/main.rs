@@ -5,6 +5,8 @@ use clap::{Parser, Subcommand};
 
 use berth::config::{Config, LogFormat};
 
+mod cli;
+
 /// A pull-through caching mirror for container registries.
 #[derive(Parser)]
 #[command(version, about)]
@@ -37,6 +39,17 @@ enum Command {
     Cache {
         #[command(subcommand)]
         command: CacheCommand,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Fetch images into the cache of a running berth, through berth itself (its routes,
+    /// allow/deny lists and upstream credentials apply), so the first pull is a cache hit.
+    /// IMAGE is docker-style (`alpine` is docker.io/library/alpine:latest). Of a
+    /// multi-platform image, the platforms of its `[cache] platforms` (or --platform) are
+    /// fetched. Shows progress, and exits 1 naming each image that failed.
+    Warm {
+        #[command(flatten)]
+        args: cli::warm::WarmArgs,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -106,6 +119,7 @@ fn main() -> ExitCode {
             }
         },
         Some(Command::Cache { command, admin }) => cache(command, &admin),
+        Some(Command::Warm { args, admin }) => cli::warm::run(args, &admin),
         Some(Command::Gc {
             config,
             dry_run,
@@ -161,11 +175,24 @@ impl AdminClient {
         method: reqwest::Method,
         path_and_query: &str,
     ) -> Result<serde_json::Value, String> {
+        self.call_with(method, path_and_query, None).await
+    }
+
+    /// Like [`AdminClient::call`], with a JSON request body.
+    async fn call_with(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, String> {
         let mut req = self
             .http
             .request(method, format!("{}{path_and_query}", self.base));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
         }
         let r = req
             .send()

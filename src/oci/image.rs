@@ -54,6 +54,18 @@ impl std::str::FromStr for ImageRef {
     }
 }
 
+/// `registry/repository:tag` or `registry/repository@digest`, in full (`alpine` is shown as
+/// `docker.io/library/alpine:latest`).
+impl std::fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sep = match self.reference {
+            Reference::Tag(_) => ':',
+            Reference::Digest(_) => '@',
+        };
+        write!(f, "{}/{}{sep}{}", self.registry, self.repository, self.reference)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,6 +102,9 @@ mod tests {
         }
         let i: ImageRef = format!("ghcr.io/owner/app@{d}").parse().unwrap();
         assert_eq!(i.reference.to_string(), d);
+        assert_eq!(i.to_string(), format!("ghcr.io/owner/app@{d}"));
+        let i: ImageRef = "alpine".parse().unwrap();
+        assert_eq!(i.to_string(), "docker.io/library/alpine:latest");
         for bad in ["", "UPPER", "a:b:c", "x@sha256:12", "a//b"] {
             assert!(bad.parse::<ImageRef>().is_err(), "{bad}");
         }

@@ -7,6 +7,14 @@
 //! - `GET /admin/cache[?registry=R]`: the cached images (`{"images": [...]}`).
 //! - `POST /admin/cache/rm?registry=R&repository=REPO&reference=TAG|DIGEST[&dry_run=true]`:
 //!   purges one image; answers what went and the bytes freed.
+//! - `POST /admin/warm` with `{"images": ["alpine:3.20", …], "platforms": ["linux/arm64"],
+//!   "all_platforms": false}` (`platforms` and `all_platforms` optional; no platforms:
+//!   `[cache] platforms`): starts a warm job ([`super::warm`]) and answers 202 `{"id": N}`;
+//!   400 naming a bad image or platform, 413 for a body over 1 MiB.
+//! - `GET /admin/warm/<id>`: the job's progress: `{"id", "state": "queued|running|done|failed",
+//!   "platforms", "all_platforms", "failed", "images": [{"image", "state", "manifests",
+//!   "blobs_done", "blobs_total", "blobs_cached", "bytes_done", "bytes_total", "error"}]}`;
+//!   404 for an unknown id (or one of the jobs finished before the last 64).
 
 use std::sync::Arc;
 
@@ -83,11 +91,106 @@ fn param(query: Option<&str>, key: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-async fn admin_api<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
+/// The largest request body the admin API reads.
+const MAX_BODY: usize = 1024 * 1024;
+
+/// The most images one warm job takes.
+const MAX_WARM_IMAGES: usize = 1000;
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    json(status, &serde_json::json!({ "error": message.into() }))
+}
+
+/// The request body, at most [`MAX_BODY`] bytes (else 413).
+async fn read_body<B>(body: B) -> Result<Bytes, Box<Response<Body>>>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Box::new(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is over {MAX_BODY} bytes"),
+        ))),
+        Err(e) => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the request body: {e}"),
+        ))),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WarmRequest {
+    images: Vec<String>,
+    #[serde(default)]
+    platforms: Vec<String>,
+    #[serde(default)]
+    all_platforms: bool,
+}
+
+/// `POST /admin/warm`: checks every image and platform, then starts the job.
+fn start_warm(app: &Arc<App>, body: &[u8]) -> Response<Body> {
+    let bad = |m: String| error(StatusCode::BAD_REQUEST, m);
+    let req: WarmRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return bad(format!(
+                "the body is not {{\"images\": [...], \"platforms\": [...], \"all_platforms\": bool}}: {e}"
+            ));
+        }
+    };
+    if req.images.is_empty() || req.images.len() > MAX_WARM_IMAGES {
+        return bad(format!("name 1 to {MAX_WARM_IMAGES} images"));
+    }
+    let mut images = Vec::with_capacity(req.images.len());
+    for i in &req.images {
+        match i.parse::<crate::oci::ImageRef>() {
+            Ok(r) => images.push(r),
+            Err(e) => return bad(e),
+        }
+    }
+    let mut platforms = Vec::with_capacity(req.platforms.len());
+    for p in &req.platforms {
+        match crate::oci::Platform::parse(p) {
+            Ok(p) => platforms.push(p),
+            Err(e) => return bad(e),
+        }
+    }
+    let id = app
+        .warm
+        .start(app.clone(), images, platforms, req.all_platforms);
+    json(StatusCode::ACCEPTED, &serde_json::json!({ "id": id }))
+}
+
+async fn admin_api<B>(app: Arc<App>, req: Request<B>) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     if let Err(refused) = admitted(&app, &req) {
         return *refused;
     }
+    if let Some(id) = req.uri().path().strip_prefix("/admin/warm/") {
+        if req.method() != http::Method::GET {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "use GET");
+        }
+        return match id.parse::<u64>().ok().and_then(|id| app.warm.job(id)) {
+            Some(job) => json(
+                StatusCode::OK,
+                &serde_json::to_value(&job).unwrap_or_default(),
+            ),
+            None => error(StatusCode::NOT_FOUND, format!("no warm job {id:?}")),
+        };
+    }
     match (req.method(), req.uri().path()) {
+        (&http::Method::POST, "/admin/warm") => match read_body(req.into_body()).await {
+            Ok(body) => start_warm(&app, &body),
+            Err(refused) => *refused,
+        },
+        (_, "/admin/warm") => error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         (&http::Method::POST, "/admin/gc") => {
             let Some(hosted) = app.hosted.clone() else {
                 return json(
@@ -235,7 +338,11 @@ async fn status_page(app: Arc<App>, method: &http::Method) -> Response<Body> {
     r
 }
 
-pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
+pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     if req.uri().path().starts_with("/admin/") {
         return admin_api(app, req).await;
     }

@@ -16,6 +16,7 @@ pub mod request;
 mod response;
 pub mod status;
 pub(crate) mod tls;
+pub(crate) mod warm;
 
 use std::convert::Infallible;
 use std::future::Future;
