@@ -42,9 +42,11 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Fetch images into the cache of a running berth, through berth itself (its routes,
-    /// allow/deny lists and upstream credentials apply), so the first pull is a cache hit.
-    /// IMAGE is docker-style (`alpine` is docker.io/library/alpine:latest). Of a
+    /// Fetch images into the cache of a running berth (through its admin API).
+    ///
+    /// The images are fetched through berth itself: its routes, allow/deny lists and upstream
+    /// credentials apply, and the first pull of a warmed image is a cache hit. IMAGE is
+    /// docker-style (`alpine` is docker.io/library/alpine:latest). Of a
     /// multi-platform image, the platforms of its `[cache] platforms` (or --platform) are
     /// fetched. Shows progress, and exits 1 naming each image that failed.
     Warm {

@@ -207,33 +207,53 @@ struct Bars {
     multi: MultiProgress,
     images: Vec<ProgressBar>,
     total: ProgressBar,
+    /// Bytes done of bytes to do.
+    bar: ProgressStyle,
+}
+
+impl Bars {
+    fn new(n: usize) -> Bars {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stdout());
+        let bar = ProgressStyle::with_template(
+            "{prefix} [{bar:30.cyan/blue}] {bytes}/{total_bytes} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        // Until the manifests say how many bytes there are: no bar (one of length 0 is full).
+        let waiting =
+            ProgressStyle::with_template("{prefix} {msg}").unwrap_or_else(|_| bar.clone());
+        let add = |prefix: &str| {
+            multi.add(
+                ProgressBar::new(0)
+                    .with_style(waiting.clone())
+                    .with_prefix(prefix.to_owned()),
+            )
+        };
+        let images = (0..n).map(|_| add("")).collect();
+        let total = add("all images");
+        Bars {
+            multi,
+            images,
+            total,
+            bar,
+        }
+    }
+
+    /// Sets a bar to `done` of `total` bytes, drawn as a bar once the total is known.
+    fn set(&self, bar: &ProgressBar, done: u64, total: u64) {
+        let total = total.max(done);
+        if total > 0 && bar.length() == Some(0) {
+            bar.set_style(self.bar.clone());
+        }
+        bar.set_length(total);
+        bar.set_position(done);
+    }
 }
 
 impl View {
     fn new(tty: bool, n: usize) -> View {
-        let bars = tty.then(|| {
-            let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stdout());
-            let style = ProgressStyle::with_template(
-                "{prefix} [{bar:30.cyan/blue}] {bytes}/{total_bytes} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-            let images = (0..n)
-                .map(|_| multi.add(ProgressBar::new(0).with_style(style.clone())))
-                .collect();
-            let total = multi.add(
-                ProgressBar::new(0)
-                    .with_style(style)
-                    .with_prefix("all images"),
-            );
-            Bars {
-                multi,
-                images,
-                total,
-            }
-        });
         View {
-            bars,
+            bars: tty.then(|| Bars::new(n)),
             reported: vec![false; n],
         }
     }
@@ -241,8 +261,7 @@ impl View {
     fn show(&mut self, job: &Value) {
         let all = images(job);
         for (i, image) in all.iter().enumerate() {
-            let done = finished(image);
-            let first = done && !self.reported.get(i).copied().unwrap_or(true);
+            let first = finished(image) && !self.reported.get(i).copied().unwrap_or(true);
             if first && let Some(r) = self.reported.get_mut(i) {
                 *r = true;
             }
@@ -252,15 +271,11 @@ impl View {
                 }
                 continue;
             };
-            let Some(bar) = bars.images.get(i) else {
+            let Some(bar) = bars.images.get(i).filter(|b| !b.is_finished()) else {
                 continue;
             };
-            if bar.is_finished() {
-                continue;
-            }
             bar.set_prefix(str_of(image, "image").to_owned());
-            bar.set_length(num(image, "bytes_total").max(num(image, "bytes_done")));
-            bar.set_position(num(image, "bytes_done"));
+            bars.set(bar, num(image, "bytes_done"), num(image, "bytes_total"));
             let blobs = format!(
                 "{}/{} blobs",
                 num(image, "blobs_done"),
@@ -277,9 +292,7 @@ impl View {
         }
         if let Some(bars) = &self.bars {
             let sum = |key| all.iter().map(|i| num(i, key)).sum::<u64>();
-            bars.total
-                .set_length(sum("bytes_total").max(sum("bytes_done")));
-            bars.total.set_position(sum("bytes_done"));
+            bars.set(&bars.total, sum("bytes_done"), sum("bytes_total"));
             let done = all.iter().filter(|i| finished(i)).count();
             bars.total
                 .set_message(format!("{done}/{} images", all.len()));

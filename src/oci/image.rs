@@ -62,7 +62,11 @@ impl std::fmt::Display for ImageRef {
             Reference::Tag(_) => ':',
             Reference::Digest(_) => '@',
         };
-        write!(f, "{}/{}{sep}{}", self.registry, self.repository, self.reference)
+        write!(
+            f,
+            "{}/{}{sep}{}",
+            self.registry, self.repository, self.reference
+        )
     }
 }
 

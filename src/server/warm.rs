@@ -342,7 +342,10 @@ async fn blob(app: &App, repo: &Repo<'_>, d: Digest, progress: &Progress) -> Res
     let head = RequestHead::internal(&repo.path("blobs", &d.to_string()));
     let reply = pipeline::handle(app, head, None).await;
     if reply.head.status != StatusCode::OK {
-        return Err(format!("blob {d}: {}", refused(reply.head.status, reply.payload)));
+        return Err(format!(
+            "blob {d}: {}",
+            refused(reply.head.status, reply.payload)
+        ));
     }
     match reply.payload {
         Payload::File { len, .. } => progress.update(|s| {
@@ -416,7 +419,16 @@ mod tests {
     #[test]
     fn remembers_running_jobs_and_the_last_finished() {
         let mut jobs: VecDeque<_> = (0..100)
-            .map(|i| job(i, if i % 2 == 0 { State::Done } else { State::Running }))
+            .map(|i| {
+                job(
+                    i,
+                    if i % 2 == 0 {
+                        State::Done
+                    } else {
+                        State::Running
+                    },
+                )
+            })
             .collect();
         forget_old(&mut jobs);
         let ids: Vec<u64> = jobs.iter().map(|j| j.lock().id).collect();
