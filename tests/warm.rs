@@ -49,6 +49,14 @@ fn mirror(up: &FakeUpstream, keys: &str) -> InProcConfig {
     InProcConfig::mirror_of(&up.url(), &format!("probe_interval = \"0s\"\n{keys}"))
 }
 
+/// `library/app:v1`: one layer of `bytes` and the config `{}`; returns the layer's digest.
+fn add_app(up: &FakeUpstream, bytes: Vec<u8>) -> String {
+    let layer = up.add_blob(Bytes::from(bytes));
+    let cfg = up.add_blob(Bytes::from_static(b"{}"));
+    up.add_image("library/app", "v1", &cfg, std::slice::from_ref(&layer));
+    layer
+}
+
 fn blob_gets(up: &FakeUpstream, repo: &str, digest: &str) -> usize {
     up.count(&format!("GET /v2/{repo}/blobs/{digest}"))
 }
@@ -97,9 +105,7 @@ async fn warms_an_image_once_and_reports_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_starts_jobs_reports_them_and_checks_requests() {
     let up = FakeUpstream::start().await;
-    let layer = up.add_blob(Bytes::from(vec![1u8; 1000]));
-    let cfg = up.add_blob(Bytes::from_static(b"{}"));
-    up.add_image("library/app", "v1", &cfg, std::slice::from_ref(&layer));
+    add_app(&up, vec![1u8; 1000]);
     let berth = InProc::start(&mirror(&up, "")).await;
     let c = berth.client();
     let url = |p: &str| format!("{}{p}", berth.admin_url());
@@ -369,9 +375,7 @@ async fn denied_images_fail_and_remembered_404s_are_asked_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_token_is_needed_and_client_auth_does_not_apply() {
     let up = FakeUpstream::start().await;
-    let layer = up.add_blob(Bytes::from(vec![3u8; 4000]));
-    let cfg = up.add_blob(Bytes::from_static(b"{}"));
-    up.add_image("library/app", "v1", &cfg, std::slice::from_ref(&layer));
+    let layer = add_app(&up, vec![3u8; 4000]);
     let dir = tempfile::tempdir().expect("tempdir");
     let hash = bcrypt::hash("s3cret-password", 4).expect("bcrypt");
     let htpasswd = dir.path().join("htpasswd");

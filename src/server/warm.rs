@@ -80,6 +80,22 @@ pub(crate) struct ImageStatus {
     pub error: Option<String>,
 }
 
+impl ImageStatus {
+    fn queued(image: String) -> ImageStatus {
+        ImageStatus {
+            image,
+            state: State::Queued,
+            manifests: 0,
+            blobs_done: 0,
+            blobs_total: 0,
+            blobs_cached: 0,
+            bytes_done: 0,
+            bytes_total: 0,
+            error: None,
+        }
+    }
+}
+
 /// A job, as `GET /admin/warm/<id>` answers it.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct JobStatus {
@@ -157,17 +173,7 @@ impl Warmer {
             failed: 0,
             images: images
                 .iter()
-                .map(|i| ImageStatus {
-                    image: i.to_string(),
-                    state: State::Queued,
-                    manifests: 0,
-                    blobs_done: 0,
-                    blobs_total: 0,
-                    blobs_cached: 0,
-                    bytes_done: 0,
-                    bytes_total: 0,
-                    error: None,
-                })
+                .map(|i| ImageStatus::queued(i.to_string()))
                 .collect(),
         };
         status.settle();
@@ -445,15 +451,8 @@ mod tests {
     #[test]
     fn job_state_follows_its_images() {
         let image = |state| ImageStatus {
-            image: String::new(),
             state,
-            manifests: 0,
-            blobs_done: 0,
-            blobs_total: 0,
-            blobs_cached: 0,
-            bytes_done: 0,
-            bytes_total: 0,
-            error: None,
+            ..ImageStatus::queued(String::new())
         };
         let mut j = job(1, State::Queued).lock().clone();
         for (states, want) in [
