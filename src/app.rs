@@ -18,6 +18,7 @@ use crate::mirror::Mirror;
 use crate::notify::Notifier;
 use crate::route::Router;
 use crate::server::auth::Auth;
+use crate::server::warm::Warmer;
 
 /// Why berth could not start. Each names the part and keeps its cause.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +79,8 @@ pub struct App {
     pub(crate) pins: Arc<Pins>,
     /// `[cache] max_idle`.
     max_idle: Option<Duration>,
+    /// Warm jobs (`POST /admin/warm`, pins).
+    pub(crate) warm: Warmer,
 }
 
 /// How often pins are resolved again (children and blobs cached since are pinned then) and
@@ -228,6 +231,15 @@ impl App {
             cache_dir: dir,
             pins: Arc::new(pins),
             max_idle: config.cache.max_idle,
+            // Checked by Config::validate: each parses.
+            warm: Warmer::new(
+                config
+                    .cache
+                    .platforms
+                    .iter()
+                    .filter_map(|p| crate::oci::Platform::parse(p).ok())
+                    .collect(),
+            ),
         }))
     }
 

@@ -92,6 +92,7 @@ pub async fn start_on(
     let admin_addr = local(&admin_listener, config.server.admin_listen)?;
     let app = App::open(&config).await?;
     app.spawn_housekeeping();
+    server::admin::fetch_pins_at_start(&app);
     let (tx, rx) = watch::channel(false);
     let listeners = server::Listeners {
         registry: listener,

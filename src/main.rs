@@ -58,6 +58,19 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Fetch images into the cache of a running berth (through its admin API).
+    ///
+    /// The images are fetched through berth itself: its routes, allow/deny lists and upstream
+    /// credentials apply, and the first pull of a warmed image is a cache hit. IMAGE is
+    /// docker-style (`alpine` is docker.io/library/alpine:latest). Of a
+    /// multi-platform image, the platforms of its `[cache] platforms` (or --platform) are
+    /// fetched. Shows progress, and exits 1 naming each image that failed.
+    Warm {
+        #[command(flatten)]
+        args: cli::warm::WarmArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Garbage-collect the hosted registries: remove every blob no manifest references (and,
     /// with --untagged, manifests no tag reaches). Safe beside a running berth: nothing
     /// younger than `gc_grace` is removed. The same runs online as `POST /admin/gc`.
@@ -138,6 +151,7 @@ fn main() -> ExitCode {
         Some(Command::Cache { command, admin }) => cache(command, &admin),
         Some(Command::Pin { images, admin }) => cli::pins::pin(&images, false, &admin),
         Some(Command::Unpin { images, admin }) => cli::pins::pin(&images, true, &admin),
+        Some(Command::Warm { args, admin }) => cli::warm::run(args, &admin),
         Some(Command::Gc {
             config,
             dry_run,
@@ -193,11 +207,24 @@ impl AdminClient {
         method: reqwest::Method,
         path_and_query: &str,
     ) -> Result<serde_json::Value, String> {
+        self.call_with(method, path_and_query, None).await
+    }
+
+    /// Like [`AdminClient::call`], with a JSON request body.
+    async fn call_with(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, String> {
         let mut req = self
             .http
             .request(method, format!("{}{path_and_query}", self.base));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
         }
         let r = req
             .send()

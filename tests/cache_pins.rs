@@ -458,3 +458,32 @@ async fn pin_during_a_fill_and_purge_during_a_stream() {
     assert_eq!(fake_upstream::sha256(&got), big);
     berth.stop().await;
 }
+
+/// `[cache] pin` images are fetched at start, and `berth pin` of an image not cached yet
+/// fetches it (manifests at once, blobs by a warm job), with no client pulling either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_images_are_fetched_without_a_pull() {
+    let up = FakeUpstream::start().await;
+    let at_start = image(&up, "library/at-start", 1, 3000);
+    let later = image(&up, "library/later", 2, 3000);
+    let berth = InProc::start(
+        &InProcConfig::mirror_of(&up.url(), "probe_interval = \"0s\"")
+            .cache("pin = [\"docker.io/library/at-start:v1\"]"),
+    )
+    .await;
+    eventually("the configured pin is fetched at start", || {
+        on_disk(&berth, &at_start)
+    })
+    .await;
+    let (ok, out) = cli(&berth, &["pin", "later:v1"]);
+    assert!(ok && out.contains("/admin/warm/"), "{out}");
+    eventually("a new pin is fetched", || on_disk(&berth, &later)).await;
+    assert_eq!(up.count(&format!("GET /v2/library/later/blobs/{later}")), 1);
+    let images = ls(&berth);
+    for repo in ["library/at-start", "library/later"] {
+        let r = row(&images, repo).expect("listed");
+        assert_eq!(r["pinned"], true, "{r}");
+        assert_eq!(r["pulls"], 0, "a fetch for a pin is not a pull: {r}");
+    }
+    berth.stop().await;
+}

@@ -1,4 +1,4 @@
-//! The commands that talk to a running berth's admin API (besides `cache ls` and `cache rm`,
-//! which live in main.rs).
+//! Subcommands of the `berth` binary that have a module of their own.
 
 pub mod pins;
+pub(crate) mod warm;

@@ -46,6 +46,16 @@ pub fn pin(images: &[String], unpin: bool, admin: &AdminArgs) -> ExitCode {
             for i in &list {
                 println!("{verb} {}", i.as_str().unwrap_or(""));
             }
+            for f in v["not_fetched"].as_array().cloned().unwrap_or_default() {
+                eprintln!(
+                    "berth: {}: pinned, not fetched now: {}",
+                    f["image"].as_str().unwrap_or(""),
+                    f["error"].as_str().unwrap_or("")
+                );
+            }
+            if let Some(id) = v["warm"].as_u64() {
+                println!("fetching the blobs in the background: GET /admin/warm/{id}");
+            }
             if unpin && list.len() < images.len() {
                 eprintln!(
                     "berth: {} of {} images were not pinned",

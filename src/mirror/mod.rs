@@ -342,6 +342,14 @@ impl Mirror {
         self.cluster.as_ref().is_some_and(|c| c.is_peer(ip))
     }
 
+    /// Forgets upstream's 404 for `reference` of `t` remembered for `negative_ttl`, so the next
+    /// request for it asks upstream again (a warm).
+    pub fn forget_missing(&self, t: &Target, reference: &Reference) {
+        if let Some(missing) = &self.core.missing {
+            missing.invalidate(&(t.clone(), reference.to_string()));
+        }
+    }
+
     /// Serializes work on one key (a tag revalidation, a manifest fetch).
     async fn lock(&self, key: LockKey) -> tokio::sync::OwnedMutexGuard<()> {
         let m = {

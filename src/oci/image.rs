@@ -107,6 +107,9 @@ mod tests {
         }
         let i: ImageRef = format!("ghcr.io/owner/app@{d}").parse().unwrap();
         assert_eq!(i.reference.to_string(), d);
+        assert_eq!(i.to_string(), format!("ghcr.io/owner/app@{d}"));
+        let i: ImageRef = "alpine".parse().unwrap();
+        assert_eq!(i.to_string(), "docker.io/library/alpine:latest");
         for bad in ["", "UPPER", "a:b:c", "x@sha256:12", "a//b"] {
             assert!(bad.parse::<ImageRef>().is_err(), "{bad}");
         }

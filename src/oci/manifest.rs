@@ -111,6 +111,9 @@ pub struct Parts {
     /// Blobs that must be in the repository: config and layers (those with `urls`, foreign
     /// layers, are fetched elsewhere and not checked).
     pub blobs: Vec<Digest>,
+    /// The size each descriptor of `blobs` declares, in the same order (0 when it is not a
+    /// count).
+    pub blob_sizes: Vec<u64>,
     /// Manifests an index lists, which must be in the repository.
     pub manifests: Vec<Digest>,
     pub subject: Option<Digest>,
@@ -124,6 +127,8 @@ struct FullDescriptor {
     media_type: Option<String>,
     #[serde(default)]
     urls: Vec<String>,
+    /// Any JSON: a size that is not a count is taken as unknown (0), not as a bad manifest.
+    size: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -172,6 +177,8 @@ pub fn parts(bytes: &[u8]) -> Result<Parts, String> {
         let dg = digest(d)?;
         if d.urls.is_empty() {
             out.blobs.push(dg);
+            let size = d.size.as_ref().and_then(serde_json::Value::as_u64);
+            out.blob_sizes.push(size.unwrap_or(0));
         }
     }
     for d in &m.manifests {
@@ -245,6 +252,20 @@ mod tests {
         assert!(referenced_digests(b"not json").is_empty());
         assert!(referenced_digests(b"[1,2]").is_empty());
         assert_eq!(manifest_media_type(b"{}"), None);
+    }
+
+    #[test]
+    fn parts_keep_blob_sizes() {
+        let m = format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{}","size":2}},"layers":[{{"digest":"{}","size":40}},{{"digest":"{}","size":7,"urls":["https://x"]}},{{"digest":"{}","size":"big"}}]}}"#,
+            d('a'),
+            d('b'),
+            d('c'),
+            d('e')
+        );
+        let p = parts(m.as_bytes()).unwrap();
+        assert_eq!(p.blobs.len(), 3);
+        assert_eq!(p.blob_sizes, [2, 40, 0]);
     }
 
     #[test]

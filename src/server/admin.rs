@@ -15,6 +15,14 @@
 //!   pins (and fetches) or unpins images, IMAGE in the full form `registry/repository:tag` or
 //!   `…@digest`; answers `{"pinned": [...]}` / `{"unpinned": [...]}` (409 for an image
 //!   `[cache] pin` configures).
+//! - `POST /admin/warm` with `{"images": ["alpine:3.20", …], "platforms": ["linux/arm64"],
+//!   "all_platforms": false}` (`platforms` and `all_platforms` optional; no platforms:
+//!   `[cache] platforms`): starts a warm job ([`super::warm`]) and answers 202 `{"id": N}`;
+//!   400 naming a bad image or platform, 413 for a body over 1 MiB.
+//! - `GET /admin/warm/<id>`: the job's progress: `{"id", "state": "queued|running|done|failed",
+//!   "platforms", "all_platforms", "failed", "images": [{"image", "state", "manifests",
+//!   "blobs_done", "blobs_total", "blobs_cached", "bytes_done", "bytes_total", "error"}]}`;
+//!   404 for an unknown id (or one of the jobs finished before the last 64).
 
 use std::sync::Arc;
 
@@ -163,6 +171,44 @@ pub(crate) async fn fetch_pinned_manifests(
     failed
 }
 
+/// Fetches pinned images: their manifests first (so the pins cover every blob), then a warm
+/// job for the blobs, whose id it returns with the images whose manifests failed.
+pub(crate) async fn fetch_pins(
+    app: Arc<App>,
+    images: Vec<crate::oci::ImageRef>,
+) -> (Vec<(String, String)>, u64) {
+    let failed = fetch_pinned_manifests(&app, &images).await;
+    let a = app.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        a.pins.refresh(a.mirror.manifest_store(), &a.mirror.blobs)
+    })
+    .await;
+    let platforms = app.pins.platforms().to_vec();
+    let id = app.warm.start(app.clone(), images, platforms, false);
+    (failed, id)
+}
+
+/// At start: fetches the pinned images in the background (configured pins are "warmed at
+/// start"; pins made by `berth pin` catch up on what was evicted before they were made).
+pub(crate) fn fetch_pins_at_start(app: &Arc<App>) {
+    let images = app.pins.images();
+    if images.is_empty() {
+        return;
+    }
+    let app = app.clone();
+    tokio::spawn(async move {
+        let (failed, warm) = fetch_pins(app, images).await;
+        for (image, error) in failed {
+            tracing::warn!(
+                image,
+                error,
+                "cannot fetch a pinned image now; it is pinned once cached"
+            );
+        }
+        tracing::info!(warm, "fetching the pinned images");
+    });
+}
+
 /// `/admin/pins`, `/admin/pin`, `/admin/unpin` and `/admin/cache/prune`.
 async fn pins_api(
     app: Arc<App>,
@@ -189,19 +235,16 @@ async fn pins_api(
                     return Ok(error(StatusCode::INTERNAL_SERVER_ERROR, e));
                 }
                 // Pinned even if fetching fails now: the pin covers the image once cached.
-                let failed = fetch_pinned_manifests(&app, &wanted).await;
-                let a = app.clone();
-                blocking(move || a.pins.refresh(a.mirror.manifest_store(), &a.mirror.blobs))
-                    .await?;
+                let (failed, warm) = fetch_pins(app.clone(), wanted.clone()).await;
                 let names: Vec<String> = wanted.iter().map(ToString::to_string).collect();
-                tracing::info!(images = names.join(", "), "pinned");
+                tracing::info!(images = names.join(", "), warm, "pinned");
                 let failed: Vec<serde_json::Value> = failed
                     .into_iter()
                     .map(|(image, error)| serde_json::json!({"image": image, "error": error}))
                     .collect();
                 Ok(json(
                     StatusCode::OK,
-                    &serde_json::json!({ "pinned": names, "not_fetched": failed }),
+                    &serde_json::json!({ "pinned": names, "not_fetched": failed, "warm": warm }),
                 ))
             }
             (&http::Method::POST, "/admin/unpin") => {
@@ -292,7 +335,81 @@ fn param(query: Option<&str>, key: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-async fn admin_api<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
+/// The largest request body the admin API reads.
+const MAX_BODY: usize = 1024 * 1024;
+
+/// The most images one warm job takes.
+const MAX_WARM_IMAGES: usize = 1000;
+
+/// The request body, at most [`MAX_BODY`] bytes (else 413).
+async fn read_body<B>(body: B) -> Result<Bytes, Box<Response<Body>>>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Box::new(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is over {MAX_BODY} bytes"),
+        ))),
+        Err(e) => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the request body: {e}"),
+        ))),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WarmRequest {
+    images: Vec<String>,
+    #[serde(default)]
+    platforms: Vec<String>,
+    #[serde(default)]
+    all_platforms: bool,
+}
+
+/// `POST /admin/warm`: checks every image and platform, then starts the job.
+fn start_warm(app: &Arc<App>, body: &[u8]) -> Response<Body> {
+    let bad = |m: String| error(StatusCode::BAD_REQUEST, m);
+    let req: WarmRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return bad(format!(
+                "the body is not {{\"images\": [...], \"platforms\": [...], \"all_platforms\": bool}}: {e}"
+            ));
+        }
+    };
+    if req.images.is_empty() || req.images.len() > MAX_WARM_IMAGES {
+        return bad(format!("name 1 to {MAX_WARM_IMAGES} images"));
+    }
+    let mut images = Vec::with_capacity(req.images.len());
+    for i in &req.images {
+        match i.parse::<crate::oci::ImageRef>() {
+            Ok(r) => images.push(r),
+            Err(e) => return bad(e),
+        }
+    }
+    let mut platforms = Vec::with_capacity(req.platforms.len());
+    for p in &req.platforms {
+        match crate::oci::Platform::parse(p) {
+            Ok(p) => platforms.push(p),
+            Err(e) => return bad(e),
+        }
+    }
+    let id = app
+        .warm
+        .start(app.clone(), images, platforms, req.all_platforms);
+    json(StatusCode::ACCEPTED, &serde_json::json!({ "id": id }))
+}
+
+async fn admin_api<B>(app: Arc<App>, req: Request<B>) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     if let Err(refused) = admitted(&app, &req) {
         return *refused;
     }
@@ -302,7 +419,24 @@ async fn admin_api<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
     ) {
         return pins_api(app, req.method(), req.uri().path(), req.uri().query()).await;
     }
+    if let Some(id) = req.uri().path().strip_prefix("/admin/warm/") {
+        if req.method() != http::Method::GET {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "use GET");
+        }
+        return match id.parse::<u64>().ok().and_then(|id| app.warm.job(id)) {
+            Some(job) => json(
+                StatusCode::OK,
+                &serde_json::to_value(&job).unwrap_or_default(),
+            ),
+            None => error(StatusCode::NOT_FOUND, format!("no warm job {id:?}")),
+        };
+    }
     match (req.method(), req.uri().path()) {
+        (&http::Method::POST, "/admin/warm") => match read_body(req.into_body()).await {
+            Ok(body) => start_warm(&app, &body),
+            Err(refused) => *refused,
+        },
+        (_, "/admin/warm") => error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         (&http::Method::POST, "/admin/gc") => {
             let Some(hosted) = app.hosted.clone() else {
                 return json(
@@ -461,7 +595,11 @@ async fn status_page(app: Arc<App>, method: &http::Method) -> Response<Body> {
     r
 }
 
-pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
+pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     if req.uri().path().starts_with("/admin/") {
         return admin_api(app, req).await;
     }

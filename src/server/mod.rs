@@ -4,7 +4,7 @@
 //! which build a [`request::RequestHead`] and run it through [`pipeline`]; the reply's
 //! [`response::ResponseHead`] is rendered by the transport that read the request.
 
-mod admin;
+pub(crate) mod admin;
 pub(crate) mod auth;
 mod body;
 mod fast;
@@ -16,6 +16,7 @@ pub mod request;
 mod response;
 pub mod status;
 pub(crate) mod tls;
+pub(crate) mod warm;
 
 use std::convert::Infallible;
 use std::future::Future;

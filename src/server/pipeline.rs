@@ -136,7 +136,11 @@ async fn run(
         Ok(who) => who,
         Err(refusal) => return Ok((Answer::Error(refusal), None)),
     };
-    meter.user = who.as_ref().map(|w| w.name().to_owned());
+    meter.user = match &who {
+        Some(w) => Some(w.name().to_owned()),
+        None if req.is_internal() => Some("(warm)".to_owned()),
+        None => None,
+    };
     if let Some(hosted) = &app.hosted
         && route
             .target()
@@ -158,6 +162,9 @@ fn admit(app: &App, req: &RequestHead) -> Result<(), RegistryError> {
             RegistryError::new(ErrorCode::NameInvalid, "request URI too long")
                 .with_status(StatusCode::URI_TOO_LONG),
         );
+    }
+    if req.is_internal() {
+        return Ok(());
     }
     match app.over_client_limit(req.client) {
         Some(e) => Err(e),
@@ -244,7 +251,8 @@ async fn authorize(
     let Some(auth) = &app.auth else {
         return Ok(None);
     };
-    if matches!(route, Route::Token | Route::PeerId) {
+    // A warm job was authorized by the admin token; the rest of the pipeline still applies.
+    if req.is_internal() || matches!(route, Route::Token | Route::PeerId) {
         return Ok(None);
     }
     let credentials = req.authorization.as_ref().map(|a| &a.credentials);
@@ -342,11 +350,16 @@ async fn answer(
         }
         Route::Manifest { target, reference } => {
             let accept: Vec<&str> = req.accept.iter().map(String::as_str).collect();
+            // A warm asks upstream again whatever 404 it answered within `negative_ttl`.
+            if req.is_internal() {
+                app.mirror.forget_missing(&target, &reference);
+            }
             let (m, result) = app.mirror.manifest(&target, &reference, &accept).await?;
             app.mirror
                 .metrics()
                 .record_cache(RequestKind::Manifest, result);
-            if !head {
+            // A warm is not a pull: no pull count, no pull event.
+            if !head && !req.is_internal() {
                 app.mirror.manifest_store().record_pull(
                     &target.registry,
                     &target.repo,

@@ -224,6 +224,17 @@ fn parse_host(value: &[u8]) -> Result<String, BadHeader> {
     Ok(s.to_owned())
 }
 
+/// Who sent a request: a client over the network, or berth itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Read from a socket (every head the transports build).
+    Network,
+    /// A warm job ([`crate::server::warm`]), already authorized by the admin token: `[auth]`
+    /// and the client rate limit do not apply, routing, allow/deny lists, hosted vs mirrored and
+    /// upstream credentials do, and an upstream 404 remembered (`negative_ttl`) is asked again.
+    Warm,
+}
+
 /// What the pipeline knows of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHead {
@@ -255,6 +266,8 @@ pub struct RequestHead {
     pub client: IpAddr,
     /// Set when a header was refused: the pipeline answers it with 400 before anything else.
     pub defect: Option<BadHeader>,
+    /// Always [`Origin::Network`] but for the heads the warm code builds (no header sets it).
+    pub(crate) origin: Origin,
 }
 
 impl RequestHead {
@@ -282,7 +295,24 @@ impl RequestHead {
             user_agent: None,
             client,
             defect: None,
+            origin: Origin::Network,
         }
+    }
+
+    /// A GET that berth itself sends through the pipeline (see [`Origin::Warm`]).
+    pub(crate) fn internal(target: &str) -> RequestHead {
+        let mut head = RequestHead::new(
+            Method::Get,
+            target,
+            IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
+        );
+        head.origin = Origin::Warm;
+        head
+    }
+
+    /// Whether berth itself sent it (see [`Origin::Warm`]).
+    pub fn is_internal(&self) -> bool {
+        self.origin == Origin::Warm
     }
 
     /// Adds one header (names compared case-insensitively). The first defect found is kept.
