@@ -29,7 +29,7 @@ pub(crate) struct Store {
 }
 
 /// `alg-hex`: a digest as a file name.
-fn file_name(d: &Digest) -> String {
+pub(crate) fn file_name(d: &Digest) -> String {
     format!("{}-{}", d.algorithm().as_str(), d.hex())
 }
 
@@ -63,6 +63,33 @@ impl Store {
         Ok(store)
     }
 
+    /// The object-store key of a file of this store: its path under `hosted/`.
+    pub(crate) fn key(&self, path: &Path) -> Option<String> {
+        path.strip_prefix(&self.root)
+            .ok()?
+            .to_str()
+            .map(str::to_owned)
+    }
+
+    /// The file an object-store key of a repository's index names (`repos/<registry>/<repo>/
+    /// _<folder>/…`), or None for any other key: one that is not such a key, or has an empty,
+    /// `.` or `..` component, never leads outside `repos/`.
+    pub(crate) fn index_path(&self, key: &str) -> Option<PathBuf> {
+        let rest = key.strip_prefix("repos/")?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let folder = parts.iter().position(|p| p.starts_with('_'))?;
+        let valid = parts.len() > folder + 1
+            && folder >= 2
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && *p != "." && *p != ".." && !p.contains('\\'))
+            && matches!(
+                parts[folder],
+                "_blobs" | "_manifests" | "_tags" | "_referrers"
+            );
+        valid.then(|| self.repos.join(rest))
+    }
+
     pub(crate) fn blob_path(&self, d: &Digest) -> PathBuf {
         let hex = d.hex();
         self.blobs
@@ -71,7 +98,7 @@ impl Store {
             .join(hex)
     }
 
-    fn repo_dir(&self, registry: &str, repo: &RepoName) -> PathBuf {
+    pub(crate) fn repo_dir(&self, registry: &str, repo: &RepoName) -> PathBuf {
         self.repos.join(registry).join(repo.as_str())
     }
 
@@ -83,7 +110,7 @@ impl Store {
     }
 
     /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the folder.
-    fn write_atomic(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    pub(crate) fn write_atomic(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
         let (tmp, mut f) = self.temp_file()?;
         let written = f.write_all(bytes).and_then(|()| f.sync_all());
         drop(f);
@@ -151,25 +178,30 @@ impl Store {
 
     // Repository links.
 
-    fn blob_link(&self, registry: &str, repo: &RepoName, d: &Digest) -> PathBuf {
+    pub(crate) fn blob_link(&self, registry: &str, repo: &RepoName, d: &Digest) -> PathBuf {
         self.repo_dir(registry, repo)
             .join("_blobs")
             .join(file_name(d))
     }
 
-    fn manifest_link(&self, registry: &str, repo: &RepoName, d: &Digest) -> PathBuf {
+    pub(crate) fn manifest_link(&self, registry: &str, repo: &RepoName, d: &Digest) -> PathBuf {
         self.repo_dir(registry, repo)
             .join("_manifests")
             .join(file_name(d))
     }
 
-    fn tag_path(&self, registry: &str, repo: &RepoName, tag: &Tag) -> PathBuf {
+    pub(crate) fn tag_path(&self, registry: &str, repo: &RepoName, tag: &Tag) -> PathBuf {
         self.repo_dir(registry, repo)
             .join("_tags")
             .join(tag.as_str())
     }
 
-    fn referrers_dir(&self, registry: &str, repo: &RepoName, subject: &Digest) -> PathBuf {
+    pub(crate) fn referrers_dir(
+        &self,
+        registry: &str,
+        repo: &RepoName,
+        subject: &Digest,
+    ) -> PathBuf {
         self.repo_dir(registry, repo)
             .join("_referrers")
             .join(file_name(subject))

@@ -135,7 +135,7 @@ mod tests {
                 .map(hex)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(pick(&[amd.clone()], false), ["1"]);
+        assert_eq!(pick(std::slice::from_ref(&amd), false), ["1"]);
         assert_eq!(pick(&[amd, arm], false), ["1", "2"]);
         assert!(pick(&[arm7], false).is_empty());
         assert_eq!(pick(&[], true), ["1", "2", "3", "4"]);

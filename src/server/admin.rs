@@ -97,7 +97,7 @@ async fn admin_api<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
             };
             let dry_run = flag(req.uri().query(), "dry_run");
             let untagged = flag(req.uri().query(), "untagged");
-            match tokio::task::spawn_blocking(move || hosted.gc(dry_run, untagged)).await {
+            match hosted.gc(dry_run, untagged).await {
                 Ok(report) => {
                     tracing::info!(
                         dry_run,
