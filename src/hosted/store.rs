@@ -105,7 +105,11 @@ impl Store {
     /// A new file in `tmp/` to write into (and then [`Store::commit_file`]).
     pub(crate) fn temp_file(&self) -> io::Result<(PathBuf, File)> {
         let path = self.tmp.join(format!("{:032x}", rand::random::<u128>()));
-        let f = File::options().write(true).create_new(true).open(&path)?;
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
         Ok((path, f))
     }
 
