@@ -488,3 +488,44 @@ fn linked(dir: &Path) -> Vec<(Digest, std::time::SystemTime)> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Store;
+
+    #[test]
+    fn only_index_keys_under_repos_map_to_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let repos = dir.path().join("hosted/repos");
+        for (key, want) in [
+            (
+                "repos/local/team/app/_tags/v1",
+                Some("local/team/app/_tags/v1"),
+            ),
+            (
+                "repos/local/a/b/c/_blobs/sha256-00",
+                Some("local/a/b/c/_blobs/sha256-00"),
+            ),
+            (
+                "repos/local/team/app/_referrers/sha256-aa/sha256-bb",
+                Some("local/team/app/_referrers/sha256-aa/sha256-bb"),
+            ),
+            (
+                "repos/local/team/app/_manifests/sha256-00",
+                Some("local/team/app/_manifests/sha256-00"),
+            ),
+            ("repos/local/_tags/v1", None),
+            ("repos/local/team/app/_tags", None),
+            ("repos/local/team/app/_other/x", None),
+            ("repos/local/../../etc/_tags/x", None),
+            ("repos/local/team/./_tags/x", None),
+            ("repos/local//app/_tags/x", None),
+            ("blobs/sha256/00/00", None),
+            ("tmp/x", None),
+            ("uploads/x", None),
+        ] {
+            assert_eq!(store.index_path(key), want.map(|w| repos.join(w)), "{key}");
+        }
+    }
+}
