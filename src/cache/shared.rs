@@ -4,7 +4,9 @@
 //!
 //! Keys mirror the disk layout under the configured prefix:
 //! `blobs/<alg>/<hex>`, `manifests/<registry>/<repo>/_manifests/<alg>/<hex>` (first line: media
-//! type, then the exact bytes) and `manifests/<registry>/<repo>/_tags/<tag>` (JSON).
+//! type, then the exact bytes) and `manifests/<registry>/<repo>/_tags/<tag>` (JSON). The hosted
+//! registries' objects are under `hosted/` (see `crate::hosted`'s `remote`): no key of the
+//! mirror starts with it, and nothing here evicts or deletes them on its own.
 //!
 //! A blob is written only from a fill's verified stream: the uploader is a reader of the fill,
 //! and a fill hands out its last byte only after the digest matched, so a multipart upload is
@@ -16,6 +18,7 @@
 //!
 //! The store failing is not an outage: after an error it is skipped for a few seconds (reads
 //! are misses, writes are dropped) and the mirror serves from disk and upstream meanwhile.
+//! Hosted writes are the exception: always tried and awaited, their failure is the push's.
 
 use std::io;
 use std::sync::Arc;
