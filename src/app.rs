@@ -137,16 +137,20 @@ impl App {
         let hosted = if config.hosted.is_empty() {
             None
         } else {
-            let (hc, d, m, b) = (
+            let (hc, d, m, b, s) = (
                 config.hosted.clone(),
                 dir.clone(),
                 metrics.clone(),
                 blobs.clone(),
+                shared.clone(),
             );
-            let h = tokio::task::spawn_blocking(move || Hosted::open(&hc, &d, m, Some(b)))
+            let h = tokio::task::spawn_blocking(move || Hosted::open(&hc, &d, m, Some(b), s))
                 .await
                 .map_err(|e| StartError::Scan(std::io::Error::other(e)))?
                 .map_err(store_error("hosted registry store"))?;
+            // With an object store: the tags and catalog of what any replica pushed, before
+            // the first request (bounded; blobs are read from the bucket when asked for).
+            h.restore().await;
             h.spawn_janitor();
             tracing::info!(
                 registries = config.hosted.len(),

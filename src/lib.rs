@@ -60,10 +60,24 @@ impl Running {
 /// Garbage collection of the hosted registries of `config`, offline (`berth gc`): safe beside a
 /// running berth on the same directory, as blobs younger than `gc_grace` are never removed.
 /// Returns the report as JSON.
+/// With `[cache.object_store]`, what it removes leaves the bucket too (first).
 pub fn gc(config: &Config, dry_run: bool, untagged: bool) -> std::io::Result<serde_json::Value> {
     let metrics = Arc::new(Metrics::new());
-    let hosted = hosted::Hosted::open(&config.hosted, &config.cache.dir, metrics, None)?;
-    serde_json::to_value(hosted.gc(dry_run, untagged)).map_err(std::io::Error::other)
+    let shared = match &config.cache.object_store {
+        Some(c) => Some(Arc::new(
+            cache::SharedStore::open(c, metrics.clone()).map_err(std::io::Error::other)?,
+        )),
+        None => None,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(async {
+        let hosted =
+            hosted::Hosted::open(&config.hosted, &config.cache.dir, metrics, None, shared)?;
+        hosted.gc(dry_run, untagged).await
+    })?;
+    serde_json::to_value(report).map_err(std::io::Error::other)
 }
 
 /// Opens the cache, binds the listeners named in the config and starts serving.

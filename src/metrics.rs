@@ -145,7 +145,7 @@ label_values! {
     /// A request to the shared object store, for `berth_object_store_requests_total{operation}`
     /// (`Multipart`: a large upload's start, completion or abandonment — each only where it is a
     /// request: Azure starts and abandons one without; `Part`: an S3 part, an Azure block or a
-    /// GCS chunk other than the completing one).
+    /// GCS chunk other than the completing one; `List`: one listing, however many pages).
     StoreOp {
         Get => "get",
         Head => "head",
@@ -153,6 +153,7 @@ label_values! {
         Multipart => "multipart",
         Part => "part",
         Delete => "delete",
+        List => "list",
     }
 }
 

@@ -438,7 +438,7 @@ refuse "cluster.clientCertSecret without tls.enabled" "need tls.enabled" --set c
 refuse "nodeConfig.target=nodePort without a node port" "nodePort" --set nodeConfig.enabled=true --set nodeConfig.target=nodePort
 hosted=(--set 'config.hosted[0].name=local')
 refuse "hosted without persistence (an emptyDir would lose pushed images)" "config.hosted needs persistence.enabled" "${hosted[@]}" --set persistence.enabled=false
-refuse "hosted with 2 replicas (each would hold its own copy)" "config.hosted needs replicaCount=1" "${hosted[@]}" --set replicaCount=2
+refuse "hosted with 2 replicas (a tag moved or deleted on one is not seen by the others)" "config.hosted needs replicaCount=1" "${hosted[@]}" --set replicaCount=2
 refuse "a hosted name that is also a mirrored registry" "config.hosted\[0\].name: .docker.io. is configured twice" --set 'config.hosted[0].name=docker.io'
 refuse "an unknown hosted key (schema additionalProperties)" "additional properties .maxBlobSise. not allowed" "${hosted[@]}" --set 'config.hosted[0].maxBlobSise=1GiB'
 refuse "a hosted name with upper case (schema pattern)" "/config/hosted/0/name.*does not match" --set 'config.hosted[0].name=Local'

@@ -8,6 +8,10 @@
 //! [`on_each_store`]). The cluster-only scenarios (a killed or frozen owner, TLS peers) run on
 //! Garage.
 //!
+//! The hosted registry on the object store (`hosted_…`) runs on each backend too: pushes in
+//! the bucket when the 201 arrives, served by a replica with an empty disk, refused with the
+//! store down, deleted and collected from the bucket.
+//!
 //! Needs `garage`, Azurite, fake-gcs-server (all installed by tests/setup.sh) and
 //! `docker-registry`; a missing program fails.
 
@@ -304,6 +308,7 @@ on_each_store!(
     a_damaged_blob_in_the_store_is_never_served_and_gets_replaced,
     a_blob_that_fails_its_digest_never_reaches_the_store,
     more_fills_than_upload_slots_all_reach_the_store_verified,
+    hosted_pushes_are_in_the_bucket_before_the_201_and_an_empty_replica_serves_them,
 );
 
 fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store<S: StoreServer>() {
@@ -1116,4 +1121,350 @@ fn a_frozen_owner_holds_a_pull_for_at_most_the_peer_read_timeout() {
     unsafe { libc::kill(pid, libc::SIGCONT) };
     assert!(next < Duration::from_secs(2), "second pull took {next:?}");
     eprintln!("frozen owner: first pull {first:?}, next pull {next:?}");
+}
+
+/// The objects of the hosted registries, under the test's prefix.
+const HOSTED: &str = "berth-test/hosted";
+
+/// One berth with a hosted registry `local` (`team/*`, deletes on, gc grace 1 s) on the
+/// shared store; its mirror's upstream is a closed port (never asked).
+fn hosted_berth(store: &dyn StoreServer, cache_dir: &std::path::Path) -> Berth {
+    let config = replica_config(&[free_addr()], 0, support::DEAD_PROXY, store, cache_dir)
+        + "\n[[hosted]]\nname = \"local\"\nrepositories = [\"team/*\"]\ndelete = true\n\
+           gc_grace = \"1s\"\n";
+    start_berth(&config, store)
+}
+
+fn blob_key(d: &str) -> String {
+    format!("{HOSTED}/blobs/sha256/{}/{}", &d[7..9], &d[7..])
+}
+
+fn repo_key(repo: &str, folder: &str, name: &str) -> String {
+    format!("{HOSTED}/repos/local/{repo}/{folder}/{name}")
+}
+
+/// The object's bytes; fails naming the key when it is not in the bucket.
+fn stored(store: &dyn StoreServer, key: &str) -> Vec<u8> {
+    store
+        .get_object(key)
+        .unwrap_or_else(|| panic!("{}: {key} not in the bucket", store.name()))
+}
+
+/// Pushes a blob to `base`'s `repo`: monolithic, or (`chunked`) POST, PATCH in 5 MiB chunks
+/// and PUT; returns the status and body of the last request.
+fn push_hosted_blob(base: &str, repo: &str, data: &[u8], chunked: bool) -> support::Reply {
+    let d = sha256(data);
+    if !chunked {
+        return support::request(
+            "POST",
+            &format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"),
+            None,
+            &[("content-type", "application/octet-stream")],
+            data.to_vec(),
+        );
+    }
+    let started = support::request(
+        "POST",
+        &format!("{base}/v2/{repo}/blobs/uploads/"),
+        None,
+        &[],
+        Vec::new(),
+    );
+    assert_eq!(started.status, 202, "upload start: {}", started.text());
+    let mut location = started.header("location").expect("Location").to_owned();
+    for (i, chunk) in data.chunks(5 * 1024 * 1024).enumerate() {
+        let at = i * 5 * 1024 * 1024;
+        let range = format!("{at}-{}", at + chunk.len() - 1);
+        let r = support::request(
+            "PATCH",
+            &format!("{base}{location}"),
+            None,
+            &[
+                ("content-type", "application/octet-stream"),
+                ("content-range", &range),
+            ],
+            chunk.to_vec(),
+        );
+        assert_eq!(r.status, 202, "chunk {range}: {}", r.text());
+        location = r.header("location").expect("Location").to_owned();
+    }
+    let sep = if location.contains('?') { '&' } else { '?' };
+    support::request(
+        "PUT",
+        &format!("{base}{location}{sep}digest={d}"),
+        None,
+        &[],
+        Vec::new(),
+    )
+}
+
+fn put_hosted_manifest(base: &str, repo: &str, reference: &str, m: &[u8]) -> support::Reply {
+    support::request(
+        "PUT",
+        &format!("{base}/v2/{repo}/manifests/{reference}"),
+        None,
+        &[("content-type", support::OCI_MANIFEST)],
+        m.to_vec(),
+    )
+}
+
+fn oci_manifest(config: (&str, usize), layers: &[(String, usize)]) -> Vec<u8> {
+    let layers: Vec<serde_json::Value> = layers
+        .iter()
+        .map(|(d, n)| serde_json::json!({"mediaType": support::OCI_LAYER, "digest": d, "size": n}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": support::OCI_MANIFEST,
+        "config": {"mediaType": support::OCI_CONFIG, "digest": config.0, "size": config.1},
+        "layers": layers,
+    }))
+    .expect("json")
+}
+
+fn get(base: &str, path: &str) -> support::Reply {
+    support::request(
+        "GET",
+        &format!("{base}{path}"),
+        None,
+        &[("accept", ACCEPT)],
+        Vec::new(),
+    )
+}
+
+fn tags_of(base: &str, repo: &str) -> Vec<String> {
+    let r = get(base, &format!("/v2/{repo}/tags/list"));
+    assert_eq!(r.status, 200, "tags of {repo} at {base}: {}", r.text());
+    support::json(&r.text())["tags"]
+        .as_array()
+        .expect("tags")
+        .iter()
+        .filter_map(|t| t.as_str().map(str::to_owned))
+        .collect()
+}
+
+fn hosted_pushes_are_in_the_bucket_before_the_201_and_an_empty_replica_serves_them<
+    S: StoreServer,
+>() {
+    let began = Instant::now();
+    let mut store = S::start();
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let first = hosted_berth(&store, &dirs.path().join("a"));
+    let base = first.url();
+    let repo = "team/app";
+    // A config, a small layer (one PUT) and a 12 MiB one pushed in chunks (a multipart upload:
+    // S3 parts, Azure blocks, GCS resumable chunks).
+    let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+    let small = support::seeded_bytes(300 * 1024, 1);
+    let large = support::seeded_bytes(12 * 1024 * 1024, 2);
+    let mut layers = Vec::new();
+    for (data, chunked) in [(&config, false), (&small, false), (&large, true)] {
+        let d = sha256(data);
+        let r = push_hosted_blob(&base, repo, data, chunked);
+        assert_eq!(r.status, 201, "{}: blob push: {}", store.name(), r.text());
+        // In the bucket when the 201 arrives: the verified bytes and the repository's link.
+        let got = stored(&store, &blob_key(&d));
+        assert_eq!((got.len(), sha256(&got)), (data.len(), d.clone()));
+        stored(
+            &store,
+            &repo_key(repo, "_blobs", &format!("sha256-{}", &d[7..])),
+        );
+        layers.push((d, data.len()));
+    }
+    let config_desc = layers.remove(0);
+    let m = oci_manifest((&config_desc.0, config_desc.1), &layers);
+    let md = sha256(&m);
+    let r = put_hosted_manifest(&base, repo, "v1", &m);
+    assert_eq!(
+        r.status,
+        201,
+        "{}: manifest push: {}",
+        store.name(),
+        r.text()
+    );
+    let hex = format!("sha256-{}", &md[7..]);
+    assert_eq!(stored(&store, &blob_key(&md)), m, "the manifest's bytes");
+    assert_eq!(
+        stored(&store, &repo_key(repo, "_manifests", &hex)),
+        support::OCI_MANIFEST.as_bytes()
+    );
+    assert_eq!(
+        stored(&store, &repo_key(repo, "_tags", "v1")),
+        md.as_bytes()
+    );
+    let pushed = began.elapsed();
+
+    // A replica with an empty disk and the same bucket serves all of it.
+    let second = hosted_berth(&store, &dirs.path().join("b"));
+    let other = second.url();
+    assert_eq!(tags_of(&other, repo), ["v1"]);
+    let catalog = get(&other, "/v2/_catalog");
+    assert!(catalog.text().contains(repo), "catalog: {}", catalog.text());
+    let r = get(&other, &format!("/v2/{repo}/manifests/v1"));
+    assert_eq!(
+        r.status,
+        200,
+        "{}: manifest from the empty replica",
+        store.name()
+    );
+    assert_eq!(
+        (r.body.clone(), r.header("docker-content-digest")),
+        (m.clone(), Some(md.as_str()))
+    );
+    for (d, n) in layers.iter().chain([&config_desc]) {
+        let r = get(&other, &format!("/v2/{repo}/blobs/{d}"));
+        assert_eq!(
+            r.status,
+            200,
+            "{}: blob {d} from the empty replica",
+            store.name()
+        );
+        assert_eq!((r.body.len(), sha256(&r.body)), (*n, d.clone()));
+    }
+    let served = began.elapsed();
+
+    // The store down: pushes are refused (5xx, OCI error JSON) and nothing becomes visible.
+    store.stop();
+    let extra = support::seeded_bytes(64 * 1024, 3);
+    let extra_d = sha256(&extra);
+    let r = push_hosted_blob(&base, repo, &extra, false);
+    assert_eq!(
+        r.status,
+        503,
+        "{}: blob push with the store down: {}",
+        store.name(),
+        r.text()
+    );
+    assert_eq!(r.error_code(), "UNAVAILABLE", "{}", r.text());
+    let head = support::request(
+        "HEAD",
+        &format!("{base}/v2/{repo}/blobs/{extra_d}"),
+        None,
+        &[],
+        Vec::new(),
+    );
+    assert_eq!(
+        head.status, 404,
+        "the refused blob is not in the repository"
+    );
+    let m2 = oci_manifest((&config_desc.0, config_desc.1), &layers[..1]);
+    let r = put_hosted_manifest(&base, repo, "v2", &m2);
+    assert_eq!(
+        r.status,
+        503,
+        "{}: manifest push with the store down: {}",
+        store.name(),
+        r.text()
+    );
+    assert_eq!(r.error_code(), "UNAVAILABLE", "{}", r.text());
+    assert!(
+        r.text().contains("object store"),
+        "the error names the store: {}",
+        r.text()
+    );
+    assert_eq!(
+        tags_of(&base, repo),
+        ["v1"],
+        "the refused tag is not listed"
+    );
+    assert_eq!(get(&base, &format!("/v2/{repo}/manifests/v2")).status, 404);
+    assert_eq!(
+        get(&base, &format!("/v2/{repo}/manifests/{}", sha256(&m2))).status,
+        404
+    );
+
+    // Back: the same push succeeds and lands in the bucket.
+    store.restart();
+    let r = put_hosted_manifest(&base, repo, "v2", &m2);
+    assert_eq!(
+        r.status,
+        201,
+        "{}: manifest push after the store is back: {}",
+        store.name(),
+        r.text()
+    );
+    assert_eq!(
+        stored(&store, &repo_key(repo, "_tags", "v2")),
+        sha256(&m2).as_bytes()
+    );
+    assert_eq!(
+        tags_of(&other, repo),
+        ["v1", "v2"],
+        "the other replica lists the new tag"
+    );
+
+    // Deletes leave the bucket before the 202.
+    let del = |path: &str| {
+        support::request(
+            "DELETE",
+            &format!("{base}/v2/{repo}/{path}"),
+            None,
+            &[],
+            Vec::new(),
+        )
+    };
+    assert_eq!(del("manifests/v2").status, 202);
+    assert!(
+        store.get_object(&repo_key(repo, "_tags", "v2")).is_none(),
+        "tag v2 deleted"
+    );
+    let (small_d, _) = &layers[0];
+    assert_eq!(del(&format!("blobs/{small_d}")).status, 202);
+    assert!(
+        store
+            .get_object(&repo_key(
+                repo,
+                "_blobs",
+                &format!("sha256-{}", &small_d[7..])
+            ))
+            .is_none(),
+        "the blob's link deleted"
+    );
+    assert_eq!(del(&format!("manifests/{md}")).status, 202);
+    assert!(
+        store
+            .get_object(&repo_key(repo, "_manifests", &hex))
+            .is_none(),
+        "manifest link deleted"
+    );
+    assert!(
+        store.get_object(&repo_key(repo, "_tags", "v1")).is_none(),
+        "its tag deleted"
+    );
+
+    // gc (grace 1 s) removes the bytes nothing references from the bucket too.
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = support::request(
+        "POST",
+        &format!("{}/admin/gc", first.admin_url()),
+        None,
+        &[],
+        Vec::new(),
+    );
+    assert_eq!(r.status, 200, "gc: {}", r.text());
+    let report = support::json(&r.text());
+    assert!(
+        report["blobs"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|d| d == md.as_str())),
+        "gc: {report}"
+    );
+    assert!(
+        store.get_object(&blob_key(&md)).is_none(),
+        "gc removed the manifest's bytes from the bucket"
+    );
+    assert!(
+        store.get_object(&blob_key(&large_d(&layers))).is_none(),
+        "gc removed the large layer from the bucket"
+    );
+    eprintln!(
+        "[timing] {}: hosted push {pushed:.2?}, served by an empty replica at {served:.2?}, all {:.2?}",
+        store.name(),
+        began.elapsed()
+    );
+}
+
+/// The large layer's digest (the last one pushed).
+fn large_d(layers: &[(String, usize)]) -> String {
+    layers.last().expect("layers").0.clone()
 }

@@ -4,7 +4,9 @@
 //!
 //! Keys mirror the disk layout under the configured prefix:
 //! `blobs/<alg>/<hex>`, `manifests/<registry>/<repo>/_manifests/<alg>/<hex>` (first line: media
-//! type, then the exact bytes) and `manifests/<registry>/<repo>/_tags/<tag>` (JSON).
+//! type, then the exact bytes) and `manifests/<registry>/<repo>/_tags/<tag>` (JSON). The hosted
+//! registries' objects are under `hosted/` (see `crate::hosted`'s `remote`): no key of the
+//! mirror starts with it, and nothing here evicts or deletes them on its own.
 //!
 //! A blob is written only from a fill's verified stream: the uploader is a reader of the fill,
 //! and a fill hands out its last byte only after the digest matched, so a multipart upload is
@@ -16,6 +18,7 @@
 //!
 //! The store failing is not an outage: after an error it is skipped for a few seconds (reads
 //! are misses, writes are dropped) and the mirror serves from disk and upstream meanwhile.
+//! Hosted writes are the exception: always tried and awaited, their failure is the push's.
 
 use std::io;
 use std::sync::Arc;
@@ -64,11 +67,16 @@ pub struct SharedStore {
     metrics: Arc<Metrics>,
     uploads: tokio::sync::Semaphore,
     kind: StoreKind,
+    /// The configured URL, for messages.
+    url: String,
 }
 
-/// Why a verified fill did not reach the object store.
+/// Where the hosted registries' objects are, under the prefix.
+const HOSTED: &str = "hosted/";
+
+/// Why a verified fill (or hosted blob) did not reach the object store.
 #[derive(Debug, thiserror::Error)]
-enum UploadError {
+pub enum UploadError {
     #[error("the fill failed before it started: {0}")]
     Start(#[from] RegistryError),
     #[error("fill failed: {0}")]
@@ -99,7 +107,13 @@ impl SharedStore {
             metrics,
             uploads: tokio::sync::Semaphore::new(UPLOADS_AT_ONCE),
             kind,
+            url: config.url.to_string(),
         })
+    }
+
+    /// The configured URL (`s3://bucket/prefix`), for messages.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     fn path(&self, key: &str) -> Path {
@@ -157,10 +171,14 @@ impl SharedStore {
         &self,
         digest: &Digest,
     ) -> Lookup<(u64, BoxStream<'static, io::Result<Bytes>>)> {
+        self.get_stream(&Self::blob_key(digest)).await
+    }
+
+    async fn get_stream(&self, key: &str) -> Lookup<(u64, BoxStream<'static, io::Result<Bytes>>)> {
         if !self.is_available() {
             return Lookup::Unavailable;
         }
-        match self.store.get(&self.path(&Self::blob_key(digest))).await {
+        match self.store.get(&self.path(key)).await {
             Ok(got) => {
                 self.record(StoreOp::Get, &Ok(()));
                 let len = got.meta.size;
@@ -180,10 +198,14 @@ impl SharedStore {
 
     /// The length of a stored blob.
     pub async fn head_blob(&self, digest: &Digest) -> Lookup<u64> {
+        self.head(&Self::blob_key(digest)).await
+    }
+
+    async fn head(&self, key: &str) -> Lookup<u64> {
         if !self.is_available() {
             return Lookup::Unavailable;
         }
-        match self.store.head(&self.path(&Self::blob_key(digest))).await {
+        match self.store.head(&self.path(key)).await {
             Ok(meta) => {
                 self.record(StoreOp::Head, &Ok(()));
                 Lookup::Found(meta.size)
@@ -348,13 +370,24 @@ impl SharedStore {
 
     async fn upload_fill(&self, fill: Arc<Fill>) -> Result<u64, UploadError> {
         let len = fill.wait_started().await?;
+        let path = self.path(&Self::blob_key(&fill.digest));
+        self.upload_stream(&path, len, fill.reader(0, None).into_stream())
+            .await
+    }
+
+    /// Uploads `reader`'s bytes under `path`: one PUT up to [`PART_BYTES`] (when the length is
+    /// known), else a multipart upload completed only when the stream ended without an error.
+    async fn upload_stream(
+        &self,
+        path: &Path,
+        len: Option<u64>,
+        mut reader: BoxStream<'static, io::Result<Bytes>>,
+    ) -> Result<u64, UploadError> {
         let _permit = self
             .uploads
             .acquire()
             .await
             .map_err(|_| UploadError::Closed)?;
-        let path = self.path(&Self::blob_key(&fill.digest));
-        let mut reader = fill.reader(0, None);
         let written = self.metrics.store_bytes(StoreDirection::Written);
         if len.is_some_and(|l| l <= PART_BYTES as u64) {
             // Small: one PUT of the whole verified blob (the reader ends only once verified).
@@ -365,13 +398,13 @@ impl SharedStore {
                 n += chunk.len() as u64;
                 parts.push(chunk);
             }
-            let result = self.store.put(&path, PutPayload::from_iter(parts)).await;
+            let result = self.store.put(path, PutPayload::from_iter(parts)).await;
             self.record(StoreOp::Put, &result.as_ref().map(|_| ()));
             result?;
             written.inc_by(n);
             return Ok(n);
         }
-        let upload = self.store.put_multipart(&path).await;
+        let upload = self.store.put_multipart(path).await;
         // Azure makes no request to start one (its block list is made up here).
         if self.kind != StoreKind::Azure || upload.is_err() {
             self.record(StoreOp::Multipart, &upload.as_ref().map(|_| ()));
@@ -411,4 +444,120 @@ impl SharedStore {
         written.inc_by(n);
         Ok(n)
     }
+
+    // The hosted registries' objects, under `hosted/` (see `crate::hosted`). Unlike the
+    // mirror's writes, these are awaited and tried even while the store is skipped: a push is
+    // answered only once they landed.
+
+    fn hosted_key(key: &str) -> String {
+        format!("{HOSTED}{key}")
+    }
+
+    /// Stores a small hosted object (a link, tag, referrer or manifest).
+    pub async fn put_hosted(&self, key: &str, bytes: Bytes) -> Result<(), object_store::Error> {
+        let result = self
+            .store
+            .put(&self.path(&Self::hosted_key(key)), PutPayload::from(bytes))
+            .await;
+        self.record(StoreOp::Put, &result.as_ref().map(|_| ()));
+        result.map(|_| ())
+    }
+
+    /// Stores a verified hosted blob from its file (the same uploads as the mirror's blobs:
+    /// one PUT, or parts completed only once the whole file was read).
+    pub async fn put_hosted_file(
+        &self,
+        key: &str,
+        file: Arc<std::fs::File>,
+        len: u64,
+    ) -> Result<(), UploadError> {
+        let path = self.path(&Self::hosted_key(key));
+        self.upload_stream(&path, Some(len), file_stream(file, len))
+            .await
+            .map(|_| ())
+    }
+
+    /// Deletes a hosted object (one that is not there counts as deleted).
+    pub async fn delete_hosted(&self, key: &str) -> Result<(), object_store::Error> {
+        let result = self.store.delete(&self.path(&Self::hosted_key(key))).await;
+        self.record(StoreOp::Delete, &result.as_ref().map(|_| ()));
+        match result {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The length of a hosted object.
+    pub async fn head_hosted(&self, key: &str) -> Lookup<u64> {
+        self.head(&Self::hosted_key(key)).await
+    }
+
+    /// A small hosted object (at most 4 MiB: links, tags, referrers, manifests).
+    pub async fn get_hosted(&self, key: &str) -> Lookup<Bytes> {
+        self.get_small(&Self::hosted_key(key)).await
+    }
+
+    /// A hosted blob's length and bytes (unverified: the reader checks the digest).
+    pub async fn get_hosted_blob(
+        &self,
+        key: &str,
+    ) -> Lookup<(u64, BoxStream<'static, io::Result<Bytes>>)> {
+        self.get_stream(&Self::hosted_key(key)).await
+    }
+
+    /// The hosted objects whose keys start with `dir/`, as (key, size, last modified), at most
+    /// `limit` of them (and whether there were more).
+    pub async fn list_hosted(
+        &self,
+        dir: &str,
+        limit: usize,
+    ) -> Result<(Vec<(String, u64, std::time::SystemTime)>, bool), object_store::Error> {
+        let base = self.path(&Self::hosted_key(""));
+        let prefix = self.path(&Self::hosted_key(dir));
+        let mut listed = self.store.list(Some(&prefix));
+        let mut out = Vec::new();
+        let mut more = false;
+        while let Some(meta) = listed.next().await {
+            let meta = match meta {
+                Ok(m) => m,
+                Err(e) => {
+                    self.record(StoreOp::List, &Err(&e));
+                    return Err(e);
+                }
+            };
+            if out.len() == limit {
+                more = true;
+                break;
+            }
+            let Some(key) = meta.location.prefix_match(&base) else {
+                continue;
+            };
+            let key: Vec<String> = key.map(|p| p.as_ref().to_owned()).collect();
+            out.push((key.join("/"), meta.size, meta.last_modified.into()));
+        }
+        self.record(StoreOp::List, &Ok(()));
+        Ok((out, more))
+    }
+}
+
+/// A file's first `len` bytes, read in parts of [`PART_BYTES`] off the async threads.
+fn file_stream(file: Arc<std::fs::File>, len: u64) -> BoxStream<'static, io::Result<Bytes>> {
+    use std::os::unix::fs::FileExt;
+    futures_util::stream::try_unfold(0u64, move |at| {
+        let file = file.clone();
+        async move {
+            if at >= len {
+                return Ok(None);
+            }
+            let n = ((len - at) as usize).min(PART_BYTES);
+            let chunk = tokio::task::spawn_blocking(move || {
+                let mut buf = bytes::BytesMut::zeroed(n);
+                file.read_exact_at(&mut buf, at).map(|()| buf.freeze())
+            })
+            .await
+            .map_err(io::Error::other)??;
+            Ok(Some((chunk, at + n as u64)))
+        }
+    })
+    .boxed()
 }

@@ -2,8 +2,13 @@
 //! any repository (with `untagged`, only from tagged manifests, their children and their
 //! referrers), then sweep the rest. Nothing younger than the grace period is removed, so
 //! pushes running during a collection are safe: their blobs are new.
+//!
+//! With an object store, a collection is planned first (a dry run, listing the files it would
+//! remove), those files' objects are deleted from the bucket, and then only the files whose
+//! objects are gone are removed from the disk: nothing leaves the disk that stays in the bucket.
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -23,6 +28,16 @@ pub struct GcReport {
     pub manifests: Vec<String>,
     /// Blobs kept only because they are younger than the grace period.
     pub kept_young: usize,
+    /// Files kept because their object could not be deleted from the object store.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub kept_in_store: usize,
+    /// The files removed (or, with `dry_run`, to remove): manifest links, blobs, blob links.
+    #[serde(skip)]
+    pub(super) files: Vec<PathBuf>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn young(at: SystemTime, grace: Duration) -> bool {
@@ -32,7 +47,16 @@ fn young(at: SystemTime, grace: Duration) -> bool {
         || at > SystemTime::now()
 }
 
-pub(super) fn collect(store: &Store, grace: Duration, dry_run: bool, untagged: bool) -> GcReport {
+/// Collects; with `only`, removes no file but those (the ones whose objects the bucket no
+/// longer holds).
+pub(super) fn collect(
+    store: &Store,
+    grace: Duration,
+    dry_run: bool,
+    untagged: bool,
+    only: Option<&HashSet<PathBuf>>,
+) -> GcReport {
+    let may = |p: &PathBuf| only.is_none_or(|o| o.contains(p));
     let mut report = GcReport {
         dry_run,
         ..GcReport::default()
@@ -53,8 +77,12 @@ pub(super) fn collect(store: &Store, grace: Duration, dry_run: bool, untagged: b
                 continue;
             }
             report.manifests.push(format!("{registry}/{repo}@{d}"));
-            if !dry_run && !young(*at, grace) {
-                let _ = store.unlink_manifest(&registry, &repo, d);
+            let link = store.manifest_link(&registry, &repo, d);
+            if !young(*at, grace) && may(&link) {
+                if !dry_run {
+                    let _ = store.unlink_manifest(&registry, &repo, d);
+                }
+                report.files.push(link);
             }
         }
         for d in &keep {
@@ -79,17 +107,27 @@ pub(super) fn collect(store: &Store, grace: Duration, dry_run: bool, untagged: b
             report.kept_young += 1;
             continue;
         }
+        let path = store.blob_path(&d);
+        if !may(&path) {
+            report.kept_in_store += 1;
+            continue;
+        }
         if dry_run || store.remove_blob(&d).is_ok_and(|gone| gone) {
             report.bytes += len;
             report.blobs.push(d.to_string());
+            report.files.push(path);
             removed.insert(d);
         }
     }
-    if !dry_run {
-        // A blob that is gone must not reappear in these repositories if pushed again elsewhere.
-        for (registry, repo, ds) in links {
-            for d in ds.iter().filter(|d| removed.contains(*d)) {
-                let _ = store.unlink_blob(&registry, &repo, d);
+    // A blob that is gone must not reappear in these repositories if pushed again elsewhere.
+    for (registry, repo, ds) in links {
+        for d in ds.iter().filter(|d| removed.contains(*d)) {
+            let link = store.blob_link(&registry, &repo, d);
+            if may(&link) {
+                if !dry_run {
+                    let _ = store.unlink_blob(&registry, &repo, d);
+                }
+                report.files.push(link);
             }
         }
     }

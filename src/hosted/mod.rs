@@ -4,10 +4,13 @@
 //! [`store`]. Nothing here ever contacts an upstream.
 //!
 //! Durability: a push is answered 201 only after its bytes are synced to disk and renamed into
-//! place; a blob is visible in a repository only after it is complete and verified; a manifest
-//! only after every blob and child manifest it references is in the repository.
+//! place and, with `[cache.object_store]`, stored in the bucket (see [`remote`]: the bucket
+//! first, then the disk); a blob is visible in a repository only after it is complete and
+//! verified; a manifest only after every blob and child manifest it references is in the
+//! repository.
 
 mod gc;
+mod remote;
 mod store;
 mod upload;
 
@@ -21,9 +24,10 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http::StatusCode;
 
+use self::remote::Remote;
 use self::store::Store;
 use self::upload::{AppendError, Sink, Uploads};
-use crate::cache::{BlobStore, Manifest};
+use crate::cache::{BlobStore, Manifest, SharedStore};
 use crate::config::HostedConfig;
 use crate::error::{ErrorCode, RegistryError};
 use crate::metrics::Metrics;
@@ -50,6 +54,8 @@ pub struct Hosted {
     metrics: Arc<Metrics>,
     /// The mirror's blobs: a pushed blob the cache already holds is kept once (a hard link).
     cache: Option<Arc<BlobStore>>,
+    /// The object store, where every write lands before it is answered (None: disk only).
+    remote: Option<Remote>,
 }
 
 /// How a manifest push went.
@@ -121,6 +127,7 @@ impl Hosted {
         cache_dir: &std::path::Path,
         metrics: Arc<Metrics>,
         cache: Option<Arc<BlobStore>>,
+        shared: Option<Arc<SharedStore>>,
     ) -> std::io::Result<Hosted> {
         let store = Arc::new(Store::open(cache_dir)?);
         let uploads = Arc::new(Uploads::new(&store.uploads));
@@ -145,13 +152,104 @@ impl Hosted {
             .hosted_bytes
             .set(blobs.iter().map(|b| b.1 as i64).sum());
         metrics.hosted_blobs.set(blobs.len() as i64);
+        let remote = shared.map(|s| Remote::new(s, store.clone()));
         Ok(Hosted {
             store,
             uploads,
             registries,
             metrics,
             cache,
+            remote,
         })
+    }
+
+    /// With an object store: brings the repositories' index on the disk up to date with the
+    /// bucket (bounded, logged); see [`remote`].
+    pub async fn restore(&self) {
+        let Some(r) = &self.remote else { return };
+        let started = std::time::Instant::now();
+        let done = r.restore_index().await;
+        let level_warn = done.partial || done.failed > 0;
+        if level_warn {
+            tracing::warn!(
+                store = r.url(),
+                listed = done.listed,
+                written = done.written,
+                failed = done.failed,
+                partial = done.partial,
+                seconds = started.elapsed().as_secs_f64(),
+                "hosted registries only partly restored from the object store (missing files are read from it when asked for)"
+            );
+        } else {
+            tracing::info!(
+                store = r.url(),
+                listed = done.listed,
+                written = done.written,
+                seconds = started.elapsed().as_secs_f64(),
+                "hosted registries' index restored from the object store"
+            );
+        }
+    }
+
+    /// Counts a blob now on the disk that was read back from the bucket.
+    fn count_restored(&self, d: &Digest) {
+        if let Ok(m) = std::fs::metadata(self.store.blob_path(d)) {
+            self.metrics.hosted_bytes.add(m.len() as i64);
+            self.metrics.hosted_blobs.inc();
+        }
+    }
+
+    /// Whether the repository holds blob `d`; a link the disk lacks is read from the bucket
+    /// (the blob's bytes only looked for there, fetched when pulled).
+    async fn has_blob(&self, registry: &str, repo: &crate::oci::RepoName, d: &Digest) -> bool {
+        if self.store.has_blob(registry, repo, d) {
+            return true;
+        }
+        let Some(r) = &self.remote else { return false };
+        let link = self.store.blob_link(registry, repo, d);
+        let blob = self.store.blob_path(d);
+        (link.exists() || r.restore(&link, None).await) && (blob.exists() || r.has(&blob).await)
+    }
+
+    /// The media type of a manifest of the repository; what the disk lacks (its link, its
+    /// bytes) is read from the bucket.
+    async fn manifest_type(
+        &self,
+        registry: &str,
+        repo: &crate::oci::RepoName,
+        d: &Digest,
+    ) -> Option<String> {
+        if let Some(t) = self.store.manifest_type(registry, repo, d) {
+            return Some(t);
+        }
+        let r = self.remote.as_ref()?;
+        let link = self.store.manifest_link(registry, repo, d);
+        if !link.exists() && !r.restore(&link, None).await {
+            return None;
+        }
+        let blob = self.store.blob_path(d);
+        if !blob.exists() {
+            if !r.restore(&blob, Some(d)).await {
+                return None;
+            }
+            self.count_restored(d);
+        }
+        self.store.manifest_type(registry, repo, d)
+    }
+
+    /// The digest a tag points to; a tag the disk lacks is read from the bucket.
+    async fn tag(&self, registry: &str, repo: &crate::oci::RepoName, tag: &Tag) -> Option<Digest> {
+        if let Some(d) = self.store.tag(registry, repo, tag) {
+            return Some(d);
+        }
+        let r = self.remote.as_ref()?;
+        if !r
+            .restore(&self.store.tag_path(registry, repo, tag), None)
+            .await
+        {
+            return None;
+        }
+        self.store.tag(registry, repo, tag)
     }
 
     /// Removes abandoned uploads now and then (each registry's `upload_ttl`).
@@ -205,13 +303,13 @@ impl Hosted {
         let digest = match r {
             Reference::Digest(d) => d.clone(),
             Reference::Tag(tag) => self
-                .store
                 .tag(&t.registry, &t.repo, tag)
+                .await
                 .ok_or_else(unknown)?,
         };
         let media_type = self
-            .store
             .manifest_type(&t.registry, &t.repo, &digest)
+            .await
             .ok_or_else(unknown)?;
         let store = self.store.clone();
         let d = digest.clone();
@@ -226,7 +324,7 @@ impl Hosted {
             })
     }
 
-    pub fn blob(&self, t: &Target, d: &Digest) -> Result<HostedBlob, RegistryError> {
+    pub async fn blob(&self, t: &Target, d: &Digest) -> Result<HostedBlob, RegistryError> {
         let unknown = || {
             RegistryError::new(
                 ErrorCode::BlobUnknown,
@@ -234,23 +332,40 @@ impl Hosted {
             )
         };
         // A manifest is a blob of its repository too (distribution serves it as one).
-        if !self.store.has_blob(&t.registry, &t.repo, d)
-            && self.store.manifest_type(&t.registry, &t.repo, d).is_none()
+        if !self.has_blob(&t.registry, &t.repo, d).await
+            && self.manifest_type(&t.registry, &t.repo, d).await.is_none()
         {
             return Err(unknown());
+        }
+        if let Some(r) = &self.remote
+            && !self.store.blob_path(d).exists()
+            && r.restore_blob(d).await?
+        {
+            self.count_restored(d);
         }
         let (file, len) = self.store.open_blob(d).map_err(|_| unknown())?;
         Ok(HostedBlob { file, len })
     }
 
-    /// Tags in lexical order after `last`, at most `n`; and whether more follow.
-    pub fn tags(
+    /// Tags in lexical order after `last`, at most `n`; and whether more follow. With an
+    /// object store, the bucket's tags too (pushed to another replica since this one started).
+    pub async fn tags(
         &self,
         t: &Target,
         n: Option<u32>,
         last: Option<&str>,
     ) -> Result<(Vec<String>, bool), RegistryError> {
-        let all = self.store.tags(&t.registry, &t.repo);
+        let mut all: std::collections::BTreeSet<String> = self
+            .store
+            .tags(&t.registry, &t.repo)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        if let Some(r) = &self.remote
+            && let Some(stored) = r.tags(&t.registry, &t.repo).await
+        {
+            all.extend(stored.into_iter().filter(|n| n.parse::<Tag>().is_ok()));
+        }
         if all.is_empty() && self.store.manifests(&t.registry, &t.repo).is_empty() {
             return Err(RegistryError::new(
                 ErrorCode::NameUnknown,
@@ -259,7 +374,6 @@ impl Hosted {
         }
         let mut tags: Vec<String> = all
             .into_iter()
-            .map(|(name, _)| name)
             .filter(|name| last.is_none_or(|l| name.as_str() > l))
             .collect();
         let more = n.is_some_and(|n| tags.len() > n as usize);
@@ -343,8 +457,16 @@ impl Hosted {
         from: &Target,
     ) -> Result<bool, RegistryError> {
         self.require(t)?;
-        if from.registry != t.registry || !self.store.has_blob(&from.registry, &from.repo, d) {
+        if from.registry != t.registry || !self.has_blob(&from.registry, &from.repo, d).await {
             return Ok(false);
+        }
+        if let Some(r) = &self.remote {
+            r.put(
+                "cannot mount the blob",
+                &self.store.blob_link(&t.registry, &t.repo, d),
+                Bytes::new(),
+            )
+            .await?;
         }
         let store = self.store.clone();
         let (registry, repo, d) = (t.registry.clone(), t.repo.clone(), d.clone());
@@ -430,8 +552,9 @@ impl Hosted {
         Ok(())
     }
 
-    /// Verifies an upload's file against `d`, syncs it and makes it the blob (or drops it when
-    /// the blob is stored already), then links it into the repository.
+    /// Verifies an upload's file against `d`, stores it in the bucket (with an object store),
+    /// syncs it and makes it the blob (or drops it when the blob is stored already), then
+    /// links it into the repository (the bucket's link first).
     async fn commit(
         &self,
         t: &Target,
@@ -439,32 +562,50 @@ impl Hosted {
         path: std::path::PathBuf,
         sink: Sink,
     ) -> Result<(), RegistryError> {
-        let store = self.store.clone();
-        let cached = self.cache.as_ref().and_then(|c| c.path_if_cached(d));
-        let (registry, repo, want) = (t.registry.clone(), t.repo.clone(), d.clone());
-        let added = tokio::task::spawn_blocking(move || -> Result<Option<u64>, RegistryError> {
+        let discard = |p: &std::path::Path| {
+            let _ = std::fs::remove_file(p);
+        };
+        let (file, len) = (sink.file.clone(), sink.len);
+        let (want, p) = (d.clone(), path.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), RegistryError> {
             let got = match (sink.hasher, want.algorithm()) {
                 (Some(h), DigestAlgorithm::Sha256) => h.finish(),
                 _ => hash_file(&sink.file, sink.len, want.algorithm())
                     .map_err(|e| disk_error("cannot read the upload back", e))?,
             };
-            let discard = |p: &std::path::Path| {
-                let _ = std::fs::remove_file(p);
-            };
             if got != want {
-                discard(&path);
+                let _ = std::fs::remove_file(&p);
                 return Err(RegistryError::new(
                     ErrorCode::DigestInvalid,
                     format!("the upload's digest is {got}, not {want}"),
                 ));
             }
+            Ok(())
+        })
+        .await
+        .map_err(|e| RegistryError::new(ErrorCode::Internal, format!("upload: {e}")))??;
+        // Verified: into the bucket before anything becomes visible here.
+        if let Some(r) = &self.remote {
+            let link = self.store.blob_link(&t.registry, &t.repo, d);
+            let stored = match r.put_blob(d, file.clone(), len).await {
+                Ok(()) => r.put("cannot link the blob", &link, Bytes::new()).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = stored {
+                discard(&path);
+                return Err(e);
+            }
+        }
+        let store = self.store.clone();
+        let cached = self.cache.as_ref().and_then(|c| c.path_if_cached(d));
+        let (registry, repo, want) = (t.registry.clone(), t.repo.clone(), d.clone());
+        let added = tokio::task::spawn_blocking(move || -> Result<Option<u64>, RegistryError> {
             let existed = store.blob_path(&want).exists();
             if !existed {
                 if cached.as_ref().is_some_and(|c| store.link_blob(c, &want)) {
                     discard(&path);
                 } else {
-                    sink.file
-                        .sync_all()
+                    file.sync_all()
                         .map_err(|e| disk_error("cannot sync the upload", e))?;
                     store
                         .commit_blob(&path, &want)
@@ -477,7 +618,7 @@ impl Hosted {
             store
                 .link_blob_to(&registry, &repo, &want)
                 .map_err(|e| disk_error("cannot link the blob", e))?;
-            Ok((!existed).then_some(sink.len))
+            Ok((!existed).then_some(len))
         })
         .await
         .map_err(|e| RegistryError::new(ErrorCode::Internal, format!("upload: {e}")))??;
@@ -549,7 +690,7 @@ impl Hosted {
             ));
         }
         for b in &parts.blobs {
-            if !self.store.has_blob(&t.registry, &t.repo, b) {
+            if !self.has_blob(&t.registry, &t.repo, b).await {
                 return Err(RegistryError::new(
                     ErrorCode::ManifestBlobUnknown,
                     format!(
@@ -560,7 +701,7 @@ impl Hosted {
             }
         }
         for m in &parts.manifests {
-            if self.store.manifest_type(&t.registry, &t.repo, m).is_none() {
+            if self.manifest_type(&t.registry, &t.repo, m).await.is_none() {
                 return Err(RegistryError::new(
                     ErrorCode::ManifestUnknown,
                     format!(
@@ -593,6 +734,34 @@ impl Hosted {
             Reference::Digest(_) => None,
         };
         let (mt, subject) = (media_type.clone(), parts.subject.clone());
+        if let Some(r) = &self.remote {
+            // The bucket first, in the order the disk is written: the bytes, the referrer, the
+            // manifest's link, and the tag last.
+            let what = "cannot store the manifest";
+            let st = &self.store;
+            r.put(what, &st.blob_path(&digest), Bytes::from(bytes.clone()))
+                .await?;
+            if let (Some(s), Some(desc)) = (&subject, &descriptor) {
+                let path = st
+                    .referrers_dir(&t.registry, &t.repo, s)
+                    .join(store::file_name(&digest));
+                r.put(what, &path, Bytes::from(desc.clone())).await?;
+            }
+            r.put(
+                what,
+                &st.manifest_link(&t.registry, &t.repo, &digest),
+                Bytes::from(media_type.clone()),
+            )
+            .await?;
+            if let Some(tag) = &tag {
+                r.put(
+                    what,
+                    &st.tag_path(&t.registry, &t.repo, tag),
+                    Bytes::from(digest.to_string()),
+                )
+                .await?;
+            }
+        }
         let new = blocking("cannot store the manifest", move || {
             let existed = store.blob_path(&d).exists();
             store.write_blob(&d, &bytes)?;
@@ -635,9 +804,50 @@ impl Hosted {
         }
     }
 
-    /// Deletes a tag, or a manifest by digest (and every tag that points to it).
+    /// Deletes a tag, or a manifest by digest (and every tag that points to it); with an
+    /// object store, from the bucket first.
     pub async fn delete_manifest(&self, t: &Target, r: &Reference) -> Result<(), RegistryError> {
         self.deletable(t)?;
+        let known = match r {
+            Reference::Tag(tag) => self.tag(&t.registry, &t.repo, tag).await.is_some(),
+            Reference::Digest(d) => self.manifest_type(&t.registry, &t.repo, d).await.is_some(),
+        };
+        if let (Some(remote), true) = (&self.remote, known) {
+            let what = "cannot delete";
+            let st = &self.store;
+            match r {
+                Reference::Tag(tag) => {
+                    remote
+                        .delete(what, &st.tag_path(&t.registry, &t.repo, tag))
+                        .await?
+                }
+                Reference::Digest(d) => {
+                    for (tag, points) in st.tags(&t.registry, &t.repo) {
+                        if points.as_ref() == Some(d)
+                            && let Ok(tag) = tag.parse::<Tag>()
+                        {
+                            remote
+                                .delete(what, &st.tag_path(&t.registry, &t.repo, &tag))
+                                .await?;
+                        }
+                    }
+                    if let Some(subject) = st
+                        .read_blob(d)
+                        .ok()
+                        .and_then(|b| crate::oci::manifest_parts(&b).ok())
+                        .and_then(|p| p.subject)
+                    {
+                        let path = st
+                            .referrers_dir(&t.registry, &t.repo, &subject)
+                            .join(store::file_name(d));
+                        remote.delete(what, &path).await?;
+                    }
+                    remote
+                        .delete(what, &st.manifest_link(&t.registry, &t.repo, d))
+                        .await?;
+                }
+            }
+        }
         let store = self.store.clone();
         let (registry, repo, r) = (t.registry.clone(), t.repo.clone(), r.clone());
         let found = blocking("cannot delete", move || match &r {
@@ -676,6 +886,12 @@ impl Hosted {
 
     pub async fn delete_blob(&self, t: &Target, d: &Digest) -> Result<(), RegistryError> {
         self.deletable(t)?;
+        if let Some(remote) = &self.remote
+            && self.has_blob(&t.registry, &t.repo, d).await
+        {
+            let link = self.store.blob_link(&t.registry, &t.repo, d);
+            remote.delete("cannot delete", &link).await?;
+        }
         let store = self.store.clone();
         let (registry, repo, d) = (t.registry.clone(), t.repo.clone(), d.clone());
         let found = blocking("cannot delete", move || {
@@ -689,20 +905,49 @@ impl Hosted {
         }
     }
 
-    /// Garbage collection (blocking: run it off the async threads).
-    pub fn gc(&self, dry_run: bool, untagged: bool) -> GcReport {
+    /// Garbage collection. With an object store the index is restored from the bucket first
+    /// (so what other replicas pushed is marked too), and what is removed leaves the bucket
+    /// before the disk (see [`gc`]).
+    pub async fn gc(&self, dry_run: bool, untagged: bool) -> std::io::Result<GcReport> {
         let grace = self
             .registries
             .iter()
             .map(|r| r.gc_grace)
             .max()
             .unwrap_or(Duration::from_secs(3600));
-        let report = gc::collect(&self.store, grace, dry_run, untagged);
+        let collect = |dry: bool, only: Option<std::collections::HashSet<std::path::PathBuf>>| {
+            let store = self.store.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    gc::collect(&store, grace, dry, untagged, only.as_ref())
+                })
+                .await
+                .map_err(std::io::Error::other)
+            }
+        };
+        let report = match &self.remote {
+            None => collect(dry_run, None).await?,
+            Some(r) => {
+                self.restore().await;
+                let plan = collect(true, None).await?;
+                if dry_run {
+                    plan
+                } else {
+                    let deleted = futures_util::stream::iter(plan.files)
+                        .map(|path| async move { r.delete("gc", &path).await.ok().map(|()| path) })
+                        .buffer_unordered(8)
+                        .filter_map(std::future::ready)
+                        .collect()
+                        .await;
+                    collect(false, Some(deleted)).await?
+                }
+            }
+        };
         if !dry_run {
             self.metrics.hosted_bytes.sub(report.bytes as i64);
             self.metrics.hosted_blobs.sub(report.blobs.len() as i64);
         }
-        report
+        Ok(report)
     }
 }
 

@@ -29,7 +29,7 @@ pub(crate) struct Store {
 }
 
 /// `alg-hex`: a digest as a file name.
-fn file_name(d: &Digest) -> String {
+pub(crate) fn file_name(d: &Digest) -> String {
     format!("{}-{}", d.algorithm().as_str(), d.hex())
 }
 
@@ -63,6 +63,33 @@ impl Store {
         Ok(store)
     }
 
+    /// The object-store key of a file of this store: its path under `hosted/`.
+    pub(crate) fn key(&self, path: &Path) -> Option<String> {
+        path.strip_prefix(&self.root)
+            .ok()?
+            .to_str()
+            .map(str::to_owned)
+    }
+
+    /// The file an object-store key of a repository's index names (`repos/<registry>/<repo>/
+    /// _<folder>/…`), or None for any other key: one that is not such a key, or has an empty,
+    /// `.` or `..` component, never leads outside `repos/`.
+    pub(crate) fn index_path(&self, key: &str) -> Option<PathBuf> {
+        let rest = key.strip_prefix("repos/")?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let folder = parts.iter().position(|p| p.starts_with('_'))?;
+        let valid = parts.len() > folder + 1
+            && folder >= 2
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && *p != "." && *p != ".." && !p.contains('\\'))
+            && matches!(
+                parts[folder],
+                "_blobs" | "_manifests" | "_tags" | "_referrers"
+            );
+        valid.then(|| self.repos.join(rest))
+    }
+
     pub(crate) fn blob_path(&self, d: &Digest) -> PathBuf {
         let hex = d.hex();
         self.blobs
@@ -71,19 +98,23 @@ impl Store {
             .join(hex)
     }
 
-    fn repo_dir(&self, registry: &str, repo: &RepoName) -> PathBuf {
+    pub(crate) fn repo_dir(&self, registry: &str, repo: &RepoName) -> PathBuf {
         self.repos.join(registry).join(repo.as_str())
     }
 
     /// A new file in `tmp/` to write into (and then [`Store::commit_file`]).
     pub(crate) fn temp_file(&self) -> io::Result<(PathBuf, File)> {
         let path = self.tmp.join(format!("{:032x}", rand::random::<u128>()));
-        let f = File::options().write(true).create_new(true).open(&path)?;
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
         Ok((path, f))
     }
 
     /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the folder.
-    fn write_atomic(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    pub(crate) fn write_atomic(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
         let (tmp, mut f) = self.temp_file()?;
         let written = f.write_all(bytes).and_then(|()| f.sync_all());
         drop(f);
@@ -151,25 +182,30 @@ impl Store {
 
     // Repository links.
 
-    fn blob_link(&self, registry: &str, repo: &RepoName, d: &Digest) -> PathBuf {
+    pub(crate) fn blob_link(&self, registry: &str, repo: &RepoName, d: &Digest) -> PathBuf {
         self.repo_dir(registry, repo)
             .join("_blobs")
             .join(file_name(d))
     }
 
-    fn manifest_link(&self, registry: &str, repo: &RepoName, d: &Digest) -> PathBuf {
+    pub(crate) fn manifest_link(&self, registry: &str, repo: &RepoName, d: &Digest) -> PathBuf {
         self.repo_dir(registry, repo)
             .join("_manifests")
             .join(file_name(d))
     }
 
-    fn tag_path(&self, registry: &str, repo: &RepoName, tag: &Tag) -> PathBuf {
+    pub(crate) fn tag_path(&self, registry: &str, repo: &RepoName, tag: &Tag) -> PathBuf {
         self.repo_dir(registry, repo)
             .join("_tags")
             .join(tag.as_str())
     }
 
-    fn referrers_dir(&self, registry: &str, repo: &RepoName, subject: &Digest) -> PathBuf {
+    pub(crate) fn referrers_dir(
+        &self,
+        registry: &str,
+        repo: &RepoName,
+        subject: &Digest,
+    ) -> PathBuf {
         self.repo_dir(registry, repo)
             .join("_referrers")
             .join(file_name(subject))
@@ -451,4 +487,45 @@ fn linked(dir: &Path) -> Vec<(Digest, std::time::SystemTime)> {
             Some((d, at))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Store;
+
+    #[test]
+    fn only_index_keys_under_repos_map_to_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let repos = dir.path().join("hosted/repos");
+        for (key, want) in [
+            (
+                "repos/local/team/app/_tags/v1",
+                Some("local/team/app/_tags/v1"),
+            ),
+            (
+                "repos/local/a/b/c/_blobs/sha256-00",
+                Some("local/a/b/c/_blobs/sha256-00"),
+            ),
+            (
+                "repos/local/team/app/_referrers/sha256-aa/sha256-bb",
+                Some("local/team/app/_referrers/sha256-aa/sha256-bb"),
+            ),
+            (
+                "repos/local/team/app/_manifests/sha256-00",
+                Some("local/team/app/_manifests/sha256-00"),
+            ),
+            ("repos/local/_tags/v1", None),
+            ("repos/local/team/app/_tags", None),
+            ("repos/local/team/app/_other/x", None),
+            ("repos/local/../../etc/_tags/x", None),
+            ("repos/local/team/./_tags/x", None),
+            ("repos/local//app/_tags/x", None),
+            ("blobs/sha256/00/00", None),
+            ("tmp/x", None),
+            ("uploads/x", None),
+        ] {
+            assert_eq!(store.index_path(key), want.map(|w| repos.join(w)), "{key}");
+        }
+    }
 }

@@ -446,7 +446,7 @@ where
             };
             let dry_run = flag(req.uri().query(), "dry_run");
             let untagged = flag(req.uri().query(), "untagged");
-            match tokio::task::spawn_blocking(move || hosted.gc(dry_run, untagged)).await {
+            match hosted.gc(dry_run, untagged).await {
                 Ok(report) => {
                     tracing::info!(
                         dry_run,

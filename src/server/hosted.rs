@@ -188,7 +188,7 @@ pub(super) async fn answer(
             Ok(headers(StatusCode::ACCEPTED, Vec::new()))
         }
         (Route::Blob { target, digest }, Method::Get | Method::Head) => {
-            let blob = hosted.blob(&target, &digest)?;
+            let blob = hosted.blob(&target, &digest).await?;
             if req.method == Method::Get {
                 notify(
                     app,
@@ -297,7 +297,7 @@ pub(super) async fn answer(
         (Route::Tags { target }, _) => {
             let n = super::pipeline::parse_n(req)?;
             let last = req.query_param("last");
-            let (tags, more) = hosted.tags(&target, n, last)?;
+            let (tags, more) = hosted.tags(&target, n, last).await?;
             let mut list = Vec::new();
             if more && let (Some(n), Some(last)) = (n, tags.last()) {
                 list.push((

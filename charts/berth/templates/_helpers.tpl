@@ -205,7 +205,7 @@ registry port the pods listen on. */}}
 {{- fail "config.hosted needs persistence.enabled: pushed images live in the cache directory (/var/lib/berth/hosted), which would be an emptyDir, lost with the pod" }}
 {{- end }}
 {{- if gt (int .Values.replicaCount) 1 }}
-{{- fail "config.hosted needs replicaCount=1: each replica keeps the pushed images on its own volume (not in objectStore), so a push to one would be missing on the others" }}
+{{- fail "config.hosted needs replicaCount=1: each replica serves the pushed images from its own volume (objectStore holds every push, but a tag moved or deleted, or a gc, on one replica is not seen by a replica that already holds the old content)" }}
 {{- end }}
 {{- end }}
 {{- range $i, $n := .Values.config.notify }}
