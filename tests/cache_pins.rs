@@ -487,3 +487,75 @@ async fn pinned_images_are_fetched_without_a_pull() {
     }
     berth.stop().await;
 }
+
+/// A pinned multi-platform image covers the index children of `[cache] platforms` only: with
+/// `platforms = ["linux/arm64"]`, the arm64 layer stays under eviction pressure and the amd64
+/// one (pulled too) is evicted like any other blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_index_covers_the_configured_platforms() {
+    let up = FakeUpstream::start().await;
+    const K: usize = 300 * 1024;
+    let child = |arch: &str, fill: u8| {
+        let layer = up.add_blob(Bytes::from(vec![fill; K]));
+        let cfg = up.add_blob(Bytes::from(format!("{{\"architecture\":\"{arch}\"}}")));
+        let (digest, bytes) =
+            up.add_image("library/multi", arch, &cfg, std::slice::from_ref(&layer));
+        (layer, digest, bytes.len())
+    };
+    let (amd_layer, amd, amd_len) = child("amd64", 1);
+    let (arm_layer, arm, arm_len) = child("arm64", 2);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": amd, "size": amd_len,
+             "platform": {"os": "linux", "architecture": "amd64"}},
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": arm, "size": arm_len,
+             "platform": {"os": "linux", "architecture": "arm64"}},
+        ],
+    });
+    up.add_manifest(
+        "library/multi",
+        "v1",
+        "application/vnd.oci.image.index.v1+json",
+        Bytes::from(serde_json::to_vec(&index).expect("json")),
+    );
+    for i in 0..4 {
+        image(&up, &format!("library/other{i}"), 10 + i as u8, K);
+    }
+    let berth = InProc::start(
+        &InProcConfig::mirror_of(&up.url(), "probe_interval = \"0s\"")
+            .cache("max_size = \"1MiB\"\nplatforms = [\"linux/arm64\"]"),
+    )
+    .await;
+    let (ok, out) = cli(&berth, &["pin", "multi:v1"]);
+    assert!(ok, "{out}");
+    eventually("the arm64 layer is fetched for the pin", || {
+        on_disk(&berth, &arm_layer)
+    })
+    .await;
+    assert_eq!(
+        up.count(&format!("GET /v2/library/multi/blobs/{amd_layer}")),
+        0,
+        "the pin fetched a platform it does not cover"
+    );
+    // A client pulls the amd64 child too; then pressure.
+    let r = berth
+        .get(&format!("/v2/library/multi/blobs/{amd_layer}"))
+        .await;
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
+    eventually("the amd64 layer is cached", || on_disk(&berth, &amd_layer)).await;
+    for i in 0..4 {
+        pull(&berth, &format!("library/other{i}")).await;
+    }
+    eventually("the amd64 layer is evicted", || {
+        !on_disk(&berth, &amd_layer)
+    })
+    .await;
+    assert!(
+        on_disk(&berth, &arm_layer),
+        "the pinned platform's layer was evicted"
+    );
+    berth.stop().await;
+}
