@@ -309,6 +309,7 @@ on_each_store!(
     a_blob_that_fails_its_digest_never_reaches_the_store,
     more_fills_than_upload_slots_all_reach_the_store_verified,
     hosted_pushes_are_in_the_bucket_before_the_201_and_an_empty_replica_serves_them,
+    a_purged_image_leaves_the_bucket_and_no_replica_restores_it,
 );
 
 fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store<S: StoreServer>() {
@@ -1467,4 +1468,72 @@ fn hosted_pushes_are_in_the_bucket_before_the_201_and_an_empty_replica_serves_th
 /// The large layer's digest (the last one pushed).
 fn large_d(layers: &[(String, usize)]) -> String {
     layers.last().expect("layers").0.clone()
+}
+
+/// `POST /admin/cache/rm` (what `berth cache rm` calls) on one replica deletes the tag record,
+/// the manifest and the blobs from the bucket too, before it answers: a replica with an empty
+/// disk then fetches the image from upstream again instead of restoring it from the store.
+fn a_purged_image_leaves_the_bucket_and_no_replica_restores_it<S: StoreServer>() {
+    let store = S::start();
+    let store: &dyn StoreServer = &store;
+    let upstream = Registry::start();
+    let image = seed_blob_image(&upstream, "library/purged", "v1", &[2 * 1024 * 1024]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = single_replica(&upstream.url(), store, &dir.path().join("a"));
+    pull_everywhere(&[a.url()], &image);
+    wait_stored(store, &image);
+    let keys = || -> Vec<String> {
+        store
+            .list_keys("berth-test/")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
+    };
+    let image_keys = |keys: &[String]| -> Vec<String> {
+        keys.iter()
+            .filter(|k| {
+                k.contains("/library/purged/")
+                    || image.blobs().iter().any(|(d, _)| k.ends_with(&d[7..]))
+            })
+            .cloned()
+            .collect()
+    };
+    assert!(
+        !image_keys(&keys()).is_empty(),
+        "nothing of the image in the bucket"
+    );
+    let purge = format!(
+        "http://{}/admin/cache/rm?registry=docker.io&repository=library/purged&reference=v1",
+        a.admin_addr()
+    );
+    let status = runtime().block_on(async {
+        reqwest::Client::new()
+            .post(&purge)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    assert_eq!(status.ok(), Some(200), "{}: purge", store.name());
+    let left = image_keys(&keys());
+    assert!(
+        left.is_empty(),
+        "{}: left in the bucket after the purge: {left:?}",
+        store.name()
+    );
+
+    // A replica with an empty disk asks upstream again: nothing came back from the store.
+    let before = upstream.access_log().len();
+    let b = single_replica(&upstream.url(), store, &dir.path().join("b"));
+    pull_everywhere(&[b.url()], &image);
+    let asked: Vec<String> = upstream.access_log()[before..]
+        .iter()
+        .filter(|e| e.method == "GET" && e.path.contains("/library/purged/"))
+        .map(|e| e.path.clone())
+        .collect();
+    assert!(
+        asked.iter().any(|p| p.contains("/manifests/"))
+            && asked.iter().any(|p| p.contains("/blobs/")),
+        "{}: the purged image was restored from the store: upstream saw {asked:?}",
+        store.name()
+    );
 }

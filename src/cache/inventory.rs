@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{BlobStore, ManifestStore, Pins, PullStat};
-use crate::oci::{Digest, Reference, RepoName, referenced_digests};
+use super::{BlobStore, ManifestStore, Pins, PullStat, SharedStore};
+use crate::oci::{Digest, Reference, RepoName, Tag, referenced_digests};
 
 /// One cached tag (or a manifest no tag points to).
 #[derive(Debug, Serialize)]
@@ -50,6 +50,35 @@ pub struct Purged {
     pub manifests: Vec<String>,
     pub blobs: Vec<String>,
     pub bytes_freed: u64,
+    /// The same, typed (for the shared store's purge).
+    #[serde(skip)]
+    pub removed: Removed,
+}
+
+/// What a purge removed from one repository, typed.
+#[derive(Debug, Default)]
+pub struct Removed {
+    pub registry: String,
+    pub repo: Option<RepoName>,
+    pub tags: Vec<Tag>,
+    pub manifests: Vec<Digest>,
+    pub blobs: Vec<Digest>,
+}
+
+impl Removed {
+    /// Deletes it from the shared store too (see [`SharedStore::purge`]).
+    pub async fn purge_from(&self, shared: &SharedStore) -> Result<usize, String> {
+        let Some(repo) = &self.repo else { return Ok(0) };
+        shared
+            .purge(
+                &self.registry,
+                repo,
+                &self.tags,
+                &self.manifests,
+                &self.blobs,
+            )
+            .await
+    }
 }
 
 /// The digests a cached manifest reaches: its blobs and, for an index, its cached children's.
@@ -163,6 +192,8 @@ pub fn remove(
         dry_run,
         ..Purged::default()
     };
+    p.removed.registry = registry.to_string();
+    p.removed.repo = Some(repo.clone());
     let tags = manifests.tags_of(registry, repo);
     let (root, gone_tags): (Option<Digest>, Vec<_>) = match reference {
         Reference::Tag(t) => {
@@ -210,6 +241,7 @@ pub fn remove(
         manifests.manifests_of(registry, repo).into_iter().collect();
     for t in &gone_tags {
         p.tags.push(format!("{registry}/{repo}:{t}"));
+        p.removed.tags.push(t.clone());
         if !dry_run {
             manifests.remove_tag(registry, repo, t)?;
             manifests.pulls().forget(registry, repo, t.as_str());
@@ -220,6 +252,7 @@ pub fn remove(
     for d in digests {
         if repo_manifests.contains(d) {
             p.manifests.push(d.to_string());
+            p.removed.manifests.push(d.clone());
             if !dry_run {
                 manifests.remove_manifest(registry, repo, d)?;
                 manifests.pulls().forget(registry, repo, &d.to_string());
@@ -231,6 +264,7 @@ pub fn remove(
         }
         if let Some(len) = blobs.len_of(d) {
             p.blobs.push(d.to_string());
+            p.removed.blobs.push(d.clone());
             p.bytes_freed += len;
             if !dry_run {
                 blobs.remove(d)?;
@@ -248,6 +282,9 @@ pub struct Pruned {
     pub images: Vec<String>,
     pub blobs: Vec<String>,
     pub bytes_freed: u64,
+    /// Per image, typed (for the shared store's purge).
+    #[serde(skip)]
+    pub removed: Vec<Removed>,
 }
 
 /// Purges every image not pulled since `cutoff` (seconds since the epoch; a tag never pulled
@@ -289,6 +326,7 @@ pub fn prune(
         });
         out.bytes_freed += p.bytes_freed;
         out.blobs.extend(p.blobs);
+        out.removed.push(p.removed);
     }
     Ok(out)
 }

@@ -315,6 +315,38 @@ impl SharedStore {
         tokio::spawn(async move { me.put_small(key, json).await });
     }
 
+    /// Deletes what a purge removed from the local cache (`berth cache rm`, `cache prune`):
+    /// tag records, manifests and blobs, so that no replica restores them from the store.
+    /// Awaited; an object already gone counts as deleted. Err names the first that failed.
+    pub async fn purge(
+        &self,
+        registry: &str,
+        repo: &RepoName,
+        tags: &[Tag],
+        manifests: &[Digest],
+        blobs: &[Digest],
+    ) -> Result<usize, String> {
+        let keys = tags
+            .iter()
+            .map(|t| Self::tag_key(registry, repo, t))
+            .chain(
+                manifests
+                    .iter()
+                    .map(|d| Self::manifest_key(registry, repo, d)),
+            )
+            .chain(blobs.iter().map(Self::blob_key));
+        let mut n = 0;
+        for key in keys {
+            let result = self.store.delete(&self.path(&key)).await;
+            self.record(StoreOp::Delete, &result.as_ref().map(|_| ()));
+            match result {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => n += 1,
+                Err(e) => return Err(format!("cannot delete {key} from the object store: {e}")),
+            }
+        }
+        Ok(n)
+    }
+
     /// Deletes a stored blob whose bytes did not match its digest (in the background), so the
     /// next request fetches it again instead of reading the damaged copy.
     pub fn delete_blob(self: &Arc<Self>, digest: &Digest) {

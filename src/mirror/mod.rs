@@ -319,6 +319,11 @@ impl Mirror {
         &self.core.manifests
     }
 
+    /// The shared object store behind the cache, if one is configured.
+    pub fn shared(&self) -> Option<&Arc<SharedStore>> {
+        self.core.shared.as_ref()
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.core.metrics
     }

@@ -209,6 +209,27 @@ pub(crate) fn fetch_pins_at_start(app: &Arc<App>) {
     });
 }
 
+/// With `[cache.object_store]`, deletes what a purge removed locally from the store too, so no
+/// replica serves it back. Err says what was left in the store (the local purge stands).
+async fn purge_shared(
+    app: &App,
+    dry_run: bool,
+    removed: &[crate::cache::inventory::Removed],
+) -> Result<(), String> {
+    let Some(shared) = app.mirror.shared().filter(|_| !dry_run) else {
+        return Ok(());
+    };
+    for r in removed {
+        if let Err(e) = r.purge_from(shared).await {
+            tracing::warn!(error = %e, "purged from the local cache, not from the object store");
+            return Err(format!(
+                "purged from the local cache, but not from the object store: {e}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `/admin/pins`, `/admin/pin`, `/admin/unpin` and `/admin/cache/prune`.
 async fn pins_api(
     app: Arc<App>,
@@ -308,6 +329,9 @@ async fn pins_api(
                             bytes = p.bytes_freed,
                             "cache prune"
                         );
+                        if let Err(e) = purge_shared(&app, dry_run, &p.removed).await {
+                            return Ok(error(StatusCode::BAD_GATEWAY, e));
+                        }
                         Ok(json(
                             StatusCode::OK,
                             &serde_json::to_value(&p).unwrap_or_default(),
@@ -529,6 +553,11 @@ where
             match done {
                 Ok(Ok(p)) => {
                     tracing::info!(registry = %registry, repository, dry_run, bytes = p.bytes_freed, blobs = p.blobs.len(), "cache purge");
+                    if let Err(e) =
+                        purge_shared(&app, dry_run, std::slice::from_ref(&p.removed)).await
+                    {
+                        return error(StatusCode::BAD_GATEWAY, e);
+                    }
                     json(
                         StatusCode::OK,
                         &serde_json::to_value(&p).unwrap_or_default(),
