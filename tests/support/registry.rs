@@ -194,6 +194,28 @@ http:
     /// answered — an upstream that hangs. [`Registry::resume`] undoes it.
     pub fn freeze(&self) {
         self.daemon.signal(libc::SIGSTOP);
+        // kill(2) returns before every thread has stopped: wait (at most 5 s) until the
+        // kernel reports each of them stopped, so nothing answers after freeze returns.
+        let Some(pid) = self.daemon.pid() else { return };
+        let stopped = || {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|tasks| {
+                    tasks.flatten().all(|t| {
+                        std::fs::read_to_string(t.path().join("stat"))
+                            .ok()
+                            .and_then(|st| {
+                                st.rsplit_once(')')
+                                    .map(|(_, rest)| rest.trim_start().starts_with('T'))
+                            })
+                            .unwrap_or(true)
+                    })
+                })
+                .unwrap_or(true)
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !stopped() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// Resumes a [`Registry::freeze`]d registry (`SIGCONT`).
