@@ -16,6 +16,8 @@
 //! `docker-registry`; a missing program fails.
 
 mod fake_upstream;
+#[path = "cluster/identity.rs"]
+mod identity;
 mod support;
 
 use std::time::{Duration, Instant};
@@ -47,6 +49,17 @@ fn replica_config(
     i: usize,
     upstream: &str,
     store: &dyn StoreServer,
+    cache_dir: &std::path::Path,
+) -> String {
+    replica_config_with(addrs, i, upstream, &store.berth_keys(PREFIX), cache_dir)
+}
+
+/// [`replica_config`] with `store_keys` as the `[cache.object_store]` table's keys.
+fn replica_config_with(
+    addrs: &[std::net::SocketAddr],
+    i: usize,
+    upstream: &str,
+    store_keys: &str,
     cache_dir: &std::path::Path,
 ) -> String {
     let peers: Vec<String> = addrs.iter().map(|a| format!("\"http://{a}\"")).collect();
@@ -82,7 +95,7 @@ read_timeout = "10s"
         listen = addrs[i],
         admin = free_addr(),
         cache = cache_dir.display(),
-        store = store.berth_keys(PREFIX),
+        store = store_keys,
     )
 }
 
