@@ -245,6 +245,11 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// One pull of `image` through `base` (see [`pull`]).
+fn pull_once(base: &str, image: &Image) {
+    runtime().block_on(pull(&reqwest::Client::new(), base, &image.name, &image.tag));
+}
+
 /// 8 concurrent pulls on each of 3 replicas at once.
 fn pull_everywhere(urls: &[String], image: &Image) -> Vec<String> {
     runtime().block_on(async {
@@ -415,15 +420,7 @@ fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store<S: StoreS
     let dirs2 = tempfile::tempdir().expect("tempdir");
     let fresh = single_replica(&upstream.url(), store, &dirs2.path().join("c"));
     let served_before = store.requests_logged();
-    runtime().block_on(async {
-        pull(
-            &reqwest::Client::new(),
-            &fresh.url(),
-            &image.name,
-            &image.tag,
-        )
-        .await;
-    });
+    pull_once(&fresh.url(), &image);
     let m = admin_metrics(&fresh);
     assert_eq!(
         (store.requests_logged() - served_before) as f64,
@@ -634,15 +631,7 @@ fn a_damaged_blob_in_the_store_is_never_served_and_gets_replaced<S: StoreServer>
     let single = |dir: &std::path::Path| single_replica(&upstream.url(), store, dir);
     let dirs = tempfile::tempdir().expect("tempdir");
     let first = single(&dirs.path().join("a"));
-    runtime().block_on(async {
-        pull(
-            &reqwest::Client::new(),
-            &first.url(),
-            &image.name,
-            &image.tag,
-        )
-        .await;
-    });
+    pull_once(&first.url(), &image);
     wait_stored(store, &image);
     // Same length, one byte flipped.
     let mut bad = store.get_object(&key).expect("stored");

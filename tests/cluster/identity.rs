@@ -19,7 +19,7 @@ use super::support::{
     Azurite, Berth, Delivery, FakeGcs, Image, Recorder, Registry, StoreServer, Webhook, free_addr,
     seed_blob_image,
 };
-use super::{PREFIX, admin_metrics, metric, pull, replica_config_with, runtime, wait_stored};
+use super::{PREFIX, admin_metrics, metric, pull_once, replica_config_with, wait_stored};
 
 /// The path of the GCE metadata server's token for the instance's service account.
 const GCE_TOKEN_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
@@ -49,6 +49,15 @@ fn no_ambient_credentials() {
 /// The request target's path, without the query.
 fn path_of(d: &Delivery) -> &str {
     d.path.split('?').next().unwrap_or_default()
+}
+
+/// What the identity service `what` was asked; fails if it was asked nothing.
+fn asked(service: &Webhook, what: &str) -> Vec<Delivery> {
+    let asked = service.deliveries();
+    let paths: Vec<&str> = asked.iter().map(|d| d.path.as_str()).collect();
+    eprintln!("{what} asked: {paths:?}");
+    assert!(!asked.is_empty(), "berth never asked the {what}");
+    asked
 }
 
 /// The form field `name` of a request's `application/x-www-form-urlencoded` body.
@@ -85,29 +94,30 @@ fn identity_berth(
     (Berth::start_with_env(&config, &env), dirs)
 }
 
-/// Pulls `image` through `berth` (every blob verified against its digest).
-fn pull_through(berth: &Berth, image: &Image) {
-    runtime().block_on(async {
-        pull(
-            &reqwest::Client::new(),
-            &berth.url(),
-            &image.name,
-            &image.tag,
-        )
-        .await;
-    });
-}
-
-/// Waits (bounded: 20 s) until berth's log has `needle`.
-fn wait_logged(berth: &Berth, needle: &str) {
+/// Waits (bounded: 20 s) until berth logs that it skips the object store, and returns that
+/// line.
+fn store_skipped(berth: &Berth) -> String {
+    const SKIPPED: &str = "object store failed: skipping it";
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !berth.logs().contains(needle) {
+    loop {
+        if let Some(line) = berth.logs().lines().find(|l| l.contains(SKIPPED)) {
+            eprintln!("berth says: {line}");
+            return line.to_owned();
+        }
         assert!(
             Instant::now() < deadline,
-            "berth never logged {needle:?}:\n{}",
+            "berth never logged {SKIPPED:?}:\n{}",
             berth.logs()
         );
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Asserts that none of `image`'s blobs is in `store`.
+fn none_stored(store: &dyn StoreServer, image: &Image) {
+    for (d, _) in image.blobs() {
+        let key = format!("{PREFIX}/blobs/sha256/{}", &d[7..]);
+        assert_eq!(store.get_object(&key), None, "{key} was not stored");
     }
 }
 
@@ -158,19 +168,14 @@ fn gcs_without_a_key_file_takes_its_token_from_the_metadata_server() {
         ("GCE_METADATA_IP", host),
     ];
     let (berth, _dirs) = identity_berth(&upstream.url(), &keys, &env);
-    pull_through(&berth, &image);
+    pull_once(&berth.url(), &image);
     wait_stored(&gcs, &image);
     for (d, bytes) in image.blobs() {
         let key = format!("{PREFIX}/blobs/sha256/{}", &d[7..]);
         assert_eq!(gcs.get_object(&key).as_deref(), Some(bytes), "{key}");
     }
 
-    let asked = metadata.deliveries();
-    eprintln!(
-        "metadata server asked: {:?}",
-        asked.iter().map(|d| &d.path).collect::<Vec<_>>()
-    );
-    assert!(!asked.is_empty(), "berth never asked the metadata server");
+    let asked = asked(&metadata, "metadata server");
     for d in &asked {
         assert_eq!(d.method, "GET", "{}", d.path);
         assert_eq!(path_of(d), GCE_TOKEN_PATH, "only the token was asked for");
@@ -200,7 +205,10 @@ fn gcs_without_a_key_file_takes_its_token_from_the_metadata_server() {
     let (chunks, signed): (Vec<_>, Vec<_>) = sent
         .iter()
         .partition(|r| r.method == "PUT" && r.query_param("upload_id").is_some());
-    assert!(!chunks.is_empty(), "the large blob went up in session chunks");
+    assert!(
+        !chunks.is_empty(),
+        "the large blob went up in session chunks"
+    );
     for r in &chunks {
         assert_eq!(r.header("authorization"), None, "{} {}", r.method, r.uri);
     }
@@ -225,7 +233,7 @@ fn gcs_without_a_key_file_takes_its_token_from_the_metadata_server() {
     let (berth, _dirs) = identity_berth(&upstream.url(), &keys, &env);
     let second = seed_blob_image(&upstream, "library/gce-down", "v1", &[300 * 1024]);
     relay.clear();
-    pull_through(&berth, &second);
+    pull_once(&berth.url(), &second);
     for (d, _) in second.blobs() {
         assert_eq!(
             upstream.blob_gets("library/gce-down", d),
@@ -233,13 +241,7 @@ fn gcs_without_a_key_file_takes_its_token_from_the_metadata_server() {
             "{d} from upstream"
         );
     }
-    wait_logged(&berth, "object store failed: skipping it");
-    let logs = berth.logs();
-    let line = logs
-        .lines()
-        .find(|l| l.contains("object store failed: skipping it"))
-        .unwrap_or_default();
-    eprintln!("berth says: {line}");
+    let line = store_skipped(&berth);
     assert!(
         line.contains("metadata") || line.contains("token"),
         "the log names the token fetch as the failure: {line}"
@@ -250,10 +252,7 @@ fn gcs_without_a_key_file_takes_its_token_from_the_metadata_server() {
         "no request reached the bucket without a token:\n{}",
         relay.summary()
     );
-    for (d, _) in second.blobs() {
-        let key = format!("{PREFIX}/blobs/sha256/{}", &d[7..]);
-        assert_eq!(gcs.get_object(&key), None, "{key} was not stored");
-    }
+    none_stored(&gcs, &second);
 }
 
 /// A JWT-shaped Entra ID access token for `audience`, valid for an hour (unsigned: Azurite's
@@ -300,6 +299,12 @@ fn trust_azurite(azurite: &Azurite) -> (&'static str, String) {
     ("SSL_CERT_FILE", ca.display().to_string())
 }
 
+/// Managed identity's environment: the IMDS at `imds`, and trust in Azurite's CA.
+fn imds_env(imds: &Webhook, azurite: &Azurite) -> [(&'static str, String); 2] {
+    let endpoint = format!("http://{}{IMDS_TOKEN_PATH}", imds.addr());
+    [("IDENTITY_ENDPOINT", endpoint), trust_azurite(azurite)]
+}
+
 /// Pulls `image` through a berth on `azurite` with `env` (the identity under test), and checks
 /// its blobs landed in the container.
 fn pull_into_azurite(
@@ -309,7 +314,7 @@ fn pull_into_azurite(
     env: &[(&str, String)],
 ) {
     let (berth, _dirs) = identity_berth(&upstream.url(), &azure_keys_without_a_key(azurite), env);
-    pull_through(&berth, image);
+    pull_once(&berth.url(), image);
     wait_stored(azurite, image);
     for (d, bytes) in image.blobs() {
         let key = format!("{PREFIX}/blobs/sha256/{}", &d[7..]);
@@ -353,20 +358,9 @@ fn azure_without_a_key_uses_managed_identity_and_azurite_takes_its_token() {
         })
     };
     let good = imds(STORAGE_AUDIENCE);
-    let env = [
-        (
-            "IDENTITY_ENDPOINT",
-            format!("http://{}{IMDS_TOKEN_PATH}", good.addr()),
-        ),
-        trust_azurite(&azurite),
-    ];
+    let env = imds_env(&good, &azurite);
     pull_into_azurite(&azurite, &upstream, &image, &env);
-    let asked = good.deliveries();
-    eprintln!(
-        "IMDS asked: {:?}",
-        asked.iter().map(|d| &d.path).collect::<Vec<_>>()
-    );
-    assert!(!asked.is_empty(), "berth never asked the IMDS");
+    let asked = asked(&good, "IMDS");
     for d in &asked {
         assert_eq!(path_of(d), IMDS_TOKEN_PATH);
         assert_eq!(d.header("metadata"), Some("true"));
@@ -377,26 +371,17 @@ fn azure_without_a_key_uses_managed_identity_and_azurite_takes_its_token() {
     // The control: Azurite checks what it is given. A token for another audience is refused,
     // and berth skips the store (serving from upstream) and says so.
     let wrong = imds("https://management.azure.com");
-    let env = [
-        (
-            "IDENTITY_ENDPOINT",
-            format!("http://{}{IMDS_TOKEN_PATH}", wrong.addr()),
-        ),
-        trust_azurite(&azurite),
-    ];
+    let env = imds_env(&wrong, &azurite);
     let (berth, _dirs) = identity_berth(&upstream.url(), &azure_keys_without_a_key(&azurite), &env);
     let second = seed_blob_image(&upstream, "library/imds-refused", "v1", &[300 * 1024]);
-    pull_through(&berth, &second);
-    wait_logged(&berth, "object store failed: skipping it");
+    pull_once(&berth.url(), &second);
+    let line = store_skipped(&berth);
+    assert!(
+        line.contains("403") || line.contains("audience"),
+        "Azurite refused the token (not TLS or anything else): {line}"
+    );
     assert!(!wrong.deliveries().is_empty(), "the IMDS was asked");
-    for (d, _) in second.blobs() {
-        let key = format!("{PREFIX}/blobs/sha256/{}", &d[7..]);
-        assert_eq!(
-            azurite.get_object(&key),
-            None,
-            "{key}: refused token, not stored"
-        );
-    }
+    none_stored(&azurite, &second);
 }
 
 #[test]
@@ -441,15 +426,7 @@ fn azure_without_a_key_uses_workload_identity_and_azurite_takes_its_token() {
         trust_azurite(&azurite),
     ];
     pull_into_azurite(&azurite, &upstream, &image, &env);
-    let asked = authority.deliveries();
-    eprintln!(
-        "authority host asked: {:?}",
-        asked.iter().map(|d| &d.path).collect::<Vec<_>>()
-    );
-    assert!(
-        !asked.is_empty(),
-        "berth never exchanged its federated token"
-    );
+    let asked = asked(&authority, "authority host");
     for d in &asked {
         assert_eq!(
             form_field(d, "scope").as_deref(),

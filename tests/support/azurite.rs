@@ -332,6 +332,7 @@ fn spawn(
     tls: Option<&Tls>,
 ) -> Daemon {
     let mut cmd = Command::new(&program[0]);
+    cmd.args(&program[1..]);
     if let Some(tls) = tls {
         cmd.arg("--cert")
             .arg(&tls.cert)
@@ -340,8 +341,7 @@ fn spawn(
             .arg("--oauth")
             .arg("basic");
     }
-    cmd.args(&program[1..])
-        .arg("--blobHost")
+    cmd.arg("--blobHost")
         .arg(addr.ip().to_string())
         .arg("--blobPort")
         .arg(addr.port().to_string())
