@@ -12,6 +12,9 @@
 //! the bucket when the 201 arrives, served by a replica with an empty disk, refused with the
 //! store down, deleted and collected from the bucket.
 //!
+//! The credentials a config leaves to the environment — GCS's metadata server, Azure's managed
+//! and workload identity — are tested in [`identity`], against fakes of those services.
+//!
 //! Needs `garage`, Azurite, fake-gcs-server (all installed by tests/setup.sh) and
 //! `docker-registry`; a missing program fails.
 
