@@ -12,10 +12,15 @@
 //! the bucket when the 201 arrives, served by a replica with an empty disk, refused with the
 //! store down, deleted and collected from the bucket.
 //!
+//! The credentials a config leaves to the environment — GCS's metadata server, Azure's managed
+//! and workload identity — are tested in [`identity`], against fakes of those services.
+//!
 //! Needs `garage`, Azurite, fake-gcs-server (all installed by tests/setup.sh) and
 //! `docker-registry`; a missing program fails.
 
 mod fake_upstream;
+#[path = "cluster/identity.rs"]
+mod identity;
 mod support;
 
 use std::time::{Duration, Instant};
@@ -47,6 +52,17 @@ fn replica_config(
     i: usize,
     upstream: &str,
     store: &dyn StoreServer,
+    cache_dir: &std::path::Path,
+) -> String {
+    replica_config_with(addrs, i, upstream, &store.berth_keys(PREFIX), cache_dir)
+}
+
+/// [`replica_config`] with `store_keys` as the `[cache.object_store]` table's keys.
+fn replica_config_with(
+    addrs: &[std::net::SocketAddr],
+    i: usize,
+    upstream: &str,
+    store_keys: &str,
     cache_dir: &std::path::Path,
 ) -> String {
     let peers: Vec<String> = addrs.iter().map(|a| format!("\"http://{a}\"")).collect();
@@ -82,7 +98,7 @@ read_timeout = "10s"
         listen = addrs[i],
         admin = free_addr(),
         cache = cache_dir.display(),
-        store = store.berth_keys(PREFIX),
+        store = store_keys,
     )
 }
 
@@ -230,6 +246,11 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("runtime")
+}
+
+/// One pull of `image` through `base` (see [`pull`]).
+fn pull_once(base: &str, image: &Image) {
+    runtime().block_on(pull(&reqwest::Client::new(), base, &image.name, &image.tag));
 }
 
 /// 8 concurrent pulls on each of 3 replicas at once.
@@ -402,15 +423,7 @@ fn replicas_fetch_each_blob_once_and_share_it_through_the_object_store<S: StoreS
     let dirs2 = tempfile::tempdir().expect("tempdir");
     let fresh = single_replica(&upstream.url(), store, &dirs2.path().join("c"));
     let served_before = store.requests_logged();
-    runtime().block_on(async {
-        pull(
-            &reqwest::Client::new(),
-            &fresh.url(),
-            &image.name,
-            &image.tag,
-        )
-        .await;
-    });
+    pull_once(&fresh.url(), &image);
     let m = admin_metrics(&fresh);
     assert_eq!(
         (store.requests_logged() - served_before) as f64,
@@ -621,15 +634,7 @@ fn a_damaged_blob_in_the_store_is_never_served_and_gets_replaced<S: StoreServer>
     let single = |dir: &std::path::Path| single_replica(&upstream.url(), store, dir);
     let dirs = tempfile::tempdir().expect("tempdir");
     let first = single(&dirs.path().join("a"));
-    runtime().block_on(async {
-        pull(
-            &reqwest::Client::new(),
-            &first.url(),
-            &image.name,
-            &image.tag,
-        )
-        .await;
-    });
+    pull_once(&first.url(), &image);
     wait_stored(store, &image);
     // Same length, one byte flipped.
     let mut bad = store.get_object(&key).expect("stored");

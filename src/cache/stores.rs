@@ -3,9 +3,11 @@
 //!
 //! Credentials given in the config come first; else each cloud's own environment, as its SDKs
 //! read it: `AWS_*` (keys, web identity), `AZURE_*` (`AZURE_STORAGE_ACCOUNT_NAME`,
-//! `AZURE_STORAGE_ACCOUNT_KEY`, workload identity's `AZURE_CLIENT_ID`, `AZURE_TENANT_ID` and
-//! `AZURE_FEDERATED_TOKEN_FILE`; else managed identity), `GOOGLE_*`
-//! (`GOOGLE_APPLICATION_CREDENTIALS`; else the metadata server).
+//! `AZURE_STORAGE_ACCOUNT_KEY`, workload identity's `AZURE_CLIENT_ID`, `AZURE_TENANT_ID`,
+//! `AZURE_FEDERATED_TOKEN_FILE` and `AZURE_AUTHORITY_HOST`; else managed identity, from the IMDS
+//! or `IDENTITY_ENDPOINT`), `GOOGLE_*` (`GOOGLE_APPLICATION_CREDENTIALS`; else the metadata
+//! server, or `GCE_METADATA_HOST`). Those fallbacks are tested in tests/cluster/identity.rs.
+//! Certificates are checked against the system's roots (`SSL_CERT_FILE` replaces them).
 
 use std::sync::Arc;
 use std::time::Duration;

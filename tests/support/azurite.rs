@@ -6,6 +6,11 @@
 //! `devstoreaccount1`), with a random shared key, path style:
 //! `http://127.0.0.1:PORT/<account>/<container>/<blob>`. The container is created through the
 //! Blob REST API, signed with that key.
+//!
+//! [`Azurite::start_oauth`] serves HTTPS instead (a certificate for `127.0.0.1` from a CA of
+//! the test's own, [`Azurite::ca_file`]) with `--oauth basic`: it then also takes bearer
+//! tokens, checking that they are JWTs with an Entra ID issuer, a storage audience and a
+//! current lifetime (not their signature) — what managed and workload identity send.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,6 +30,46 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const ACCOUNT: &str = "berthtest";
 const CONTAINER: &str = "berth";
 
+/// Azurite's HTTPS: its certificate and key, and the CA that issued them.
+#[derive(Debug)]
+struct Tls {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    ca_pem: String,
+}
+
+impl Tls {
+    /// A CA and a certificate for `127.0.0.1` it signed, written to `dir`.
+    fn write(dir: &Path) -> Tls {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key"))
+            .expect("azurite test CA");
+        let key_pair = KeyPair::generate().expect("key");
+        let cert_pem = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .expect("params")
+            .signed_by(&key_pair, &ca)
+            .expect("azurite certificate")
+            .pem();
+        let tls = Tls {
+            cert: dir.join("azurite.crt"),
+            key: dir.join("azurite.key"),
+            ca: dir.join("ca.pem"),
+            ca_pem: ca.pem(),
+        };
+        for (path, pem) in [
+            (&tls.cert, cert_pem),
+            (&tls.key, key_pair.serialize_pem()),
+            (&tls.ca, tls.ca_pem.clone()),
+        ] {
+            std::fs::write(path, pem).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        }
+        tls
+    }
+}
+
 /// A running Azurite blob service on a free `127.0.0.1` port, storing in a temp dir.
 #[derive(Debug)]
 pub struct Azurite {
@@ -35,6 +80,8 @@ pub struct Azurite {
     key_file: PathBuf,
     log: PathBuf,
     data: PathBuf,
+    /// HTTPS and `--oauth basic` ([`Azurite::start_oauth`]).
+    tls: Option<Tls>,
     /// How long the last start or restart took.
     startup: Duration,
     // Last: removed after the daemon is stopped.
@@ -42,9 +89,16 @@ pub struct Azurite {
 }
 
 impl Azurite {
-    /// `http://127.0.0.1:PORT/berthtest`: the account's URL, berth's `endpoint`.
+    /// `http://127.0.0.1:PORT/berthtest` (`https://` with [`Azurite::start_oauth`]): the
+    /// account's URL, berth's `endpoint`.
     pub fn endpoint(&self) -> String {
-        format!("http://{}/{ACCOUNT}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}/{ACCOUNT}", self.addr)
+    }
+
+    /// The CA (PEM) that issued the HTTPS certificate of [`Azurite::start_oauth`].
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|t| t.ca.as_path())
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -73,7 +127,24 @@ impl Azurite {
     }
 
     fn spawn(&self) -> Daemon {
-        spawn(&self.program, self.addr, &self.data, &self.key, &self.log)
+        spawn(
+            &self.program,
+            self.addr,
+            &self.data,
+            &self.key,
+            &self.log,
+            self.tls.as_ref(),
+        )
+    }
+
+    /// A reqwest client that trusts this Azurite's certificate, if it has one.
+    fn http_client(&self) -> reqwest::Client {
+        let mut builder = reqwest::Client::builder().no_proxy();
+        if let Some(tls) = &self.tls {
+            let ca = reqwest::Certificate::from_pem(tls.ca_pem.as_bytes()).expect("CA PEM");
+            builder = builder.tls_certs_merge([ca]);
+        }
+        builder.build().expect("reqwest client")
     }
 
     /// Creates the container (201, or 409 when it is there already).
@@ -89,7 +160,7 @@ impl Azurite {
                 "\n".repeat(11)
             );
             let signature = sign(&self.key, &string_to_sign);
-            reqwest::Client::new()
+            self.http_client()
                 .put(&url)
                 .header("x-ms-date", &date)
                 .header("x-ms-version", "2021-08-06")
@@ -122,35 +193,7 @@ impl StoreServer for Azurite {
     /// Starts Azurite's blob service with account `berthtest` (a random key), creates container
     /// `berth`, and waits until a signed list of it succeeds.
     fn start() -> Azurite {
-        let began = Instant::now();
-        let program = azurite_program();
-        let dir = short_tempdir("azurite-");
-        let data = dir.path().join("data");
-        std::fs::create_dir_all(&data).expect("mkdir azurite data");
-        let mut raw = [0u8; 64];
-        random_bytes(&mut raw);
-        let key = base64::engine::general_purpose::STANDARD.encode(raw);
-        let key_file = dir.path().join("account-key");
-        std::fs::write(&key_file, format!("{key}\n")).expect("write account key");
-        let log = dir.path().join("azurite.log");
-        let addr = free_addr();
-        let daemon = spawn(&program, addr, &data, &key, &log);
-        let mut azurite = Azurite {
-            daemon,
-            program,
-            addr,
-            key,
-            key_file,
-            log,
-            data,
-            startup: Duration::ZERO,
-            dir,
-        };
-        azurite.wait_port();
-        azurite.create_container();
-        azurite.wait_serving();
-        azurite.startup = began.elapsed();
-        azurite
+        Azurite::start_with(false)
     }
 
     fn name(&self) -> &'static str {
@@ -201,15 +244,59 @@ impl StoreServer for Azurite {
 }
 
 impl Azurite {
+    /// Like [`StoreServer::start`], over HTTPS and with `--oauth basic` (see the module docs).
+    pub fn start_oauth() -> Azurite {
+        Azurite::start_with(true)
+    }
+
+    fn start_with(oauth: bool) -> Azurite {
+        let began = Instant::now();
+        let program = azurite_program();
+        let dir = short_tempdir("azurite-");
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).expect("mkdir azurite data");
+        let mut raw = [0u8; 64];
+        random_bytes(&mut raw);
+        let key = base64::engine::general_purpose::STANDARD.encode(raw);
+        let key_file = dir.path().join("account-key");
+        std::fs::write(&key_file, format!("{key}\n")).expect("write account key");
+        let log = dir.path().join("azurite.log");
+        let addr = free_addr();
+        let tls = oauth.then(|| Tls::write(dir.path()));
+        let daemon = spawn(&program, addr, &data, &key, &log, tls.as_ref());
+        let mut azurite = Azurite {
+            daemon,
+            program,
+            addr,
+            key,
+            key_file,
+            log,
+            data,
+            tls,
+            startup: Duration::ZERO,
+            dir,
+        };
+        azurite.wait_port();
+        azurite.create_container();
+        azurite.wait_serving();
+        azurite.startup = began.elapsed();
+        azurite
+    }
+
     /// An `object_store` client for the container with the account key.
     pub fn store(&self) -> MicrosoftAzure {
+        let mut options = test_client_options();
+        if let Some(tls) = &self.tls {
+            let ca = object_store::Certificate::from_pem(tls.ca_pem.as_bytes()).expect("CA PEM");
+            options = options.with_root_certificate(ca);
+        }
         MicrosoftAzureBuilder::new()
             .with_endpoint(self.endpoint())
             .with_account(ACCOUNT)
             .with_access_key(&self.key)
             .with_container_name(CONTAINER)
             .with_allow_http(true)
-            .with_client_options(test_client_options())
+            .with_client_options(options)
             .with_retry(test_retry())
             .build()
             .expect("build an object_store client for azurite")
@@ -236,10 +323,25 @@ impl Drop for Azurite {
     }
 }
 
-fn spawn(program: &[PathBuf], addr: SocketAddr, data: &Path, key: &str, log: &Path) -> Daemon {
+fn spawn(
+    program: &[PathBuf],
+    addr: SocketAddr,
+    data: &Path,
+    key: &str,
+    log: &Path,
+    tls: Option<&Tls>,
+) -> Daemon {
     let mut cmd = Command::new(&program[0]);
-    cmd.args(&program[1..])
-        .arg("--blobHost")
+    cmd.args(&program[1..]);
+    if let Some(tls) = tls {
+        cmd.arg("--cert")
+            .arg(&tls.cert)
+            .arg("--key")
+            .arg(&tls.key)
+            .arg("--oauth")
+            .arg("basic");
+    }
+    cmd.arg("--blobHost")
         .arg(addr.ip().to_string())
         .arg("--blobPort")
         .arg(addr.port().to_string())

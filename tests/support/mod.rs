@@ -13,13 +13,15 @@
 //! - [`Containerd`]: a private `containerd` for `ctr images pull --hosts-dir` (hosts.toml).
 //! - [`Podman`]: `podman` with private storage, config and `registries.conf` mirrors.
 //! - [`Recorder`]: a loopback TCP relay recording the HTTP requests a client sends.
-//! - [`Webhook`]: a loopback HTTP receiver recording the webhook deliveries berth sends.
+//! - [`Webhook`]: a loopback HTTP receiver recording the webhook deliveries berth sends (or,
+//!   answering as a test says, a fake token service: a metadata server, an IMDS).
 //! - [`request`]: one blocking HTTP request (reqwest), for raw registry API checks.
 //! - [`Garage`]: a single-node Garage S3 object store with one bucket and key, for the shared
 //!   tier (built by `tests/setup.sh` into `$HOME/.cache/berth-tools`).
 //! - [`Azurite`] (Azure Blob Storage) and [`FakeGcs`] (Google Cloud Storage): the emulators of
 //!   the other two backends (installed by `tests/setup.sh` there too). All three implement
 //!   [`StoreServer`], so a shared-tier scenario runs against each.
+//!   [`Azurite::start_oauth`] serves HTTPS (a test CA) and takes bearer tokens too.
 //!
 //! Every fixture listens on a free port on 127.0.0.1 (dockerd: a unix socket), lives in its own
 //! temp dir under `/tmp`, and cleans up on `Drop` (signals its child by PID, waits bounded,

@@ -1,6 +1,8 @@
 //! A webhook receiver on loopback: a tiny HTTP/1.1 server (std::net, one thread per
 //! connection) that answers every request `200 OK` and records its method, path, headers and
-//! body, for checking the notification envelopes berth sends (`[[notify]]`).
+//! body, for checking the notification envelopes berth sends (`[[notify]]`). With
+//! [`Webhook::start_answering`] it answers as a function of the request instead (a fake
+//! token endpoint: a cloud's metadata server, Azure's IMDS or its authority host).
 //!
 //! Bounded: the accept loop polls a stop flag (set on drop) every 20 ms and gives up after
 //! [`LIFETIME`]; each connection handles at most [`MAX_REQUESTS`] requests and times out
@@ -26,6 +28,7 @@ const MAX_BODY: usize = 16 << 20;
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub method: String,
+    /// The request target: path and query.
     pub path: String,
     /// Header names lower-cased, in arrival order.
     pub headers: Vec<(String, String)>,
@@ -51,6 +54,9 @@ impl Delivery {
     }
 }
 
+/// What a [`Webhook`] answers a request: status and JSON body.
+pub type Answer = Arc<dyn Fn(&Delivery) -> (u16, String) + Send + Sync>;
+
 /// A running receiver; stops (and joins its accept thread) on drop.
 #[derive(Debug)]
 pub struct Webhook {
@@ -61,8 +67,17 @@ pub struct Webhook {
 }
 
 impl Webhook {
-    /// Listens on `127.0.0.1:<free port>`.
+    /// Listens on `127.0.0.1:<free port>`, answering `200 OK` with no body.
     pub fn start() -> Webhook {
+        Webhook::start_answering(|_| (200, String::new()))
+    }
+
+    /// Listens on `127.0.0.1:<free port>`, answering each request with `answer(request)`
+    /// (status, JSON body); requests are recorded before they are answered.
+    pub fn start_answering(
+        answer: impl Fn(&Delivery) -> (u16, String) + Send + Sync + 'static,
+    ) -> Webhook {
+        let answer: Answer = Arc::new(answer);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind webhook receiver");
         listener
             .set_nonblocking(true)
@@ -72,7 +87,7 @@ impl Webhook {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (deliveries, stop) = (deliveries.clone(), stop.clone());
-            std::thread::spawn(move || accept_loop(listener, deliveries, stop))
+            std::thread::spawn(move || accept_loop(listener, deliveries, stop, answer))
         };
         Webhook {
             addr,
@@ -80,6 +95,10 @@ impl Webhook {
             stop,
             thread: Some(thread),
         }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// `http://127.0.0.1:PORT/hook`, the URL for `[[notify]]`.
@@ -133,14 +152,15 @@ fn accept_loop(
     listener: TcpListener,
     deliveries: Arc<Mutex<Vec<Delivery>>>,
     stop: Arc<AtomicBool>,
+    answer: Answer,
 ) {
     let started = Instant::now();
     while !stop.load(Ordering::SeqCst) && started.elapsed() < LIFETIME {
         match listener.accept() {
             Ok((stream, _)) => {
-                let deliveries = deliveries.clone();
+                let (deliveries, answer) = (deliveries.clone(), answer.clone());
                 // Connection threads end when the client closes or after 30 s idle.
-                std::thread::spawn(move || serve(stream, &deliveries));
+                std::thread::spawn(move || serve(stream, &deliveries, &*answer));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(20));
@@ -150,7 +170,11 @@ fn accept_loop(
     }
 }
 
-fn serve(stream: TcpStream, deliveries: &Mutex<Vec<Delivery>>) {
+fn serve(
+    stream: TcpStream,
+    deliveries: &Mutex<Vec<Delivery>>,
+    answer: &(dyn Fn(&Delivery) -> (u16, String) + Send + Sync),
+) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let Ok(mut writer) = stream.try_clone() else {
@@ -161,10 +185,13 @@ fn serve(stream: TcpStream, deliveries: &Mutex<Vec<Delivery>>) {
         let Some(delivery) = read_request(&mut reader) else {
             return;
         };
+        let (status, body) = answer(&delivery);
         deliveries.lock().expect("deliveries lock").push(delivery);
-        if writer
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-            .is_err()
+        let head = format!(
+            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        if writer.write_all(head.as_bytes()).is_err() || writer.write_all(body.as_bytes()).is_err()
         {
             return;
         }
