@@ -67,10 +67,22 @@ pub fn free_port() -> u16 {
 
 /// `127.0.0.1:<free port>`; see [`free_port`].
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0 to find a free port")
-        .local_addr()
-        .expect("local_addr of a bound listener")
+    // The kernel may hand the same free port out again once its listener is closed: never
+    // return one this process returned before (two calls in a row gave listen and
+    // admin_listen the same port in a CI run). Bounded: 100 tries.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..100 {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .expect("bind 127.0.0.1:0 to find a free port")
+            .local_addr()
+            .expect("local_addr of a bound listener");
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return addr;
+        }
+    }
+    panic!("no port not handed out before in 100 tries")
 }
 
 /// One look at a condition that is being waited for.
