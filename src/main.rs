@@ -246,15 +246,17 @@ fn human_bytes(n: u64) -> String {
     bytesize::ByteSize::b(n).display().iec().to_string()
 }
 
+/// An admin API client and a runtime to drive it, or None having said why not.
+fn admin_session(admin: &AdminArgs) -> Option<(AdminClient, tokio::runtime::Runtime)> {
+    let client = AdminClient::new(admin)
+        .inspect_err(|e| eprintln!("berth: {e}"))
+        .ok()?;
+    let runtime = runtime(tokio::runtime::Builder::new_current_thread())?;
+    Some((client, runtime))
+}
+
 fn cache(command: CacheCommand, admin: &AdminArgs) -> ExitCode {
-    let client = match AdminClient::new(admin) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("berth: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+    let Some((client, runtime)) = admin_session(admin) else {
         return ExitCode::FAILURE;
     };
     runtime.block_on(async move {

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use crate::{AdminArgs, AdminClient, human_bytes, runtime};
+use crate::{AdminArgs, AdminClient, admin_session, human_bytes};
 
 fn enc(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
@@ -21,14 +21,7 @@ pub fn pin(images: &[String], unpin: bool, admin: &AdminArgs) -> ExitCode {
             }
         }
     }
-    let client = match AdminClient::new(admin) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("berth: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let Some(rt) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+    let Some((client, rt)) = admin_session(admin) else {
         return ExitCode::FAILURE;
     };
     let (path, key, verb) = if unpin {

@@ -54,14 +54,7 @@ pub(crate) fn run(args: WarmArgs, admin: &AdminArgs) -> ExitCode {
         }
         return ExitCode::FAILURE;
     }
-    let client = match AdminClient::new(admin) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("berth: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let Some(runtime) = crate::runtime(tokio::runtime::Builder::new_current_thread()) else {
+    let Some((client, runtime)) = crate::admin_session(admin) else {
         return ExitCode::FAILURE;
     };
     runtime.block_on(follow(&client, &args))
