@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 
 use super::Pulls;
-use crate::oci::{Digest, Hasher, RepoName, Tag, referenced_digests};
+use crate::oci::{Digest, Hasher, Reference, RepoName, Tag, referenced_digests};
 
 /// A manifest with its exact bytes and the response headers that go with it.
 pub struct Manifest {
@@ -379,8 +379,11 @@ impl ManifestStore {
     }
 
     /// Counts one manifest GET answered for `reference` (a tag or digest) of the repository.
-    pub fn record_pull(&self, registry: &Arc<str>, repo: &RepoName, reference: &str) {
-        self.pulls.record(registry, repo, reference);
+    pub fn record_pull(&self, registry: &Arc<str>, repo: &RepoName, reference: &Reference) {
+        match reference {
+            Reference::Tag(t) => self.pulls.record(registry, repo, t.as_str()),
+            Reference::Digest(d) => self.pulls.record(registry, repo, &d.to_string()),
+        }
     }
 
     /// Pull counts and last-pulled times.

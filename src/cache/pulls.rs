@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -28,11 +28,15 @@ pub struct PullStat {
     pub last: u64,
 }
 
-type Key = (Arc<str>, RepoName, String);
+/// Per registry, repository and tag or digest: one level each, so that counting a pull looks
+/// every part up by reference, without allocating a key.
+type Map = HashMap<Arc<str>, HashMap<RepoName, HashMap<String, PullStat>>>;
 
 pub struct Pulls {
     path: PathBuf,
-    map: RwLock<HashMap<Key, PullStat>>,
+    map: RwLock<Map>,
+    /// How many images `map` counts (bounded by [`MAX_COUNTED`]).
+    counted: AtomicUsize,
     dirty: AtomicBool,
     /// Held while saving, so two saves never interleave their temp files.
     saving: Mutex<()>,
@@ -57,7 +61,8 @@ impl Pulls {
     /// warning for an unreadable one: counts are statistics, never a reason not to start).
     pub fn open(dir: &Path) -> Pulls {
         let path = dir.join("pulls.json");
-        let mut map = HashMap::new();
+        let mut map = Map::new();
+        let mut counted = 0;
         match std::fs::read(&path) {
             Ok(bytes) => match serde_json::from_slice::<File>(&bytes) {
                 Ok(f) => {
@@ -65,13 +70,18 @@ impl Pulls {
                         let Ok(repo) = r.repository.parse::<RepoName>() else {
                             continue;
                         };
-                        map.insert(
-                            (r.registry.as_str().into(), repo, r.reference),
-                            PullStat {
-                                count: r.count,
-                                last: r.last,
-                            },
-                        );
+                        let stat = PullStat {
+                            count: r.count,
+                            last: r.last,
+                        };
+                        let refs = map
+                            .entry(r.registry.as_str().into())
+                            .or_default()
+                            .entry(repo)
+                            .or_default();
+                        if refs.insert(r.reference, stat).is_none() {
+                            counted += 1;
+                        }
                     }
                 }
                 Err(e) => {
@@ -86,67 +96,94 @@ impl Pulls {
         Pulls {
             path,
             map: RwLock::new(map),
+            counted: counted.into(),
             dirty: AtomicBool::new(false),
             saving: Mutex::new(()),
         }
     }
 
-    /// Counts one pull of `reference` (a tag or a digest) of the repository.
+    /// Counts one pull of `reference` (a tag or a digest) of the repository. Allocates only
+    /// for an image not counted before.
     pub fn record(&self, registry: &Arc<str>, repo: &RepoName, reference: &str) {
         let now = unix_now();
         let mut map = self.map.write();
-        let key = (registry.clone(), repo.clone(), reference.to_owned());
-        let full = map.len() >= MAX_COUNTED;
-        match map.get_mut(&key) {
+        let full = self.counted.load(Ordering::Relaxed) >= MAX_COUNTED;
+        let repos = match map.get_mut(registry) {
+            Some(repos) => repos,
+            None if full => return,
+            None => map.entry(registry.clone()).or_default(),
+        };
+        let refs = match repos.get_mut(repo) {
+            Some(refs) => refs,
+            None if full => return,
+            None => repos.entry(repo.clone()).or_default(),
+        };
+        match refs.get_mut(reference) {
             Some(s) => {
                 s.count += 1;
                 s.last = now;
             }
-            None if !full => {
-                map.insert(
-                    key,
+            None if full => return,
+            None => {
+                refs.insert(
+                    reference.to_owned(),
                     PullStat {
                         count: 1,
                         last: now,
                     },
                 );
+                self.counted.fetch_add(1, Ordering::Relaxed);
             }
-            None => return,
         }
         self.dirty.store(true, Ordering::Relaxed);
     }
 
     pub fn get(&self, registry: &str, repo: &RepoName, reference: &str) -> Option<PullStat> {
-        let registry: Arc<str> = registry.into();
         self.map
             .read()
-            .get(&(registry, repo.clone(), reference.to_owned()))
+            .get(registry)
+            .and_then(|repos| repos.get(repo))
+            .and_then(|refs| refs.get(reference))
             .copied()
     }
 
     /// Forgets an image's counts (it was purged).
     pub fn forget(&self, registry: &str, repo: &RepoName, reference: &str) {
-        let registry: Arc<str> = registry.into();
-        if self
-            .map
-            .write()
-            .remove(&(registry, repo.clone(), reference.to_owned()))
-            .is_some()
-        {
+        let mut map = self.map.write();
+        let Some(repos) = map.get_mut(registry) else {
+            return;
+        };
+        let Some(refs) = repos.get_mut(repo) else {
+            return;
+        };
+        if refs.remove(reference).is_some() {
+            self.counted.fetch_sub(1, Ordering::Relaxed);
             self.dirty.store(true, Ordering::Relaxed);
+        }
+        if refs.is_empty() {
+            repos.remove(repo);
+        }
+    }
+
+    /// Calls `f` with every repository's counts, by tag or digest.
+    fn each_repo(&self, mut f: impl FnMut(&Arc<str>, &RepoName, &HashMap<String, PullStat>)) {
+        for (reg, repos) in self.map.read().iter() {
+            for (repo, refs) in repos {
+                f(reg, repo, refs);
+            }
         }
     }
 
     /// The `n` repositories with the most pulls, most first (ties by name), with their counts.
     pub fn top_repositories(&self, n: usize) -> Vec<(Arc<str>, RepoName, u64)> {
-        let mut per_repo: HashMap<(Arc<str>, RepoName), u64> = HashMap::new();
-        for ((reg, repo, _), s) in self.map.read().iter() {
-            *per_repo.entry((reg.clone(), repo.clone())).or_default() += s.count;
-        }
-        let mut all: Vec<(Arc<str>, RepoName, u64)> = per_repo
-            .into_iter()
-            .map(|((reg, repo), c)| (reg, repo, c))
-            .collect();
+        let mut all: Vec<(Arc<str>, RepoName, u64)> = Vec::new();
+        self.each_repo(|reg, repo, refs| {
+            all.push((
+                reg.clone(),
+                repo.clone(),
+                refs.values().map(|s| s.count).sum(),
+            ));
+        });
         all.sort_by(|a, b| {
             b.2.cmp(&a.2)
                 .then_with(|| a.0.cmp(&b.0))
@@ -162,20 +199,18 @@ impl Pulls {
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return Ok(());
         }
-        let file = File {
-            pulls: self
-                .map
-                .read()
-                .iter()
-                .map(|((reg, repo, reference), s)| Record {
+        let mut file = File::default();
+        self.each_repo(|reg, repo, refs| {
+            for (reference, st) in refs {
+                file.pulls.push(Record {
                     registry: reg.to_string(),
                     repository: repo.as_str().to_owned(),
                     reference: reference.clone(),
-                    count: s.count,
-                    last: s.last,
-                })
-                .collect(),
-        };
+                    count: st.count,
+                    last: st.last,
+                });
+            }
+        });
         let write = || -> io::Result<()> {
             let bytes = serde_json::to_vec(&file).map_err(io::Error::other)?;
             let tmp = self.path.with_extension("json.tmp");

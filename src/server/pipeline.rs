@@ -360,11 +360,9 @@ async fn answer(
                 .record_cache(RequestKind::Manifest, result);
             // A warm is not a pull: no pull count, no pull event.
             if !head && !req.is_internal() {
-                app.mirror.manifest_store().record_pull(
-                    &target.registry,
-                    &target.repo,
-                    &reference.to_string(),
-                );
+                app.mirror
+                    .manifest_store()
+                    .record_pull(&target.registry, &target.repo, &reference);
                 let tag = match &reference {
                     crate::oci::Reference::Tag(t) => Some(t.to_string()),
                     crate::oci::Reference::Digest(_) => None,
