@@ -445,3 +445,203 @@ async fn tls_with_http2_reload_and_client_certificates() {
         .expect("with a client certificate");
     assert_eq!(r.status(), 200);
 }
+
+/// Bytes that do not repeat in any short period (so a misplaced range cannot pass).
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A raw TLS connection to `addr` offering only HTTP/1.1 by ALPN.
+async fn tls_http1(
+    ca_pem: &str,
+    addr: std::net::SocketAddr,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.expect("ca pem")).expect("ca");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("handshake")
+}
+
+/// Writes `requests` at once on a fresh HTTP/1.1 TLS connection and reads until berth closes
+/// it (the last request asks for that), within 10 s.
+async fn pipelined(ca_pem: &str, addr: std::net::SocketAddr, requests: &str) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tls_http1(ca_pem, addr).await;
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(b"http/1.1".as_slice()));
+    s.write_all(requests.as_bytes()).await.expect("write");
+    s.flush().await.expect("flush");
+    let mut out = Vec::new();
+    // berth closes without close_notify only on errors; either way the bytes read so far count.
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    out
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Vec<usize> {
+    hay.windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// HTTP/1.1 over TLS takes berth's fast transport: large blobs (while the fill runs and from
+/// the cache), ranges, HEAD, pipelined requests, and a request with a body handed to hyper on
+/// the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_http1_serves_blobs_ranges_pipelines_and_hands_bodies_over() {
+    let (public, private, pub_layer, _) = upstreams().await;
+    // Not a multiple of the TLS transport's read size, and larger than several of them.
+    let big = pattern(3 * 1024 * 1024 + 12_345);
+    let big_digest = public.add_blob(Bytes::from(big.clone()));
+    let cfg = public.add_blob(Bytes::from_static(b"{\"big\":1}"));
+    public.add_image("library/big", "v1", &cfg, std::slice::from_ref(&big_digest));
+    public.set(fake_upstream::Behaviour::Slow(Duration::from_millis(2)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pki("http1");
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, &p.server_cert).expect("write");
+    std::fs::write(&key, &p.server_key).expect("write");
+    let tls = format!(
+        "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let b = start(dir.path(), &tls, "", &public.url(), &private.url()).await;
+    let url = format!("https://localhost:{}", b.addr().port());
+    let c = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(p.ca_pem.as_bytes()).expect("ca"))
+        .resolve("localhost", b.addr())
+        .http1_only()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let blob_url = format!("{url}/v2/library/big/blobs/{big_digest}");
+
+    // Cold: streamed while the (slow) fill runs; warm: from the cached file.
+    for round in ["while filling", "cached"] {
+        let r = c.get(&blob_url).send().await.expect("get");
+        assert_eq!(r.status(), 200, "{round}");
+        assert_eq!(r.version(), reqwest::Version::HTTP_11, "{round}");
+        let body = r.bytes().await.expect("body");
+        assert_eq!(body.len(), big.len(), "{round}");
+        assert!(body[..] == big[..], "{round}: body differs");
+        if round == "while filling" {
+            public.set(fake_upstream::Behaviour::Normal);
+        }
+    }
+    assert_eq!(
+        public.count(&format!("GET /v2/library/big/blobs/{big_digest}")),
+        1
+    );
+
+    let r = c
+        .get(&blob_url)
+        .header("range", "bytes=1000-300999")
+        .send()
+        .await
+        .expect("range");
+    assert_eq!(r.status(), 206);
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes 1000-300999/{}", big.len()).as_str()
+    );
+    assert!(r.bytes().await.expect("body")[..] == big[1000..301_000]);
+
+    let r = c.head(&blob_url).send().await.expect("head");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-length"],
+        big.len().to_string().as_str()
+    );
+    assert!(r.bytes().await.expect("body").is_empty());
+
+    // Three requests written at once: answered in order on the one connection.
+    let host = "Host: localhost\r\n";
+    let small = format!("/v2/library/app/blobs/{pub_layer}");
+    let out = pipelined(
+        &p.ca_pem,
+        b.addr(),
+        &format!(
+            "GET /v2/ HTTP/1.1\r\n{host}\r\nGET {small} HTTP/1.1\r\n{host}\r\n\
+             GET {small} HTTP/1.1\r\n{host}Connection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    let statuses = find(&out, b"HTTP/1.1 200 OK\r\n");
+    assert_eq!(statuses.len(), 3, "{}", String::from_utf8_lossy(&out));
+    assert_eq!(find(&out, b"public layer bytes").len(), 2);
+
+    // 32 requests of exactly 256 bytes in one write: rustls decrypts them at once and berth
+    // reads them 4 KiB at a time, so after the 16th its buffer is empty while rustls still holds
+    // the rest: berth must read on rather than wait for the socket.
+    let sized = |last: bool| {
+        let close = if last { "Connection: close\r\n" } else { "" };
+        let bare = format!("GET /v2/ HTTP/1.1\r\n{host}{close}X-Pad: \r\n\r\n");
+        let pad = "p".repeat(256 - bare.len());
+        format!("GET /v2/ HTTP/1.1\r\n{host}{close}X-Pad: {pad}\r\n\r\n")
+    };
+    let mut many: String = (0..31).map(|_| sized(false)).collect();
+    many.push_str(&sized(true));
+    assert_eq!(many.len(), 32 * 256);
+    let out = pipelined(&p.ca_pem, b.addr(), &many).await;
+    assert_eq!(
+        find(&out, b"HTTP/1.1 200 OK\r\n").len(),
+        32,
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+
+    // A GET, then a request with a body: the second is hyper's, on the same connection.
+    let out = pipelined(
+        &p.ca_pem,
+        b.addr(),
+        &format!(
+            "GET {small} HTTP/1.1\r\n{host}\r\n\
+             POST /v2/library/app/blobs/uploads/ HTTP/1.1\r\n{host}Content-Length: 4\r\n\
+             Connection: close\r\n\r\nabcd"
+        ),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out);
+    let heads: Vec<&str> = find(&out, b"HTTP/1.1 ")
+        .into_iter()
+        .map(|i| &text[i..i + 12])
+        .collect();
+    assert_eq!(heads.len(), 2, "{text}");
+    assert_eq!(heads[0], "HTTP/1.1 200", "{text}");
+    // The mirror takes no pushes to docker.io: an OCI error, not a dropped connection.
+    assert_eq!(heads[1], "HTTP/1.1 405", "{text}");
+    assert!(text.contains("\"errors\""), "{text}");
+
+    // An HTTP/2 client on the same listener still gets HTTP/2.
+    let r = https_client(&p.ca_pem, b.addr(), None)
+        .get(&blob_url)
+        .send()
+        .await
+        .expect("h2");
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert!(r.bytes().await.expect("body")[..] == big[..]);
+    b.stop().await;
+}

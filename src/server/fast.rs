@@ -1,15 +1,22 @@
-//! The zero-copy transport for GET and HEAD on plain HTTP/1.x connections.
+//! The fast transport for GET and HEAD on HTTP/1.x connections, plain or TLS.
 //!
-//! A blob GET is the one request that carries real volume, and copying every byte through user
-//! space costs more CPU than everything else berth does. So the registry listener reads each
-//! request head itself: a `GET` or `HEAD` with no body and no `Upgrade` or `Expect` goes through
-//! the pipeline here, and its reply is written with `sendfile(2)` straight from the cached file
-//! (or the temp file of a fill in flight); anything else — a request with a body, and anything
-//! unusual, including a head that does not parse — is handed, with the bytes already read, to
-//! hyper, which serves the connection from then on. No policy lives here: this is a transport.
+//! A blob GET is the one request that carries real volume, and moving every byte through hyper's
+//! body machinery costs more CPU than everything else berth does. So the registry listener reads
+//! each request head itself: a `GET` or `HEAD` with no body and no `Upgrade` or `Expect` goes
+//! through the pipeline here, and its reply is written straight from the cached file (or the temp
+//! file of a fill in flight) — with `sendfile(2)` on a plain socket, and through one reused
+//! buffer sized to whole TLS records on a TLS one ([`Wire`]). Anything else — a request with a
+//! body, and anything unusual, including a head that does not parse — is handed, with the bytes
+//! already read, to hyper, which serves the connection from then on. No policy lives here: this
+//! is a transport.
+//!
+//! An idle keep-alive connection holds no buffer of this transport: one is taken when bytes
+//! arrive and dropped once the request is answered.
 
+use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -18,6 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 
 use super::meter::Meter;
 use super::pipeline::{self, Reply};
@@ -31,25 +39,101 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 /// Bytes per sendfile call.
 const SENDFILE_CHUNK: usize = 8 * 1024 * 1024;
+/// Bytes read from a file per step on a TLS connection: sixteen full TLS records (16 KiB of
+/// plaintext each), encrypted and written with one vectored write per four records.
+const TLS_CHUNK: usize = 256 * 1024;
 /// Keep-alive connections idle this long are closed.
 const IDLE: Duration = Duration::from_secs(60);
 
+/// What the fast transport needs of a connection beyond reading and writing: waiting for a
+/// request without holding a buffer, and sending a stretch of a file.
+pub trait Wire: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Waits until a read would find bytes (or the end), holding nothing while it waits.
+    fn ready_to_read(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Sends `len` bytes of `file` from `offset`, counting them on `meter` as they go.
+    fn send_file(
+        &mut self,
+        file: &std::fs::File,
+        offset: u64,
+        len: u64,
+        meter: &mut Meter,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl Wire for TcpStream {
+    async fn ready_to_read(&mut self) -> io::Result<()> {
+        self.readable().await
+    }
+
+    async fn send_file(
+        &mut self,
+        file: &std::fs::File,
+        offset: u64,
+        len: u64,
+        meter: &mut Meter,
+    ) -> io::Result<()> {
+        sendfile(self, file, offset, len, meter).await
+    }
+}
+
+impl Wire for TlsStream<TcpStream> {
+    async fn ready_to_read(&mut self) -> io::Result<()> {
+        // Plaintext rustls decrypted already (a pipelined request) is there to read now;
+        // otherwise the next bytes have to come from the socket.
+        let buffered = {
+            let (_, conn) = self.get_mut();
+            match io::BufRead::fill_buf(&mut conn.reader()) {
+                Ok(b) => !b.is_empty(),
+                Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+            }
+        };
+        if buffered {
+            return Ok(());
+        }
+        self.get_ref().0.readable().await
+    }
+
+    async fn send_file(
+        &mut self,
+        file: &std::fs::File,
+        offset: u64,
+        len: u64,
+        meter: &mut Meter,
+    ) -> io::Result<()> {
+        // One buffer per reply, reused for every step: the file's pages are copied into it
+        // and rustls encrypts from it into whole records. The read is from the page cache on
+        // the runtime thread, as sendfile's is on a plain connection.
+        let mut buf = vec![0u8; (len as usize).min(TLS_CHUNK)];
+        let (mut pos, end) = (offset, offset + len);
+        while pos < end {
+            let n = ((end - pos) as usize).min(buf.len());
+            let chunk = &mut buf[..n];
+            file.read_exact_at(chunk, pos)?;
+            self.write_all(chunk).await?;
+            pos += n as u64;
+            meter.bytes += n as u64;
+        }
+        Ok(())
+    }
+}
+
 /// What the fast path did with a connection.
-pub enum Outcome {
+pub enum Outcome<S> {
     /// The connection is finished (closed by either side, or an error).
     Done,
     /// Hand the connection to hyper; `buffered` holds bytes already read from it.
-    Handoff(Prefixed),
+    Handoff(Prefixed<S>),
 }
 
 /// A stream with bytes already read from it put back in front.
-pub struct Prefixed {
+pub struct Prefixed<S> {
     buffered: BytesMut,
-    stream: TcpStream,
+    stream: S,
 }
 
-impl Prefixed {
-    pub fn plain(stream: TcpStream) -> Prefixed {
+impl<S> Prefixed<S> {
+    pub fn plain(stream: S) -> Prefixed<S> {
         Prefixed {
             buffered: BytesMut::new(),
             stream,
@@ -57,7 +141,7 @@ impl Prefixed {
     }
 }
 
-impl AsyncRead for Prefixed {
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -73,7 +157,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -89,7 +173,7 @@ impl AsyncWrite for Prefixed {
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        true
+        self.stream.is_write_vectored()
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_flush(cx)
@@ -156,13 +240,13 @@ fn parse(buf: &[u8], client: std::net::IpAddr) -> Parsed {
 }
 
 /// Serves GET and HEAD requests on `stream` until it closes or a request for hyper arrives.
-pub async fn serve(
+pub async fn serve<S: Wire>(
     app: Arc<App>,
-    mut stream: TcpStream,
+    mut stream: S,
     peer: std::net::IpAddr,
     header_timeout: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
-) -> Outcome {
+) -> Outcome<S> {
     // No buffer while idle: one is taken when bytes arrive and given back once a request is
     // answered, so a held keep-alive connection costs its socket and a small task, not 4 KiB.
     let mut buf = BytesMut::new();
@@ -216,20 +300,20 @@ pub async fn serve(
     }
 }
 
-/// Reads what has arrived, taking a buffer only once the socket is readable.
-async fn read_some(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+/// Reads what has arrived, taking a buffer only once the connection is readable.
+async fn read_some<S: Wire>(stream: &mut S, buf: &mut BytesMut) -> io::Result<usize> {
     if buf.capacity() == buf.len() {
         if buf.is_empty() {
-            stream.readable().await?;
+            stream.ready_to_read().await?;
         }
         buf.reserve(4096);
     }
     stream.read_buf(buf).await
 }
 
-/// Writes a reply: the rendered head, then the payload (in one write when it is small, with
-/// sendfile from the cached file or the fill's temp file otherwise).
-async fn send(stream: &mut TcpStream, reply: Reply, keep_alive: bool) -> io::Result<()> {
+/// Writes a reply: the rendered head, then the payload (in one write when it is small, from
+/// the cached file or the fill's temp file otherwise), and flushes it.
+async fn send<S: Wire>(stream: &mut S, reply: Reply, keep_alive: bool) -> io::Result<()> {
     let Reply {
         head,
         payload,
@@ -254,13 +338,18 @@ async fn send(stream: &mut TcpStream, reply: Reply, keep_alive: bool) -> io::Res
             r
         }
         Payload::File { file, start, len } => match stream.write_all(&out).await {
-            Ok(()) => send_file(stream, &file, start, len, &mut meter).await,
+            Ok(()) => stream.send_file(&file, start, len, &mut meter).await,
             Err(e) => Err(e),
         },
         Payload::Fill { fill, start, end } => match stream.write_all(&out).await {
             Ok(()) => send_fill(stream, fill.reader(start, end), end.is_none(), &mut meter).await,
             Err(e) => Err(e),
         },
+    };
+    // TLS keeps what the socket did not take yet; a plain socket has nothing to flush.
+    let sent = match sent {
+        Ok(()) => stream.flush().await,
+        Err(e) => Err(e),
     };
     if let Err(e) = &sent {
         meter.aborted = Some(e.to_string());
@@ -269,8 +358,8 @@ async fn send(stream: &mut TcpStream, reply: Reply, keep_alive: bool) -> io::Res
 }
 
 /// Streams a fill as it arrives, framed as chunks when its length is unknown.
-async fn send_fill(
-    stream: &mut TcpStream,
+async fn send_fill<S: Wire>(
+    stream: &mut S,
     mut reader: FillReader,
     chunked: bool,
     meter: &mut Meter,
@@ -278,18 +367,15 @@ async fn send_fill(
     while let Some(piece) = reader.next_piece().await {
         match piece? {
             Piece::Chunk(b) => {
-                frame(
-                    stream,
-                    chunked,
-                    b.len() as u64,
-                    async |s: &mut TcpStream| s.write_all(&b).await,
-                )
+                frame(stream, chunked, b.len() as u64, async |s: &mut S| {
+                    s.write_all(&b).await
+                })
                 .await?;
                 meter.bytes += b.len() as u64;
             }
             Piece::File { file, pos, len } => {
-                frame(stream, chunked, len as u64, async |s: &mut TcpStream| {
-                    send_file(s, &file, pos, len as u64, meter).await
+                frame(stream, chunked, len as u64, async |s: &mut S| {
+                    s.send_file(&file, pos, len as u64, meter).await
                 })
                 .await?;
                 reader.advance(len as u64);
@@ -303,9 +389,9 @@ async fn send_fill(
 }
 
 /// Writes one body piece, framed as a chunk when the length is unknown.
-async fn frame<F>(stream: &mut TcpStream, chunked: bool, len: u64, body: F) -> io::Result<()>
+async fn frame<S: Wire, F>(stream: &mut S, chunked: bool, len: u64, body: F) -> io::Result<()>
 where
-    F: AsyncFnOnce(&mut TcpStream) -> io::Result<()>,
+    F: AsyncFnOnce(&mut S) -> io::Result<()>,
 {
     if chunked {
         stream.write_all(format!("{len:x}\r\n").as_bytes()).await?;
@@ -318,7 +404,7 @@ where
 }
 
 /// Sends `len` bytes of `file` from `offset` with sendfile(2), waiting for the socket.
-async fn send_file(
+async fn sendfile(
     stream: &mut TcpStream,
     file: &std::fs::File,
     offset: u64,

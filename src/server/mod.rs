@@ -46,8 +46,7 @@ pub struct Listeners {
 /// (up to the grace period).
 pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: watch::Receiver<bool>) {
     let limits = app.limits;
-    // The zero-copy transport needs the plain socket; with TLS everything goes through hyper.
-    let fast = app.tls.is_none().then(|| app.clone());
+    let fast = Some(app.clone());
     let tls = app.tls.clone();
     let registry_app = app.clone();
     let registry = serve(
@@ -118,9 +117,30 @@ fn builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// Serves one connection with hyper until it closes or the server shuts down.
+async fn hyper_serve<I, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    svc: S,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<hyper::body::Incoming>, Response = Response<Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
 /// Serves connections from `listener` with `handler` until `shutdown` fires, then waits up to
-/// `grace` for requests in flight. With `fast`, whole-blob GETs on plain HTTP/1.1 take the
-/// zero-copy path first (see [`fast`]).
+/// `grace` for requests in flight. With `fast`, GET and HEAD on HTTP/1.x (plain or TLS) take
+/// the fast transport first (see [`fast`]).
 async fn serve<F, Fut>(
     listener: TcpListener,
     handler: F,
@@ -174,35 +194,40 @@ async fn serve<F, Fut>(
                 let tls = tls.clone();
                 tracker.spawn(async move {
                     let _slot = slot;
-                    if let Some(acceptor) = tls {
-                        // Boxed, like the hyper connection below: the task of an idle plain
-                        // connection holds only the zero-copy transport's small state.
-                        Box::pin(async move {
+                    let Some(acceptor) = tls else {
+                        let io = match fast {
+                            Some(app) => match fast::serve(app, stream, ip, header_timeout, stop).await {
+                                fast::Outcome::Done => return,
+                                fast::Outcome::Handoff(io) => io,
+                            },
+                            None => fast::Prefixed::plain(stream),
+                        };
+                        Box::pin(hyper_serve(&builder, io, svc, watcher)).await;
+                        return;
+                    };
+                    // Boxed, like the hyper connection: the task of an idle connection holds
+                    // only what its transport needs between requests.
+                    Box::pin(async move {
                         let Ok(Ok(stream)) =
                             tokio::time::timeout(header_timeout, acceptor.accept(stream)).await
                         else {
                             tracing::debug!(%peer, "TLS handshake failed or timed out");
                             return;
                         };
-                        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                        if let Err(e) = watcher.watch(conn).await {
-                            tracing::debug!(error = %e, "connection ended with an error");
-                        }
-                        })
-                        .await;
-                        return;
-                    }
-                    let io = match fast {
-                        Some(app) => match fast::serve(app, stream, ip, header_timeout, stop).await {
-                            fast::Outcome::Done => return,
-                            fast::Outcome::Handoff(io) => io,
-                        },
-                        None => fast::Prefixed::plain(stream),
-                    };
-                    let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
-                    if let Err(e) = Box::pin(watcher.watch(conn)).await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
+                        // HTTP/1.x over TLS takes the fast transport too; HTTP/2 is hyper's.
+                        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+                        let io = match fast {
+                            Some(app) if !h2 => {
+                                match fast::serve(app, stream, ip, header_timeout, stop).await {
+                                    fast::Outcome::Done => return,
+                                    fast::Outcome::Handoff(io) => io,
+                                }
+                            }
+                            _ => fast::Prefixed::plain(stream),
+                        };
+                        hyper_serve(&builder, io, svc, watcher).await;
+                    })
+                    .await;
                 });
             }
             _ = shutdown.changed() => break,
