@@ -342,6 +342,19 @@ fn pki(cn: &str) -> Pki {
     }
 }
 
+/// Writes `p`'s server certificate and key into `dir`: the `[server.tls]` lines and both paths.
+fn tls_files(dir: &Path, p: &Pki) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&cert, &p.server_cert).expect("write");
+    std::fs::write(&key, &p.server_key).expect("write");
+    let tls = format!(
+        "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    (tls, cert, key)
+}
+
 fn https_client(
     ca_pem: &str,
     addr: std::net::SocketAddr,
@@ -363,14 +376,7 @@ async fn tls_with_http2_reload_and_client_certificates() {
     let (public, private, pub_layer, _) = upstreams().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let first = pki("first");
-    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-    std::fs::write(&cert, &first.server_cert).expect("write");
-    std::fs::write(&key, &first.server_key).expect("write");
-    let tls = format!(
-        "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
-        cert.display(),
-        key.display()
-    );
+    let (tls, cert, key) = tls_files(dir.path(), &first);
     let b = start(dir.path(), &tls, "", &public.url(), &private.url()).await;
     let url = format!("https://localhost:{}", b.addr().port());
     let c = https_client(&first.ca_pem, b.addr(), None);
@@ -446,19 +452,6 @@ async fn tls_with_http2_reload_and_client_certificates() {
     assert_eq!(r.status(), 200);
 }
 
-/// Bytes that do not repeat in any short period (so a misplaced range cannot pass).
-fn pattern(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// A raw TLS connection to `addr` offering only HTTP/1.1 by ALPN.
 async fn tls_http1(
     ca_pem: &str,
@@ -513,21 +506,14 @@ fn find(hay: &[u8], needle: &[u8]) -> Vec<usize> {
 async fn tls_http1_serves_blobs_ranges_pipelines_and_hands_bodies_over() {
     let (public, private, pub_layer, _) = upstreams().await;
     // Not a multiple of the TLS transport's read size, and larger than several of them.
-    let big = pattern(3 * 1024 * 1024 + 12_345);
+    let big = support::seeded_bytes(3 * 1024 * 1024 + 12_345, 7);
     let big_digest = public.add_blob(Bytes::from(big.clone()));
     let cfg = public.add_blob(Bytes::from_static(b"{\"big\":1}"));
     public.add_image("library/big", "v1", &cfg, std::slice::from_ref(&big_digest));
     public.set(fake_upstream::Behaviour::Slow(Duration::from_millis(2)));
     let dir = tempfile::tempdir().expect("tempdir");
     let p = pki("http1");
-    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-    std::fs::write(&cert, &p.server_cert).expect("write");
-    std::fs::write(&key, &p.server_key).expect("write");
-    let tls = format!(
-        "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
-        cert.display(),
-        key.display()
-    );
+    let (tls, _, _) = tls_files(dir.path(), &p);
     let b = start(dir.path(), &tls, "", &public.url(), &private.url()).await;
     let url = format!("https://localhost:{}", b.addr().port());
     let c = reqwest::Client::builder()
