@@ -360,6 +360,16 @@ fn https_client(
     addr: std::net::SocketAddr,
     identity: Option<&Pki>,
 ) -> reqwest::Client {
+    https_client_with(ca_pem, addr, identity, |b| b)
+}
+
+/// An HTTPS client trusting `ca_pem`, with `f` applied to its builder (a protocol, a timeout).
+fn https_client_with(
+    ca_pem: &str,
+    addr: std::net::SocketAddr,
+    identity: Option<&Pki>,
+    f: impl FnOnce(reqwest::ClientBuilder) -> reqwest::ClientBuilder,
+) -> reqwest::Client {
     let mut b = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("ca"))
         .resolve("localhost", addr)
@@ -368,7 +378,7 @@ fn https_client(
         let pem = format!("{}{}", p.client_cert, p.client_key);
         b = b.identity(reqwest::Identity::from_pem(pem.as_bytes()).expect("identity"));
     }
-    b.build().expect("client")
+    f(b).build().expect("client")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,6 +387,8 @@ async fn tls_with_http2_reload_and_client_certificates() {
     let dir = tempfile::tempdir().expect("tempdir");
     let first = pki("first");
     let (tls, cert, key) = tls_files(dir.path(), &first);
+    // HTTP/2 preferred: a client offering both protocols gets it.
+    let tls = format!("{tls}alpn = [\"h2\", \"http/1.1\"]\n");
     let b = start(dir.path(), &tls, "", &public.url(), &private.url()).await;
     let url = format!("https://localhost:{}", b.addr().port());
     let c = https_client(&first.ca_pem, b.addr(), None);
@@ -386,7 +398,7 @@ async fn tls_with_http2_reload_and_client_certificates() {
         .await
         .expect("https");
     assert_eq!(r.status(), 200);
-    assert_eq!(r.version(), reqwest::Version::HTTP_2, "ALPN h2");
+    assert_eq!(r.version(), reqwest::Version::HTTP_2, "ALPN h2 first");
     let r = c
         .get(format!("{url}/v2/library/app/blobs/{pub_layer}"))
         .send()
@@ -516,13 +528,9 @@ async fn tls_http1_serves_blobs_ranges_pipelines_and_hands_bodies_over() {
     let (tls, _, _) = tls_files(dir.path(), &p);
     let b = start(dir.path(), &tls, "", &public.url(), &private.url()).await;
     let url = format!("https://localhost:{}", b.addr().port());
-    let c = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(p.ca_pem.as_bytes()).expect("ca"))
-        .resolve("localhost", b.addr())
-        .http1_only()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("client");
+    let c = https_client_with(&p.ca_pem, b.addr(), None, |b| {
+        b.http1_only().timeout(Duration::from_secs(30))
+    });
     let blob_url = format!("{url}/v2/library/big/blobs/{big_digest}");
 
     // Cold: streamed while the (slow) fill runs; warm: from the cached file.
@@ -621,12 +629,26 @@ async fn tls_http1_serves_blobs_ranges_pipelines_and_hands_bodies_over() {
     assert_eq!(heads[1], "HTTP/1.1 405", "{text}");
     assert!(text.contains("\"errors\""), "{text}");
 
-    // An HTTP/2 client on the same listener still gets HTTP/2.
+    // By default a client offering both protocols gets HTTP/1.1 ...
     let r = https_client(&p.ca_pem, b.addr(), None)
         .get(&blob_url)
         .send()
         .await
-        .expect("h2");
+        .expect("both offered");
+    assert_eq!(
+        r.version(),
+        reqwest::Version::HTTP_11,
+        "ALPN http/1.1 first"
+    );
+    assert!(r.bytes().await.expect("body")[..] == big[..]);
+    // ... and one offering only HTTP/2 gets HTTP/2 on the same listener.
+    let r = https_client_with(&p.ca_pem, b.addr(), None, |b| {
+        b.http2_prior_knowledge().timeout(Duration::from_secs(30))
+    })
+    .get(&blob_url)
+    .send()
+    .await
+    .expect("h2");
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert!(r.bytes().await.expect("body")[..] == big[..]);
     b.stop().await;

@@ -1,4 +1,4 @@
-//! TLS for the registry listener: rustls with HTTP/2 and HTTP/1.1 by ALPN, optional client
+//! TLS for the registry listener: rustls with HTTP/1.1 and HTTP/2 by ALPN, optional client
 //! certificates, and a certificate that is reloaded when its files change or on SIGHUP —
 //! new handshakes get the new certificate, open connections are not dropped.
 
@@ -112,7 +112,7 @@ pub(crate) fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, SetupError> {
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(resolver.clone());
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = cfg.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     watch(Arc::downgrade(&resolver));
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
