@@ -603,9 +603,10 @@ pub struct Head {
     pub close: bool,
 }
 
-/// One keep-alive connection. Only content-length bodies (berth always sends one here).
-pub struct Conn {
-    s: TcpStream,
+/// One keep-alive connection, plain or TLS. Only content-length bodies (berth always sends one
+/// here).
+pub struct Conn<S = TcpStream> {
+    s: S,
     buf: BytesMut,
 }
 
@@ -613,10 +614,45 @@ impl Conn {
     pub async fn connect(addr: SocketAddr) -> Result<Conn> {
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
-        Ok(Conn {
+        Ok(Conn::over(s))
+    }
+}
+
+impl Conn<tokio_rustls::client::TlsStream<TcpStream>> {
+    /// A TLS connection to `addr` (the certificate checked for its IP address).
+    pub async fn connect_tls(
+        addr: SocketAddr,
+        connector: &tokio_rustls::TlsConnector,
+    ) -> Result<Self> {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        Ok(Conn::over(connector.connect(name, s).await?))
+    }
+}
+
+/// A TLS client trusting `ca_pem` only, offering HTTP/1.1 alone (so `Conn` can speak it).
+pub fn tls_connector(ca_pem: &str) -> Result<tokio_rustls::TlsConnector> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c?)?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Conn<S> {
+    pub fn over(s: S) -> Conn<S> {
+        Conn {
             s,
             buf: BytesMut::with_capacity(16 * 1024),
-        })
+        }
     }
 
     pub async fn send(&mut self, req: &[u8]) -> Result<()> {
