@@ -10,7 +10,11 @@
 //! `cargo bench --bench connections`. Settings (environment): BENCH_IDLE_CONNS (2000) held
 //! connections per protocol (the bench raises nothing: keep `ulimit -n` above it),
 //! BENCH_BLOB_MB (256) blob size, BENCH_BLOB_CLIENTS (8) and BENCH_BLOB_ROUNDS (3) for the warm
-//! TLS run, BENCH_PHASES ("idle,tls_warm"), BERTH_LOG (RUST_LOG for berth, default "info").
+//! TLS run, BENCH_PHASES ("idle,tls_warm,seal"), BERTH_LOG (RUST_LOG for berth, default "info").
+//!
+//! The "seal" phase is the ceiling for the TLS figures: rustls (aws-lc-rs, the cipher suite
+//! berth negotiates) encrypting 16 KiB records in memory on one thread, the number to set beside
+//! `openssl speed -evp aes-256-gcm -bytes 16384` (what nginx's OpenSSL does per record).
 
 mod common;
 
@@ -104,8 +108,73 @@ where
     Ok(after.saturating_sub(before) as f64 / n as f64)
 }
 
+/// rustls alone: a handshake in memory, then 1 GiB of 16 KiB records sealed and discarded.
+fn seal(ca: &str, cert: &std::path::Path, key: &std::path::Path) -> Result<()> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    use std::io::Write as _;
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let chain = CertificateDer::pem_file_iter(cert)?.collect::<std::result::Result<Vec<_>, _>>()?;
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, PrivateKeyDer::from_pem_file(key)?)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(c?)?;
+    }
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
+    let mut c = rustls::ClientConnection::new(std::sync::Arc::new(client), name)?;
+    let mut s = rustls::ServerConnection::new(std::sync::Arc::new(server))?;
+    for _ in 0..10 {
+        if !c.is_handshaking() && !s.is_handshaking() {
+            break;
+        }
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire)?;
+        }
+        s.read_tls(&mut &wire[..])?;
+        s.process_new_packets()?;
+        wire.clear();
+        while s.wants_write() {
+            s.write_tls(&mut wire)?;
+        }
+        c.read_tls(&mut &wire[..])?;
+        c.process_new_packets()?;
+    }
+    if s.is_handshaking() {
+        return Err("the in-memory handshake did not finish".into());
+    }
+    let suite = s
+        .negotiated_cipher_suite()
+        .map(|cs| format!("{:?}", cs.suite()))
+        .unwrap_or_default();
+    let record = vec![7u8; 16 * 1024];
+    let total = 1u64 << 30;
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    while sent < total {
+        s.writer().write_all(&record)?;
+        while s.wants_write() {
+            s.write_tls(&mut std::io::sink())?;
+        }
+        sent += record.len() as u64;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "seal: rustls {suite}, 16 KiB records, one thread: {:.2} GB/s ({:.3} s per GB)",
+        total as f64 / 1e9 / secs,
+        secs / (total as f64 / 1e9)
+    );
+    Ok(())
+}
+
 async fn run() -> Result<()> {
-    let phases = env_or("BENCH_PHASES", "idle,tls_warm".to_owned());
+    let phases = env_or("BENCH_PHASES", "idle,tls_warm,seal".to_owned());
     let n: usize = env_or("BENCH_IDLE_CONNS", 2000);
     let blob_mb: usize = env_or("BENCH_BLOB_MB", 256);
     let clients: usize = env_or("BENCH_BLOB_CLIENTS", 8);
@@ -144,6 +213,9 @@ async fn run() -> Result<()> {
         c
     };
     let connector = tls_connector(&ca)?;
+    if phases.contains("seal") {
+        seal(&ca, &cert_path, &key_path)?;
+    }
 
     if phases.contains("idle") {
         let plain = Berth::spawn(&config("plain", false), &dir.path().join("plain.toml"))?;
