@@ -1,8 +1,9 @@
 //! A log writer for one line per request at high request rates: lines are appended to an
-//! in-memory buffer and a background thread writes the buffer out every few milliseconds, so
-//! logging a request costs a short copy under a lock instead of a thread wake-up per line
-//! (what a channel-based writer pays). The buffer is bounded: past `MAX_PENDING` the logging
-//! thread writes the buffer itself, which slows requests rather than growing memory.
+//! in-memory buffer and a background thread, woken by the first line of a batch, writes the
+//! buffer out a few milliseconds later, so logging a request costs a short copy under a lock
+//! instead of a thread wake-up per line (what a channel-based writer pays), and an idle server
+//! wakes the thread not at all. The buffer is bounded: past `MAX_PENDING` the logging thread
+//! writes the buffer itself, which slows requests rather than growing memory.
 
 use std::io::{self, Write};
 use std::sync::Arc;
@@ -13,13 +14,16 @@ use std::time::Duration;
 const FLUSH_EVERY: Duration = Duration::from_millis(20);
 const MAX_PENDING: usize = 1024 * 1024;
 
-#[derive(Default)]
 struct Shared {
+    /// Lines not yet written, and whether the writer thread is to stop.
     buf: Mutex<(Vec<u8>, bool)>,
     wake: Condvar,
+    /// Where lines go; locked by the writer thread while it writes a batch, and by a logging
+    /// thread that finds the buffer full.
+    sink: Mutex<Box<dyn Write + Send>>,
 }
 
-/// A `MakeWriter` for tracing-subscriber that batches lines to stdout.
+/// A `MakeWriter` for tracing-subscriber that batches lines to stdout (or another sink).
 #[derive(Clone)]
 pub struct BatchWriter {
     shared: Arc<Shared>,
@@ -33,21 +37,40 @@ pub struct FlushGuard {
 
 impl BatchWriter {
     pub fn stdout() -> (BatchWriter, FlushGuard) {
-        let shared = Arc::new(Shared::default());
+        BatchWriter::to(io::stdout())
+    }
+
+    /// A writer batching to `sink` (stdout in berth; a buffer in tests).
+    pub fn to(sink: impl Write + Send + 'static) -> (BatchWriter, FlushGuard) {
+        let shared = Arc::new(Shared {
+            buf: Mutex::new((Vec::new(), false)),
+            wake: Condvar::new(),
+            sink: Mutex::new(Box::new(sink)),
+        });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("berth-log".into())
             .spawn(move || {
                 let mut out = Vec::new();
                 loop {
+                    // Asleep until a line arrives (an idle server wakes this thread for
+                    // nothing), then a short wait so that one write carries every line
+                    // logged meanwhile.
+                    {
+                        let mut guard = s.buf.lock();
+                        while guard.0.is_empty() && !guard.1 {
+                            s.wake.wait(&mut guard);
+                        }
+                    }
+                    std::thread::sleep(FLUSH_EVERY);
                     let stop = {
                         let mut guard = s.buf.lock();
-                        s.wake.wait_for(&mut guard, FLUSH_EVERY);
                         std::mem::swap(&mut guard.0, &mut out);
                         guard.1
                     };
                     if !out.is_empty() {
-                        let _ = io::stdout().lock().write_all(&out);
+                        let mut sink = s.sink.lock();
+                        let _ = sink.write_all(&out).and_then(|()| sink.flush());
                         out.clear();
                     }
                     if stop {
@@ -83,13 +106,20 @@ impl Write for BatchWriter {
         let mut g = self.shared.buf.lock();
         if g.0.len() + data.len() > MAX_PENDING {
             // The writer thread cannot keep up (or is gone): write it out here.
-            let mut out = io::stdout().lock();
+            let mut out = self.shared.sink.lock();
             out.write_all(&g.0)?;
             g.0.clear();
             out.write_all(data)?;
+            out.flush()?;
             return Ok(data.len());
         }
+        let was_empty = g.0.is_empty();
         g.0.extend_from_slice(data);
+        drop(g);
+        // The first line of a batch wakes the writer; later ones find it already awake.
+        if was_empty {
+            self.shared.wake.notify_one();
+        }
         Ok(data.len())
     }
 
@@ -131,6 +161,58 @@ pub fn env_filter(rust_log: Option<&str>) -> (tracing_subscriber::EnvFilter, Opt
                 "RUST_LOG={value:?} is not a valid filter ({e}); logging at info"
             )),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BatchWriter;
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<parking_lot::Mutex<(Vec<u8>, usize)>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let mut g = self.0.lock();
+            g.0.extend_from_slice(b);
+            g.1 += 1;
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_arrive_in_batches_and_the_guard_flushes_the_rest() {
+        let sink = Sink::default();
+        let (mut w, guard) = BatchWriter::to(sink.clone());
+        for i in 0..100 {
+            writeln!(w, "line {i}").unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sink.0.lock().0.len() < 100 * 7 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (text, writes) = {
+            let g = sink.0.lock();
+            (String::from_utf8_lossy(&g.0).into_owned(), g.1)
+        };
+        assert!(
+            text.starts_with("line 0\nline 1\n") && text.ends_with("line 99\n"),
+            "{text}"
+        );
+        // One write per batch, not per line.
+        assert!(writes < 10, "{writes} writes for 100 lines");
+        // Idle: nothing more is written.
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(sink.0.lock().1, writes);
+        // A line logged just before shutdown is not lost.
+        writeln!(w, "last").unwrap();
+        drop(guard);
+        assert!(String::from_utf8_lossy(&sink.0.lock().0).ends_with("line 99\nlast\n"));
     }
 }
 

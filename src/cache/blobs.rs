@@ -539,9 +539,9 @@ impl BlobStore {
             }
             renamed => renamed?,
         }
-        if let Ok(d) = File::open(shard) {
-            let _ = d.sync_all();
-        }
+        // The directory is not synced: the file's bytes are (before the rename), so after a
+        // crash the blob is either here whole or still under its temp name, which start-up
+        // removes — a lost rename costs a refetch, never a damaged blob.
         self.insert(digest.clone(), len, unix_now());
         // Evict now, so the disk never holds much more than max_size.
         self.index.run_pending_tasks();

@@ -417,9 +417,16 @@ async fn stream_to_disk(
     tmp_path: &std::path::Path,
 ) -> FillResult {
     let digest = fill.digest.clone();
+    // One open for both ends: the writer writes and readers read at explicit offsets, so they
+    // can share a file (a second descriptor from dup, not a second path lookup).
     let opened = (|| -> io::Result<(File, File)> {
-        let w = File::create(tmp_path)?;
-        let r = File::open(tmp_path)?;
+        let w = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(tmp_path)?;
+        let r = w.try_clone()?;
         Ok((w, r))
     })();
     // Without a temp file the blob still streams to its clients from memory, uncached.
@@ -436,10 +443,11 @@ async fn stream_to_disk(
         s.file = reader;
     });
 
-    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(WRITE_QUEUE);
+    let (tx, rx) = tokio::sync::mpsc::channel::<ToDisk>(WRITE_QUEUE);
     let writer_task = writer.map(|w| {
         let (fill, store, len) = (fill.clone(), store.clone(), source.len);
-        tokio::task::spawn_blocking(move || write_loop(w, rx, &fill, &store, len))
+        let tmp = tmp_path.to_owned();
+        tokio::task::spawn_blocking(move || write_loop(w, rx, &fill, &store, len, &tmp))
     });
     let mut out = Outlet {
         fill,
@@ -526,16 +534,19 @@ async fn stream_to_disk(
         s.phase = Phase::Complete;
         s.len = Some(received);
     });
+    // The writer thread syncs the file and moves it into the cache: one hand-off per blob.
+    if disk_error.is_none()
+        && let Some(sender) = &tx
+    {
+        let _ = sender.send(ToDisk::Commit(received)).await;
+    }
     drop(tx);
     let stored = match writer_task {
         Some(task) => match task.await {
-            Ok(Ok(())) if disk_error.is_none() => {
-                let (st, d, p) = (store.clone(), digest.clone(), tmp_path.to_owned());
-                tokio::task::spawn_blocking(move || st.commit(&d, &p, received))
-                    .await
-                    .unwrap_or_else(|e| Err(io::Error::other(e)))
-            }
-            Ok(Ok(())) => Err(io::Error::other(disk_error.unwrap_or_default())),
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(io::Error::other(
+                disk_error.unwrap_or_else(|| "disk writer stopped".into()),
+            )),
             Ok(Err(e)) => Err(e),
             Err(e) => Err(io::Error::other(e)),
         },
@@ -557,7 +568,7 @@ async fn stream_to_disk(
 struct Outlet<'a> {
     fill: &'a Fill,
     /// None once the disk writer stopped (or never started): the fill goes on from memory.
-    tx: Option<tokio::sync::mpsc::Sender<Vec<Bytes>>>,
+    tx: Option<tokio::sync::mpsc::Sender<ToDisk>>,
     /// Chunks not yet handed to the writer.
     batch: Vec<Bytes>,
     batch_bytes: usize,
@@ -600,7 +611,7 @@ impl Outlet<'_> {
             return;
         }
         if let Some(sender) = &self.tx
-            && sender.send(batch).await.is_err()
+            && sender.send(ToDisk::Batch(batch)).await.is_err()
         {
             // The writer stopped: the disk failed. Keep streaming from memory, uncached.
             self.tx = None;
@@ -611,22 +622,49 @@ impl Outlet<'_> {
     }
 }
 
+/// What the fill task hands the disk writer thread.
+enum ToDisk {
+    /// Chunks to append to the temp file.
+    Batch(Vec<Bytes>),
+    /// The blob is verified and this long: sync the file and move it into the cache.
+    Commit(u64),
+}
+
+/// The disk writer thread of one fill: writes batches to the temp file as they come and, when
+/// told the blob is verified, syncs it and commits it to the cache. Ok(true) once committed;
+/// Ok(false) when the fill ended without a commit (it failed: the temp file is removed by its
+/// owner).
 fn write_loop(
     file: File,
-    mut rx: tokio::sync::mpsc::Receiver<Vec<Bytes>>,
+    mut rx: tokio::sync::mpsc::Receiver<ToDisk>,
     fill: &Fill,
     store: &BlobStore,
     len: Option<u64>,
-) -> io::Result<()> {
+    tmp_path: &std::path::Path,
+) -> io::Result<bool> {
     let mut flushed = 0u64;
-    while let Some(batch) = rx.blocking_recv() {
-        for chunk in batch {
-            write_chunk(&file, &chunk, flushed, store, len)?;
-            flushed += chunk.len() as u64;
+    while let Some(msg) = rx.blocking_recv() {
+        match msg {
+            ToDisk::Batch(batch) => {
+                for chunk in batch {
+                    write_chunk(&file, &chunk, flushed, store, len)?;
+                    flushed += chunk.len() as u64;
+                }
+                fill.set_flushed(flushed);
+            }
+            ToDisk::Commit(received) => {
+                if received != flushed {
+                    return Err(io::Error::other(format!(
+                        "wrote {flushed} of {received} bytes"
+                    )));
+                }
+                file.sync_all()?;
+                store.commit(&fill.digest, tmp_path, received)?;
+                return Ok(true);
+            }
         }
-        fill.set_flushed(flushed);
     }
-    file.sync_all()
+    Ok(false)
 }
 
 /// Writes one chunk at `pos`. When the disk is full, makes room for the rest of this blob by
