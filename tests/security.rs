@@ -490,7 +490,7 @@ async fn tls_http1(
 }
 
 /// Writes `requests` at once on a fresh HTTP/1.1 TLS connection and reads until berth closes
-/// it (the last request asks for that), within 10 s.
+/// it (the last request asks for that), within 10 s, with a TLS close_notify.
 async fn pipelined(ca_pem: &str, addr: std::net::SocketAddr, requests: &str) -> Vec<u8> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tls_http1(ca_pem, addr).await;
@@ -498,9 +498,15 @@ async fn pipelined(ca_pem: &str, addr: std::net::SocketAddr, requests: &str) -> 
     s.write_all(requests.as_bytes()).await.expect("write");
     s.flush().await.expect("flush");
     let mut out = Vec::new();
-    // berth closes without close_notify only on errors; either way the bytes read so far count.
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
-    out
+    // A connection berth ends in order ends with close_notify: rustls reports a close without
+    // one as an error (UnexpectedEof), so a truncated reply cannot pass for a whole one.
+    match tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await {
+        Ok(Ok(_)) => out,
+        other => panic!(
+            "connection not ended with close_notify ({other:?}) after {:?}",
+            String::from_utf8_lossy(&out)
+        ),
+    }
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Vec<usize> {

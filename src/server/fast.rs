@@ -44,6 +44,8 @@ const SENDFILE_CHUNK: usize = 8 * 1024 * 1024;
 const TLS_CHUNK: usize = 256 * 1024;
 /// Keep-alive connections idle this long are closed.
 const IDLE: Duration = Duration::from_secs(60);
+/// How long closing a TLS connection may wait to send its close_notify.
+const CLOSE_NOTIFY: Duration = Duration::from_secs(5);
 
 /// What the fast transport needs of a connection beyond reading and writing: waiting for a
 /// request without holding a buffer, and sending a stretch of a file.
@@ -59,6 +61,9 @@ pub trait Wire: AsyncRead + AsyncWrite + Unpin + Send {
         len: u64,
         meter: &mut Meter,
     ) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Ends a connection that is still in order (answered, idle, or closed by the client).
+    fn close(&mut self) -> impl Future<Output = ()> + Send;
 }
 
 impl Wire for TcpStream {
@@ -74,6 +79,10 @@ impl Wire for TcpStream {
         meter: &mut Meter,
     ) -> io::Result<()> {
         sendfile(self, file, offset, len, meter).await
+    }
+
+    async fn close(&mut self) {
+        // Dropping the socket sends the FIN.
     }
 }
 
@@ -115,6 +124,12 @@ impl Wire for TlsStream<TcpStream> {
             meter.bytes += n as u64;
         }
         Ok(())
+    }
+
+    async fn close(&mut self) {
+        // TLS ends with close_notify, so the client can tell a finished connection from a cut
+        // one; bounded, as a client that reads nothing more must not hold the task.
+        let _ = tokio::time::timeout(CLOSE_NOTIFY, self.shutdown()).await;
     }
 }
 
@@ -265,10 +280,12 @@ pub async fn serve<S: Wire>(
             let read = tokio::select! {
                 r = tokio::time::timeout_at(deadline.into(), read_some(&mut stream, &mut buf)) => r,
                 // Shutting down: an idle connection just closes.
-                _ = shutdown.changed(), if buf.is_empty() => return Outcome::Done,
+                _ = shutdown.changed(), if buf.is_empty() => return done(&mut stream).await,
             };
             match read {
-                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Outcome::Done,
+                // Closed by the client, or idle too long.
+                Ok(Ok(0)) | Err(_) => return done(&mut stream).await,
+                Ok(Err(_)) => return Outcome::Done,
                 Ok(Ok(_)) => {}
             }
         };
@@ -290,14 +307,23 @@ pub async fn serve<S: Wire>(
         if Box::pin(send(&mut stream, reply, keep_alive))
             .await
             .is_err()
-            || !keep_alive
         {
             return Outcome::Done;
+        }
+        if !keep_alive {
+            return done(&mut stream).await;
         }
         if buf.is_empty() {
             buf = BytesMut::new();
         }
     }
+}
+
+/// Closes a connection that is in order (see [`Wire::close`]).
+/// Boxed: the connection's task keeps no room for it while it waits for a request.
+async fn done<S: Wire>(stream: &mut S) -> Outcome<S> {
+    Box::pin(stream.close()).await;
+    Outcome::Done
 }
 
 /// Reads what has arrived, taking a buffer only once the connection is readable.
