@@ -492,14 +492,22 @@ async fn tls_http1(
 /// Writes `requests` at once on a fresh HTTP/1.1 TLS connection and reads until berth closes
 /// it (the last request asks for that), within 10 s, with a TLS close_notify.
 async fn pipelined(ca_pem: &str, addr: std::net::SocketAddr, requests: &str) -> Vec<u8> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut s = tls_http1(ca_pem, addr).await;
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(b"http/1.1".as_slice()));
     s.write_all(requests.as_bytes()).await.expect("write");
     s.flush().await.expect("flush");
-    let mut out = Vec::new();
-    // A connection berth ends in order ends with close_notify: rustls reports a close without
-    // one as an error (UnexpectedEof), so a truncated reply cannot pass for a whole one.
+    read_to_close_notify(&mut s, Vec::new()).await
+}
+
+/// Reads on after `out` until berth ends the connection, within 10 s, and returns everything
+/// read. A connection berth ends in order ends with close_notify: rustls reports a close
+/// without one as an error (UnexpectedEof), so a truncated reply cannot pass for a whole one.
+async fn read_to_close_notify(
+    s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    mut out: Vec<u8>,
+) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
     match tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await {
         Ok(Ok(_)) => out,
         other => panic!(
@@ -532,7 +540,9 @@ async fn tls_http1_serves_blobs_ranges_pipelines_and_hands_bodies_over() {
     let dir = tempfile::tempdir().expect("tempdir");
     let p = pki("http1");
     let (tls, _, _) = tls_files(dir.path(), &p);
-    let b = start(dir.path(), &tls, "", &public.url(), &private.url()).await;
+    // A short header timeout, so that a connection that never sends a request ends soon.
+    let server = format!("header_read_timeout = \"2s\"\n{tls}");
+    let b = start(dir.path(), &server, "", &public.url(), &private.url()).await;
     let url = format!("https://localhost:{}", b.addr().port());
     let c = https_client_with(&p.ca_pem, b.addr(), None, |b| {
         b.http1_only().timeout(Duration::from_secs(30))
@@ -634,6 +644,36 @@ async fn tls_http1_serves_blobs_ranges_pipelines_and_hands_bodies_over() {
     // The mirror takes no pushes to docker.io: an OCI error, not a dropped connection.
     assert_eq!(heads[1], "HTTP/1.1 405", "{text}");
     assert!(text.contains("\"errors\""), "{text}");
+
+    // The client ends a keep-alive connection with its own close_notify: berth answers with one.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tls_http1(&p.ca_pem, b.addr()).await;
+        let get = format!("GET {small} HTTP/1.1\r\n{host}\r\n");
+        s.write_all(get.as_bytes()).await.expect("write");
+        let mut out = Vec::new();
+        while find(&out, b"public layer bytes").is_empty() {
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+                .await
+                .expect("reply in time")
+                .expect("read");
+            assert!(n > 0, "closed before the reply: {out:?}");
+            out.extend_from_slice(&chunk[..n]);
+        }
+        s.shutdown().await.expect("client close_notify");
+        let out = read_to_close_notify(&mut s, out).await;
+        assert_eq!(find(&out, b"HTTP/1.1 200 OK\r\n").len(), 1);
+    }
+    // A connection that sends no request is ended at the header timeout, in order.
+    let started = std::time::Instant::now();
+    let mut s = tls_http1(&p.ca_pem, b.addr()).await;
+    assert!(read_to_close_notify(&mut s, Vec::new()).await.is_empty());
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
 
     // By default a client offering both protocols gets HTTP/1.1 ...
     let r = https_client(&p.ca_pem, b.addr(), None)

@@ -44,7 +44,7 @@ const SENDFILE_CHUNK: usize = 8 * 1024 * 1024;
 const TLS_CHUNK: usize = 256 * 1024;
 /// Keep-alive connections idle this long are closed.
 const IDLE: Duration = Duration::from_secs(60);
-/// How long closing a TLS connection may wait to send its close_notify.
+/// How long ending a connection may wait to send its close_notify.
 const CLOSE_NOTIFY: Duration = Duration::from_secs(5);
 
 /// What the fast transport needs of a connection beyond reading and writing: waiting for a
@@ -61,9 +61,6 @@ pub trait Wire: AsyncRead + AsyncWrite + Unpin + Send {
         len: u64,
         meter: &mut Meter,
     ) -> impl Future<Output = io::Result<()>> + Send;
-
-    /// Ends a connection that is still in order (answered, idle, or closed by the client).
-    fn close(&mut self) -> impl Future<Output = ()> + Send;
 }
 
 impl Wire for TcpStream {
@@ -79,10 +76,6 @@ impl Wire for TcpStream {
         meter: &mut Meter,
     ) -> io::Result<()> {
         sendfile(self, file, offset, len, meter).await
-    }
-
-    async fn close(&mut self) {
-        // Dropping the socket sends the FIN.
     }
 }
 
@@ -124,12 +117,6 @@ impl Wire for TlsStream<TcpStream> {
             meter.bytes += n as u64;
         }
         Ok(())
-    }
-
-    async fn close(&mut self) {
-        // TLS ends with close_notify, so the client can tell a finished connection from a cut
-        // one; bounded, as a client that reads nothing more must not hold the task.
-        let _ = tokio::time::timeout(CLOSE_NOTIFY, self.shutdown()).await;
     }
 }
 
@@ -319,10 +306,12 @@ pub async fn serve<S: Wire>(
     }
 }
 
-/// Closes a connection that is in order (see [`Wire::close`]).
-/// Boxed: the connection's task keeps no room for it while it waits for a request.
+/// Ends a connection that is in order (answered, idle, or closed by the client): over TLS with
+/// close_notify, so the client can tell a finished connection from a cut one, and a FIN on
+/// plain TCP. Bounded, as a client that reads nothing more must not hold the task; boxed, so
+/// the connection's task keeps no room for it while it waits for a request.
 async fn done<S: Wire>(stream: &mut S) -> Outcome<S> {
-    Box::pin(stream.close()).await;
+    let _ = Box::pin(tokio::time::timeout(CLOSE_NOTIFY, stream.shutdown())).await;
     Outcome::Done
 }
 
