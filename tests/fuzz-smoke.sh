@@ -30,6 +30,8 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
 fi
 
 cd "$FUZZ_DIR"
+# The fuzz crate's own Cargo.lock must match berth's dependencies, as the main one must.
+cargo metadata --locked --format-version 1 >/dev/null
 started=$(date +%s)
 log "building fuzz targets (sanitizer: $FUZZ_SANITIZER)"
 # Default cargo-fuzz profile: optimized, with debug assertions and overflow checks.

@@ -12,7 +12,7 @@ command -v cargo >/dev/null || { echo "run.sh: cargo is required" >&2; exit 1; }
 echo "== cargo fmt --check"
 cargo fmt --check
 echo "== cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --locked --all-targets --quiet -- -D warnings
 
 echo "== cargo test"
 mkdir -p target
@@ -21,7 +21,7 @@ mkdir -p target
 metrics_dump=target/metrics-e2e.txt
 cluster_metrics_dump=target/metrics-cluster.txt
 rm -f "$metrics_dump" "$cluster_metrics_dump"
-cargo test 2>&1 | tee target/cargo-test.log
+cargo test --locked 2>&1 | tee target/cargo-test.log
 
 echo "== chart tests"
 cargo build --quiet
