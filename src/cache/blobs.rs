@@ -704,7 +704,7 @@ mod tests {
     use futures_util::{FutureExt, StreamExt};
 
     use super::*;
-    use crate::cache::Source;
+    use crate::cache::{FillReader, Piece, Source};
 
     /// How long a reader may wait before the test calls it left waiting forever.
     const PATIENCE: Duration = Duration::from_secs(10);
@@ -868,6 +868,131 @@ mod tests {
             .expect("the waiter is not left waiting");
         assert!(waited.is_err());
         assert_recovers(&store, &broken, &data).await;
+    }
+
+    /// A source that sends `data` in `chunk`-byte pieces, `pause` apart.
+    fn paced(data: &Bytes, chunk: usize, pause: Duration) -> SourceFuture {
+        let pieces: Vec<Bytes> = (0..data.len())
+            .step_by(chunk)
+            .map(|at| data.slice(at..(at + chunk).min(data.len())))
+            .collect();
+        let stream = futures_util::stream::iter(pieces)
+            .then(move |piece| async move {
+                tokio::time::sleep(pause).await;
+                Ok(piece)
+            })
+            .boxed();
+        source(data.len(), stream)
+    }
+
+    /// Reads a fill through `next_piece` as a sendfile caller does: bytes, and how many of them
+    /// came as ranges of the temp file.
+    async fn read_pieces(mut reader: FillReader) -> io::Result<(Vec<u8>, usize)> {
+        let (mut out, mut from_file) = (Vec::new(), 0);
+        while let Some(piece) = reader.next_piece().await {
+            match piece? {
+                Piece::Chunk(b) => out.extend_from_slice(&b),
+                Piece::File { file, pos, len } => {
+                    let mut buf = vec![0; len];
+                    file.read_exact_at(&mut buf, pos)?;
+                    out.extend_from_slice(&buf);
+                    from_file += len;
+                    reader.advance(len as u64);
+                }
+            }
+        }
+        Ok((out, from_file))
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_prefers_the_file_gets_the_blob_from_the_temp_file_as_it_is_written() {
+        let (_dir, store, data, digest) = setup(8 << 20);
+        let (fill, _) = store.fill(&digest, &origin(), |_| {
+            paced(&data, 1 << 20, Duration::from_millis(5))
+        });
+        let preferring = tokio::spawn(read_pieces(fill.reader(0, None).prefer_file()));
+        let plain = tokio::spawn(read_pieces(fill.reader(0, None)));
+        let (bytes, from_file) = tokio::time::timeout(PATIENCE, preferring)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(bytes, &data[..]);
+        assert!(
+            from_file >= data.len() / 2,
+            "{from_file} of {} bytes came from the file",
+            data.len()
+        );
+        // A reader that keeps up and does not ask for the file reads the ring.
+        let (bytes, from_file) = tokio::time::timeout(PATIENCE, plain)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(bytes, &data[..]);
+        assert_eq!(from_file, 0);
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_prefers_the_file_still_gets_the_bytes_of_a_source_that_stalls() {
+        // 1000 bytes arrive, then the source stalls: they are far less than a write batch, so
+        // they reach no file until the source goes on, and the reader must have them anyway.
+        let (_dir, store, data, digest) = setup(5000);
+        let (go_on, held) = tokio::sync::oneshot::channel::<()>();
+        let head = futures_util::stream::iter([Ok(data.slice(..1000))]);
+        let rest = data.slice(1000..);
+        let tail = futures_util::stream::once(async move {
+            let _ = held.await;
+            Ok(rest)
+        });
+        let stalled = source(data.len(), head.chain(tail).boxed());
+        let (fill, _) = store.fill(&digest, &origin(), |_| stalled);
+        let mut reader = fill.reader(0, None).prefer_file();
+        let first = tokio::time::timeout(PATIENCE, reader.next_piece())
+            .await
+            .expect("bytes reach the reader while the source stalls")
+            .unwrap()
+            .unwrap();
+        let Piece::Chunk(first) = first else {
+            panic!("the stalled bytes come from memory")
+        };
+        assert_eq!(first, data.slice(..1000));
+        go_on.send(()).unwrap();
+        let (rest, _) = tokio::time::timeout(PATIENCE, read_pieces(reader))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rest, &data[1000..]);
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_prefers_the_file_never_gets_a_corrupt_blob_whole() {
+        let (_dir, store, data, _) = setup(3 << 20);
+        // The digest of other bytes: what arrives is the right length but not the blob.
+        let digest = Digest::sha256_of(b"the blob that was asked for");
+        let (fill, _) = store.fill(&digest, &origin(), |_| {
+            paced(&data, 1 << 20, Duration::from_millis(5))
+        });
+        let mut reader = fill.reader(0, None).prefer_file();
+        let mut got = 0;
+        let failed = tokio::time::timeout(PATIENCE, async {
+            while let Some(piece) = reader.next_piece().await {
+                match piece {
+                    Ok(Piece::Chunk(b)) => got += b.len(),
+                    Ok(Piece::File { len, .. }) => {
+                        got += len;
+                        reader.advance(len as u64);
+                    }
+                    Err(_) => return true,
+                }
+            }
+            false
+        })
+        .await
+        .unwrap();
+        assert!(failed, "the reader gets an error");
+        assert!(got < data.len(), "the last byte is held back: {got}");
+        assert!(store.lookup(&digest).is_none());
     }
 
     #[test]

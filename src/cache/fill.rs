@@ -33,6 +33,14 @@ const PUBLISH_BYTES: usize = 128 * 1024;
 const READ_BYTES: usize = 256 * 1024;
 /// Largest file range handed out at once (sent with sendfile, or read in READ_BYTES pieces).
 const FILE_PIECE_BYTES: u64 = 16 * 1024 * 1024;
+/// A reader that prefers the temp file waits for bytes to reach it while the disk writer is
+/// less than this far behind the source; further behind, it reads the ring like any reader,
+/// so a slow disk never slows a client that keeps up.
+const DISK_LAG_BYTES: u64 = 2 * 1024 * 1024;
+/// How long a reader that prefers the temp file waits for the next batch to reach it before it
+/// takes what the ring holds: a source that trickles (or stalls with a part batch gathered)
+/// still reaches its clients within this.
+const FILE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 /// Batches queued for the disk writer (with WRITE_BATCH_BYTES: at most about 4 MiB held
 /// for a slow disk per fill, as many as the ring).
 const WRITE_QUEUE: usize = 4;
@@ -70,6 +78,8 @@ struct Shared {
     ring: VecDeque<(u64, Bytes)>,
     ring_bytes: usize,
     file: Option<Arc<File>>,
+    /// Readers that prefer the temp file ([`FillReader::prefer_file`]): each flush wakes them.
+    file_readers: usize,
 }
 
 impl Shared {
@@ -101,6 +111,7 @@ impl Fill {
                 ring: VecDeque::new(),
                 ring_bytes: 0,
                 file: None,
+                file_readers: 0,
             }),
             notify: Notify::new(),
         }
@@ -118,14 +129,14 @@ impl Fill {
     }
 
     /// Records how far the temp file is written. Readers are woken only when one may be
-    /// waiting for the file: behind the ring. Readers that keep up read the ring and need no
-    /// wake-up per flushed chunk.
+    /// waiting for the file: one that prefers it, or one behind the ring. Readers that keep up
+    /// from the ring need no wake-up per flushed batch.
     fn set_flushed(&self, flushed: u64) {
         let wake = {
             let mut s = self.lock();
             let before = s.flushed;
             s.flushed = flushed;
-            s.ring.front().is_none_or(|&(first, _)| first > before)
+            s.file_readers > 0 || s.ring.front().is_none_or(|&(first, _)| first > before)
         };
         if wake {
             self.notify.notify_waiters();
@@ -169,6 +180,8 @@ impl Fill {
             fill: self.clone(),
             pos: start,
             end,
+            prefer_file: false,
+            ring_until: 0,
         }
     }
 
@@ -206,6 +219,8 @@ enum Step {
     Chunk(Bytes),
     ReadFile(Arc<File>, u64, usize),
     Wait,
+    /// Wait for the disk writer to flush what was received (this much so far).
+    WaitFile(u64),
     End,
     Error(io::Error),
 }
@@ -215,9 +230,36 @@ pub struct FillReader {
     fill: Arc<Fill>,
     pos: u64,
     end: Option<u64>,
+    prefer_file: bool,
+    /// A reader that prefers the file takes bytes below this from the ring: they were received
+    /// but had not reached the file after [`FILE_WAIT`].
+    ring_until: u64,
+}
+
+impl Drop for FillReader {
+    fn drop(&mut self) {
+        if self.prefer_file {
+            let mut s = self.fill.lock();
+            s.file_readers = s.file_readers.saturating_sub(1);
+        }
+    }
 }
 
 impl FillReader {
+    /// Makes this reader take its bytes from the temp file as soon as they are written there,
+    /// rather than from the in-memory ring, for a caller that sends file ranges without
+    /// copying them (sendfile on a plain socket): the kernel then sends the page cache's pages
+    /// and the bytes are not copied once more from memory into the socket. It waits for the
+    /// disk writer's batches while that keeps up with the source (within
+    /// [`DISK_LAG_BYTES`]) and reads the ring when it does not.
+    pub fn prefer_file(mut self) -> FillReader {
+        if !self.prefer_file {
+            self.prefer_file = true;
+            self.fill.lock().file_readers += 1;
+        }
+        self
+    }
+
     fn step(&mut self) -> Step {
         let s = self.fill.lock();
         let complete = match &s.phase {
@@ -240,6 +282,17 @@ impl FillReader {
         };
         if self.pos >= limit {
             return Step::Wait;
+        }
+        if self.prefer_file
+            && let Some(file) = &s.file
+        {
+            if self.pos < s.flushed {
+                let n = (s.flushed.min(limit) - self.pos).min(FILE_PIECE_BYTES) as usize;
+                return Step::ReadFile(file.clone(), self.pos, n);
+            }
+            if self.pos >= self.ring_until && s.received - s.flushed < DISK_LAG_BYTES {
+                return Step::WaitFile(s.received);
+            }
         }
         if let Some(&(first, _)) = s.ring.front()
             && self.pos >= first
@@ -272,6 +325,8 @@ impl FillReader {
     /// [`advance`]: FillReader::advance
     pub async fn next_piece(&mut self) -> Option<io::Result<Piece>> {
         let fill = self.fill.clone();
+        // Started when this call first waits for the file; it bounds that wait.
+        let mut file_wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             let notified = fill.notify.notified();
             tokio::pin!(notified);
@@ -282,6 +337,17 @@ impl FillReader {
                 Step::End => return None,
                 Step::Error(e) => return Some(Err(e)),
                 Step::Wait => notified.await,
+                Step::WaitFile(received) => {
+                    let timer =
+                        file_wait.get_or_insert_with(|| Box::pin(tokio::time::sleep(FILE_WAIT)));
+                    tokio::select! {
+                        () = &mut notified => {}
+                        () = timer.as_mut() => {
+                            self.ring_until = received;
+                            file_wait = None;
+                        }
+                    }
+                }
             }
         }
     }

@@ -53,6 +53,10 @@ pub trait Wire: AsyncRead + AsyncWrite + Unpin + Send {
     /// Waits until a read would find bytes (or the end), holding nothing while it waits.
     fn ready_to_read(&mut self) -> impl Future<Output = io::Result<()>> + Send;
 
+    /// Whether [`Wire::send_file`] sends without copying the file's bytes (sendfile), so a
+    /// fill is better streamed from its temp file than from memory.
+    const ZERO_COPY_FILES: bool;
+
     /// Sends `len` bytes of `file` from `offset`, counting them on `meter` as they go.
     fn send_file(
         &mut self,
@@ -64,6 +68,8 @@ pub trait Wire: AsyncRead + AsyncWrite + Unpin + Send {
 }
 
 impl Wire for TcpStream {
+    const ZERO_COPY_FILES: bool = true;
+
     async fn ready_to_read(&mut self) -> io::Result<()> {
         self.readable().await
     }
@@ -80,6 +86,8 @@ impl Wire for TcpStream {
 }
 
 impl Wire for TlsStream<TcpStream> {
+    const ZERO_COPY_FILES: bool = false;
+
     async fn ready_to_read(&mut self) -> io::Result<()> {
         // Plaintext rustls decrypted already (a pipelined request) is there to read now;
         // otherwise the next bytes have to come from the socket.
@@ -357,7 +365,15 @@ async fn send<S: Wire>(stream: &mut S, reply: Reply, keep_alive: bool) -> io::Re
             Err(e) => Err(e),
         },
         Payload::Fill { fill, start, end } => match stream.write_all(&out).await {
-            Ok(()) => send_fill(stream, fill.reader(start, end), end.is_none(), &mut meter).await,
+            Ok(()) => {
+                let reader = fill.reader(start, end);
+                let reader = if S::ZERO_COPY_FILES {
+                    reader.prefer_file()
+                } else {
+                    reader
+                };
+                send_fill(stream, reader, end.is_none(), &mut meter).await
+            }
             Err(e) => Err(e),
         },
     };
