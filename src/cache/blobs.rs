@@ -912,11 +912,12 @@ mod tests {
         });
         let preferring = tokio::spawn(read_pieces(fill.reader(0, None).prefer_file()));
         let plain = tokio::spawn(read_pieces(fill.reader(0, None)));
-        let (bytes, from_file) = tokio::time::timeout(PATIENCE, preferring)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let (preferring, plain) = tokio::time::timeout(PATIENCE, async {
+            tokio::try_join!(preferring, plain).unwrap()
+        })
+        .await
+        .unwrap();
+        let (bytes, from_file) = preferring.unwrap();
         assert_eq!(bytes, &data[..]);
         assert!(
             from_file >= data.len() / 2,
@@ -924,11 +925,7 @@ mod tests {
             data.len()
         );
         // A reader that keeps up and does not ask for the file reads the ring.
-        let (bytes, from_file) = tokio::time::timeout(PATIENCE, plain)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let (bytes, from_file) = plain.unwrap();
         assert_eq!(bytes, &data[..]);
         assert_eq!(from_file, 0);
     }

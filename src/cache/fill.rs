@@ -283,18 +283,18 @@ impl FillReader {
         if self.pos >= limit {
             return Step::Wait;
         }
-        if self.prefer_file
-            && let Some(file) = &s.file
+        // A reader that prefers the file reads what is flushed from it (below) and waits for
+        // what is not, unless the disk lags or the wait timed out.
+        let from_file = self.prefer_file && s.file.is_some();
+        if from_file
+            && self.pos >= s.flushed
+            && self.pos >= self.ring_until
+            && s.received - s.flushed < DISK_LAG_BYTES
         {
-            if self.pos < s.flushed {
-                let n = (s.flushed.min(limit) - self.pos).min(FILE_PIECE_BYTES) as usize;
-                return Step::ReadFile(file.clone(), self.pos, n);
-            }
-            if self.pos >= self.ring_until && s.received - s.flushed < DISK_LAG_BYTES {
-                return Step::WaitFile(s.received);
-            }
+            return Step::WaitFile(s.received);
         }
-        if let Some(&(first, _)) = s.ring.front()
+        if !(from_file && self.pos < s.flushed)
+            && let Some(&(first, _)) = s.ring.front()
             && self.pos >= first
         {
             let idx = s.ring.partition_point(|(off, _)| *off <= self.pos) - 1;
